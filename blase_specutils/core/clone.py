@@ -1,0 +1,227 @@
+r"""The blasé clone: a differentiable sea of pseudo-Voigt (or Voigt) lines.
+
+Linear mode (paper Eq. 2) and log mode (Eq. A2):
+
+.. math::
+    S_\mathrm{clone} = \prod_j (1 - a_j V_j) \qquad
+    \ln S_\mathrm{clone} = -\sum_j a_j V_j .
+
+Amplitudes and widths are tuned in log space (:math:`\ln a`, :math:`\ln\sigma`,
+:math:`\ln\gamma`) so they stay positive; emission lines flip the sign. The line centres
+:math:`\lambda_c` are fixed unless asked for. A radial velocity shifts every centre by
+:math:`\lambda_c (1 + v/c)`, so the windows of the sparse engine follow the shifted lines.
+
+The few broadest lines can carry the wing correction of Appendix C.4,
+
+.. math::
+    \tilde V = V\,\left[1 + (e^{\alpha_j} - 1)\,
+    \mathcal{S}\!\left(\frac{|\lambda - \lambda_{c,j}| - \lambda_{t,j}}{b_j}\right)\right],
+
+with the sigmoid :math:`\mathcal{S}`, letting their far wings become sub- or super-Lorentzian.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .engine import dense_log_flux, window_half_widths, windowed_log_flux
+from .profiles import PROFILES, pseudo_voigt_fwhm
+
+__all__ = ["LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE"]
+
+#: Speed of light in km/s.
+SPEED_OF_LIGHT_KMS = 299792.458
+
+#: Names of the per-line parameters that can be tuned.
+TUNABLE = ("center", "amplitude", "sigma", "gamma", "wing")
+
+
+def _as_tensor(x, dtype, device) -> Tensor:
+    return torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x).to(
+        dtype=dtype, device=device
+    )
+
+
+class LineCloneModel(nn.Module):
+    r"""A clone of a spectrum as N_lines tunable line profiles.
+
+    Parameters
+    ----------
+    lam_centers : array_like
+        Line centres :math:`\lambda_c` (Å, vacuum), shape (N_lines,).
+    log_amplitudes, log_sigmas, log_gammas : array_like
+        :math:`\ln a` (a: line area, Å), :math:`\ln\sigma` and :math:`\ln\gamma` (Å).
+    mode : {"linear", "log"}
+        Eq. 2 or Eq. A2.
+    profile : {"pseudo-voigt", "voigt"}
+        Pseudo-Voigt (fast, the blasé 0.3 shape) or exact Voigt (Faddeeva).
+    emission : bool
+        Emission lines (sign flip) instead of absorption.
+    tune : iterable of str
+        Which of ``"center"``, ``"amplitude"``, ``"sigma"``, ``"gamma"``, ``"wing"`` are tuned.
+    wing_tolerance : float
+        Each line is evaluated out to where its term falls below this value (see
+        :func:`~blase_specutils.core.engine.window_half_widths`).
+    broad_lines : sequence of int, optional
+        Indices of lines that get the Appendix C.4 wing correction.
+    dtype, device
+        Torch dtype and device of the parameters.
+    """
+
+    def __init__(
+        self,
+        lam_centers,
+        log_amplitudes,
+        log_sigmas,
+        log_gammas,
+        *,
+        mode: str = "linear",
+        profile: str = "pseudo-voigt",
+        emission: bool = False,
+        tune: Iterable[str] = ("amplitude", "sigma", "gamma"),
+        wing_tolerance: float = 1e-6,
+        broad_lines: Sequence[int] | None = None,
+        dtype: torch.dtype = torch.float64,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        if mode not in ("linear", "log"):
+            raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
+        tune = tuple(tune)
+        bad = [t for t in tune if t not in TUNABLE]
+        if bad:
+            raise ValueError(f"unknown tunable parameter(s) {bad}; choose from {TUNABLE}")
+        if not (0.0 < wing_tolerance < 1.0):
+            raise ValueError(f"wing_tolerance must be in (0, 1), got {wing_tolerance}")
+        c = _as_tensor(lam_centers, dtype, device)
+        n = c.shape[0] if c.ndim == 1 else -1
+        arrays = [_as_tensor(x, dtype, device) for x in (log_amplitudes, log_sigmas, log_gammas)]
+        if c.ndim != 1 or any(x.shape != (n,) for x in arrays):
+            raise ValueError("lam_centers and the log parameters must be 1-D arrays of one length")
+        if not all(bool(torch.isfinite(x).all()) for x in [c, *arrays]):
+            raise ValueError("line parameters must be finite")
+        self.mode = mode
+        self.profile = profile
+        self.emission = bool(emission)
+        self.wing_tolerance = float(wing_tolerance)
+        self.lam_centers = nn.Parameter(c, requires_grad="center" in tune)
+        self.log_amplitudes = nn.Parameter(arrays[0], requires_grad="amplitude" in tune)
+        self.log_sigmas = nn.Parameter(arrays[1], requires_grad="sigma" in tune)
+        self.log_gammas = nn.Parameter(arrays[2], requires_grad="gamma" in tune)
+        broad = torch.as_tensor(list(broad_lines or []), dtype=torch.long, device=device)
+        self.register_buffer("broad_lines", broad)
+        nb = broad.numel()
+        with torch.no_grad():
+            fwhm = pseudo_voigt_fwhm(arrays[1].exp(), arrays[2].exp())[broad] if nb else c[:0]
+        # Appendix C.4: alpha (stretch), lambda_t (transition distance), b (transition scale)
+        self.wing_alpha = nn.Parameter(torch.zeros(nb, dtype=dtype, device=device), requires_grad="wing" in tune)
+        self.wing_log_lt = nn.Parameter(torch.log(3.0 * fwhm + 1e-3), requires_grad="wing" in tune)
+        self.wing_log_b = nn.Parameter(torch.log(fwhm + 1e-3), requires_grad="wing" in tune)
+        self._broad_map = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def n_lines(self) -> int:
+        """Number of lines N_lines."""
+        return int(self.lam_centers.shape[0])
+
+    @property
+    def sign(self) -> float:
+        """+1 for absorption, -1 for emission."""
+        return -1.0 if self.emission else 1.0
+
+    @property
+    def tuned(self) -> tuple[str, ...]:
+        """Names of the tuned parameter groups."""
+        names = {"center": self.lam_centers, "amplitude": self.log_amplitudes,
+                 "sigma": self.log_sigmas, "gamma": self.log_gammas, "wing": self.wing_alpha}
+        return tuple(k for k, p in names.items() if p.requires_grad)
+
+    def set_tuned(self, tune: Iterable[str]) -> None:
+        """Choose which parameter groups are tuned (the others are frozen)."""
+        tune = tuple(tune)
+        bad = [t for t in tune if t not in TUNABLE]
+        if bad:
+            raise ValueError(f"unknown tunable parameter(s) {bad}; choose from {TUNABLE}")
+        self.lam_centers.requires_grad_("center" in tune)
+        self.log_amplitudes.requires_grad_("amplitude" in tune)
+        self.log_sigmas.requires_grad_("sigma" in tune)
+        self.log_gammas.requires_grad_("gamma" in tune)
+        for p in (self.wing_alpha, self.wing_log_lt, self.wing_log_b):
+            p.requires_grad_("wing" in tune)
+
+    # ------------------------------------------------------------------ evaluation
+    def _wing(self):
+        if self.broad_lines.numel() == 0:
+            return None
+        if self._broad_map is None or self._broad_map.device != self.broad_lines.device:
+            m = torch.full((self.n_lines,), -1, dtype=torch.long, device=self.broad_lines.device)
+            m[self.broad_lines] = torch.arange(self.broad_lines.numel(), device=m.device)
+            self._broad_map = m
+        alpha = self.wing_alpha
+        lt = self.wing_log_lt.exp()
+        b = self.wing_log_b.exp()
+        bmap = self._broad_map
+
+        def wing(x: Tensor, lines: Tensor) -> Tensor:
+            k = bmap[lines]
+            has = k >= 0
+            if not bool(has.any()):
+                return torch.ones_like(x)
+            kk = k.clamp(min=0)
+            g = 1.0 + torch.expm1(alpha[kk])[:, None] * torch.sigmoid((x.abs() - lt[kk][:, None]) / b[kk][:, None])
+            return torch.where(has[:, None], g, torch.ones_like(g))
+
+        return wing
+
+    def shifted_centers(self, radial_velocity: Tensor | float | None = None) -> Tensor:
+        r"""Line centres Doppler shifted by ``radial_velocity`` (km/s): :math:`\lambda_c(1+v/c)`."""
+        if radial_velocity is None:
+            return self.lam_centers
+        return self.lam_centers * (1.0 + radial_velocity / SPEED_OF_LIGHT_KMS)
+
+    def log_flux(
+        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False
+    ) -> Tensor:
+        r""":math:`\ln S_\mathrm{clone}` on ``wavelength`` (Å, strictly increasing)."""
+        wavelength = torch.as_tensor(wavelength, dtype=self.lam_centers.dtype, device=self.lam_centers.device)
+        args = (
+            wavelength,
+            self.shifted_centers(radial_velocity),
+            self.log_amplitudes.exp(),
+            self.log_sigmas.exp(),
+            self.log_gammas.exp(),
+        )
+        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign, wing=self._wing())
+        if dense:
+            return dense_log_flux(*args, **kw)
+        mask = None
+        if self.broad_lines.numel():
+            mask = torch.zeros(self.n_lines, dtype=torch.bool, device=self.broad_lines.device)
+            mask[self.broad_lines] = True
+        return windowed_log_flux(*args, half_widths=self.window_half_widths(), wing_mask=mask, **kw)
+
+    @torch.no_grad()
+    def window_half_widths(self) -> Tensor:
+        """Current per-line window half widths (Å) of the sparse engine."""
+        amp = self.log_amplitudes.exp()
+        if self.broad_lines.numel():
+            amp = amp.clone()
+            amp[self.broad_lines] = amp[self.broad_lines] * torch.clamp(self.wing_alpha.exp(), min=1.0)
+        return window_half_widths(amp, self.log_sigmas.exp(), self.log_gammas.exp(), self.wing_tolerance)
+
+    def forward(
+        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False
+    ) -> Tensor:
+        r"""The clone :math:`S_\mathrm{clone}(\lambda)` (continuum-normalised flux)."""
+        return torch.exp(self.log_flux(wavelength, radial_velocity, dense=dense))
+
+    def extra_repr(self) -> str:
+        return (f"n_lines={self.n_lines}, mode={self.mode!r}, profile={self.profile!r}, "
+                f"emission={self.emission}, tuned={self.tuned}, broad_lines={self.broad_lines.numel()}")

@@ -1,0 +1,181 @@
+"""Full-batch Adam training with a progress bar, early stopping and a NaN/inf guard."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TrainingHistory", "train", "seed_everything", "resolve_device", "NonFiniteLossWarning"]
+
+
+class NonFiniteLossWarning(RuntimeWarning):
+    """Training met a NaN or infinite loss or gradient and stopped with the best parameters."""
+
+
+@dataclass
+class TrainingHistory:
+    """What happened during training.
+
+    Attributes
+    ----------
+    loss : list of float
+        Loss after each epoch.
+    best_loss : float
+        Lowest loss seen; the model holds the parameters that gave it.
+    best_epoch : int
+        Epoch (0-based) of the best loss.
+    epochs_run : int
+        Number of epochs actually run.
+    stop_reason : str
+        ``"max_epochs"``, ``"plateau"`` or ``"non-finite"``.
+    seconds : float
+        Wall-clock time of the loop.
+    """
+
+    loss: list = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = -1
+    epochs_run: int = 0
+    stop_reason: str = "max_epochs"
+    seconds: float = 0.0
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed torch (CPU and CUDA) and numpy so that runs are reproducible."""
+    if seed is None:
+        return
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Turn ``None``/``"auto"``/``"cpu"``/``"cuda"`` into a torch device, with a clear error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r}: use 'cpu', 'cuda', 'cuda:N' or 'auto'") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available here; use device='cpu'")
+    return dev
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable[[], Tensor],
+    *,
+    epochs: int = 1000,
+    lr: float = 0.05,
+    patience: int | None = 100,
+    min_rel_improvement: float = 1e-4,
+    progress: bool = True,
+    desc: str = "training",
+    callback: Callable[[int, float], None] | None = None,
+) -> TrainingHistory:
+    """Minimise ``loss_fn()`` over the model's trainable parameters with full-batch Adam.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Its parameters with ``requires_grad=True`` are tuned.
+    loss_fn : callable
+        Evaluates the model and returns a scalar loss tensor.
+    epochs : int
+        Largest number of epochs (full passes: forward, backward, step).
+    lr : float
+        Adam learning rate.
+    patience : int or None
+        Stop when the best loss has not improved by a relative ``min_rel_improvement`` for this
+        many epochs (``None``: never stop early).
+    progress : bool
+        Show a tqdm progress bar with the current loss.
+    desc : str
+        Label of the progress bar.
+    callback : callable, optional
+        Called as ``callback(epoch, loss)`` after each epoch.
+
+    Returns
+    -------
+    TrainingHistory
+        The model is left holding the parameters of the lowest loss seen. If the loss or a
+        gradient becomes NaN/inf, training stops, those best parameters are restored, and a
+        :class:`NonFiniteLossWarning` says so.
+    """
+    if int(epochs) < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    hist = TrainingHistory()
+    best_state = copy.deepcopy(model.state_dict())
+    if not params or epochs == 0:
+        with torch.no_grad():
+            hist.best_loss = float(loss_fn())
+        hist.best_epoch = 0
+        hist.stop_reason = "max_epochs"
+        return hist
+    opt = torch.optim.Adam(params, lr=lr)
+    last_improvement = 0
+    plateau_ref = math.inf
+    t0 = time.perf_counter()
+    from tqdm.std import tqdm
+
+    bar = tqdm(range(int(epochs)), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
+    for epoch in bar:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            hist.stop_reason = "non-finite"
+            break
+        loss.backward()
+        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+            hist.stop_reason = "non-finite"
+            hist.loss.append(value)
+            break
+        hist.loss.append(value)
+        if value < hist.best_loss:
+            hist.best_loss = value
+            hist.best_epoch = epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if value < plateau_ref * (1.0 - min_rel_improvement):
+            plateau_ref = value
+            last_improvement = epoch
+        opt.step()
+        hist.epochs_run = epoch + 1
+        if progress and (epoch % 10 == 0 or epoch == epochs - 1):
+            bar.set_postfix(loss=f"{value:.4g}", best=f"{hist.best_loss:.4g}")
+        if callback is not None:
+            callback(epoch, value)
+        if patience is not None and epoch - last_improvement >= patience:
+            hist.stop_reason = "plateau"
+            break
+    bar.close()
+    # a last evaluation of the final step, so the best parameters really are the best seen
+    if hist.stop_reason != "non-finite":
+        with torch.no_grad():
+            final = float(loss_fn())
+        if math.isfinite(final) and final < hist.best_loss:
+            hist.best_loss = final
+            hist.best_epoch = hist.epochs_run
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    hist.seconds = time.perf_counter() - t0
+    if hist.stop_reason == "non-finite":
+        warnings.warn(
+            f"{desc}: the loss or its gradient became NaN/inf at epoch {len(hist.loss)}; stopped and "
+            f"restored the best parameters (epoch {hist.best_epoch}, loss {hist.best_loss:.6g}). "
+            "Try a smaller learning rate.",
+            NonFiniteLossWarning,
+            stacklevel=2,
+        )
+    return hist

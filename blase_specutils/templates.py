@@ -1,0 +1,84 @@
+"""Precomputed models that ship inside the ``muler`` package, each one call away as a Spectrum."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+
+import astropy.units as u
+import numpy as np
+from specutils import Spectrum
+
+__all__ = ["TEMPLATES", "load_template", "template_info"]
+
+#: name -> (file, description, band of interest in Å, Teff or None, default clone settings)
+TEMPLATES = {
+    "phoenix-10kK-hpf": dict(
+        file="PHOENIX_10kK_hpf_template.csv",
+        description="PHOENIX Teff = 10,000 K stellar model at native sampling over the HPF band (8038-12849 Å)",
+        band=(8079.0, 12785.0),
+        teff=10000.0,
+        kind="stellar",
+    ),
+    "telfit-hpf": dict(
+        file="telfit_HPFtemplate_temp286_hum050.csv",
+        description="TelFit telluric transmission (286 K, 50 % humidity) at HPF sampling (8079-12786 Å)",
+        band=(8079.0, 12786.0),
+        teff=None,
+        kind="telluric",
+    ),
+    "psg-igrins": dict(
+        file="psg_trn_r100000_1.4_2.5_um.txt",
+        description="PSG telluric transmission at R = 100,000, 1.4-2.5 µm (total of all molecules)",
+        band=(14500.0, 18100.0),
+        teff=None,
+        kind="telluric",
+    ),
+}
+
+
+def template_info(name: str) -> dict:
+    """The metadata of an embedded template (file, description, band, teff, kind)."""
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
+    return dict(TEMPLATES[name])
+
+
+def _read_csv(path, wl_col: str, flux_col: str) -> tuple[np.ndarray, np.ndarray]:
+    with open(path) as fh:
+        header = fh.readline().strip().split(",")
+    data = np.loadtxt(path, delimiter=",", skiprows=1)
+    return data[:, header.index(wl_col)], data[:, header.index(flux_col)]
+
+
+def load_template(name: str) -> Spectrum:
+    """Load an embedded precomputed model as a ``Spectrum`` with units.
+
+    Parameters
+    ----------
+    name : {"phoenix-10kK-hpf", "telfit-hpf", "psg-igrins"}
+        ``phoenix-10kK-hpf``: PHOENIX 10 kK stellar model (relative flux, Å).
+        ``telfit-hpf``: TelFit telluric transmission for HPF (Å).
+        ``psg-igrins``: PSG telluric transmission 1.4-2.5 µm (µm axis), all molecules.
+
+    Returns
+    -------
+    Spectrum
+        With ``meta["template"]`` naming it.
+    """
+    info = template_info(name)
+    path = files("muler.templates").joinpath(info["file"])
+    if name == "phoenix-10kK-hpf":
+        wl, fl = _read_csv(path, "wave_ang", "flux")
+        axis = wl * u.AA
+    elif name == "telfit-hpf":
+        wl, fl = _read_csv(path, "wavelength_A", "transmission")
+        axis = wl * u.AA
+    else:
+        data = np.loadtxt(path, comments="#", usecols=(0, 1))
+        wl, fl = data[:, 0], data[:, 1]
+        axis = wl * u.um
+    return Spectrum(
+        spectral_axis=axis,
+        flux=fl * u.dimensionless_unscaled,
+        meta={"template": name, "description": info["description"]},
+    )

@@ -1,0 +1,128 @@
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from blase_specutils.core.clone import LineCloneModel
+from blase_specutils.core.training import NonFiniteLossWarning, resolve_device, train
+
+F64 = torch.float64
+GRID = torch.arange(5000.0, 5010.0, 0.01, dtype=F64)
+
+
+def _model():
+    return LineCloneModel([5003.0, 5006.0], torch.log(torch.tensor([0.02, 0.01])), torch.log(torch.tensor([0.04, 0.04])),
+                          torch.log(torch.tensor([0.03, 0.03])))
+
+
+def _target():
+    m = LineCloneModel([5003.0, 5006.0], torch.log(torch.tensor([0.03, 0.008])), torch.log(torch.tensor([0.05, 0.03])),
+                       torch.log(torch.tensor([0.02, 0.04])))
+    with torch.no_grad():
+        return m(GRID)
+
+
+def test_training_reduces_loss_and_is_reproducible():
+    target = _target()
+    runs = []
+    for _ in range(2):
+        m = _model()
+        h = train(m, lambda: ((m(GRID) - target) ** 2).sum(), epochs=200, lr=0.05, progress=False, patience=None)
+        runs.append((h, m.log_amplitudes.detach().clone()))
+    assert runs[0][0].best_loss < 0.01 * runs[0][0].loss[0]
+    assert torch.equal(runs[0][1], runs[1][1])
+    assert runs[0][0].loss == runs[1][0].loss
+
+
+def test_early_stopping_on_plateau():
+    m = _model()
+    h = train(m, lambda: (m.log_amplitudes * 0).sum() + 1.0, epochs=500, patience=20, progress=False)
+    assert h.stop_reason == "plateau"
+    assert h.epochs_run <= 25
+
+
+def test_nan_guard_restores_best_parameters_and_warns():
+    m = _model()
+    target = _target()
+    state = {}
+
+    def loss_fn():
+        loss = ((m(GRID) - target) ** 2).sum()
+        state["n"] = state.get("n", 0) + 1
+        if state["n"] == 30:
+            return loss * float("nan")
+        return loss
+
+    with pytest.warns(NonFiniteLossWarning, match="restored the best parameters"):
+        h = train(m, loss_fn, epochs=100, progress=False)
+    assert h.stop_reason == "non-finite"
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    with torch.no_grad():
+        final = float(((m(GRID) - target) ** 2).sum())
+    assert final == pytest.approx(h.best_loss, rel=1e-12)
+    assert h.best_loss == min(h.loss)
+
+
+def test_bad_arguments():
+    m = _model()
+    with pytest.raises(ValueError, match="lr"):
+        train(m, lambda: m.log_amplitudes.sum(), lr=0.0, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        train(m, lambda: m.log_amplitudes.sum(), epochs=-1, progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        LineCloneModel([1.0], [0.0], [0.0], [0.0], mode="cubic")
+    with pytest.raises(ValueError, match="unknown tunable"):
+        LineCloneModel([1.0], [0.0], [0.0], [0.0], tune=("depth",))
+    with pytest.raises(ValueError, match="one length"):
+        LineCloneModel([1.0, 2.0], [0.0], [0.0], [0.0])
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("quantum")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_which_parameters_are_tuned():
+    m = _model()
+    assert m.tuned == ("amplitude", "sigma", "gamma")
+    before = m.lam_centers.detach().clone()
+    target = _target()
+    train(m, lambda: ((m(GRID) - target) ** 2).sum(), epochs=20, progress=False)
+    assert torch.equal(m.lam_centers.detach(), before)  # λc fixed by default
+    m.set_tuned(["center"])
+    with torch.no_grad():
+        shifted = m(GRID + 0.02)  # the same lines 0.02 Å bluer
+    h = train(m, lambda: ((m(GRID) - shifted) ** 2).sum(), epochs=100, lr=0.002, progress=False)
+    assert h.best_loss < 0.1 * h.loss[0]
+    assert torch.allclose(m.lam_centers.detach(), before - 0.02, atol=0.005)
+
+
+def test_core_imports_without_astropy_specutils_pyro_gpytorch():
+    code = (
+        "import sys\n"
+        "for name in ['astropy', 'specutils', 'muler', 'pyro', 'gpytorch']:\n"
+        "    sys.modules[name] = None\n"
+        "import blase_specutils.core as c\n"
+        "import torch\n"
+        "m = c.LineCloneModel([5000.0], [-3.0], [-3.0], [-3.0])\n"
+        "print(float(m(torch.linspace(4999, 5001, 11, dtype=torch.float64)).min()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) < 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    m = _model()
+    with torch.no_grad():
+        cpu = m(GRID)
+        gpu = m.to("cuda")(GRID.cuda()).cpu()
+    assert torch.allclose(cpu, gpu, atol=1e-12)
