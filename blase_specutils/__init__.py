@@ -23,6 +23,7 @@ _LAZY = {
     "spectrum_to_arrays": "spectra",
     "arrays_to_spectrum": "spectra",
     "load_template": "templates",
+    "read_spectrum": "io",
     "TEMPLATES": "templates",
 }
 

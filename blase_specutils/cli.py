@@ -24,14 +24,12 @@ def _read_input(name: str):
         raise SystemExit(
             f"error: {name!r} is neither a file nor an embedded template (choose from {', '.join(sorted(TEMPLATES))})"
         )
-    from specutils import Spectrum
+    from .io import read_spectrum
 
     try:
-        spec = Spectrum.read(path)
-    except Exception as err:  # specutils raises many types for unknown formats
-        raise SystemExit(f"error: specutils could not read {path}: {err}") from err
-    if not isinstance(spec, Spectrum) or spec.flux.ndim != 1:
-        raise SystemExit(f"error: {path} does not hold a single 1-D spectrum")
+        spec = read_spectrum(path)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     return spec, {}
 
 
@@ -60,6 +58,7 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
         flatten=flatten,
         mode=args.mode,
         profile=args.profile,
+        tune=("amplitude", "sigma", "gamma") + (("center",) if args.tune_centers else ()),
         epochs=args.epochs,
         lr=args.lr,
         device=args.device,
@@ -115,6 +114,7 @@ def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--buffer", type=float, default=defaults.get("buffer", 30.0), help="buffer around the band in Å (default: %(default)s)")
     p.add_argument("--teff", type=float, help="divide by a blackbody of this Teff in K (default: the template's, else none)")
     p.add_argument("--no-flatten", action="store_true", help="do not divide by a continuum polynomial")
+    p.add_argument("--tune-centers", action="store_true", help="also tune the line centres (helps undersampled models such as PSG)")
     p.add_argument("--name", help="stem of the output file names")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

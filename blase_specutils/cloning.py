@@ -22,12 +22,16 @@ from .core.training import TrainingHistory, resolve_device, seed_everything, tra
 from .preprocessing import DEFAULT_BUFFER, _as_band, _buffer_angstrom, divide_blackbody, flatten_continuum, trim
 from .spectra import arrays_to_spectrum, spectrum_to_arrays, wavelength_to_angstrom
 
-__all__ = ["SpectralClone", "clone_spectrum", "load_blase03", "FORMAT_NAME", "FORMAT_VERSION"]
+__all__ = ["CloneFileError", "SpectralClone", "clone_spectrum", "load_blase03", "EdgeWingWarning", "FORMAT_NAME", "FORMAT_VERSION"]
 
 #: Identifier written into the FITS primary header of saved clones.
 FORMAT_NAME = "BLASE-SPECUTILS-CLONE"
 #: Version of the saved-clone layout.
 FORMAT_VERSION = 1
+
+
+class CloneFileError(ValueError):
+    """A clone file that cannot be read: corrupt, truncated, or not a clone."""
 
 
 class SpectralClone:
@@ -340,9 +344,9 @@ class SpectralClone:
                 hdul.verify("exception")
                 hdr = hdul[0].header
                 if hdr.get("BLFORMAT") != FORMAT_NAME:
-                    raise ValueError(f"{path} is a FITS file but not a blase_specutils clone (no BLFORMAT={FORMAT_NAME!r})")
+                    raise CloneFileError(f"{path} is a FITS file but not a blase_specutils clone (no BLFORMAT={FORMAT_NAME!r})")
                 if int(hdr.get("BLFMTVER", 0)) > FORMAT_VERSION:
-                    raise ValueError(f"{path} was written by a newer blase_specutils (format {hdr['BLFMTVER']})")
+                    raise CloneFileError(f"{path} was written by a newer blase_specutils (format {hdr['BLFMTVER']})")
                 ld = hdul["LINES"].data
                 cols = [np.array(ld[c], dtype=np.float64) for c in ("lam_center", "log_amp", "log_sigma", "log_gamma")]
                 wd = hdul["WING"].data
@@ -365,10 +369,10 @@ class SpectralClone:
                 skip = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "BLFORMAT", "BLFMTVER", "BLVERSN", "MODE",
                         "PROFILE", "EMISSION", "WINGTOL", "TUNE", "NLINES", "BANDLO", "BANDHI"}
                 meta = {k.lower(): hdr[k] for k in hdr if k not in skip and k}
-        except ValueError:
+        except CloneFileError:
             raise
-        except (OSError, KeyError, TypeError, fits.VerifyError, IndexError) as err:
-            raise ValueError(f"could not read a clone from {path}: the file is corrupt or not a clone ({err})") from err
+        except Exception as err:  # astropy/numpy raise many types for damaged files
+            raise CloneFileError(f"could not read a clone from {path}: the file is corrupt or not a clone ({err})") from err
         if cols[0].size != nlines:
             raise ValueError(f"{path} is corrupt: header says {nlines} lines, table has {cols[0].size}")
         if broad.size and (broad.min() < 0 or broad.max() >= nlines):
@@ -402,6 +406,29 @@ def _equivalent_widths(a, s, g, mode, sign, profile) -> np.ndarray:
         tail = sign * torch.as_tensor(a[sl]) * eta * 2.0 / math.pi * torch.atan(gt[sl] / (60.0 * fwhm[sl]))
         ew[sl] = (body + tail).numpy()
     return ew
+
+
+class EdgeWingWarning(UserWarning):
+    """The spectrum ends inside the wing of a line whose centre is outside it."""
+
+
+def _warn_if_edge_in_wing(arr, prominence: float, emission: bool) -> None:
+    n = max(5, arr.wavelength.size // 200)
+    for side, sl in (("blue", slice(0, n)), ("red", slice(-n, None))):
+        f = arr.flux[sl][arr.good[sl]]
+        if f.size == 0:
+            continue
+        level = float(np.median(f))
+        deficit = (level - 1.0) if emission else (1.0 - level)
+        if deficit > 2 * prominence:
+            edge = arr.wavelength[0] if side == "blue" else arr.wavelength[-1]
+            warnings.warn(
+                f"the {side} end of the spectrum ({edge:.2f} Å) sits {100 * deficit:.1f} % off the continuum: "
+                "it probably cuts through the wing of a broad line whose centre lies outside. That line cannot "
+                "be cloned and the continuum there is unreliable; widen the band or the buffer to include it.",
+                EdgeWingWarning,
+                stacklevel=3,
+            )
 
 
 def _fill_gaps(wl: np.ndarray, flux: np.ndarray, good: np.ndarray) -> np.ndarray:
@@ -517,6 +544,7 @@ def clone_spectrum(
         raise ValueError("fewer than 3 usable pixels after preprocessing")
     target = arrays_to_spectrum(arr.wavelength, arr.flux, mask=~arr.good,
                                 meta={"preprocessed": True})
+    _warn_if_edge_in_wing(arr, float(prominence), emission)
     guess = find_lines(arr.wavelength, _fill_gaps(arr.wavelength, arr.flux, arr.good), float(prominence),
                        region=b, buffer=buf, mode=mode, emission=emission)
     if n_broad == "auto":
@@ -544,8 +572,10 @@ def clone_spectrum(
         r = (model(wl_t) - flux_t) * w_t
         return (r * r).sum()
 
+    # centres move in Å: a step of lr/10 of the median pixel size, not lr in log units
+    dlam = float(np.median(np.diff(arr.wavelength)))
     hist = train(model, loss_fn, epochs=epochs, lr=lr, patience=patience, progress=progress,
-                 desc=f"cloning {len(guess)} lines")
+                 desc=f"cloning {len(guess)} lines", lr_overrides={"lam_centers": lr * dlam})
     model.wing_tolerance = float(wing_tolerance)
     meta = {
         "prom": float(prominence),

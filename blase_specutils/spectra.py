@@ -56,7 +56,8 @@ def wavelength_to_angstrom(axis: u.Quantity, what: str = "spectral axis") -> np.
     if not isinstance(axis, u.Quantity):
         raise TypeError(f"{what} must be an astropy Quantity with spectral units (e.g. Å, nm, µm, 1/cm), got {type(axis).__name__}")
     try:
-        return np.asarray(axis.to_value(u.AA, equivalencies=u.spectral()), dtype=np.float64)
+        plain = u.Quantity(axis.value, axis.unit)  # not a SpectralAxis: no Doppler conversions
+        return np.asarray(plain.to_value(u.AA, equivalencies=u.spectral()), dtype=np.float64)
     except u.UnitConversionError as err:
         raise u.UnitsError(
             f"{what} has unit {axis.unit!r}, which is not a wavelength, wavenumber, frequency or energy; "

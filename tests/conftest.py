@@ -39,10 +39,10 @@ def phoenix_10k():
 
 @pytest.fixture(scope="session")
 def phoenix_subband_clone(phoenix_10k):
-    """A real clone of 150 Å of the PHOENIX 10 kK template (a Paschen line region), 150 epochs."""
+    """A real clone of 150 Å of the PHOENIX 10 kK template between Paschen δ and γ, 150 epochs."""
     import astropy.units as u
 
     from blase_specutils import clone_spectrum
 
-    return clone_spectrum(phoenix_10k, band=(10780, 10930) * u.AA, buffer=10 * u.AA, teff=10000 * u.K,
+    return clone_spectrum(phoenix_10k, band=(10500, 10650) * u.AA, buffer=10 * u.AA, teff=10000 * u.K,
                           prominence=0.01, epochs=150, progress=False)

@@ -32,13 +32,17 @@ from .profiles import pseudo_voigt, pseudo_voigt_eta
 
 __all__ = ["window_half_widths", "windowed_log_flux", "dense_log_flux", "line_terms"]
 
+#: Floor of the argument of log1p in linear mode (1 - aV >= 1e-12).
+_MIN_LOG1P_ARG = -1.0 + 1e-12
+
 ProfileFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def line_terms(v: Tensor, amplitude: Tensor, mode: str, sign: float) -> Tensor:
     """Per-pixel log-flux contribution :math:`t_j` of lines with profile values ``v``."""
     if mode == "linear":
-        return torch.log1p(-sign * amplitude * v)
+        # a line cannot remove more than all the flux: transmission is floored at 1e-12
+        return torch.log1p(torch.clamp(-sign * amplitude * v, min=_MIN_LOG1P_ARG))
     if mode == "log":
         return -sign * amplitude * v
     raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")

@@ -23,6 +23,7 @@ from .profiles import pseudo_voigt_eta
 
 __all__ = ["pseudo_voigt_term"]
 
+_MIN_ARG = -1.0 + 1e-12  # 1 - aV is floored at 1e-12 in linear mode
 _INV_PI = 1.0 / math.pi
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -45,7 +46,7 @@ class _PseudoVoigtTerm(torch.autograd.Function):
         del gau
         v.mul_(-sign * a)
         if linear:
-            v.log1p_()
+            v.clamp_(min=_MIN_ARG).log1p_()
         ctx.save_for_backward(wl, c, a, s, g)
         ctx.linear = linear
         ctx.sign = sign
@@ -66,8 +67,11 @@ class _PseudoVoigtTerm(torch.autograd.Function):
         v = eta * lor + (1.0 - eta) * gau
         # dt/dV and dt/da, folded with the incoming gradient
         if linear:
-            denom = (1.0 - sign * a * v).reciprocal_()
+            arg = -sign * a * v
+            denom = (1.0 + arg).reciprocal_()
             w = grad_t * denom  # grad * 1/(1 - s a V)
+            w.masked_fill_(arg < _MIN_ARG, 0.0)  # floored transmission: no gradient
+            del arg
         else:
             w = grad_t.clone()
         grad_a = (w * v).sum(1, keepdim=True).mul_(-sign) if ctx.needs_input_grad[2] else None

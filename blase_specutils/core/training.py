@@ -80,6 +80,7 @@ def train(
     progress: bool = True,
     desc: str = "training",
     callback: Callable[[int, float], None] | None = None,
+    lr_overrides: dict[str, float] | None = None,
 ) -> TrainingHistory:
     """Minimise ``loss_fn()`` over the model's trainable parameters with full-batch Adam.
 
@@ -102,6 +103,9 @@ def train(
         Label of the progress bar.
     callback : callable, optional
         Called as ``callback(epoch, loss)`` after each epoch.
+    lr_overrides : dict, optional
+        Learning rates for particular parameters by name (``model.named_parameters()``), e.g.
+        ``{"lam_centers": 0.002}``: centres move in Å, not in log units.
 
     Returns
     -------
@@ -114,7 +118,12 @@ def train(
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
-    params = [p for p in model.parameters() if p.requires_grad]
+    lr_overrides = dict(lr_overrides or {})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    unknown = set(lr_overrides) - {n for n, _ in model.named_parameters()}
+    if unknown:
+        raise ValueError(f"lr_overrides names unknown parameters {sorted(unknown)}")
     hist = TrainingHistory()
     best_state = copy.deepcopy(model.state_dict())
     if not params or epochs == 0:
@@ -123,7 +132,9 @@ def train(
         hist.best_epoch = 0
         hist.stop_reason = "max_epochs"
         return hist
-    opt = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [p for n, p in named if n not in lr_overrides], "lr": lr}]
+    groups += [{"params": [p], "lr": float(lr_overrides[n])} for n, p in named if n in lr_overrides]
+    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
     last_improvement = 0
     plateau_ref = math.inf
     t0 = time.perf_counter()

@@ -1,0 +1,73 @@
+import json
+
+import numpy as np
+import pytest
+from astropy.table import QTable
+
+from blase_specutils import SpectralClone
+from blase_specutils.cli import main
+
+
+def test_clone_template_subband_with_json(tmp_path, capsys):
+    rc = main(["clone", "phoenix-10kK-hpf", "--band", "10500", "10650", "--buffer", "10", "--epochs", "40",
+               "-o", str(tmp_path), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_lines"] > 10
+    assert 0 < summary["rms_residual"] < 0.01
+    assert summary["epochs"] <= 40 and summary["seconds"] > 0
+    clone = SpectralClone.load(summary["clone_file"])
+    assert clone.n_lines == summary["n_lines"]
+    table = QTable.read(summary["line_table"])
+    assert len(table) == summary["n_lines"] and table["center"].unit == "Angstrom"
+    png = open(summary["figure"], "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_clone_a_file_specutils_reads(tmp_path, capsys):
+    import astropy.units as u
+
+    from blase_specutils import load_template, trim
+
+    spec = trim(load_template("phoenix-10kK-hpf"), (10600, 10640) * u.AA, 5 * u.AA)
+    path = tmp_path / "piece.fits"
+    spec.write(path, format="tabular-fits")
+    rc = main(["clone", str(path), "--teff", "10000", "--epochs", "10", "-o", str(tmp_path / "out"), "--json", "--mode", "log"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["mode"] == "log" and summary["n_lines"] > 0
+
+
+def test_demo_runs_end_to_end_briefly(tmp_path, capsys):
+    """The demo on the whole embedded PHOENIX 10 kK HPF model (few epochs here; the full demo is slow)."""
+    rc = main(["demo", "--epochs", "3", "-o", str(tmp_path), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_lines"] > 400
+    for key in ("clone_file", "line_table", "figure"):
+        assert (tmp_path / summary[key].split("/")[-1]).exists()
+
+
+def test_bad_arguments(tmp_path, capsys):
+    assert main(["clone", "phoenix-10kK-hpf", "--prominence", "1.5", "-o", str(tmp_path)]) == 2
+    assert "prominence" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="neither a file nor an embedded template"):
+        main(["clone", "no-such-thing", "-o", str(tmp_path)])
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(b"garbage" * 50)
+    with pytest.raises(SystemExit, match="could not read"):
+        main(["clone", str(bad), "-o", str(tmp_path)])
+
+
+def test_templates_listing(capsys):
+    assert main(["templates"]) == 0
+    out = capsys.readouterr().out
+    assert "phoenix-10kK-hpf" in out and "psg-igrins" in out
+
+
+@pytest.mark.slow
+def test_full_demo(tmp_path, capsys):
+    rc = main(["demo", "-o", str(tmp_path), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["rms_residual"] < 0.012

@@ -1,0 +1,166 @@
+import astropy.units as u
+import numpy as np
+import pytest
+import torch
+from astropy.table import QTable
+from specutils import Spectrum
+
+from blase_specutils import SpectralClone, clone_spectrum, trim
+
+
+def test_subband_clone_is_accurate(phoenix_subband_clone):
+    c = phoenix_subband_clone
+    assert 10 < c.n_lines < 200
+    # the clone reproduces the preprocessed PHOENIX spectrum at native resolution
+    assert c.rms_residual() < 0.005
+    # and training really improved on the initial guess
+    assert c.history.best_loss < 0.8 * c.history.loss[0]
+
+
+def test_clone_evaluates_on_any_spectral_axis(phoenix_subband_clone):
+    c = phoenix_subband_clone
+    wl = np.linspace(10520.0, 10630.0, 777)
+    ref = c.evaluate(wl * u.AA).flux.value
+    in_um = c.evaluate((wl * u.AA).to(u.um))
+    assert in_um.spectral_axis.unit == u.um
+    np.testing.assert_allclose(in_um.flux.value, ref, rtol=1e-11)  # unit round trips move the grid by ~1e-16 relative
+    wn = (wl * u.AA).to(1 / u.cm, equivalencies=u.spectral())  # descending wavenumbers
+    np.testing.assert_allclose(c.evaluate(wn).flux.value, ref, rtol=1e-11)  # unit round trips move the grid by ~1e-16 relative
+    desc = c.evaluate(wl[::-1] * u.AA)
+    np.testing.assert_allclose(desc.flux.value, ref[::-1], rtol=1e-11)  # unit round trips move the grid by ~1e-16 relative
+    # the native grid by default, as a Spectrum
+    native = c.evaluate()
+    assert isinstance(native, Spectrum) and native.flux.size == c.target.flux.size
+
+
+def test_residual_and_rms_agree(phoenix_subband_clone):
+    c = phoenix_subband_clone
+    r = c.residual
+    assert isinstance(r, Spectrum)
+    wl = r.spectral_axis.to_value(u.AA)
+    sel = (wl >= c.band[0]) & (wl <= c.band[1])
+    assert np.sqrt(np.mean(r.flux.value[sel] ** 2)) == pytest.approx(c.rms_residual(), rel=1e-12)
+
+
+def test_line_table_has_units_and_consistent_values(phoenix_subband_clone):
+    t = phoenix_subband_clone.lines
+    assert isinstance(t, QTable)
+    for col in ("center", "amplitude", "sigma", "gamma", "fwhm", "equivalent_width"):
+        assert t[col].unit == u.AA
+    assert len(t) == phoenix_subband_clone.n_lines
+    assert np.all(t["fwhm"] > 0 * u.AA) and np.all(t["sigma"] > 0 * u.AA)
+    # linear mode: the single-line equivalent width is the line area a
+    np.testing.assert_allclose(t["equivalent_width"].value, t["amplitude"].value)
+    assert np.all((t["depth"] > 0) & (t["depth"] < 1))
+
+
+def test_save_load_round_trip_is_exact(phoenix_subband_clone, tmp_path):
+    c = phoenix_subband_clone
+    path = c.save(tmp_path / "clone.fits")
+    d = SpectralClone.load(path)
+    for name in ("lam_centers", "log_amplitudes", "log_sigmas", "log_gammas", "wing_alpha", "wing_log_lt", "wing_log_b"):
+        assert torch.equal(getattr(c.model, name), getattr(d.model, name)), name
+    assert torch.equal(c.model.broad_lines, d.model.broad_lines)
+    assert d.band == c.band and d.model.mode == c.model.mode and d.model.wing_tolerance == c.model.wing_tolerance
+    np.testing.assert_array_equal(d.evaluate().flux.value, c.evaluate().flux.value)
+    assert d.rms_residual() == c.rms_residual()
+    with pytest.raises(OSError):
+        c.save(path)  # no silent overwrite
+    c.save(path, overwrite=True)
+
+
+def test_corrupted_clone_files(phoenix_subband_clone, tmp_path):
+    good = phoenix_subband_clone.save(tmp_path / "good.fits")
+    raw = good.read_bytes()
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(raw[: len(raw) // 3])
+    garbage = tmp_path / "garbage.fits"
+    garbage.write_bytes(b"this is not a FITS file at all" * 100)
+    for bad in (truncated, garbage):
+        with pytest.raises(ValueError, match="corrupt|not a"):
+            SpectralClone.load(bad)
+    with pytest.raises(FileNotFoundError):
+        SpectralClone.load(tmp_path / "missing.fits")
+    from astropy.io import fits
+
+    other = tmp_path / "other.fits"
+    fits.PrimaryHDU(np.zeros(3)).writeto(other)
+    with pytest.raises(ValueError, match="not a blase_specutils clone"):
+        SpectralClone.load(other)
+
+
+def test_clone_accepts_other_units_and_descending_axes_with_same_result(phoenix_10k):
+    base = trim(phoenix_10k, (10600, 10640) * u.AA, 5 * u.AA)
+    kw = dict(prominence=0.02, epochs=30, progress=False)
+    a = clone_spectrum(base, **kw)
+    nm_desc = Spectrum(spectral_axis=base.spectral_axis.to(u.nm)[::-1], flux=base.flux[::-1])
+    b = clone_spectrum(nm_desc, **kw)
+    assert a.n_lines == b.n_lines
+    np.testing.assert_allclose(b.model.lam_centers.detach(), a.model.lam_centers.detach(), rtol=1e-12)
+    np.testing.assert_allclose(b.model.log_amplitudes.detach(), a.model.log_amplitudes.detach(), rtol=1e-6, atol=1e-9)
+
+
+def test_nan_pixels_are_left_out_and_input_not_mutated(phoenix_10k):
+    base = trim(phoenix_10k, (10600, 10640) * u.AA, 5 * u.AA)
+    flux = base.flux.value.copy()
+    flux[100:150] = np.nan
+    s = Spectrum(spectral_axis=base.spectral_axis, flux=flux * base.flux.unit)
+    before = s.flux.value.copy()
+    c = clone_spectrum(s, prominence=0.02, epochs=20, progress=False)
+    np.testing.assert_array_equal(s.flux.value, before)  # untouched, NaNs included
+    assert np.isfinite(c.rms_residual())
+    assert c.target.mask[100:150].all()
+
+
+def test_log_mode_and_emission(phoenix_10k):
+    base = trim(phoenix_10k, (10600, 10640) * u.AA, 5 * u.AA)
+    lg = clone_spectrum(base, prominence=0.02, epochs=60, mode="log", progress=False)
+    assert lg.model.mode == "log" and lg.rms_residual() < 0.01
+    # an emission spectrum: the same lines flipped above the continuum
+    from blase_specutils import flatten_continuum
+
+    flat = flatten_continuum(base)
+    em = Spectrum(spectral_axis=flat.spectral_axis, flux=(2.0 - flat.flux.value) * u.dimensionless_unscaled)
+    e = clone_spectrum(em, prominence=0.02, epochs=60, emission=True, flatten=False, progress=False)
+    assert e.model.emission and e.n_lines == lg.n_lines
+    assert e.evaluate().flux.value.max() > 1.05
+    assert e.rms_residual() < 0.01
+
+
+def test_exact_voigt_profile_option(phoenix_10k):
+    base = trim(phoenix_10k, (10600, 10640) * u.AA, 5 * u.AA)
+    v = clone_spectrum(base, prominence=0.02, epochs=30, profile="voigt", progress=False)
+    assert v.model.profile == "voigt" and v.rms_residual() < 0.02
+
+
+@pytest.mark.parametrize("prom", [0.0, 1.0, -0.5, 2.0, "0.01"])
+def test_bad_prominence(phoenix_10k, prom):
+    with pytest.raises(ValueError, match="prominence"):
+        clone_spectrum(phoenix_10k[:1000], prominence=prom, progress=False)
+
+
+def test_bad_inputs(phoenix_10k):
+    wl = np.linspace(10000, 10010, 1000) * u.AA
+    flat = Spectrum(spectral_axis=wl, flux=np.ones(1000) * u.dimensionless_unscaled)
+    with pytest.raises(ValueError, match="no lines"):
+        clone_spectrum(flat, flatten=False, progress=False)
+    allnan = Spectrum(spectral_axis=wl, flux=np.full(1000, np.nan) * u.dimensionless_unscaled)
+    with pytest.raises(ValueError, match="no usable pixels"):
+        clone_spectrum(allnan, progress=False)
+    with pytest.raises(u.UnitsError, match="spectral units"):
+        clone_spectrum(Spectrum(spectral_axis=np.arange(1.0, 1001.0) * u.pix, flux=np.ones(1000) * u.Jy), progress=False)
+    with pytest.raises(ValueError, match="positive temperature"):
+        clone_spectrum(phoenix_10k[:1000], teff=-3 * u.K, progress=False)
+    with pytest.raises(TypeError, match="Spectrum"):
+        clone_spectrum(np.ones(10), progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        clone_spectrum(phoenix_10k[:1000], mode="quadratic", progress=False)
+
+
+def test_warns_when_the_band_edge_cuts_a_broad_wing(phoenix_10k):
+    from blase_specutils.cloning import EdgeWingWarning
+
+    # 10930 Å + 10 Å buffer stops just short of the centre of Paschen γ (10941 Å)
+    base = trim(phoenix_10k, (10880, 10930) * u.AA, 10 * u.AA)
+    with pytest.warns(EdgeWingWarning, match="red end"):
+        clone_spectrum(base, teff=10000 * u.K, prominence=0.02, epochs=2, progress=False)
