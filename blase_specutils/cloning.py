@@ -281,6 +281,7 @@ class SpectralClone:
         hdr["PROFILE"] = m.profile
         hdr["EMISSION"] = m.emission
         hdr["WINGTOL"] = m.wing_tolerance
+        hdr["FARFIELD"] = (bool(m.far_field), "near/far-field split of the line wings")
         hdr["TUNE"] = ",".join(m.tuned)
         hdr["NLINES"] = m.n_lines
         if self.band is not None:
@@ -363,11 +364,12 @@ class SpectralClone:
                     )
                 mode, profile = hdr["MODE"], hdr["PROFILE"]
                 emission, wingtol = bool(hdr["EMISSION"]), float(hdr["WINGTOL"])
+                farfield = bool(hdr.get("FARFIELD", True))
                 tune = [t for t in str(hdr.get("TUNE", "")).split(",") if t]
                 nlines = int(hdr["NLINES"])
                 band = (float(hdr["BANDLO"]), float(hdr["BANDHI"])) if "BANDLO" in hdr else None
                 skip = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "BLFORMAT", "BLFMTVER", "BLVERSN", "MODE",
-                        "PROFILE", "EMISSION", "WINGTOL", "TUNE", "NLINES", "BANDLO", "BANDHI"}
+                        "PROFILE", "EMISSION", "WINGTOL", "TUNE", "NLINES", "BANDLO", "BANDHI", "FARFIELD"}
                 meta = {k.lower(): hdr[k] for k in hdr if k not in skip and k}
         except CloneFileError:
             raise
@@ -378,7 +380,8 @@ class SpectralClone:
         if broad.size and (broad.min() < 0 or broad.max() >= nlines):
             raise ValueError(f"{path} is corrupt: broad-line indices out of range")
         model = LineCloneModel(*cols, mode=mode, profile=profile, emission=emission, tune=tune,
-                               wing_tolerance=wingtol, broad_lines=broad.tolist(), device=resolve_device(device))
+                               wing_tolerance=wingtol, far_field=farfield, broad_lines=broad.tolist(),
+                               device=resolve_device(device))
         with torch.no_grad():
             model.wing_alpha.copy_(torch.as_tensor(wing[0]))
             model.wing_log_lt.copy_(torch.as_tensor(wing[1]))
@@ -455,8 +458,9 @@ def clone_spectrum(
     epochs: int = 1000,
     lr: float = 0.05,
     patience: int | None = 50,
-    wing_tolerance: float = 1e-6,
-    train_tolerance: float = 1e-5,
+    wing_tolerance: float = 1e-7,
+    train_tolerance: float = 1e-6,
+    far_field: bool = True,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
     seed: int | None = 0,
@@ -500,11 +504,14 @@ def clone_spectrum(
     epochs, lr, patience : int, float, int
         Adam settings and early-stopping patience (epochs without 0.01 % improvement).
     wing_tolerance : float
-        Truncation tolerance of the evaluated clone (per-line windows end where the line term
-        falls below it).
+        Truncation tolerance of the evaluated clone (per-line windows end where the line's
+        windowed term falls below it).
     train_tolerance : float
         Looser tolerance used while training (speed); the result is evaluated with
         ``wing_tolerance``.
+    far_field : bool
+        Near-field/far-field split of the line wings (default; faster and more exact), or plain
+        truncated windows.
     device : str
         'cpu', 'cuda', or 'auto'.
     dtype : torch.dtype
@@ -562,7 +569,8 @@ def clone_spectrum(
     model = LineCloneModel(
         guess.lam_centers, guess.log_amplitudes, guess.log_sigmas, guess.log_gammas,
         mode=mode, profile=profile, emission=emission, tune=tune,
-        wing_tolerance=train_tolerance, broad_lines=np.sort(broad).tolist(), dtype=dtype, device=dev,
+        wing_tolerance=train_tolerance, far_field=bool(far_field), broad_lines=np.sort(broad).tolist(),
+        dtype=dtype, device=dev,
     )
     wl_t = torch.as_tensor(arr.wavelength, dtype=dtype, device=dev)
     flux_t = torch.as_tensor(np.where(arr.good, arr.flux, 1.0), dtype=dtype, device=dev)
@@ -596,7 +604,8 @@ def load_blase03(
     *,
     mode: str = "linear",
     profile: str = "pseudo-voigt",
-    wing_tolerance: float = 1e-6,
+    wing_tolerance: float = 1e-7,
+    far_field: bool = True,
     device: str | torch.device = "cpu",
 ) -> SpectralClone:
     """Read a pre-trained clone of the original blasé 0.3 (a PyTorch state dict).
@@ -623,6 +632,6 @@ def load_blase03(
     arrays = [sd[k].detach().to(torch.float64).cpu().numpy().ravel() for k in need]
     order = np.argsort(arrays[0], kind="stable")
     arrays = [a[order] for a in arrays]
-    model = LineCloneModel(*arrays, mode=mode, profile=profile, wing_tolerance=wing_tolerance,
+    model = LineCloneModel(*arrays, mode=mode, profile=profile, wing_tolerance=wing_tolerance, far_field=far_field,
                            device=resolve_device(device))
     return SpectralClone(model, meta={"source": f"blase03:{path.name}"})

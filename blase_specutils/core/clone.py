@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import dense_log_flux, window_half_widths, windowed_log_flux
+from .farfield import FarFieldSettings
 from .profiles import PROFILES, pseudo_voigt_fwhm
 
 __all__ = ["LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE"]
@@ -64,8 +65,13 @@ class LineCloneModel(nn.Module):
     tune : iterable of str
         Which of ``"center"``, ``"amplitude"``, ``"sigma"``, ``"gamma"``, ``"wing"`` are tuned.
     wing_tolerance : float
-        Each line is evaluated out to where its term falls below this value (see
-        :func:`~blase_specutils.core.engine.window_half_widths`).
+        Each line is evaluated out to where its windowed term falls below this value (see
+        :func:`~blase_specutils.core.engine.window_half_widths` and
+        :func:`~blase_specutils.core.farfield.residual_half_widths`).
+    far_field : bool or FarFieldSettings
+        Sum the Lorentzian wings of all lines with FFTs and evaluate each line only in a short
+        near-field window (:mod:`blase_specutils.core.farfield`); ``True`` scales the settings
+        to each wavelength grid. ``False``: plain truncated windows.
     broad_lines : sequence of int, optional
         Indices of lines that get the Appendix C.4 wing correction.
     dtype, device
@@ -83,7 +89,8 @@ class LineCloneModel(nn.Module):
         profile: str = "pseudo-voigt",
         emission: bool = False,
         tune: Iterable[str] = ("amplitude", "sigma", "gamma"),
-        wing_tolerance: float = 1e-6,
+        wing_tolerance: float = 1e-7,
+        far_field: bool | FarFieldSettings = True,
         broad_lines: Sequence[int] | None = None,
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
@@ -110,6 +117,10 @@ class LineCloneModel(nn.Module):
         self.profile = profile
         self.emission = bool(emission)
         self.wing_tolerance = float(wing_tolerance)
+        if not isinstance(far_field, (bool, FarFieldSettings)):
+            raise TypeError("far_field must be True, False or a FarFieldSettings")
+        self.far_field = far_field
+        self._ff_cache: tuple | None = None
         self.lam_centers = nn.Parameter(c, requires_grad="center" in tune)
         self.log_amplitudes = nn.Parameter(arrays[0], requires_grad="amplitude" in tune)
         self.log_sigmas = nn.Parameter(arrays[1], requires_grad="sigma" in tune)
@@ -205,7 +216,22 @@ class LineCloneModel(nn.Module):
         if self.broad_lines.numel():
             mask = torch.zeros(self.n_lines, dtype=torch.bool, device=self.broad_lines.device)
             mask[self.broad_lines] = True
-        return windowed_log_flux(*args, half_widths=self.window_half_widths(), wing_mask=mask, **kw)
+        ff = self._far_field_settings(wavelength)
+        hw = self.window_half_widths() if ff is None else None
+        return windowed_log_flux(*args, half_widths=hw, tolerance=self.wing_tolerance, wing_mask=mask,
+                                 far_field=ff, **kw)
+
+    def _far_field_settings(self, wavelength: Tensor) -> FarFieldSettings | None:
+        if self.far_field is False:
+            return None
+        if isinstance(self.far_field, FarFieldSettings):
+            return self.far_field
+        if wavelength.numel() < 2:
+            return None
+        key = (wavelength.data_ptr(), wavelength.numel(), float(wavelength[0]), float(wavelength[-1]))
+        if self._ff_cache is None or self._ff_cache[0] != key:
+            self._ff_cache = (key, FarFieldSettings.for_grid(wavelength))
+        return self._ff_cache[1]
 
     @torch.no_grad()
     def window_half_widths(self) -> Tensor:

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .farfield import FarFieldSettings, residual_half_widths
+from .farfield import far_field as _far_field
 from .fused import pseudo_voigt_term
 from .profiles import pseudo_voigt, pseudo_voigt_eta
 
@@ -106,6 +108,7 @@ def windowed_log_flux(
     half_widths: Tensor | None = None,
     wing: Callable[[Tensor, Tensor], Tensor] | None = None,
     wing_mask: Tensor | None = None,
+    far_field: FarFieldSettings | None = None,
     fused: bool = True,
 ) -> Tensor:
     r"""Sum of line terms over per-line windows: the sparse :math:`\ln \hat F` contraction.
@@ -123,7 +126,8 @@ def windowed_log_flux(
     sign : float
         +1 for absorption, -1 for emission.
     tolerance : float
-        Each line is evaluated out to where its term falls below this value.
+        Each line's windowed term (or near-field residual) is evaluated out to where it falls
+        below this value.
     min_half_width : float
         Smallest window half width (Å).
     half_widths : Tensor, optional
@@ -131,7 +135,11 @@ def windowed_log_flux(
     wing : callable, optional
         ``wing(x, line_index)`` multiplicative correction to the profile of some lines.
     wing_mask : Tensor of bool, optional
-        Which lines have a wing correction (the others take the fused path).
+        Which lines have a wing correction (the others take the fused path). These lines are
+        always evaluated in full windows, never through the far field.
+    far_field : FarFieldSettings, optional
+        Split the Lorentzian wings into a near-field residual (short windows) and an FFT far field
+        summed over all lines (:mod:`blase_specutils.core.farfield`).
     fused : bool
         Use the fused pseudo-Voigt kernel with its hand-written backward
         (:mod:`blase_specutils.core.fused`) where it applies; ``False`` uses plain autograd.
@@ -145,9 +153,28 @@ def windowed_log_flux(
     out = torch.zeros(n, dtype=wavelength.dtype, device=wavelength.device)
     if centers.numel() == 0:
         return out
+    if wing is None:
+        wing_mask = None
+    elif wing_mask is None:
+        wing_mask = torch.ones(centers.shape, dtype=torch.bool, device=centers.device)
+    is_voigt = profile is not pseudo_voigt
+    kc = ke = far_lines = None
+    if far_field is not None:
+        eta = torch.ones_like(gamma) if is_voigt else pseudo_voigt_eta(sigma, gamma)
+        kc = sign * amplitude * eta * gamma / math.pi
+        b2 = far_field.b * far_field.b
+        ke = kc * (b2 - gamma * gamma + (3.0 * sigma * sigma if is_voigt else 0.0))
+        if wing_mask is not None:
+            kc = torch.where(wing_mask, torch.zeros_like(kc), kc)
+            ke = torch.where(wing_mask, torch.zeros_like(ke), ke)
     with torch.no_grad():
         if half_widths is None:
             half_widths = window_half_widths(amplitude, sigma, gamma, tolerance, min_half_width)
+            if far_field is not None:
+                hw_near = residual_half_widths(amplitude, sigma, gamma, eta.detach(), kc.detach(), far_field.b,
+                                               tolerance, mode, voigt=is_voigt)
+                hw_near = torch.clamp(hw_near, min=min_half_width)
+                half_widths = hw_near if wing_mask is None else torch.where(wing_mask, half_widths, hw_near)
         c = centers.detach()
         lo = torch.searchsorted(wavelength, c - half_widths)
         hi = torch.searchsorted(wavelength, c + half_widths, right=True)
@@ -167,26 +194,32 @@ def windowed_log_flux(
         if bool(offgrid.all()):
             continue
         wl = wavelength[idx]
-        if wing_mask is not None and wing is not None:
+        if wing_mask is not None:
             has = wing_mask[sel]
             parts = [(~has, None), (has, wing)]
         else:
-            parts = [(None, wing)]
+            parts = [(None, None)]
         pieces = []
         for rows, wfn in parts:
             if rows is not None and not bool(rows.any()):
                 continue
             s_ = sel if rows is None else sel[rows]
             wl_ = wl if rows is None else wl[rows]
-            if fused and profile is pseudo_voigt and wfn is None:
+            kc_ = None if kc is None else kc[s_, None]
+            ke_ = None if ke is None else ke[s_, None]
+            if fused and not is_voigt and wfn is None:
                 t = pseudo_voigt_term(wl_, centers[s_, None], amplitude[s_, None], sigma[s_, None],
-                                      gamma[s_, None], mode=mode, sign=sign)
+                                      gamma[s_, None], mode=mode, sign=sign, kc=kc_, ke=ke_,
+                                      b=0.0 if far_field is None else far_field.b)
             else:
                 x = wl_ - centers[s_, None]
                 v = profile(x, sigma[s_, None], gamma[s_, None])
                 if wfn is not None:
                     v = v * wfn(x, s_)
                 t = line_terms(v, amplitude[s_, None], mode, sign)
+                if kc_ is not None and wfn is None:
+                    hb = 1.0 / (x * x + far_field.b * far_field.b)
+                    t = t + hb * (kc_ + ke_ * hb)
             pieces.append((rows, t))
         if len(pieces) == 1 and pieces[0][0] is None:
             t = pieces[0][1]
@@ -199,9 +232,11 @@ def windowed_log_flux(
             t = t * (~offgrid)[:, None]
         terms.append(t.reshape(-1))
         idxs.append(idx.reshape(-1))
-    if not terms:
-        return out
-    return out.index_add(0, torch.cat(idxs), torch.cat(terms))
+    if terms:
+        out = out.index_add(0, torch.cat(idxs), torch.cat(terms))
+    if far_field is not None:
+        out = out + _far_field(wavelength, centers, kc, ke, far_field)
+    return out
 
 
 def dense_log_flux(

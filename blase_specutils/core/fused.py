@@ -39,23 +39,29 @@ def _parts(wl: Tensor, c: Tensor, s: Tensor, g: Tensor):
 
 class _PseudoVoigtTerm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, linear: bool, sign: float):
+    def forward(ctx, wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, kc, ke, b: float, linear: bool, sign: float):
         eta = pseudo_voigt_eta(s, g)
-        _, lor, gau = _parts(wl, c, s, g)
+        x, lor, gau = _parts(wl, c, s, g)
         v = lor.mul_(eta).add_(gau.mul_(1.0 - eta))
         del gau
         v.mul_(-sign * a)
         if linear:
             v.clamp_(min=_MIN_ARG).log1p_()
-        ctx.save_for_backward(wl, c, a, s, g)
+        if kc is not None:
+            # near-field residual: add back the far-field kernels c h + e h^2
+            hb = x.mul_(x).add_(b * b).reciprocal_()
+            v.add_(hb * (kc + ke * hb))
+        del x
+        ctx.save_for_backward(wl, c, a, s, g, kc, ke)
         ctx.linear = linear
         ctx.sign = sign
+        ctx.b = b
         return v
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_t: Tensor):
-        wl, c, a, s, g = ctx.saved_tensors
+        wl, c, a, s, g, kc, ke = ctx.saved_tensors
         sign, linear = ctx.sign, ctx.linear
         with torch.enable_grad():
             s_ = s.detach().requires_grad_(True)
@@ -77,12 +83,22 @@ class _PseudoVoigtTerm(torch.autograd.Function):
         grad_a = (w * v).sum(1, keepdim=True).mul_(-sign) if ctx.needs_input_grad[2] else None
         w.mul_(-sign * a)  # now grad * dt/dV
         x2g2 = x * x + g * g
-        grad_c = grad_s = grad_g = None
+        grad_c = grad_s = grad_g = grad_kc = grad_ke = None
+        hb = None
+        if kc is not None:
+            hb = (x * x + ctx.b * ctx.b).reciprocal_()
+            if ctx.needs_input_grad[5]:
+                grad_kc = (grad_t * hb).sum(1, keepdim=True)
+            if ctx.needs_input_grad[6]:
+                grad_ke = (grad_t * hb * hb).sum(1, keepdim=True)
         if ctx.needs_input_grad[1]:
             # dV/dx = -2 x eta L / (x^2+g^2) - (1-eta) G x / s^2 ; dx/dc = -1
             dvdx = (lor * eta * 2.0 / x2g2 + gau * (1.0 - eta) / (s * s)).mul_(-x)
             grad_c = -(w * dvdx).sum(1, keepdim=True)
             del dvdx
+            if hb is not None:
+                # d/dc of c h + e h^2 with h = 1/(x^2 + b^2): 2 x h^2 (kc + 2 ke h)
+                grad_c = grad_c + (grad_t * (2.0 * x) * hb * hb * (kc + 2.0 * ke * hb)).sum(1, keepdim=True)
         lmg = lor - gau
         if ctx.needs_input_grad[3]:
             dvds = gau * (1.0 - eta) * (x * x / (s * s * s) - 1.0 / s) + deta_ds * lmg
@@ -92,10 +108,22 @@ class _PseudoVoigtTerm(torch.autograd.Function):
             # dL/dg = L/g - 2 g L / (x^2+g^2)
             dvdg = eta * lor * (1.0 / g - 2.0 * g / x2g2) + deta_dg * lmg
             grad_g = (w * dvdg).sum(1, keepdim=True)
-        return None, grad_c, grad_a, grad_s, grad_g, None, None
+        return None, grad_c, grad_a, grad_s, grad_g, grad_kc, grad_ke, None, None, None
 
 
-def pseudo_voigt_term(wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, *, mode: str, sign: float) -> Tensor:
+def pseudo_voigt_term(
+    wl: Tensor,
+    c: Tensor,
+    a: Tensor,
+    s: Tensor,
+    g: Tensor,
+    *,
+    mode: str,
+    sign: float,
+    kc: Tensor | None = None,
+    ke: Tensor | None = None,
+    b: float = 0.0,
+) -> Tensor:
     """Fused line term for a (lines × pixels) block.
 
     Parameters
@@ -107,7 +135,14 @@ def pseudo_voigt_term(wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, *,
     mode : {"linear", "log"}
     sign : float
         +1 absorption, -1 emission.
+    kc, ke : Tensor, optional
+        Far-field coefficients :math:`c_j`, :math:`e_j`, shape (L, 1): the term returned is then
+        the near-field residual :math:`t + c_j h + e_j h^2` (see :mod:`.farfield`).
+    b : float
+        Far-field kernel width (Å).
     """
     if mode not in ("linear", "log"):
         raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
-    return _PseudoVoigtTerm.apply(wl, c, a, s, g, mode == "linear", float(sign))
+    if (kc is None) != (ke is None):
+        raise ValueError("give both kc and ke, or neither")
+    return _PseudoVoigtTerm.apply(wl, c, a, s, g, kc, ke, float(b), mode == "linear", float(sign))

@@ -115,3 +115,84 @@ def test_lines_off_the_grid_contribute_nothing_and_do_not_crash():
     win = windowed_log_flux(GRID, c, a, s, g, profile=pseudo_voigt)
     dense = dense_log_flux(GRID, c[1:2], a[1:2], s[1:2], g[1:2], profile=pseudo_voigt)
     assert torch.allclose(win, dense, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- far field
+from blase_specutils.core.farfield import FarFieldSettings, far_field  # noqa: E402
+
+
+def _strong_lines():
+    c, a, s, g = _lines(n=80, seed=7)
+    a = a.clone()
+    a[::10] *= 30.0  # some strong lines with long Lorentzian wings
+    g = g.clone()
+    g[5] = 0.8  # and one much broader than the far-field kernel
+    return c, a, s, g
+
+
+@pytest.mark.parametrize("mode", ["linear", "log"])
+@pytest.mark.parametrize("profile", [pseudo_voigt, voigt])
+def test_far_field_split_matches_dense(mode, profile):
+    c, a, s, g = _strong_lines()
+    ff = FarFieldSettings.for_grid(GRID)
+    dense = dense_log_flux(GRID, c, a, s, g, profile=profile, mode=mode).exp()
+    split = windowed_log_flux(GRID, c, a, s, g, profile=profile, mode=mode, tolerance=1e-8, far_field=ff).exp()
+    assert float((split - dense).abs().max()) < 2e-7
+    # at a working tolerance the split is far more exact than truncated windows
+    split = windowed_log_flux(GRID, c, a, s, g, profile=profile, mode=mode, tolerance=1e-6, far_field=ff).exp()
+    plain = windowed_log_flux(GRID, c, a, s, g, profile=profile, mode=mode, tolerance=1e-6).exp()
+    assert float((split - dense).abs().max()) < float((plain - dense).abs().max()) / 5
+
+
+def test_far_field_alone_is_the_sum_of_kernels():
+    gen = torch.Generator().manual_seed(0)
+    c = 5005 + 40 * torch.rand(30, generator=gen, dtype=F64)
+    kc = torch.rand(30, generator=gen, dtype=F64) * 1e-3
+    ke = torch.rand(30, generator=gen, dtype=F64) * 1e-4
+    ff = FarFieldSettings.for_grid(GRID)
+    d = GRID[None, :] - c[:, None]
+    hb = 1.0 / (d * d + ff.b**2)
+    exact = -(kc[:, None] * hb + ke[:, None] * hb * hb).sum(0)
+    approx = far_field(GRID, c, kc, ke, ff)
+    assert float((approx - exact).abs().max()) < 1e-6 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradcheck_with_far_field(fused):
+    grid = torch.arange(5000.0, 5003.0, 0.02, dtype=F64)
+    c = torch.tensor([5000.8, 5001.5, 5002.1], dtype=F64, requires_grad=True)
+    la = torch.log(torch.tensor([0.01, 0.03, 0.02], dtype=F64)).requires_grad_(True)
+    ls = torch.log(torch.tensor([0.03, 0.05, 0.04], dtype=F64)).requires_grad_(True)
+    lg = torch.log(torch.tensor([0.02, 0.04, 0.03], dtype=F64)).requires_grad_(True)
+    rv = torch.tensor(7.0, dtype=F64, requires_grad=True)
+    hw = torch.full((3,), 0.6, dtype=F64)
+    ff = FarFieldSettings(b=0.3, spacing=0.03)
+
+    def f(c, la, ls, lg, rv):
+        cc = c * (1 + rv / SPEED_OF_LIGHT_KMS)
+        return windowed_log_flux(grid, cc, la.exp(), ls.exp(), lg.exp(), profile=pseudo_voigt,
+                                 half_widths=hw, far_field=ff, fused=fused)
+
+    assert torch.autograd.gradcheck(f, (c, la, ls, lg, rv))
+
+
+def test_far_field_fused_and_plain_paths_agree():
+    c, a, s, g = _strong_lines()
+    ff = FarFieldSettings.for_grid(GRID)
+    target = torch.linspace(0.9, 1.0, GRID.numel(), dtype=F64)
+    res = []
+    for fused in (True, False):
+        ps = [t.clone().requires_grad_(True) for t in (c, a, s, g)]
+        f = windowed_log_flux(GRID, *ps, profile=pseudo_voigt, tolerance=1e-7, far_field=ff, fused=fused).exp()
+        grads = torch.autograd.grad(((f - target) ** 2).sum(), ps)
+        res.append((f.detach(), grads))
+    assert torch.allclose(res[0][0], res[1][0], atol=1e-13, rtol=0)
+    for g0, g1 in zip(res[0][1], res[1][1]):
+        assert torch.allclose(g0, g1, rtol=1e-8, atol=1e-11)
+
+
+def test_far_field_settings_validation():
+    with pytest.raises(ValueError):
+        FarFieldSettings(b=0.0, spacing=0.1)
+    with pytest.raises(ValueError):
+        FarFieldSettings(b=1.0, spacing=0.1, order=5)
