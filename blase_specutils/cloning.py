@@ -572,7 +572,7 @@ def clone_spectrum(
         wing_tolerance=train_tolerance, far_field=bool(far_field), broad_lines=np.sort(broad).tolist(),
         dtype=dtype, device=dev,
     )
-    wl_t = torch.as_tensor(arr.wavelength, dtype=dtype, device=dev)
+    wl_t = torch.as_tensor(arr.wavelength, dtype=torch.float64, device=dev)  # grids stay float64
     flux_t = torch.as_tensor(np.where(arr.good, arr.flux, 1.0), dtype=dtype, device=dev)
     w_t = torch.as_tensor(arr.good, dtype=dtype, device=dev)
 

@@ -75,7 +75,9 @@ class LineCloneModel(nn.Module):
     broad_lines : sequence of int, optional
         Indices of lines that get the Appendix C.4 wing correction.
     dtype, device
-        Torch dtype and device of the parameters.
+        Torch dtype (float64 or float32) and device of the parameters. Line centres and the
+        wavelength grid are always float64; offsets λ - λc are formed in float64 and only then
+        rounded to ``dtype``.
     """
 
     def __init__(
@@ -106,7 +108,8 @@ class LineCloneModel(nn.Module):
             raise ValueError(f"unknown tunable parameter(s) {bad}; choose from {TUNABLE}")
         if not (0.0 < wing_tolerance < 1.0):
             raise ValueError(f"wing_tolerance must be in (0, 1), got {wing_tolerance}")
-        c = _as_tensor(lam_centers, dtype, device)
+        # centres stay float64 whatever the working dtype: float32 cannot resolve 0.001 Å at 10^4 Å
+        c = _as_tensor(lam_centers, torch.float64, device)
         n = c.shape[0] if c.ndim == 1 else -1
         arrays = [_as_tensor(x, dtype, device) for x in (log_amplitudes, log_sigmas, log_gammas)]
         if c.ndim != 1 or any(x.shape != (n,) for x in arrays):
@@ -191,6 +194,11 @@ class LineCloneModel(nn.Module):
 
         return wing
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Working dtype of the amplitudes, widths and the evaluated flux."""
+        return self.log_amplitudes.dtype
+
     def shifted_centers(self, radial_velocity: Tensor | float | None = None) -> Tensor:
         r"""Line centres Doppler shifted by ``radial_velocity`` (km/s): :math:`\lambda_c(1+v/c)`."""
         if radial_velocity is None:
@@ -201,7 +209,7 @@ class LineCloneModel(nn.Module):
         self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False
     ) -> Tensor:
         r""":math:`\ln S_\mathrm{clone}` on ``wavelength`` (Å, strictly increasing)."""
-        wavelength = torch.as_tensor(wavelength, dtype=self.lam_centers.dtype, device=self.lam_centers.device)
+        wavelength = torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device)
         args = (
             wavelength,
             self.shifted_centers(radial_velocity),

@@ -150,7 +150,7 @@ def windowed_log_flux(
         :math:`\ln S_\mathrm{clone}` on ``wavelength``, shape (N_S,).
     """
     n = wavelength.shape[0]
-    out = torch.zeros(n, dtype=wavelength.dtype, device=wavelength.device)
+    out = torch.zeros(n, dtype=amplitude.dtype, device=wavelength.device)
     if centers.numel() == 0:
         return out
     if wing is None:
@@ -212,7 +212,7 @@ def windowed_log_flux(
                                       gamma[s_, None], mode=mode, sign=sign, kc=kc_, ke=ke_,
                                       b=0.0 if far_field is None else far_field.b)
             else:
-                x = wl_ - centers[s_, None]
+                x = (wl_ - centers[s_, None]).to(amplitude.dtype)
                 v = profile(x, sigma[s_, None], gamma[s_, None])
                 if wfn is not None:
                     v = v * wfn(x, s_)
@@ -235,7 +235,7 @@ def windowed_log_flux(
     if terms:
         out = out.index_add(0, torch.cat(idxs), torch.cat(terms))
     if far_field is not None:
-        out = out + _far_field(wavelength, centers, kc, ke, far_field)
+        out = out + _far_field(wavelength, centers, kc, ke, far_field).to(out.dtype)
     return out
 
 
@@ -259,11 +259,11 @@ def dense_log_flux(
     all_lines = torch.arange(centers.numel(), device=wavelength.device)
     for i in range(0, wavelength.shape[0], step):
         w = wavelength[i : i + step]
-        x = w[None, :] - centers[:, None]
+        x = (w[None, :] - centers[:, None]).to(amplitude.dtype)
         v = profile(x, sigma[:, None], gamma[:, None])
         if wing is not None:
             v = v * wing(x, all_lines)
         pieces.append(line_terms(v, amplitude[:, None], mode, sign).sum(0))
     if not pieces:
-        return torch.zeros(0, dtype=wavelength.dtype, device=wavelength.device)
+        return torch.zeros(0, dtype=amplitude.dtype, device=wavelength.device)
     return torch.cat(pieces)

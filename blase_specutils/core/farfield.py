@@ -114,19 +114,19 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     k0 = k0.long()
     offsets = list(range(-(m - 1), m + 1))
     wts = _lagrange_weights(f, offsets)
-    grid_c = torch.zeros(n, dtype=wavelength.dtype, device=wavelength.device)
+    grid_c = torch.zeros(n, dtype=torch.promote_types(c.dtype, f.dtype), device=wavelength.device)
     grid_e = torch.zeros_like(grid_c)
     for off, wk in zip(offsets, wts):
         grid_c = grid_c.index_add(0, k0 + off, c * wk)
         grid_e = grid_e.index_add(0, k0 + off, e * wk)
-    hk, h2k = _kernel_ffts(n, nfft, dx, b, wavelength.dtype, wavelength.device)
+    hk, h2k = _kernel_ffts(n, nfft, dx, b, grid_c.dtype, wavelength.device)
     spec = torch.fft.rfft(grid_c, nfft) * hk + torch.fft.rfft(grid_e, nfft) * h2k
     conv = torch.fft.irfft(spec, nfft)[n - 1 : 2 * n - 1]
     # Lagrange interpolation of the same order to the pixels (fixed weights)
     with torch.no_grad():
         q = (wavelength - lo) / dx
         i0 = torch.clamp(torch.floor(q), m - 1, n - m - 1).long()
-        iw = _lagrange_weights((q - i0).to(wavelength.dtype), offsets)
+        iw = _lagrange_weights((q - i0).to(grid_c.dtype), offsets)
     val = None
     for off, wk in zip(offsets, iw):
         term = conv[i0 + off] * wk

@@ -29,8 +29,12 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _parts(wl: Tensor, c: Tensor, s: Tensor, g: Tensor):
-    """x, Lorentzian L, Gaussian G for a block (fresh tensors)."""
-    x = wl - c
+    """x, Lorentzian L, Gaussian G for a block (fresh tensors).
+
+    x = λ - λc is formed in the dtype of the wavelengths (float64) and then rounded to the
+    working dtype of σ, γ.
+    """
+    x = (wl - c).to(s.dtype)
     x2 = x * x
     lor = (x2 + g * g).reciprocal_().mul_(g * _INV_PI)
     gau = x2.mul_(-0.5 / (s * s)).exp_().mul_(_INV_SQRT_2PI / s)
@@ -108,6 +112,8 @@ class _PseudoVoigtTerm(torch.autograd.Function):
             # dL/dg = L/g - 2 g L / (x^2+g^2)
             dvdg = eta * lor * (1.0 / g - 2.0 * g / x2g2) + deta_dg * lmg
             grad_g = (w * dvdg).sum(1, keepdim=True)
+        if grad_c is not None:
+            grad_c = grad_c.to(c.dtype)
         return None, grad_c, grad_a, grad_s, grad_g, grad_kc, grad_ke, None, None, None
 
 

@@ -196,3 +196,19 @@ def test_far_field_settings_validation():
         FarFieldSettings(b=0.0, spacing=0.1)
     with pytest.raises(ValueError):
         FarFieldSettings(b=1.0, spacing=0.1, order=5)
+
+
+def test_float32_model_keeps_float64_centres_and_is_accurate():
+    c, a, s, g = _strong_lines()
+    grid = GRID + 7000.0  # near 12,000 Å, where float32 spacing is 0.001 Å
+    m64 = LineCloneModel(c + 7000.0, a.log(), s.log(), g.log())
+    m32 = LineCloneModel(c + 7000.0, a.log(), s.log(), g.log(), dtype=torch.float32)
+    assert m32.lam_centers.dtype == torch.float64 and m32.dtype == torch.float32
+    with torch.no_grad():
+        f64, f32 = m64(grid), m32(grid)
+    assert f32.dtype == torch.float32
+    assert float((f32.double() - f64).abs().max()) < 2e-5
+    # gradients flow in float32 to the widths and in float64 to the centres
+    m32.set_tuned(["center", "amplitude", "sigma", "gamma"])
+    m32(grid).sum().backward()
+    assert m32.lam_centers.grad.dtype == torch.float64 and m32.log_sigmas.grad.dtype == torch.float32

@@ -37,6 +37,17 @@ def test_pseudo_voigt_unit_area_and_limits():
     assert pseudo_voigt_fwhm(s, torch.tensor(0.0, dtype=F64)).item() == pytest.approx(2.3548 * 0.05)
 
 
+@pytest.mark.parametrize("sigma,gamma", [(0.05, 0.0), (0.0, 0.04)])
+def test_pseudo_voigt_matches_scipy_voigt_in_its_pure_limits(sigma, gamma):
+    x = np.linspace(-1, 1, 2001)
+    x = x[np.abs(x) > 0.01]  # away from the vanishing component's spike at x = 0
+    tiny = 1e-15
+    ours = pseudo_voigt(torch.from_numpy(x), torch.tensor(max(sigma, tiny), dtype=F64),
+                        torch.tensor(max(gamma, tiny), dtype=F64)).numpy()
+    ref = sp.voigt_profile(x, sigma, gamma)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-12)
+
+
 def test_pseudo_voigt_limits_are_gaussian_and_lorentzian():
     # blasé's pseudo-Voigt keeps each component's own width: it is not the Ida et al. approximation
     # of V(σ, γ), but it reduces to G(σ) and L(γ) exactly in the limits
