@@ -415,7 +415,7 @@ class EdgeWingWarning(UserWarning):
     """The spectrum ends inside the wing of a line whose centre is outside it."""
 
 
-def _warn_if_edge_in_wing(arr, prominence: float, emission: bool) -> None:
+def _warn_if_edge_in_wing(arr, prominence: float, emission: bool, guess) -> None:
     n = max(5, arr.wavelength.size // 200)
     for side, sl in (("blue", slice(0, n)), ("red", slice(-n, None))):
         f = arr.flux[sl][arr.good[sl]]
@@ -423,8 +423,10 @@ def _warn_if_edge_in_wing(arr, prominence: float, emission: bool) -> None:
             continue
         level = float(np.median(f))
         deficit = (level - 1.0) if emission else (1.0 - level)
-        if deficit > 2 * prominence:
-            edge = arr.wavelength[0] if side == "blue" else arr.wavelength[-1]
+        edge = arr.wavelength[0] if side == "blue" else arr.wavelength[-1]
+        # a detected line whose core reaches the edge explains the deficit: nothing to warn about
+        explained = np.any(np.abs(guess.lam_centers - edge) < 2.0 * guess.fwhm)
+        if deficit > 2 * prominence and not explained:
             warnings.warn(
                 f"the {side} end of the spectrum ({edge:.2f} Å) sits {100 * deficit:.1f} % off the continuum: "
                 "it probably cuts through the wing of a broad line whose centre lies outside. That line cannot "
@@ -551,9 +553,9 @@ def clone_spectrum(
         raise ValueError("fewer than 3 usable pixels after preprocessing")
     target = arrays_to_spectrum(arr.wavelength, arr.flux, mask=~arr.good,
                                 meta={"preprocessed": True})
-    _warn_if_edge_in_wing(arr, float(prominence), emission)
     guess = find_lines(arr.wavelength, _fill_gaps(arr.wavelength, arr.flux, arr.good), float(prominence),
                        region=b, buffer=buf, mode=mode, emission=emission)
+    _warn_if_edge_in_wing(arr, float(prominence), emission, guess)
     if n_broad == "auto":
         med = np.median(guess.fwhm)
         cand = np.flatnonzero(guess.fwhm > 25.0 * med)

@@ -170,6 +170,30 @@ class LineCloneModel(nn.Module):
         for p in (self.wing_alpha, self.wing_log_lt, self.wing_log_b):
             p.requires_grad_("wing" in tune)
 
+    def subset(self, lines) -> "LineCloneModel":
+        """A new model holding only ``lines`` (indices or a boolean mask), with the same settings.
+
+        Parameters are copied (detached); broad-line wing corrections follow their lines.
+        """
+        idx = torch.as_tensor(lines, device=self.lam_centers.device)
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).flatten()
+        idx = idx.long()
+        old_to_new = torch.full((self.n_lines,), -1, dtype=torch.long, device=idx.device)
+        old_to_new[idx] = torch.arange(idx.numel(), device=idx.device)
+        keep_broad = old_to_new[self.broad_lines] >= 0
+        new = LineCloneModel(
+            self.lam_centers.detach()[idx], self.log_amplitudes.detach()[idx], self.log_sigmas.detach()[idx],
+            self.log_gammas.detach()[idx], mode=self.mode, profile=self.profile, emission=self.emission,
+            tune=self.tuned, wing_tolerance=self.wing_tolerance, far_field=self.far_field,
+            broad_lines=old_to_new[self.broad_lines][keep_broad].tolist(), dtype=self.dtype,
+            device=self.lam_centers.device,
+        )
+        with torch.no_grad():
+            for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
+                getattr(new, name).copy_(getattr(self, name).detach()[keep_broad])
+        return new
+
     # ------------------------------------------------------------------ evaluation
     def _wing(self):
         if self.broad_lines.numel() == 0:
