@@ -24,6 +24,8 @@ _LAZY = {
     "arrays_to_spectrum": "spectra",
     "load_template": "templates",
     "read_spectrum": "io",
+    "fit_spectrum": "fitting",
+    "TransferResult": "fitting",
     "TEMPLATES": "templates",
 }
 

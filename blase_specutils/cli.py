@@ -1,4 +1,4 @@
-"""Command line: ``blase-specutils clone INPUT -o OUT`` and ``blase-specutils demo``."""
+"""Command line: ``blase-specutils clone INPUT -o OUT``, ``demo``, ``fit DATA --stellar CLONE``."""
 
 from __future__ import annotations
 
@@ -134,13 +134,122 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clone_options(pc, {})
     pd = sub.add_parser("demo", help="clone the embedded PHOENIX 10 kK HPF model end to end (a few minutes on 2 CPU cores)")
     _add_clone_options(pd, {"output": "blase_demo", "prominence": DEMO["prominence"], "epochs": DEMO["epochs"], "buffer": DEMO["buffer"]})
+    pf = sub.add_parser("fit", help="transfer-learn a clone against an observed spectrum")
+    pf.add_argument("data", help="a file specutils or muler reads (an HPF Goldilocks file, a wavelength/flux table)")
+    pf.add_argument("--stellar", required=True, help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file")
+    pf.add_argument("--telluric", help="telluric clone file (optional)")
+    pf.add_argument("--order", type=int, nargs="+", help="échelle orders to fit (indices into the file's orders)")
+    pf.add_argument("--resolving-power", type=float, default=55000.0, help="R (default: %(default)s, HPF)")
+    pf.add_argument("--rv-range", type=float, default=150.0, help="RV scan half range in km/s (default: %(default)s)")
+    pf.add_argument("--vsini", type=float, default=3.0, help="starting v sin i in km/s (default: %(default)s)")
+    pf.add_argument("--epochs", type=int, default=4000, help="largest number of epochs of the line stage (default: %(default)s)")
+    pf.add_argument("--template-only", action="store_true", help="template matching only (no line tuning)")
+    pf.add_argument("--regularization", type=float, default=5.0, help="Λ of the L1 pull of ln a (default: %(default)s)")
+    pf.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
+    pf.add_argument("-o", "--output", default=".", help="output folder (default: %(default)s)")
+    pf.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    pf.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub.add_parser("templates", help="list the embedded templates")
     return parser
+
+
+def _read_clone(path: str):
+    from .cloning import SpectralClone, load_blase03
+
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"error: no clone file at {p}")
+    try:
+        return load_blase03(p) if p.suffix in (".pt", ".pth") else SpectralClone.load(p)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
+
+
+def _read_data(path: str, orders):
+    p = Path(path)
+    if not p.exists():
+        raise SystemExit(f"error: no data file at {p}")
+    from astropy.io import fits
+
+    spectra = None
+    try:
+        with fits.open(p) as hdul:
+            is_goldilocks = any(h.name == "SCI FLUX" for h in hdul)
+    except OSError:
+        is_goldilocks = False
+    if is_goldilocks:
+        import warnings
+
+        from muler.hpf import HPFSpectrumList
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = HPFSpectrumList.read(str(p))
+            spectra = [s.remove_nans().deblaze().normalize() for s in raw]
+    else:
+        from .io import read_spectrum
+
+        try:
+            spectra = [read_spectrum(p)]
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from err
+    if orders:
+        bad = [o for o in orders if not 0 <= o < len(spectra)]
+        if bad:
+            raise SystemExit(f"error: orders {bad} do not exist; the file has orders 0-{len(spectra) - 1}")
+        spectra = [spectra[o] for o in orders]
+    return spectra[0] if len(spectra) == 1 else spectra
+
+
+def _run_fit(args) -> int:
+    from .fitting import fit_spectrum
+
+    stellar = _read_clone(args.stellar)
+    telluric = _read_clone(args.telluric) if args.telluric else None
+    data = _read_data(args.data, args.order)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        result = fit_spectrum(
+            data, stellar, telluric=telluric, resolving_power=args.resolving_power, rv_range=args.rv_range,
+            vsini=args.vsini, line_epochs=0 if args.template_only else args.epochs,
+            regularization=args.regularization, device=args.device, progress=not (args.quiet or args.json),
+        )
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    summary = result.summary()
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    stem = Path(args.data).stem
+    summary["result_file"] = str(result.save(out / f"{stem}_fit.fits", overwrite=True))
+    table = out / f"{stem}_fit_lines.ecsv"
+    result.lines.write(table, overwrite=True)
+    summary["line_table"] = str(table)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    png = out / f"{stem}_fit.png"
+    result.plot(title=Path(args.data).name).savefig(png, dpi=110)
+    summary["figure"] = str(png)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        tm = summary["template_matching"]
+        print(f"template matching: chi2_red {tm['chi2_reduced']:.2f}, RV {tm['rv']:.3f} km/s, "
+              f"v sin i {tm['vsini']:.2f} km/s, R {tm['resolving_power']:.0f}")
+        print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {summary['rv_kms']:.3f} km/s, "
+              f"v sin i {summary['vsini_kms']:.2f} km/s, {summary['n_lines_changed']} of {summary['n_lines']} lines changed")
+        for key in ("result_file", "line_table", "figure"):
+            print(f"  {key.replace('_', ' ')}: {summary[key]}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``blase-specutils`` command."""
     args = build_parser().parse_args(argv)
+    if args.command == "fit":
+        return _run_fit(args)
     if args.command == "templates":
         from .templates import TEMPLATES
 

@@ -53,13 +53,13 @@ def read_spectrum(path: str | Path) -> Spectrum:
             return spec
         errors.append("specutils read it but not as a single 1-D spectrum")
     except Exception as err:  # specutils raises many types for formats it does not know
-        errors.append(f"specutils: {err}")
+        errors.append(f"specutils: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
     from astropy.table import QTable
 
     try:
         table = QTable.read(path)
     except Exception as err:
-        errors.append(f"as a table: {err}")
+        errors.append(f"as a table: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         raise ValueError(f"could not read {path} as a spectrum ({'; '.join(errors)})") from err
     wcol, fcol, ucol = _column(table, _WAVE_NAMES), _column(table, _FLUX_NAMES), _column(table, _UNC_NAMES)
     if wcol is None or fcol is None:

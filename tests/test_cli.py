@@ -71,3 +71,24 @@ def test_full_demo(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["rms_residual"] < 0.012
+
+
+def test_fit_wasp69_template_only(tmp_path, capsys, blase03_clone_path):
+    from conftest import SHARED_DATA, _need
+
+    data = _need(SHARED_DATA / "hpf" / "WASP_69_hpf_stack.fits")
+    rc = main(["fit", str(data), "--stellar", str(blase03_clone_path), "--template-only", "--rv-range", "40",
+               "-o", str(tmp_path), "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert -11 < s["rv_kms"] < -8 and s["n_lines_changed"] == 0
+    assert s["template_matching"]["chi2_reduced"] > 50
+    for key in ("result_file", "line_table", "figure"):
+        assert (tmp_path / s[key].split("/")[-1]).exists()
+
+
+def test_fit_bad_arguments(tmp_path, blase03_clone_path):
+    with pytest.raises(SystemExit, match="no clone file"):
+        main(["fit", str(blase03_clone_path), "--stellar", str(tmp_path / "none.fits")])
+    with pytest.raises(SystemExit, match="no data file"):
+        main(["fit", str(tmp_path / "none.fits"), "--stellar", str(blase03_clone_path)])

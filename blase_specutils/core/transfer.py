@@ -238,6 +238,8 @@ def fit_transfer(
     regularization: float | None = 5.0,
     width_regularization: float | None = None,
     lr: float = 0.02,
+    patience: int | None = 100,
+    tune_vsini_with_lines: bool = False,
     progress: bool = True,
 ) -> TransferFit:
     """Fit in the order users need: RV scan, then extrinsic + continuum, then lines.
@@ -260,8 +262,13 @@ def fit_transfer(
     width_regularization : float or None
         Λ of an L1 pull of ln σ, ln γ (None: none).
     lr : float
-        Adam learning rate (log parameters); the RV moves by lr km/s steps and the continuum
-        coefficients by lr/20.
+        Adam learning rate (log parameters); the RV moves by steps of 5·lr km/s, line centres by
+        lr/30 Å and the continuum coefficients by lr/20.
+    patience : int or None
+        Early stopping of the line stage after this many epochs without 0.01 % improvement.
+    tune_vsini_with_lines : bool
+        Keep v sin i free during the line stage. Off by default: v sin i is set by template
+        matching, because line widths and v sin i are nearly degenerate once widths are free.
     """
     fit = TransferFit()
     st = model.stellar
@@ -273,7 +280,8 @@ def fit_transfer(
     else:
         model.solve_continuum(data, weight)
     fit.chi2["start"] = _chi2(model, data, weight)
-    overrides = {"rv": lr * 5.0, "continuum_coeffs": lr / 20.0}
+    # RV moves in km/s, centres in Å, continuum coefficients in flux units: their own step sizes
+    overrides = {"rv": lr * 5.0, "continuum_coeffs": lr / 20.0, "stellar.lam_centers": lr / 30.0}
     # stage 1: template matching (lines frozen)
     tuned_before = st.tuned
     st.set_tuned(())
@@ -287,13 +295,16 @@ def fit_transfer(
     # stage 2: lines, with everything else still free
     if line_epochs:
         st.set_tuned(tune_lines)
+        vsini_free = model.rot.log_vsini.requires_grad
+        model.rot.log_vsini.requires_grad_(bool(tune_vsini_with_lines) and vsini_free)
         fit.stages["lines"] = train(
             model,
             lambda: transfer_loss(model, data, weight, log_amp_prior=prior, regularization=regularization,
                                   width_prior=wprior, width_regularization=width_regularization),
-            epochs=line_epochs, lr=lr, patience=50, progress=progress, desc="transfer learning",
+            epochs=line_epochs, lr=lr, patience=patience, progress=progress, desc="transfer learning",
             lr_overrides=overrides,
         )
         fit.chi2["lines"] = _chi2(model, data, weight)
+        model.rot.log_vsini.requires_grad_(vsini_free)
     st.set_tuned(tuned_before)
     return fit
