@@ -139,8 +139,9 @@ def fit_spectrum(
     continuum_degree : int
         Degree of the per-order polynomial.
     tune_lines : iterable of str
-        Line parameters tuned in the line stage (empty: template matching only). v sin i is held at
-        its template-matching value during the line stage (widths and v sin i are degenerate).
+        Line parameters tuned in the line stage (empty: template matching only). When widths are
+        tuned, v sin i is held at its template-matching value during the line stage (widths and
+        v sin i are nearly degenerate); otherwise it stays free.
     tune_resolving_power : bool
         Also tune R.
     regularization, width_regularization : float or None

@@ -239,7 +239,7 @@ def fit_transfer(
     width_regularization: float | None = None,
     lr: float = 0.02,
     patience: int | None = 100,
-    tune_vsini_with_lines: bool = False,
+    tune_vsini_with_lines: bool | None = None,
     progress: bool = True,
 ) -> TransferFit:
     """Fit in the order users need: RV scan, then extrinsic + continuum, then lines.
@@ -266,9 +266,10 @@ def fit_transfer(
         lr/30 Å and the continuum coefficients by lr/20.
     patience : int or None
         Early stopping of the line stage after this many epochs without 0.01 % improvement.
-    tune_vsini_with_lines : bool
-        Keep v sin i free during the line stage. Off by default: v sin i is set by template
-        matching, because line widths and v sin i are nearly degenerate once widths are free.
+    tune_vsini_with_lines : bool or None
+        Keep v sin i free during the line stage. Default (None): free unless line widths are tuned,
+        because widths and v sin i are nearly degenerate; then v sin i keeps its template-matching
+        value.
     """
     fit = TransferFit()
     st = model.stellar
@@ -296,6 +297,8 @@ def fit_transfer(
     if line_epochs:
         st.set_tuned(tune_lines)
         vsini_free = model.rot.log_vsini.requires_grad
+        if tune_vsini_with_lines is None:
+            tune_vsini_with_lines = not ({"sigma", "gamma"} & set(tune_lines))
         model.rot.log_vsini.requires_grad_(bool(tune_vsini_with_lines) and vsini_free)
         fit.stages["lines"] = train(
             model,
