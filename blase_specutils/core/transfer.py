@@ -56,7 +56,7 @@ class TransferModel(nn.Module):
     max_vsini : float, optional
         Largest v sin i the fixed-length rotation kernel allows.
     max_rv : float
-        Largest |RV| (km/s) the model grid allows for (lines from outside the data move in).
+        Largest absolute RV (km/s) the model grid allows for (lines from outside the data move in).
     """
 
     def __init__(
@@ -193,7 +193,8 @@ def transfer_loss(
     width_prior: tuple[Tensor, Tensor] | None = None,
     width_regularization: float | None = None,
 ) -> Tensor:
-    r"""χ² + Σ_j |ln a_j − ln â_j| / Λ (+ the same L1 pull on ln σ and ln γ if asked).
+    r"""χ² plus the L1 pull :math:`\sum_j |\ln a_j - \ln \hat a_j| / \Lambda` (and the same pull on
+    ln σ and ln γ if asked).
 
     ``weight`` is 1/σ² per pixel (0 for masked pixels). ``regularization`` is Λ (None: none).
     """
