@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import astropy.units as u
 import numpy as np

@@ -3,7 +3,6 @@
 import astropy.units as u
 import numpy as np
 import pytest
-import torch
 from astropy.nddata import StdDevUncertainty
 from specutils import Spectrum, SpectrumList
 

@@ -158,7 +158,7 @@ def windowed_log_flux(
     elif wing_mask is None:
         wing_mask = torch.ones(centers.shape, dtype=torch.bool, device=centers.device)
     is_voigt = profile is not pseudo_voigt
-    kc = ke = far_lines = None
+    kc = ke = None
     if far_field is not None:
         eta = torch.ones_like(gamma) if is_voigt else pseudo_voigt_eta(sigma, gamma)
         kc = sign * amplitude * eta * gamma / math.pi

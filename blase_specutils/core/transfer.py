@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .clone import SPEED_OF_LIGHT_KMS, LineCloneModel
-from .extrinsic import InstrumentalBroadening, PixelResampler, RotationalBroadening, log_lambda_grid, pixel_edges, resolving_power_to_sigma
+from .extrinsic import InstrumentalBroadening, PixelResampler, RotationalBroadening, log_lambda_grid, pixel_edges
 from .training import TrainingHistory, train
 
 __all__ = ["TransferModel", "transfer_loss", "fit_transfer", "TransferFit"]

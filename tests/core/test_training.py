@@ -1,6 +1,5 @@
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
