@@ -27,6 +27,10 @@ _LAZY = {
     "fit_spectrum": "fitting",
     "TransferResult": "fitting",
     "TEMPLATES": "templates",
+    "read_orders": "io",
+    "fit_many": "batch",
+    "clone_many": "batch",
+    "clone_grid": "batch",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,4 +1,5 @@
-"""Command line: ``blase-specutils clone INPUT -o OUT``, ``demo``, ``fit DATA --stellar CLONE``."""
+"""Command line: ``blase-specutils clone INPUT -o OUT``, ``demo``, ``fit DATA --stellar CLONE``,
+``fit-many FILES... --stellar CLONE --scheduler local``, ``clone-grid GRID.csv``."""
 
 from __future__ import annotations
 
@@ -120,6 +121,28 @@ def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stellar", required=True, help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file")
+    p.add_argument("--telluric", help="telluric clone file (optional)")
+    p.add_argument("--resolving-power", type=float, default=55000.0, help="R (default: %(default)s, HPF)")
+    p.add_argument("--rv-range", type=float, default=150.0, help="RV scan half range in km/s (default: %(default)s)")
+    p.add_argument("--vsini", type=float, default=3.0, help="starting v sin i in km/s (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=4000, help="largest number of epochs of the line stage (default: %(default)s)")
+    p.add_argument("--template-only", action="store_true", help="template matching only (no line tuning)")
+    p.add_argument("--regularization", type=float, default=5.0, help="Λ of the L1 pull of ln a (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
+    p.add_argument("-o", "--output", default=".", help="output folder (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_scheduler_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", help="'local' (a LocalCluster on this machine) or a Dask scheduler address "
+                                       "(tcp://host:8786); default: run serially")
+    p.add_argument("--workers", type=int, default=2, help="workers of the local cluster (default: %(default)s)")
+    p.add_argument("--threads-per-task", type=int, help="torch threads per job (default: cores / Dask threads per host)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -136,19 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clone_options(pd, {"output": "blase_demo", "prominence": DEMO["prominence"], "epochs": DEMO["epochs"], "buffer": DEMO["buffer"]})
     pf = sub.add_parser("fit", help="transfer-learn a clone against an observed spectrum")
     pf.add_argument("data", help="a file specutils or muler reads (an HPF Goldilocks file, a wavelength/flux table)")
-    pf.add_argument("--stellar", required=True, help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file")
-    pf.add_argument("--telluric", help="telluric clone file (optional)")
-    pf.add_argument("--order", type=int, nargs="+", help="échelle orders to fit (indices into the file's orders)")
-    pf.add_argument("--resolving-power", type=float, default=55000.0, help="R (default: %(default)s, HPF)")
-    pf.add_argument("--rv-range", type=float, default=150.0, help="RV scan half range in km/s (default: %(default)s)")
-    pf.add_argument("--vsini", type=float, default=3.0, help="starting v sin i in km/s (default: %(default)s)")
-    pf.add_argument("--epochs", type=int, default=4000, help="largest number of epochs of the line stage (default: %(default)s)")
-    pf.add_argument("--template-only", action="store_true", help="template matching only (no line tuning)")
-    pf.add_argument("--regularization", type=float, default=5.0, help="Λ of the L1 pull of ln a (default: %(default)s)")
-    pf.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
-    pf.add_argument("-o", "--output", default=".", help="output folder (default: %(default)s)")
-    pf.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    pf.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pf.add_argument("--order", type=int, nargs="+", help="échelle orders to fit jointly (indices into the file's orders)")
+    _add_fit_options(pf)
+    pm = sub.add_parser("fit-many", help="fit many files (each échelle order its own job), serially or on Dask")
+    pm.add_argument("files", nargs="+", help="data files; an HPF Goldilocks file gives one job per order")
+    pm.add_argument("--orders", type=int, nargs="+", help="orders to take from each Goldilocks file (default: all)")
+    _add_fit_options(pm)
+    _add_scheduler_options(pm)
+    pg = sub.add_parser("clone-grid", help="clone every spectrum of a model grid and match the lines across it")
+    pg.add_argument("grid", help="a table (CSV or ECSV) with a 'file' column and one column per grid parameter")
+    pg.add_argument("--tolerance", type=float, default=3.0, help="line matching tolerance in km/s (default: %(default)s)")
+    pg.add_argument("--blackbody-from", metavar="COLUMN", help="divide each spectrum by a blackbody of the Teff in this grid column")
+    _add_clone_options(pg, {"output": "blase_grid"})
+    _add_scheduler_options(pg)
     sub.add_parser("templates", help="list the embedded templates")
     return parser
 
@@ -166,38 +189,15 @@ def _read_clone(path: str):
 
 
 def _read_data(path: str, orders):
+    from .io import read_orders
+
     p = Path(path)
     if not p.exists():
         raise SystemExit(f"error: no data file at {p}")
-    from astropy.io import fits
-
-    spectra = None
     try:
-        with fits.open(p) as hdul:
-            is_goldilocks = any(h.name == "SCI FLUX" for h in hdul)
-    except OSError:
-        is_goldilocks = False
-    if is_goldilocks:
-        import warnings
-
-        from muler.hpf import HPFSpectrumList
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            raw = HPFSpectrumList.read(str(p))
-            spectra = [s.remove_nans().deblaze().normalize() for s in raw]
-    else:
-        from .io import read_spectrum
-
-        try:
-            spectra = [read_spectrum(p)]
-        except ValueError as err:
-            raise SystemExit(f"error: {err}") from err
-    if orders:
-        bad = [o for o in orders if not 0 <= o < len(spectra)]
-        if bad:
-            raise SystemExit(f"error: orders {bad} do not exist; the file has orders 0-{len(spectra) - 1}")
-        spectra = [spectra[o] for o in orders]
+        spectra = read_orders(p, orders)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from err
     return spectra[0] if len(spectra) == 1 else spectra
 
 
@@ -245,11 +245,123 @@ def _run_fit(args) -> int:
     return 0
 
 
+def _client(args):
+    """None (serial), a LocalCluster client, or a client of a running scheduler."""
+    if not args.scheduler:
+        return None, None
+    from distributed import Client, LocalCluster
+
+    if args.scheduler == "local":
+        if args.workers < 1:
+            raise SystemExit("error: --workers must be >= 1")
+        import logging
+
+        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, silence_logs=logging.ERROR)
+        return Client(cluster), cluster
+    try:
+        return Client(args.scheduler, timeout="20s"), None
+    except OSError as err:
+        raise SystemExit(f"error: cannot reach the Dask scheduler at {args.scheduler}: {err}") from err
+
+
+def _batch_report(res, table: Path, as_json: bool, extra: dict | None = None) -> int:
+    summary = {"jobs": len(res), "failed": len(res.failed), "wall_seconds": round(res.wall_seconds, 2),
+               "workers": res.n_workers, "summary_table": str(table), **(extra or {})}
+    if as_json:
+        summary["errors"] = {r.label: r.error for r in res.failed}
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{summary['jobs']} jobs, {summary['failed']} failed, {summary['wall_seconds']:.1f} s "
+              f"({res.n_workers or 'no'} Dask workers); summary: {table}")
+        for k, v in (extra or {}).items():
+            print(f"  {k.replace('_', ' ')}: {v}")
+        for r in res.failed:
+            print(f"  FAILED {r.label}: {r.error}", file=sys.stderr)
+    return 0 if res.ok else 1
+
+
+def _run_fit_many(args) -> int:
+    from .batch import fit_many, hpf_order_jobs
+
+    for f in (args.stellar, args.telluric):
+        if f and not Path(f).exists():
+            raise SystemExit(f"error: no clone file at {f}")
+    items, labels = hpf_order_jobs(args.files, args.orders)
+    out = Path(args.output)
+    client, cluster = _client(args)
+    try:
+        res = fit_many(items, args.stellar, telluric=args.telluric, client=client, output_dir=out, labels=labels,
+                       threads_per_task=args.threads_per_task, device=args.device,
+                       progress=not (args.quiet or args.json), resolving_power=args.resolving_power,
+                       rv_range=args.rv_range, vsini=args.vsini, regularization=args.regularization,
+                       line_epochs=0 if args.template_only else args.epochs)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    return _batch_report(res, out / "summary.ecsv", args.json)
+
+
+def _run_clone_grid(args) -> int:
+    import astropy.units as u
+    from astropy.table import Table
+
+    from .batch import clone_grid
+
+    grid_path = Path(args.grid)
+    if not grid_path.exists():
+        raise SystemExit(f"error: no grid table at {grid_path}")
+    try:
+        table = Table.read(grid_path, format="ascii.ecsv" if grid_path.suffix == ".ecsv" else None)
+    except Exception as err:  # astropy raises many kinds for an unreadable table
+        raise SystemExit(f"error: cannot read the grid table {grid_path}: {err}") from err
+    if "file" not in table.colnames:
+        raise SystemExit(f"error: the grid table needs a 'file' column; it has {table.colnames}")
+    params = [c for c in table.colnames if c != "file"]
+    if not params:
+        raise SystemExit("error: the grid table needs at least one parameter column besides 'file'")
+    files = [str((grid_path.parent / str(f)).resolve()) if not Path(str(f)).is_absolute() else str(f)
+             for f in table["file"]]
+    item_kwargs = None
+    if args.blackbody_from:
+        if args.blackbody_from not in params:
+            raise SystemExit(f"error: --blackbody-from {args.blackbody_from!r} is not a column of the grid table")
+        item_kwargs = [{"teff": float(t) * u.K} for t in table[args.blackbody_from]]
+    out = Path(args.output)
+    client, cluster = _client(args)
+    try:
+        grid = clone_grid(
+            files, table[params], tolerance=args.tolerance * u.km / u.s, client=client, output_dir=out,
+            item_kwargs=item_kwargs, progress=not (args.quiet or args.json), prominence=args.prominence,
+            band=None if args.band is None else tuple(args.band) * u.AA, buffer=args.buffer * u.AA,
+            teff=None if args.teff is None else args.teff * u.K, flatten=not args.no_flatten, mode=args.mode,
+            profile=args.profile, epochs=args.epochs, lr=args.lr, device=args.device,
+            tune=("amplitude", "sigma", "gamma") + (("center",) if args.tune_centers else ()),
+        )
+    except (ValueError, TypeError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    n_lines = len(set(grid.table["line_id"]))
+    return _batch_report(grid.batch, out / "summary.ecsv", args.json,
+                         {"matched_lines": n_lines, "line_table": str(out / "grid_lines.ecsv")})
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``blase-specutils`` command."""
     args = build_parser().parse_args(argv)
     if args.command == "fit":
         return _run_fit(args)
+    if args.command == "fit-many":
+        return _run_fit_many(args)
+    if args.command == "clone-grid":
+        return _run_clone_grid(args)
     if args.command == "templates":
         from .templates import TEMPLATES
 

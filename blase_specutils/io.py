@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import astropy.units as u
 import numpy as np
 from astropy.nddata import StdDevUncertainty
 from specutils import Spectrum
 
-__all__ = ["read_spectrum"]
+__all__ = ["read_spectrum", "read_orders", "is_goldilocks"]
 
 _WAVE_NAMES = ("wavelength", "wave", "lambda", "wl", "wave_ang", "wavelength_a", "spectral_axis")
 _FLUX_NAMES = ("flux", "transmission", "intensity")
@@ -80,3 +81,68 @@ def read_spectrum(path: str | Path) -> Spectrum:
         kw["uncertainty"] = StdDevUncertainty(np.asarray(getattr(unc, "value", unc), dtype=np.float64))
     return Spectrum(spectral_axis=u.Quantity(wave, dtype=np.float64), flux=u.Quantity(flux, dtype=np.float64),
                     meta={"file": str(path)}, **kw)
+
+
+def is_goldilocks(path: str | Path) -> bool:
+    """True when ``path`` is an HPF Goldilocks-pipeline product (it has a ``SCI FLUX`` extension)."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path) as hdul:
+            return any(h.name.upper() == "SCI FLUX" for h in hdul)
+    except (OSError, ValueError):
+        return False
+
+
+def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce: bool = True) -> list[Spectrum]:
+    """Read the échelle orders of a file as a list of spectra.
+
+    An HPF Goldilocks file is read with muler (``HPFSpectrumList``) and, with ``reduce=True``,
+    each order goes through muler's ``remove_nans().deblaze().normalize()``; any other file is
+    read with :func:`read_spectrum` and counts as one order.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    orders : sequence of int, optional
+        Indices of the orders to return (default: all), in the order given.
+    reduce : bool
+        Apply muler's standard reduction chain to Goldilocks orders.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        The file cannot be read, or an order index does not exist.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if is_goldilocks(path):
+        from muler.hpf import HPFSpectrumList
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                raw = HPFSpectrumList.read(str(path))
+            except Exception as err:  # muler raises whatever astropy raises on a damaged file
+                raise ValueError(f"could not read {path} as an HPF Goldilocks file: {err}") from err
+        picked = range(len(raw)) if orders is None else list(orders)
+        bad = [o for o in picked if not 0 <= int(o) < len(raw)]
+        if bad:
+            raise ValueError(f"orders {bad} do not exist; {path.name} has orders 0-{len(raw) - 1}")
+        out = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for o in picked:
+                s = raw[int(o)]
+                out.append(s.remove_nans().deblaze().normalize() if reduce else s)
+        return out
+    spectra = [read_spectrum(path)]
+    if orders is not None:
+        bad = [o for o in orders if int(o) != 0]
+        if bad:
+            raise ValueError(f"orders {bad} do not exist; {path.name} holds a single spectrum (order 0)")
+    return spectra

@@ -639,8 +639,8 @@ class RotationalBroadening(nn.Module):
 
     @property
     def vsini(self) -> Tensor:
-        """:math:`v\\sin i` (km/s)."""
-        return self.log_vsini.exp()
+        """:math:`v\\sin i` (km/s), held at ``max_vsini`` if the optimiser pushes beyond it."""
+        return self.log_vsini.clamp(max=math.log(self.max_vsini)).exp()
 
     def kernel(self) -> Tensor:
         """The current kernel ζ (fixed length)."""
