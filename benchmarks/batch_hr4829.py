@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import time
+import tracemalloc
 import warnings
 from pathlib import Path
 
@@ -82,13 +83,17 @@ def main() -> None:
     serial = fit_many(items, str(paths["phoenix-10kK-hpf"]), threads_per_task=1, **kw)
     runs["serial (1 thread)"] = time.perf_counter() - t0
     results = {"serial": serial}
+    client_peak = {}
     for n in ([] if args.skip_1_worker else [1]) + [2]:
         with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             client.run(lambda: None)  # workers up before the clock starts
+            tracemalloc.start()
             t0 = time.perf_counter()
             res = fit_many(items, str(paths["phoenix-10kK-hpf"]), client=client, output_dir=CACHE / f"out{n}", **kw)
             runs[f"LocalCluster {n} worker{'s' if n > 1 else ''}"] = time.perf_counter() - t0
+            client_peak[n] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
             results[n] = res
     keys = ("rv_kms", "vsini_kms", "chi2", "chi2_reduced")
     ref = {r.label: r.summary for r in serial}
@@ -106,6 +111,7 @@ def main() -> None:
         "wall_seconds": {k: round(v, 1) for k, v in runs.items()},
         "failed": {str(n): [r.error for r in res.failed] for n, res in results.items()},
         "identical_to_serial": identical,
+        "client_peak_python_MiB": {str(k): round(v, 1) for k, v in client_peak.items()},
         "per_order": rows,
         "rv_kms_median": float(np.median([r["rv_kms"] for r in rows])),
         "vsini_kms_median": float(np.median([r["vsini_kms"] for r in rows])),

@@ -11,7 +11,7 @@ import numpy as np
 from astropy.nddata import StdDevUncertainty
 from specutils import Spectrum
 
-__all__ = ["read_spectrum", "read_orders", "is_goldilocks"]
+__all__ = ["read_spectrum", "read_orders", "is_goldilocks", "read_igrins_plp"]
 
 _WAVE_NAMES = ("wavelength", "wave", "lambda", "wl", "wave_ang", "wavelength_a", "spectral_axis")
 _FLUX_NAMES = ("flux", "transmission", "intensity")
@@ -146,3 +146,79 @@ def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce
         if bad:
             raise ValueError(f"orders {bad} do not exist; {path.name} holds a single spectrum (order 0)")
     return spectra
+
+
+#: Image extensions of the older IGRINS PLP ``.spec_a0v.fits`` product.
+IGRINS_PLP_EXTENSIONS = ("SPEC_DIVIDE_A0V", "TGT_SPEC", "A0V_SPEC", "VEGA_SPEC", "SPEC_DIVIDE_CONT")
+
+
+def read_igrins_plp(
+    path: str | Path,
+    *,
+    extension: str = "A0V_SPEC",
+    variance: str | Path | None = None,
+    orders: Sequence[int] | None = None,
+) -> list[Spectrum]:
+    """Read the orders of an IGRINS PLP ``.spec_a0v.fits`` file (the older layout muler cannot read).
+
+    The file holds 28 orders × 2048 pixels in image extensions ``SPEC_DIVIDE_A0V``, ``TGT_SPEC``,
+    ``A0V_SPEC`` (the A0V telluric standard), ``VEGA_SPEC`` and ``SPEC_DIVIDE_CONT``, and the
+    wavelengths (µm) in ``WAVELENGTH``. Orders come back with ascending wavelength in µm, in
+    ascending wavelength order, with NaN pixels masked.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.spec_a0v.fits`` file.
+    extension : str
+        Which spectrum to read (default the A0V standard).
+    variance : str or Path, optional
+        The matching ``.variance.fits`` file; it is the variance of ``TGT_SPEC``, so it is only used
+        (as a ``VarianceUncertainty``) when ``extension="TGT_SPEC"``.
+    orders : sequence of int, optional
+        Indices (into the file's rows) to return; default all.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+    """
+    from astropy.io import fits
+    from astropy.nddata import VarianceUncertainty
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    ext = extension.upper()
+    if ext not in IGRINS_PLP_EXTENSIONS:
+        raise ValueError(f"unknown extension {extension!r}; choose one of {IGRINS_PLP_EXTENSIONS}")
+    with fits.open(path) as hdul:
+        names = [h.name.upper() for h in hdul]
+        if "WAVELENGTH" not in names or (ext not in names and not (ext == "SPEC_DIVIDE_A0V" and names[0] == "SPEC_DIVIDE_A0V")):
+            raise ValueError(f"{path.name} is not an IGRINS PLP .spec_a0v file (extensions {names})")
+        flux = np.asarray(hdul[ext].data, dtype=np.float64)
+        wave = np.asarray(hdul["WAVELENGTH"].data, dtype=np.float64)
+        obj = hdul[0].header.get("OBJECT", "")
+    var = None
+    if variance is not None and ext == "TGT_SPEC":
+        with fits.open(variance) as hv:
+            var = np.asarray(hv[0].data, dtype=np.float64)
+        if var.shape != flux.shape:
+            raise ValueError(f"variance shape {var.shape} does not match the spectra {flux.shape}")
+    if flux.shape != wave.shape or flux.ndim != 2:
+        raise ValueError(f"flux {flux.shape} and wavelength {wave.shape} extensions do not match")
+    rows = range(flux.shape[0]) if orders is None else [int(o) for o in orders]
+    bad = [o for o in rows if not 0 <= o < flux.shape[0]]
+    if bad:
+        raise ValueError(f"orders {bad} do not exist; {path.name} has orders 0-{flux.shape[0] - 1}")
+    out = []
+    for o in rows:
+        w, f = wave[o], flux[o]
+        srt = np.argsort(w)
+        kw = {}
+        if var is not None:
+            kw["uncertainty"] = VarianceUncertainty(var[o][srt])
+        mask = ~np.isfinite(f[srt]) | (~np.isfinite(var[o][srt]) if var is not None else False)
+        out.append(Spectrum(spectral_axis=w[srt] * u.um, flux=np.where(mask, np.nan, f[srt]) * u.dimensionless_unscaled,
+                            mask=mask, meta={"file": str(path), "order": o, "extension": ext, "object": obj}, **kw))
+    out.sort(key=lambda s: float(s.spectral_axis[0].value))
+    return out
