@@ -31,6 +31,7 @@ _LAZY = {
     "fit_many": "batch",
     "clone_many": "batch",
     "clone_grid": "batch",
+    "GPContinuumLikelihood": "gp",
 }
 
 __all__ = ["__version__", *_LAZY]

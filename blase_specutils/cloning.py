@@ -51,6 +51,10 @@ class SpectralClone:
         Loss history of the training.
     meta : dict
         Settings used (prominence, Teff, ...).
+    pseudo_continuum : Spectrum or None
+        With ``clone_spectrum(..., likelihood="gp")``: the GP's conditional mean of S − S_clone,
+        the inferred pseudo-continuum error of the preprocessed spectrum (not saved to FITS;
+        the GP's amplitude and length scale are, in ``meta``).
     """
 
     def __init__(
@@ -61,12 +65,14 @@ class SpectralClone:
         band: tuple[float, float] | None = None,
         history: TrainingHistory | None = None,
         meta: dict | None = None,
+        pseudo_continuum: Spectrum | None = None,
     ) -> None:
         self.model = model
         self.target = target
         self.band = band
         self.history = history
         self.meta = dict(meta or {})
+        self.pseudo_continuum = pseudo_continuum
 
     # ---------------------------------------------------------------- basic facts
     @property
@@ -467,6 +473,7 @@ def clone_spectrum(
     dtype: torch.dtype = torch.float64,
     seed: int | None = 0,
     progress: bool = True,
+    likelihood=None,
 ) -> SpectralClone:
     """Clone a precomputed synthetic spectrum into tunable lines (paper Sections 2-3).
 
@@ -523,6 +530,19 @@ def clone_spectrum(
         in torch reproducible).
     progress : bool
         Show a progress bar.
+    likelihood : None, "gp" or dict
+        None (default): minimise Σ (S − S_clone)². ``"gp"``: the Gaussian-process likelihood of
+        Appendix C.2 (Eq. C4; needs ``pip install 'blase_specutils[gp]'``): the residual is a
+        smooth GP over wavelength (the pseudo-continuum error left by the flattening) plus white
+        noise, and the lines are tuned together with the GP's amplitude and length scale. A
+        synthetic spectrum has no noise: the white-noise level ``noise`` = 0.005 (the typical
+        clone residual) stands for what the lines cannot be asked to explain (lines below the
+        prominence threshold, profile mismatch), so the GP takes only smooth structure above it.
+        A dict sets options: ``"noise"`` and any keyword of
+        :class:`blase_specutils.gp.GPContinuumLikelihood` (e.g. ``{"kernel": "rbf",
+        "length_scale": 10.0}``; ``{"learn_noise_scale": True}`` tunes a factor on the noise,
+        which then tends to hand line-scale residuals to the GP). The GP's conditional mean is
+        returned as :attr:`SpectralClone.pseudo_continuum`.
 
     Returns
     -------
@@ -577,16 +597,27 @@ def clone_spectrum(
     wl_t = torch.as_tensor(arr.wavelength, dtype=torch.float64, device=dev)  # grids stay float64
     flux_t = torch.as_tensor(np.where(arr.good, arr.flux, 1.0), dtype=dtype, device=dev)
     w_t = torch.as_tensor(arr.good, dtype=dtype, device=dev)
+    lik, gp_noise = _clone_likelihood(likelihood, arr, dev)
 
     def loss_fn():
+        if lik is not None:
+            return lik(flux_t - model(wl_t))
         r = (model(wl_t) - flux_t) * w_t
         return (r * r).sum()
 
     # centres move in Å: a step of lr/10 of the median pixel size, not lr in log units
     dlam = float(np.median(np.diff(arr.wavelength)))
     hist = train(model, loss_fn, epochs=epochs, lr=lr, patience=patience, progress=progress,
-                 desc=f"cloning {len(guess)} lines", lr_overrides={"lam_centers": lr * dlam})
+                 desc=f"cloning {len(guess)} lines", lr_overrides={"lam_centers": lr * dlam}, extra=lik)
     model.wing_tolerance = float(wing_tolerance)
+    pseudo = None
+    gp_meta = {}
+    if lik is not None:
+        with torch.no_grad():
+            mean = lik.conditional_mean(flux_t - model(wl_t)).cpu().numpy()
+            gp_meta = {"gpkernel": lik.kernel_name, "gpamp": float(lik.amplitude[0]),
+                       "gplength": float(lik.length_scale[0]), "gpnoise": float(lik.noise_scale) * gp_noise}
+        pseudo = arrays_to_spectrum(arr.wavelength, mean, meta={"blase_specutils": "pseudo-continuum"})
     meta = {
         "prom": float(prominence),
         "teff": float(u.Quantity(teff, u.K).value) if teff is not None else 0.0,
@@ -597,8 +628,30 @@ def clone_spectrum(
         "seconds": round(hist.seconds, 3),
         "stop": hist.stop_reason,
         "source": str(spectrum.meta.get("template", "")) if hasattr(spectrum, "meta") and spectrum.meta else "",
-    }
-    return SpectralClone(model, target=target, band=b, history=hist, meta=meta)
+    } | gp_meta
+    return SpectralClone(model, target=target, band=b, history=hist, meta=meta, pseudo_continuum=pseudo)
+
+
+#: White-noise level of the GP likelihood in cloning (the typical clone residual).
+CLONE_GP_NOISE = 0.005
+
+
+def _clone_likelihood(likelihood, arr, device):
+    """The GP likelihood of a cloning run and its white-noise level (None for the plain sum of squares)."""
+    if likelihood is None:
+        return None, None
+    from .gp import build_likelihood  # optional extra: a clear ImportError names it
+
+    options = dict(likelihood) if isinstance(likelihood, dict) else likelihood
+    noise = CLONE_GP_NOISE
+    if isinstance(options, dict):
+        noise = float(options.pop("noise", CLONE_GP_NOISE))
+        if not (math.isfinite(noise) and noise > 0):
+            raise ValueError(f"the GP 'noise' must be finite and > 0, got {noise}")
+    n = arr.wavelength.size
+    lik = build_likelihood(options, arr.wavelength, np.full(n, noise), arr.good, np.zeros(n, dtype=np.int64),
+                           device=device)
+    return lik, noise
 
 
 def load_blase03(

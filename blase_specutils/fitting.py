@@ -106,6 +106,7 @@ def fit_spectrum(
     buffer: u.Quantity = 30 * u.AA,
     device: str = "cpu",
     progress: bool = True,
+    likelihood=None,
 ) -> "TransferResult":
     r"""Fit an observed spectrum with a stellar clone (and optionally a telluric clone).
 
@@ -157,6 +158,17 @@ def fit_spectrum(
         'cpu', 'cuda' or 'auto'.
     progress : bool
         Progress bars.
+    likelihood : None, "gp", dict or GPContinuumLikelihood
+        The noise model of the loss. None (default): χ² with the data uncertainties. ``"gp"``:
+        the Gaussian-process pseudo-continuum likelihood of Appendix C.2 (Eq. C4;
+        :class:`blase_specutils.gp.GPContinuumLikelihood`, needs ``pip install
+        'blase_specutils[gp]'``): a smooth per-order GP over wavelength (Matérn-3/2, initial
+        amplitude 1 %, length scale 5 Å) on top of the per-pixel noise, its amplitude and length
+        scale tuned with the model in both stages, in place of χ² (on the same scale, so Λ keeps
+        its meaning). A dict gives keyword options of that class (e.g. ``{"kernel": "rbf",
+        "length_scale": 10.0}``); a ready-made likelihood must cover the concatenated, wavelength-
+        sorted pixels of the data. The result's :attr:`TransferResult.pseudo_continuum` is the
+        GP's conditional mean, the inferred continuum error.
 
     Returns
     -------
@@ -206,10 +218,15 @@ def fit_spectrum(
                           max_vsini=max(2.0 * vsini_k, vsini_k + 20.0), max_rv=rv_range_k).to(dev)
     data_t = torch.as_tensor(np.where(good, flux, 0.0), dtype=st.dtype, device=dev)
     w_t = torch.as_tensor(np.where(good, 1.0 / np.where(good, sigma, 1.0) ** 2, 0.0), dtype=st.dtype, device=dev)
+    lik = None
+    if likelihood is not None:
+        from .gp import build_likelihood  # optional extra: a clear ImportError names it
+
+        lik = build_likelihood(likelihood, wl, sigma, good, oid, device=dev)
     scan = None if rv is not None else np.arange(-rv_range_k, rv_range_k + 0.5, 1.0)
     prior = {k: getattr(st, k).detach().clone() for k in ("log_amplitudes", "log_sigmas", "log_gammas")}
     fit = fit_transfer(model, data_t, w_t, rv_scan=scan, template_epochs=template_epochs, line_epochs=0,
-                       tune_resolving_power=tune_resolving_power, lr=lr, progress=progress)
+                       tune_resolving_power=tune_resolving_power, lr=lr, progress=progress, likelihood=lik)
     n_good = int(good.sum())
     template = dict(chi2=fit.chi2["template"], chi2_reduced=fit.chi2["template"] / max(n_good - 3, 1),
                     rv=float(model.rv.detach()), vsini=float(model.vsini.detach()),
@@ -219,17 +236,20 @@ def fit_spectrum(
         fit2 = fit_transfer(model, data_t, w_t, rv_scan=None, template_epochs=0, line_epochs=line_epochs,
                             tune_lines=tune_lines, tune_resolving_power=tune_resolving_power,
                             regularization=regularization, width_regularization=width_regularization, lr=lr,
-                            progress=progress)
+                            progress=progress, likelihood=lik)
         fit.stages.update(fit2.stages)
         fit.chi2["lines"] = fit2.chi2["lines"]
+    pseudo = None
     with torch.no_grad():
         model_flux = model().cpu().numpy()
+        if lik is not None:
+            pseudo = lik.conditional_mean(data_t - model()).cpu().numpy()
     return TransferResult(
         model=model, orders=orders, order_ids=order_ids, arrays=arrs, wavelength=wl, flux=flux, sigma=sigma,
         good=good, order_of_pixel=oid, model_flux=model_flux, prior=prior, template=template, fit=fit,
         settings=dict(regularization=regularization, width_regularization=width_regularization,
                       tune_lines=",".join(tune_lines), line_epochs=line_epochs, template_epochs=template_epochs),
-        stellar_clone=stellar, telluric_clone=telluric,
+        stellar_clone=stellar, telluric_clone=telluric, likelihood=lik, pseudo_continuum_flux=pseudo,
     )
 
 
@@ -244,10 +264,15 @@ class TransferResult:
         Template-matching stage: χ², reduced χ², RV, v sin i, R.
     fit : blase_specutils.core.TransferFit
         Loss histories of the stages.
+    likelihood : blase_specutils.gp.GPContinuumLikelihood or None
+        The fitted GP likelihood (``likelihood="gp"``), or None for χ².
+    pseudo_continuum_flux : ndarray or None
+        The GP's conditional mean at the data pixels (see :attr:`pseudo_continuum`).
     """
 
     def __init__(self, *, model, orders, order_ids, arrays, wavelength, flux, sigma, good, order_of_pixel,
-                 model_flux, prior, template, fit, settings, stellar_clone, telluric_clone) -> None:
+                 model_flux, prior, template, fit, settings, stellar_clone, telluric_clone,
+                 likelihood=None, pseudo_continuum_flux=None) -> None:
         self.model = model
         self._orders = orders
         self._order_ids = order_ids
@@ -264,6 +289,8 @@ class TransferResult:
         self.settings = settings
         self._stellar_clone = stellar_clone
         self._telluric_clone = telluric_clone
+        self.likelihood = likelihood
+        self.pseudo_continuum_flux = pseudo_continuum_flux
 
     # -------------------------------------------------------------- scalars
     @property
@@ -327,6 +354,31 @@ class TransferResult:
         """Data − model, like :attr:`model_spectrum`."""
         return self._per_order(self.flux - self.model_flux)
 
+    @property
+    def pseudo_continuum(self):
+        r"""The inferred continuum error :math:`\mathrm{E}[f \mid R] = K_* C^{-1} R` of the GP
+        likelihood (Eq. C4), in the data's flux and spectral units, like :attr:`model_spectrum`
+        (predicted at masked pixels too); None when the fit used χ². Data − model − this is what
+        the lines and the noise have to explain."""
+        if self.pseudo_continuum_flux is None:
+            return None
+        return self._per_order(self.pseudo_continuum_flux)
+
+    @property
+    def gp_hyperparameters(self) -> dict | None:
+        """Fitted GP amplitude (data flux units), length scale and noise scale, or None for χ²."""
+        if self.likelihood is None:
+            return None
+        with torch.no_grad():
+            amp = self.likelihood.amplitude.cpu().numpy()
+            ell = self.likelihood.length_scale.cpu().numpy()
+            beta = float(self.likelihood.noise_scale)
+        unit = self._arrays[0].flux_unit
+        if amp.size == 1:  # hyperparameters shared by all orders
+            amp, ell = amp[0], ell[0]
+        return {"kernel": self.likelihood.kernel_name, "amplitude": amp * unit, "length_scale": ell * u.AA,
+                "noise_scale": beta}
+
     def stellar_clone(self) -> SpectralClone:
         """The transfer-learned stellar clone (the fitted lines only), for evaluation anywhere."""
         m = self.model.stellar.subset(torch.arange(self.model.stellar.n_lines))
@@ -382,11 +434,20 @@ class TransferResult:
             "n_pixels": self.n_pixels,
             "n_lines": int(self.model.stellar.n_lines),
             "n_lines_changed": int(np.sum(self.lines["changed"])),
-        }
+        } | self._gp_summary()
+
+    def _gp_summary(self) -> dict:
+        hp = self.gp_hyperparameters
+        if hp is None:
+            return {}
+        return {"gp": {"kernel": hp["kernel"], "amplitude": np.asarray(hp["amplitude"].value).tolist(),
+                       "length_scale_angstrom": np.asarray(hp["length_scale"].to_value(u.AA)).tolist(),
+                       "noise_scale": hp["noise_scale"]}}
 
     # -------------------------------------------------------------- plot
     def plot(self, *, band=None, title: str | None = None):
-        """Data, model and residual, with the stellar (and telluric) templates (cf. paper Fig. 9)."""
+        """Data, model and residual (with the GP pseudo-continuum when fitted with one), and the
+        stellar (and telluric) templates (cf. paper Fig. 9)."""
         import matplotlib.pyplot as plt
 
         ntop = 3 if self.model.telluric is not None else 2
@@ -401,6 +462,9 @@ class TransferResult:
         ax[0].set_ylabel("flux")
         res = np.where(self.good, self.flux - self.model_flux, np.nan)
         ax[1].plot(w[sel], res[sel], lw=0.6, color="C0")
+        if self.pseudo_continuum_flux is not None:
+            ax[1].plot(w[sel], self.pseudo_continuum_flux[sel], lw=1.0, color="C3", label="GP pseudo-continuum")
+            ax[1].legend(loc="lower right", fontsize=8)
         ax[1].axhline(0, color="0.5", lw=0.5)
         ax[1].set_ylabel("data − model")
         ax[1].text(0.01, 0.9, f"χ²_red {self.chi2_reduced:.2f}, RV {self.rv.value:.3f} km/s, "
@@ -423,7 +487,10 @@ class TransferResult:
     # -------------------------------------------------------------- save
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the fit to FITS: the fitted lines (the clone layout), the clone's starting values
-        (``PRIOR``), the data and model (``DATA``), and RV, v sin i, R and χ² in the header."""
+        (``PRIOR``), the data and model (``DATA``), and RV, v sin i, R and χ² in the header. With a
+        GP likelihood, ``DATA`` also holds ``pseudo_continuum`` and the header the GP's kernel
+        (``GPKERNEL``), amplitude (``GPAMP``) and length scale in Å (``GPLENGTH``) when they are
+        shared by all orders."""
         path = Path(path)
         clone = self.stellar_clone()
         clone.meta.update({"rv_kms": float(self.rv.value), "vsini": float(self.vsini.value),
@@ -434,12 +501,20 @@ class TransferResult:
             hdr["FITKIND"] = ("transfer", "blase_specutils transfer-learning result")
             hdul.append(fits.BinTableHDU.from_columns(
                 [fits.Column(k, "D", array=v.cpu().numpy()) for k, v in self.prior.items()], name="PRIOR"))
-            hdul.append(fits.BinTableHDU.from_columns([
+            columns = [
                 fits.Column("wavelength", "D", unit="Angstrom", array=self.wavelength),
                 fits.Column("flux", "D", array=self.flux),
                 fits.Column("sigma", "D", array=self.sigma),
                 fits.Column("good", "L", array=self.good),
                 fits.Column("model", "D", array=self.model_flux),
                 fits.Column("order", "K", array=self.order_of_pixel.astype(np.int64)),
-            ], name="DATA"))
+            ]
+            if self.pseudo_continuum_flux is not None:
+                columns.append(fits.Column("pseudo_continuum", "D", array=self.pseudo_continuum_flux))
+                hp = self.gp_hyperparameters
+                hdr["GPKERNEL"] = (hp["kernel"], "GP pseudo-continuum likelihood kernel")
+                if np.ndim(hp["amplitude"]) == 0:
+                    hdr["GPAMP"] = (float(hp["amplitude"].value), "GP amplitude, data flux units")
+                    hdr["GPLENGTH"] = (float(hp["length_scale"].to_value(u.AA)), "GP length scale, Angstrom")
+            hdul.append(fits.BinTableHDU.from_columns(columns, name="DATA"))
         return path

@@ -42,9 +42,10 @@ TUNABLE = ("center", "amplitude", "sigma", "gamma", "wing")
 
 
 def _as_tensor(x, dtype, device) -> Tensor:
-    return torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x).to(
+    """A private copy: the caller's arrays and tensors are never changed by training."""
+    return torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x.detach()).to(
         dtype=dtype, device=device
-    )
+    ).clone()
 
 
 class LineCloneModel(nn.Module):

@@ -81,6 +81,7 @@ def train(
     desc: str = "training",
     callback: Callable[[int, float], None] | None = None,
     lr_overrides: dict[str, float] | None = None,
+    extra: nn.Module | None = None,
 ) -> TrainingHistory:
     """Minimise ``loss_fn()`` over the model's trainable parameters with full-batch Adam.
 
@@ -106,6 +107,9 @@ def train(
     lr_overrides : dict, optional
         Learning rates for particular parameters by name (``model.named_parameters()``), e.g.
         ``{"lam_centers": 0.002}``: centres move in Å, not in log units.
+    extra : nn.Module, optional
+        A second module whose trainable parameters are tuned together with the model's (at the
+        rate ``lr``) and restored with them, e.g. a likelihood with its own hyperparameters.
 
     Returns
     -------
@@ -119,11 +123,14 @@ def train(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr}")
     lr_overrides = dict(lr_overrides or {})
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
     unknown = set(lr_overrides) - {n for n, _ in model.named_parameters()}
     if unknown:
         raise ValueError(f"lr_overrides names unknown parameters {sorted(unknown)}")
+    if extra is not None:  # one module holding both, so that one state dict restores both
+        model = nn.ModuleDict({"model": model, "extra": extra})
+        lr_overrides = {f"model.{n}": v for n, v in lr_overrides.items()}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     hist = TrainingHistory()
     best_state = copy.deepcopy(model.state_dict())
     if not params or epochs == 0:
@@ -158,7 +165,7 @@ def train(
             hist.best_loss = value
             hist.best_epoch = epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if value < plateau_ref * (1.0 - min_rel_improvement):
+        if value < plateau_ref - min_rel_improvement * abs(plateau_ref) or not math.isfinite(plateau_ref):
             plateau_ref = value
             last_improvement = epoch
         opt.step()

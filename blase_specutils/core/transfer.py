@@ -13,13 +13,16 @@ kernel, the model is averaged over each data pixel, and a smooth per-order polyn
 .. math::
     \mathcal{L} = \chi^2 + \sum_j \left|\frac{\ln a_j - \ln \hat a_j}{\Lambda}\right|
 
-(Eq. 11 with χ² in place of the MSE), with optional pulls on the widths.
+(Eq. 11 with χ² in place of the MSE), with optional pulls on the widths. A ``likelihood``
+callable can replace the χ² term (e.g. the Gaussian-process likelihood of Appendix C.2 in
+:mod:`blase_specutils.gp`); it must be on the χ² scale, i.e. twice a negative log-likelihood of
+the residual up to a constant, so that the balance with the L1 pull is kept.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -192,14 +195,18 @@ def transfer_loss(
     regularization: float | None = 5.0,
     width_prior: tuple[Tensor, Tensor] | None = None,
     width_regularization: float | None = None,
+    likelihood: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     r"""χ² plus the L1 pull :math:`\sum_j |\ln a_j - \ln \hat a_j| / \Lambda` (and the same pull on
     ln σ and ln γ if asked).
 
     ``weight`` is 1/σ² per pixel (0 for masked pixels). ``regularization`` is Λ (None: none).
+    ``likelihood``, if given, replaces χ²: it is called on the residual R = data − M(λ_D) at every
+    pixel and returns a scalar on the χ² scale (twice a negative log-likelihood up to a
+    constant); it handles its own noise model and masked pixels (``weight`` is then unused).
     """
     r = data - model()
-    loss = (weight * r * r).sum()
+    loss = (weight * r * r).sum() if likelihood is None else likelihood(r)
     st = model.stellar
     if regularization is not None and log_amp_prior is not None and st.log_amplitudes.requires_grad:
         loss = loss + (st.log_amplitudes - log_amp_prior).abs().sum() / regularization
@@ -242,6 +249,7 @@ def fit_transfer(
     patience: int | None = 100,
     tune_vsini_with_lines: bool | None = None,
     progress: bool = True,
+    likelihood: Callable[[Tensor], Tensor] | None = None,
 ) -> TransferFit:
     """Fit in the order users need: RV scan, then extrinsic + continuum, then lines.
 
@@ -271,6 +279,14 @@ def fit_transfer(
         Keep v sin i free during the line stage. Default (None): free unless line widths are tuned,
         because widths and v sin i are nearly degenerate; then v sin i keeps its template-matching
         value.
+    progress : bool
+        Progress bars.
+    likelihood : callable, optional
+        Replaces χ² in the loss of both stages (see :func:`transfer_loss`); None (default): χ².
+        If it is an ``nn.Module``, its trainable parameters (e.g. a Gaussian process's amplitude
+        and length scale) are tuned together with the model at the rate ``lr``. The RV scan and
+        the initial continuum stay χ² least squares; the χ² values in the result are always the
+        plain χ².
     """
     fit = TransferFit()
     st = model.stellar
@@ -288,10 +304,11 @@ def fit_transfer(
     tuned_before = st.tuned
     st.set_tuned(())
     model.inst.log_resolving_power.requires_grad_(bool(tune_resolving_power))
+    extra = likelihood if isinstance(likelihood, nn.Module) else None
     if template_epochs:
         fit.stages["template"] = train(
-            model, lambda: transfer_loss(model, data, weight), epochs=template_epochs, lr=lr,
-            patience=50, progress=progress, desc="template matching", lr_overrides=overrides,
+            model, lambda: transfer_loss(model, data, weight, likelihood=likelihood), epochs=template_epochs, lr=lr,
+            patience=50, progress=progress, desc="template matching", lr_overrides=overrides, extra=extra,
         )
     fit.chi2["template"] = _chi2(model, data, weight)
     # stage 2: lines, with everything else still free
@@ -304,9 +321,10 @@ def fit_transfer(
         fit.stages["lines"] = train(
             model,
             lambda: transfer_loss(model, data, weight, log_amp_prior=prior, regularization=regularization,
-                                  width_prior=wprior, width_regularization=width_regularization),
+                                  width_prior=wprior, width_regularization=width_regularization,
+                                  likelihood=likelihood),
             epochs=line_epochs, lr=lr, patience=patience, progress=progress, desc="transfer learning",
-            lr_overrides=overrides,
+            lr_overrides=overrides, extra=extra,
         )
         fit.chi2["lines"] = _chi2(model, data, weight)
         model.rot.log_vsini.requires_grad_(vsini_free)

@@ -125,3 +125,48 @@ def test_cuda_matches_cpu():
         cpu = m(GRID)
         gpu = m.to("cuda")(GRID.cuda()).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-12)
+
+
+def test_early_stopping_with_a_negative_loss():
+    """Losses such as -2 ln p can be negative: the relative plateau test must still work."""
+    m = _model()
+    h = train(m, lambda: (m.log_amplitudes * 0).sum() - 100.0, epochs=500, patience=20, progress=False)
+    assert h.stop_reason == "plateau" and h.epochs_run <= 25
+    m = _model()
+    target = _target()
+    h = train(m, lambda: ((m(GRID) - target) ** 2).sum() - 1.0, epochs=60, patience=20, progress=False)
+    assert h.stop_reason == "max_epochs"  # still improving: no early stop
+
+
+def test_extra_module_is_tuned_and_restored():
+    m = _model()
+    extra = torch.nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        extra.weight.fill_(3.0)
+    target = _target()
+    h = train(m, lambda: ((m(GRID) - target) ** 2).sum() + (extra.weight - 1.0).pow(2).sum(), epochs=200, lr=0.05,
+              progress=False, patience=None, extra=extra, lr_overrides={"lam_centers": 0.001})
+    assert abs(float(extra.weight) - 1.0) < 0.1
+    assert h.best_loss < 0.01 * h.loss[0]
+    with pytest.raises(ValueError, match="unknown parameters"):
+        train(m, lambda: m.log_amplitudes.sum(), epochs=1, progress=False, extra=extra, lr_overrides={"weight": 0.1})
+
+
+def test_training_never_changes_the_callers_arrays():
+    import numpy as np
+
+    from blase_specutils.core import LineCloneModel
+
+    centers = np.array([5000.0, 5001.0])
+    ln_a = np.log([0.05, 0.02])
+    ln_s = np.log([0.05, 0.05])
+    ln_g = torch.log(torch.tensor([0.02, 0.02], dtype=torch.float64))
+    kept = (centers.copy(), ln_a.copy(), ln_s.copy(), ln_g.clone())
+    model = LineCloneModel(centers, ln_a, ln_s, ln_g)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    np.testing.assert_array_equal(centers, kept[0])
+    np.testing.assert_array_equal(ln_a, kept[1])
+    np.testing.assert_array_equal(ln_s, kept[2])
+    assert torch.equal(ln_g, kept[3])
