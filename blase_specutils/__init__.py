@@ -32,6 +32,8 @@ _LAZY = {
     "clone_many": "batch",
     "clone_grid": "batch",
     "GPContinuumLikelihood": "gp",
+    "sample_posterior": "bayes",
+    "PosteriorFit": "bayes",
 }
 
 __all__ = ["__version__", *_LAZY]
