@@ -29,7 +29,8 @@ from torch import Tensor
 
 from .farfield import FarFieldSettings, residual_half_widths
 from .farfield import far_field as _far_field
-from .fused import pseudo_voigt_term
+from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
+from .fused import windowed_pseudo_voigt_sum
 from .profiles import pseudo_voigt, pseudo_voigt_eta
 
 __all__ = ["window_half_widths", "windowed_log_flux", "dense_log_flux", "line_terms"]
@@ -75,15 +76,26 @@ class _Bucket:
     npix: int  # window length in pixels
 
 
-def _buckets(npix: Tensor, n_grid: int, growth: float = 1.25, quantum: int = 8) -> list[_Bucket]:
-    """Group lines by window length; every line is padded up to its bucket's length."""
-    npix = torch.clamp(npix, min=quantum, max=n_grid)
+def _bucket_sizes(n_grid: int, growth: float = 1.25, quantum: int = 8) -> list[int]:
     sizes = []
     s = quantum
     while s < n_grid:
         sizes.append(s)
         s = int(math.ceil(s * growth / quantum) * quantum)
     sizes.append(n_grid)
+    return sizes
+
+
+def _padded_lengths(npix: Tensor, n_grid: int, quantum: int = 8) -> Tensor:
+    """Each line's window length padded up to its bucket's length (see :func:`_buckets`)."""
+    sizes_t = torch.tensor(_bucket_sizes(n_grid, quantum=quantum), device=npix.device)
+    return sizes_t[torch.searchsorted(sizes_t, torch.clamp(npix, min=quantum, max=n_grid))]
+
+
+def _buckets(npix: Tensor, n_grid: int, growth: float = 1.25, quantum: int = 8) -> list[_Bucket]:
+    """Group lines by window length; every line is padded up to its bucket's length."""
+    npix = torch.clamp(npix, min=quantum, max=n_grid)
+    sizes = _bucket_sizes(n_grid, growth, quantum)
     sizes_t = torch.tensor(sizes, device=npix.device)
     which = torch.searchsorted(sizes_t, npix)
     out = []
@@ -110,6 +122,7 @@ def windowed_log_flux(
     wing_mask: Tensor | None = None,
     far_field: FarFieldSettings | None = None,
     fused: bool = True,
+    kernel: str = "auto",
 ) -> Tensor:
     r"""Sum of line terms over per-line windows: the sparse :math:`\ln \hat F` contraction.
 
@@ -143,6 +156,10 @@ def windowed_log_flux(
     fused : bool
         Use the fused pseudo-Voigt kernel with its hand-written backward
         (:mod:`blase_specutils.core.fused`) where it applies; ``False`` uses plain autograd.
+    kernel : {"auto", "numba", "torch"}
+        Where the fused path runs on a CPU: ``"numba"``, the compiled loops of
+        :mod:`blase_specutils.core.cpu_kernel`; ``"torch"``, blocked torch operations; ``"auto"``
+        (default), numba when it is installed. On other devices the torch path is used.
 
     Returns
     -------
@@ -181,6 +198,30 @@ def windowed_log_flux(
         npix = hi - lo
     terms = []
     idxs = []
+    b_ff = 0.0 if far_field is None else far_field.b
+    if kernel not in ("auto", "numba", "torch"):
+        raise ValueError(f"kernel must be 'auto', 'numba' or 'torch', got {kernel!r}")
+    use_numba = (fused and not is_voigt and wavelength.device.type == "cpu"
+                 and (kernel == "numba" or (kernel == "auto" and HAVE_NUMBA)))
+    if use_numba:
+        # every plain pseudo-Voigt line in one compiled pass over its exact window (no padding)
+        with torch.no_grad():
+            rows = (hi > 0) & (lo < n) & (npix > 0)
+            if wing_mask is not None:
+                rows &= ~wing_mask
+        if bool(rows.any()):
+            s_ = torch.nonzero(rows).flatten()
+            # the same padded windows as the bucketed torch path, so that both give the same sums
+            with torch.no_grad():
+                m_pad = _padded_lengths(npix[s_], n)
+                start = torch.clamp(lo[s_] - (m_pad - npix[s_].clamp(max=m_pad)) // 2, min=0)
+                start = torch.minimum(start, n - m_pad)
+            out = out + windowed_pseudo_voigt_sum_cpu(
+                wavelength, start, m_pad, centers[s_, None],
+                amplitude[s_, None], sigma[s_, None], gamma[s_, None], mode=mode, sign=sign,
+                kc=None if kc is None else kc[s_, None], ke=None if ke is None else ke[s_, None], b=b_ff)
+        if wing_mask is None:
+            npix = npix[:0]  # nothing left for the bucket loop
     for bucket in _buckets(npix, n):
         sel = bucket.lines
         m = bucket.npix
@@ -190,46 +231,46 @@ def windowed_log_flux(
             start = torch.clamp(start, min=0, max=n - m)
             # windows of lines far outside the grid: no pixels at all
             offgrid = (hi[sel] <= 0) | (lo[sel] >= n)
-            idx = start[:, None] + torch.arange(m, device=wavelength.device)[None, :]
         if bool(offgrid.all()):
             continue
-        wl = wavelength[idx]
-        if wing_mask is not None:
-            has = wing_mask[sel]
-            parts = [(~has, None), (has, wing)]
-        else:
-            parts = [(None, None)]
-        pieces = []
-        for rows, wfn in parts:
-            if rows is not None and not bool(rows.any()):
+        has = None if wing_mask is None else wing_mask[sel]
+        if use_numba:
+            if not bool((has & ~offgrid).any()):
                 continue
-            s_ = sel if rows is None else sel[rows]
-            wl_ = wl if rows is None else wl[rows]
-            kc_ = None if kc is None else kc[s_, None]
-            ke_ = None if ke is None else ke[s_, None]
-            if fused and not is_voigt and wfn is None:
-                t = pseudo_voigt_term(wl_, centers[s_, None], amplitude[s_, None], sigma[s_, None],
-                                      gamma[s_, None], mode=mode, sign=sign, kc=kc_, ke=ke_,
-                                      b=0.0 if far_field is None else far_field.b)
-            else:
-                x = (wl_ - centers[s_, None]).to(amplitude.dtype)
-                v = profile(x, sigma[s_, None], gamma[s_, None])
-                if wfn is not None:
-                    v = v * wfn(x, s_)
-                t = line_terms(v, amplitude[s_, None], mode, sign)
-                if kc_ is not None and wfn is None:
-                    hb = 1.0 / (x * x + far_field.b * far_field.b)
-                    t = t + hb * (kc_ + ke_ * hb)
-            pieces.append((rows, t))
-        if len(pieces) == 1 and pieces[0][0] is None:
-            t = pieces[0][1]
+            rows = has & ~offgrid
+        elif fused and not is_voigt:
+            # the plain pseudo-Voigt lines: blocked, fused kernel straight onto the grid
+            rows = ~offgrid if has is None else (~offgrid & ~has)
+            if bool(rows.any()):
+                s_ = sel[rows]
+                out = out + windowed_pseudo_voigt_sum(
+                    wavelength, start[rows], m, centers[s_, None], amplitude[s_, None], sigma[s_, None],
+                    gamma[s_, None], mode=mode, sign=sign, kc=None if kc is None else kc[s_, None],
+                    ke=None if ke is None else ke[s_, None], b=b_ff)
+            if has is None or not bool((has & ~offgrid).any()):
+                continue
+            rows = has & ~offgrid
         else:
-            # reassemble the rows in bucket order
-            idx = torch.cat([idx if r is None else idx[r] for r, _ in pieces])
-            offgrid = torch.cat([offgrid if r is None else offgrid[r] for r, _ in pieces])
-            t = torch.cat([p for _, p in pieces])
-        if bool(offgrid.any()):
-            t = t * (~offgrid)[:, None]
+            rows = ~offgrid
+        # lines with a wing correction, the exact Voigt, or the plain-autograd reference path
+        s_ = sel[rows]
+        with torch.no_grad():
+            idx = start[rows, None] + torch.arange(m, device=wavelength.device)[None, :]
+        x = (wavelength[idx] - centers[s_, None]).to(amplitude.dtype)
+        v = profile(x, sigma[s_, None], gamma[s_, None])
+        wrows = None if has is None else has[rows]
+        if wrows is not None and bool(wrows.any()):
+            corr = wing(x[wrows], s_[wrows])
+            v = torch.cat([v[~wrows], v[wrows] * corr]) if not bool(wrows.all()) else v * corr
+            if not bool(wrows.all()):
+                order = torch.cat([torch.nonzero(~wrows).flatten(), torch.nonzero(wrows).flatten()])
+                idx, x, s_ = idx[order], x[order], s_[order]
+                wrows = wrows[order]
+        t = line_terms(v, amplitude[s_, None], mode, sign)
+        if kc is not None:
+            # near-field residual for lines without a wing correction (those have kc = ke = 0)
+            hb = 1.0 / (x * x + b_ff * b_ff)
+            t = t + hb * (kc[s_, None] + ke[s_, None] * hb)
         terms.append(t.reshape(-1))
         idxs.append(idx.reshape(-1))
     if terms:

@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from .profiles import pseudo_voigt_eta
 
-__all__ = ["pseudo_voigt_term"]
+__all__ = ["pseudo_voigt_term", "windowed_pseudo_voigt_sum"]
 
 _MIN_ARG = -1.0 + 1e-12  # 1 - aV is floored at 1e-12 in linear mode
 _INV_PI = 1.0 / math.pi
@@ -41,21 +41,175 @@ def _parts(wl: Tensor, c: Tensor, s: Tensor, g: Tensor):
     return x, lor, gau
 
 
+def _eta_and_derivatives(s: Tensor, g: Tensor):
+    """η(σ, γ) and its partial derivatives ∂η/∂σ, ∂η/∂γ (detached)."""
+    with torch.enable_grad():
+        s_ = s.detach().requires_grad_(True)
+        g_ = g.detach().requires_grad_(True)
+        eta_ = pseudo_voigt_eta(s_, g_)
+        deta_ds, deta_dg = torch.autograd.grad(eta_.sum(), (s_, g_))
+    return eta_.detach(), deta_ds, deta_dg
+
+
+def _forward_block(wl, c, a, s, g, eta, kc, ke, b: float, linear: bool, sign: float) -> Tensor:
+    """The line terms (or near-field residuals) of a block, shape (rows, m)."""
+    x, lor, gau = _parts(wl, c, s, g)
+    v = lor.mul_(eta).add_(gau.mul_(1.0 - eta))
+    del gau
+    v.mul_(-sign * a)
+    if linear:
+        v.clamp_(min=_MIN_ARG).log1p_()
+    if kc is not None:
+        # near-field residual: add back the far-field kernels c h + e h^2
+        hb = x.mul_(x).add_(b * b).reciprocal_()
+        v.add_(hb * (kc + ke * hb))
+    return v
+
+
+def _backward_block(grad_t, wl, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b: float, linear: bool, sign: float,
+                    needs: tuple):
+    """Per-line gradients (rows, 1) of a block for λc, a, σ, γ, c_j, e_j (None where not needed)."""
+    need_c, need_a, need_s, need_g, need_kc, need_ke = needs
+    x, lor, gau = _parts(wl, c, s, g)
+    v = eta * lor + (1.0 - eta) * gau
+    # dt/dV and dt/da, folded with the incoming gradient
+    if linear:
+        arg = -sign * a * v
+        denom = (1.0 + arg).reciprocal_()
+        w = grad_t * denom  # grad * 1/(1 - s a V)
+        w.masked_fill_(arg < _MIN_ARG, 0.0)  # floored transmission: no gradient
+        del arg
+    else:
+        w = grad_t.clone()
+    grad_a = (w * v).sum(1, keepdim=True).mul_(-sign) if need_a else None
+    w.mul_(-sign * a)  # now grad * dt/dV
+    x2g2 = x * x + g * g
+    grad_c = grad_s = grad_g = grad_kc = grad_ke = None
+    hb = None
+    if kc is not None:
+        hb = (x * x + b * b).reciprocal_()
+        if need_kc:
+            grad_kc = (grad_t * hb).sum(1, keepdim=True)
+        if need_ke:
+            grad_ke = (grad_t * hb * hb).sum(1, keepdim=True)
+    if need_c:
+        # dV/dx = -2 x eta L / (x^2+g^2) - (1-eta) G x / s^2 ; dx/dc = -1
+        dvdx = (lor * eta * 2.0 / x2g2 + gau * (1.0 - eta) / (s * s)).mul_(-x)
+        grad_c = -(w * dvdx).sum(1, keepdim=True)
+        del dvdx
+        if hb is not None:
+            # d/dc of c h + e h^2 with h = 1/(x^2 + b^2): 2 x h^2 (kc + 2 ke h)
+            grad_c = grad_c + (grad_t * (2.0 * x) * hb * hb * (kc + 2.0 * ke * hb)).sum(1, keepdim=True)
+        grad_c = grad_c.to(c.dtype)
+    lmg = lor - gau
+    if need_s:
+        dvds = gau * (1.0 - eta) * (x * x / (s * s * s) - 1.0 / s) + deta_ds * lmg
+        grad_s = (w * dvds).sum(1, keepdim=True)
+        del dvds
+    if need_g:
+        # dL/dg = L/g - 2 g L / (x^2+g^2)
+        dvdg = eta * lor * (1.0 / g - 2.0 * g / x2g2) + deta_dg * lmg
+        grad_g = (w * dvdg).sum(1, keepdim=True)
+    return grad_c, grad_a, grad_s, grad_g, grad_kc, grad_ke
+
+
+#: The Gaussian component is evaluated only within this many σ of the line centre; beyond it,
+#: exp(-x²/2σ²) < 1e-17 and the term is below the rounding of float64.
+GAUSS_CORE_SIGMAS = 9.0
+
+
+def _core_columns(wavelength: Tensor, start: Tensor, m: int, c: Tensor, s: Tensor):
+    """Window columns of each row's Gaussian core |x| < 9σ: indices (rows, m_core) and a validity
+    mask (columns past the core of a row are repeated and masked out)."""
+    reach = (GAUSS_CORE_SIGMAS * s).to(wavelength.dtype)
+    lo = torch.searchsorted(wavelength, (c - reach).reshape(-1)) - start
+    hi = torch.searchsorted(wavelength, (c + reach).reshape(-1), right=True) - start
+    lo = lo.clamp(0, m)
+    hi = hi.clamp(0, m)
+    width = int((hi - lo).max()) if lo.numel() else 0
+    width = max(width, 1)
+    cols = lo[:, None] + torch.arange(width, device=wavelength.device)
+    valid = cols < hi[:, None]
+    return cols.clamp_(max=m - 1), valid
+
+
+def _gauss_core(wl: Tensor, c: Tensor, s: Tensor, cols: Tensor, valid: Tensor):
+    """x and G(x; σ) on the core columns (G = 0 where not valid)."""
+    x = (wl.gather(1, cols) - c).to(s.dtype)
+    gau = (x * x).mul_(-0.5 / (s * s)).exp_().mul_(_INV_SQRT_2PI / s)
+    gau.masked_fill_(~valid, 0.0)
+    return x, gau
+
+
+def _forward_split(wl, c, a, s, g, eta, kc, ke, b: float, linear: bool, sign: float, cols, valid) -> Tensor:
+    """As :func:`_forward_block`, with the Gaussian only on each row's core columns."""
+    x = (wl - c).to(s.dtype)
+    x2 = x * x
+    v = (x2 + g * g).reciprocal_().mul_(g * (_INV_PI * eta))
+    _, gau = _gauss_core(wl, c, s, cols, valid)
+    v.scatter_add_(1, cols, gau.mul_(1.0 - eta))
+    v.mul_(-sign * a)
+    if linear:
+        v.clamp_(min=_MIN_ARG).log1p_()
+    if kc is not None:
+        hb = x2.add_(b * b).reciprocal_()
+        v.add_(hb * (kc + ke * hb))
+    return v
+
+
+def _backward_split(grad_t, wl, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b: float, linear: bool, sign: float,
+                    needs: tuple, cols, valid):
+    """As :func:`_backward_block`, with the Gaussian terms summed over the core columns only."""
+    need_c, need_a, need_s, need_g, need_kc, need_ke = needs
+    x = (wl - c).to(s.dtype)
+    x2g2 = x * x + g * g
+    lor = x2g2.reciprocal().mul_(g * _INV_PI)
+    xc, gau = _gauss_core(wl, c, s, cols, valid)
+    v = lor * eta
+    v.scatter_add_(1, cols, gau * (1.0 - eta))
+    if linear:
+        arg = -sign * a * v
+        w = grad_t * (1.0 + arg).reciprocal_()
+        w.masked_fill_(arg < _MIN_ARG, 0.0)
+        del arg
+    else:
+        w = grad_t.clone()
+    grad_a = (w * v).sum(1, keepdim=True).mul_(-sign) if need_a else None
+    del v
+    w.mul_(-sign * a)  # grad * dt/dV
+    wc = w.gather(1, cols)  # on the core columns (gau = 0 where not valid)
+    wg = (wc * gau).sum(1, keepdim=True)  # Σ w G
+    grad_c = grad_s = grad_g = grad_kc = grad_ke = None
+    hb = None
+    if kc is not None:
+        hb = (x * x + b * b).reciprocal_()
+        if need_kc:
+            grad_kc = (grad_t * hb).sum(1, keepdim=True)
+        if need_ke:
+            grad_ke = (grad_t * hb * hb).sum(1, keepdim=True)
+    if need_c:
+        # dV/dx = -2 x η L / (x²+γ²) - (1-η) G x / σ²;  dx/dλc = -1
+        grad_c = (w * lor * x / x2g2).sum(1, keepdim=True).mul_(2.0 * eta)
+        grad_c = grad_c + (wc * gau * xc).sum(1, keepdim=True) * ((1.0 - eta) / (s * s))
+        if hb is not None:
+            grad_c = grad_c + (grad_t * (2.0 * x) * hb * hb * (kc + 2.0 * ke * hb)).sum(1, keepdim=True)
+        grad_c = grad_c.to(c.dtype)
+    wl_sum = (w * lor).sum(1, keepdim=True) if (need_s or need_g) else None  # Σ w L
+    if need_s:
+        # dV/dσ = (1-η) G (x²/σ³ - 1/σ) + ∂η/∂σ (L - G)
+        gs = (wc * gau * (xc * xc)).sum(1, keepdim=True).div_(s * s * s).sub_(wg / s).mul_(1.0 - eta)
+        grad_s = gs + deta_ds * (wl_sum - wg)
+    if need_g:
+        # dV/dγ = η L (1/γ - 2γ/(x²+γ²)) + ∂η/∂γ (L - G)
+        grad_g = eta * (wl_sum / g - 2.0 * g * (w * lor / x2g2).sum(1, keepdim=True)) + deta_dg * (wl_sum - wg)
+    return grad_c, grad_a, grad_s, grad_g, grad_kc, grad_ke
+
+
 class _PseudoVoigtTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, kc, ke, b: float, linear: bool, sign: float):
         eta = pseudo_voigt_eta(s, g)
-        x, lor, gau = _parts(wl, c, s, g)
-        v = lor.mul_(eta).add_(gau.mul_(1.0 - eta))
-        del gau
-        v.mul_(-sign * a)
-        if linear:
-            v.clamp_(min=_MIN_ARG).log1p_()
-        if kc is not None:
-            # near-field residual: add back the far-field kernels c h + e h^2
-            hb = x.mul_(x).add_(b * b).reciprocal_()
-            v.add_(hb * (kc + ke * hb))
-        del x
+        v = _forward_block(wl, c, a, s, g, eta, kc, ke, b, linear, sign)
         ctx.save_for_backward(wl, c, a, s, g, kc, ke)
         ctx.linear = linear
         ctx.sign = sign
@@ -66,55 +220,113 @@ class _PseudoVoigtTerm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_t: Tensor):
         wl, c, a, s, g, kc, ke = ctx.saved_tensors
-        sign, linear = ctx.sign, ctx.linear
-        with torch.enable_grad():
-            s_ = s.detach().requires_grad_(True)
-            g_ = g.detach().requires_grad_(True)
-            eta_ = pseudo_voigt_eta(s_, g_)
-            deta_ds, deta_dg = torch.autograd.grad(eta_.sum(), (s_, g_))
-        eta = eta_.detach()
-        x, lor, gau = _parts(wl, c, s, g)
-        v = eta * lor + (1.0 - eta) * gau
-        # dt/dV and dt/da, folded with the incoming gradient
-        if linear:
-            arg = -sign * a * v
-            denom = (1.0 + arg).reciprocal_()
-            w = grad_t * denom  # grad * 1/(1 - s a V)
-            w.masked_fill_(arg < _MIN_ARG, 0.0)  # floored transmission: no gradient
-            del arg
-        else:
-            w = grad_t.clone()
-        grad_a = (w * v).sum(1, keepdim=True).mul_(-sign) if ctx.needs_input_grad[2] else None
-        w.mul_(-sign * a)  # now grad * dt/dV
-        x2g2 = x * x + g * g
-        grad_c = grad_s = grad_g = grad_kc = grad_ke = None
-        hb = None
-        if kc is not None:
-            hb = (x * x + ctx.b * ctx.b).reciprocal_()
-            if ctx.needs_input_grad[5]:
-                grad_kc = (grad_t * hb).sum(1, keepdim=True)
-            if ctx.needs_input_grad[6]:
-                grad_ke = (grad_t * hb * hb).sum(1, keepdim=True)
-        if ctx.needs_input_grad[1]:
-            # dV/dx = -2 x eta L / (x^2+g^2) - (1-eta) G x / s^2 ; dx/dc = -1
-            dvdx = (lor * eta * 2.0 / x2g2 + gau * (1.0 - eta) / (s * s)).mul_(-x)
-            grad_c = -(w * dvdx).sum(1, keepdim=True)
-            del dvdx
-            if hb is not None:
-                # d/dc of c h + e h^2 with h = 1/(x^2 + b^2): 2 x h^2 (kc + 2 ke h)
-                grad_c = grad_c + (grad_t * (2.0 * x) * hb * hb * (kc + 2.0 * ke * hb)).sum(1, keepdim=True)
-        lmg = lor - gau
-        if ctx.needs_input_grad[3]:
-            dvds = gau * (1.0 - eta) * (x * x / (s * s * s) - 1.0 / s) + deta_ds * lmg
-            grad_s = (w * dvds).sum(1, keepdim=True)
-            del dvds
-        if ctx.needs_input_grad[4]:
-            # dL/dg = L/g - 2 g L / (x^2+g^2)
-            dvdg = eta * lor * (1.0 / g - 2.0 * g / x2g2) + deta_dg * lmg
-            grad_g = (w * dvdg).sum(1, keepdim=True)
-        if grad_c is not None:
-            grad_c = grad_c.to(c.dtype)
-        return None, grad_c, grad_a, grad_s, grad_g, grad_kc, grad_ke, None, None, None
+        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+        grads = _backward_block(grad_t, wl, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, ctx.b, ctx.linear, ctx.sign,
+                                tuple(ctx.needs_input_grad[1:7]))
+        return (None, *grads, None, None, None)
+
+
+#: Elements per block of the chunked CPU path: small enough that the temporaries of one block stay
+#: in the core's cache (about 2 MB in float64), large enough that the per-block overhead is small.
+CPU_BLOCK_ELEMENTS = 1 << 15
+#: Elements per block on GPUs (bounds the memory of the temporaries; one block per bucket in practice).
+GPU_BLOCK_ELEMENTS = 1 << 24
+
+
+class _WindowedSum(torch.autograd.Function):
+    """Σ_j t_j scattered onto the grid for lines with equal-length windows, block by block: neither
+    the (lines × window) terms nor their gradients are ever held in memory at once."""
+
+    @staticmethod
+    def forward(ctx, wavelength, start, m: int, c, a, s, g, kc, ke, b: float, linear: bool, sign: float,
+                block_rows: int):
+        out = torch.zeros(wavelength.shape[0], dtype=a.dtype, device=a.device)
+        offs = torch.arange(m, device=wavelength.device)
+        eta = pseudo_voigt_eta(s, g)
+        n = start.shape[0]
+        for r0 in range(0, n, block_rows):
+            r = slice(r0, min(n, r0 + block_rows))
+            idx = start[r, None] + offs
+            cols, valid = _core_columns(wavelength, start[r], m, c[r], s[r])
+            v = _forward_split(wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
+                               None if kc is None else kc[r], None if ke is None else ke[r], b, linear, sign,
+                               cols, valid)
+            out.index_add_(0, idx.reshape(-1), v.reshape(-1))
+        ctx.save_for_backward(wavelength, start, c, a, s, g, kc, ke)
+        ctx.m, ctx.b, ctx.linear, ctx.sign, ctx.block_rows = m, b, linear, sign, block_rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        wavelength, start, c, a, s, g, kc, ke = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[3:9])
+        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+        offs = torch.arange(ctx.m, device=wavelength.device)
+        n = start.shape[0]
+        parts = []
+        for r0 in range(0, n, ctx.block_rows):
+            r = slice(r0, min(n, r0 + ctx.block_rows))
+            idx = start[r, None] + offs
+            cols, valid = _core_columns(wavelength, start[r], ctx.m, c[r], s[r])
+            parts.append(_backward_split(grad_out[idx], wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
+                                         deta_ds[r], deta_dg[r], None if kc is None else kc[r],
+                                         None if ke is None else ke[r], ctx.b, ctx.linear, ctx.sign, needs,
+                                         cols, valid))
+        grads = [None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(6)]
+        return (None, None, None, *grads, None, None, None, None)
+
+
+def windowed_pseudo_voigt_sum(
+    wavelength: Tensor,
+    start: Tensor,
+    m: int,
+    c: Tensor,
+    a: Tensor,
+    s: Tensor,
+    g: Tensor,
+    *,
+    mode: str,
+    sign: float,
+    kc: Tensor | None = None,
+    ke: Tensor | None = None,
+    b: float = 0.0,
+    block_elements: int | None = None,
+) -> Tensor:
+    """Sum over lines of their fused terms, each on its own window of ``m`` grid pixels.
+
+    Equivalent to scattering :func:`pseudo_voigt_term` of the windows ``wavelength[start_j :
+    start_j + m]`` onto the grid, but computed in blocks of lines, so that the temporaries stay in
+    cache on CPUs and no (lines × m) array is kept for the backward pass.
+
+    Parameters
+    ----------
+    wavelength : Tensor
+        The grid (Å), shape (N,); no gradient.
+    start : Tensor of int64
+        First grid index of each line's window, shape (L,); ``start + m <= N``.
+    m : int
+        Window length in pixels (equal for all lines of one call).
+    c, a, s, g, kc, ke, mode, sign, b
+        As in :func:`pseudo_voigt_term`, shape (L, 1).
+    block_elements : int, optional
+        Lines × pixels per block; default :data:`CPU_BLOCK_ELEMENTS` on CPUs and
+        :data:`GPU_BLOCK_ELEMENTS` otherwise.
+
+    Returns
+    -------
+    Tensor
+        Shape (N,).
+    """
+    if mode not in ("linear", "log"):
+        raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+    if (kc is None) != (ke is None):
+        raise ValueError("give both kc and ke, or neither")
+    if block_elements is None:
+        block_elements = CPU_BLOCK_ELEMENTS if wavelength.device.type == "cpu" else GPU_BLOCK_ELEMENTS
+    block_rows = max(1, int(block_elements) // max(int(m), 1))
+    return _WindowedSum.apply(wavelength, start, int(m), c, a, s, g, kc, ke, float(b), mode == "linear",
+                              float(sign), block_rows)
 
 
 def pseudo_voigt_term(
