@@ -1,5 +1,6 @@
-"""Command line: ``blase-specutils clone INPUT -o OUT``, ``demo``, ``fit DATA --stellar CLONE``,
-``fit-many FILES... --stellar CLONE --scheduler local``, ``clone-grid GRID.csv``."""
+"""Command line: ``blase-specutils clone INPUT -o OUT``, ``demo``, ``fit DATA [--stellar CLONE]
+[--telluric CLONE] [--tune-telluric]``, ``fit-many FILES... --stellar CLONE --scheduler local``,
+``clone-grid GRID.csv``."""
 
 from __future__ import annotations
 
@@ -121,9 +122,20 @@ def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _add_fit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stellar", required=True, help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file")
+def _add_fit_options(p: argparse.ArgumentParser, *, stellar_required: bool = True) -> None:
+    if stellar_required:
+        p.add_argument("--stellar", required=True, help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file")
+    else:
+        p.add_argument("--stellar", help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file "
+                                         "(optional with --telluric: a telluric-only fit)")
     p.add_argument("--telluric", help="telluric clone file (optional)")
+    p.add_argument("--tune-telluric", action="store_true",
+                   help="tune the telluric line amplitudes in the line stage (always on for a telluric-only fit)")
+    p.add_argument("--fixed-telluric-power", action="store_true",
+                   help="hold the Beer's-law power X of the telluric transmission at 1 (default: fitted)")
+    p.add_argument("--telluric-regularization", type=float, default=5.0,
+                   help="Λ of the L1 pull of the telluric ln a (default: %(default)s)")
+    p.add_argument("--continuum-degree", type=int, default=2, help="degree of the per-order continuum polynomial (default: %(default)s)")
     p.add_argument("--resolving-power", type=float, default=55000.0, help="R (default: %(default)s, HPF)")
     p.add_argument("--rv-range", type=float, default=150.0, help="RV scan half range in km/s (default: %(default)s)")
     p.add_argument("--vsini", type=float, default=3.0, help="starting v sin i in km/s (default: %(default)s)")
@@ -160,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("fit", help="transfer-learn a clone against an observed spectrum")
     pf.add_argument("data", help="a file specutils or muler reads (an HPF Goldilocks file, a wavelength/flux table)")
     pf.add_argument("--order", type=int, nargs="+", help="échelle orders to fit jointly (indices into the file's orders)")
-    _add_fit_options(pf)
+    _add_fit_options(pf, stellar_required=False)
     pm = sub.add_parser("fit-many", help="fit many files (each échelle order its own job), serially or on Dask")
     pm.add_argument("files", nargs="+", help="data files; an HPF Goldilocks file gives one job per order")
     pm.add_argument("--orders", type=int, nargs="+", help="orders to take from each Goldilocks file (default: all)")
@@ -201,21 +213,35 @@ def _read_data(path: str, orders):
     return spectra[0] if len(spectra) == 1 else spectra
 
 
+def _fit_kwargs(args) -> dict:
+    """Keyword arguments of fit_spectrum shared by ``fit`` and ``fit-many``."""
+    return dict(resolving_power=args.resolving_power, rv_range=args.rv_range, vsini=args.vsini,
+                line_epochs=0 if args.template_only else args.epochs, regularization=args.regularization,
+                tune_telluric=("amplitude",) if args.tune_telluric else None,
+                tune_telluric_power=not args.fixed_telluric_power,
+                telluric_regularization=args.telluric_regularization, continuum_degree=args.continuum_degree)
+
+
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{unit}"
+
+
 def _run_fit(args) -> int:
     from .fitting import fit_spectrum
 
-    stellar = _read_clone(args.stellar)
+    if not args.stellar and not args.telluric:
+        print("error: give --stellar CLONE, --telluric CLONE, or both (--telluric alone: a telluric-only fit)",
+              file=sys.stderr)
+        return 2
+    stellar = _read_clone(args.stellar) if args.stellar else None
     telluric = _read_clone(args.telluric) if args.telluric else None
     data = _read_data(args.data, args.order)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        result = fit_spectrum(
-            data, stellar, telluric=telluric, resolving_power=args.resolving_power, rv_range=args.rv_range,
-            vsini=args.vsini, line_epochs=0 if args.template_only else args.epochs,
-            regularization=args.regularization, device=args.device, progress=not (args.quiet or args.json),
-        )
+        result = fit_spectrum(data, stellar, telluric=telluric, device=args.device,
+                              progress=not (args.quiet or args.json), **_fit_kwargs(args))
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -236,10 +262,13 @@ def _run_fit(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         tm = summary["template_matching"]
-        print(f"template matching: chi2_red {tm['chi2_reduced']:.2f}, RV {tm['rv']:.3f} km/s, "
-              f"v sin i {tm['vsini']:.2f} km/s, R {tm['resolving_power']:.0f}")
-        print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {summary['rv_kms']:.3f} km/s, "
-              f"v sin i {summary['vsini_kms']:.2f} km/s, {summary['n_lines_changed']} of {summary['n_lines']} lines changed")
+        power = "" if tm["telluric_power"] is None else f", telluric power {tm['telluric_power']:.3f}"
+        print(f"template matching: chi2_red {tm['chi2_reduced']:.2f}, RV {_fmt(tm['rv'], '.3f', ' km/s')}, "
+              f"v sin i {_fmt(tm['vsini'], '.2f', ' km/s')}, R {tm['resolving_power']:.0f}{power}")
+        power = "" if summary.get("telluric_power") is None else f", telluric power {summary['telluric_power']:.3f}"
+        print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {_fmt(summary['rv_kms'], '.3f', ' km/s')}, "
+              f"v sin i {_fmt(summary['vsini_kms'], '.2f', ' km/s')}{power}, "
+              f"{summary['n_lines_changed']} of {summary['n_lines']} lines changed")
         for key in ("result_file", "line_table", "figure"):
             print(f"  {key.replace('_', ' ')}: {summary[key]}")
     return 0
@@ -293,9 +322,7 @@ def _run_fit_many(args) -> int:
     try:
         res = fit_many(items, args.stellar, telluric=args.telluric, client=client, output_dir=out, labels=labels,
                        threads_per_task=args.threads_per_task, device=args.device,
-                       progress=not (args.quiet or args.json), resolving_power=args.resolving_power,
-                       rv_range=args.rv_range, vsini=args.vsini, regularization=args.regularization,
-                       line_epochs=0 if args.template_only else args.epochs)
+                       progress=not (args.quiet or args.json), **_fit_kwargs(args))
     finally:
         if client is not None:
             client.close()

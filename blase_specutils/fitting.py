@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -15,10 +16,10 @@ from astropy.table import QTable
 from specutils import Spectrum, SpectrumList
 
 from .cloning import SpectralClone, _equivalent_widths
-from .core.clone import SPEED_OF_LIGHT_KMS
+from .core.clone import SPEED_OF_LIGHT_KMS, LineCloneModel
 from .core.training import resolve_device
-from .core.transfer import TransferModel, fit_transfer
-from .spectra import arrays_to_spectrum, spectrum_to_arrays
+from .core.transfer import TransferFit, TransferModel, fit_transfer
+from .spectra import SpectrumArrays, arrays_to_spectrum, spectrum_to_arrays
 
 __all__ = ["fit_spectrum", "TransferResult", "MissingUncertaintyWarning"]
 
@@ -85,9 +86,13 @@ def _gather(orders: list[Spectrum]):
     return (*out, missing, [p[1] for p in pieces], [p[2] for p in pieces])
 
 
+#: Telluric powers X of the χ² scan that starts template matching when X is tuned.
+TELLURIC_POWER_SCAN = tuple(float(x) for x in np.exp(np.linspace(math.log(0.1), math.log(10.0), 47)))
+
+
 def fit_spectrum(
     data,
-    stellar: SpectralClone,
+    stellar: SpectralClone | None = None,
     *,
     telluric: SpectralClone | None = None,
     resolving_power: float = 55000.0,
@@ -107,13 +112,22 @@ def fit_spectrum(
     device: str = "cpu",
     progress: bool = True,
     likelihood=None,
+    tune_telluric: Iterable[str] | None = None,
+    tune_telluric_power: bool = True,
+    telluric_regularization: float | None = 5.0,
 ) -> "TransferResult":
-    r"""Fit an observed spectrum with a stellar clone (and optionally a telluric clone).
+    r"""Fit an observed spectrum with a stellar clone, a telluric clone, or both.
 
     The forward model is Eq. 10: RV-shifted, rotationally broadened clone, times the telluric
-    clone, convolved with a Gaussian LSF of resolving power R, averaged over each data pixel,
-    times a per-order polynomial. Fitting proceeds as users need: a χ² scan in RV, then template
-    matching (RV, v sin i, continuum; R if asked), then the lines with the L1 pull of Eq. 11.
+    clone raised to a Beer's-law power, :math:`T^X`, convolved with a Gaussian LSF of resolving
+    power R, averaged over each data pixel, times a per-order polynomial. Fitting proceeds as users
+    need: a χ² scan in RV (and in X when a telluric clone is present), then template matching (RV,
+    v sin i, continuum, X; R if asked), then the lines with the L1 pull of Eq. 11.
+
+    Without a stellar clone (``stellar=None``) the model is
+    :math:`P_\mathrm{data}\,\mathrm{resample}[T^X * g(R)]`: a telluric-only fit, for example of
+    an A0V or hot telluric standard. There is no RV scan and neither RV nor v sin i is fitted:
+    :attr:`TransferResult.rv` and :attr:`TransferResult.vsini` are NaN and the summary gives None.
 
     Parameters
     ----------
@@ -125,28 +139,32 @@ def fit_spectrum(
         :class:`MissingUncertaintyWarning` is issued. DER_SNR counts unresolved line structure as
         noise, so for sharp-lined, line-rich spectra it overestimates (3.8× on the WASP 69 HPF
         order) and χ² is then too small: give uncertainties when you have them.
-    stellar : SpectralClone
-        The stellar clone; only its lines within the data range (± buffer and the RV range) are used.
+    stellar : SpectralClone or None
+        The stellar clone; only its lines within the data range (± buffer and the RV range) are
+        used. None (default): a telluric-only fit (``telluric`` is then required).
     telluric : SpectralClone, optional
-        Telluric clone (not Doppler shifted).
+        Telluric clone (never Doppler shifted); its lines within the data range ± buffer are used.
     resolving_power : float
         R (HPF ≈ 55,000; IGRINS ≈ 45,000).
     rv : Quantity or float (km/s), optional
-        Starting RV; if None, the best of a χ² scan over ± ``rv_range`` in 1 km/s steps.
+        Starting RV; if None, the best of a χ² scan over ± ``rv_range`` in 1 km/s steps. Ignored
+        by a telluric-only fit.
     vsini : Quantity or float (km/s)
-        Starting v sin i.
+        Starting v sin i (ignored by a telluric-only fit).
     limb_darkening : float
         ε of the rotation kernel.
     continuum_degree : int
         Degree of the per-order polynomial.
     tune_lines : iterable of str
-        Line parameters tuned in the line stage (empty: template matching only). When widths are
-        tuned, v sin i is held at its template-matching value during the line stage (widths and
-        v sin i are nearly degenerate); otherwise it stays free.
+        Stellar line parameters tuned in the line stage (empty: template matching only, unless
+        telluric lines are tuned). When widths are tuned, v sin i is held at its template-matching
+        value during the line stage (widths and v sin i are nearly degenerate); otherwise it stays
+        free.
     tune_resolving_power : bool
         Also tune R.
     regularization, width_regularization : float or None
-        Λ of the L1 pulls of ln a and of ln σ, ln γ towards the clone (None: no pull).
+        Λ of the L1 pulls of ln a and of ln σ, ln γ towards the clone (None: no pull). The width
+        pull acts on tuned telluric widths too.
     template_epochs, line_epochs : int
         Largest numbers of Adam epochs of the two stages (both stop early on a plateau;
         ``line_epochs=0``: pure template matching).
@@ -169,13 +187,31 @@ def fit_spectrum(
         "length_scale": 10.0}``); a ready-made likelihood must cover the concatenated, wavelength-
         sorted pixels of the data. The result's :attr:`TransferResult.pseudo_continuum` is the
         GP's conditional mean, the inferred continuum error.
+    tune_telluric : iterable of str or None
+        Telluric line parameters tuned in the line stage (e.g. ``("amplitude",)``), each with its
+        own L1 pull towards the telluric clone. None (default): ``()`` (telluric lines held as
+        cloned) when a stellar clone is present, ``("amplitude",)`` for a telluric-only fit.
+    tune_telluric_power : bool
+        Tune the Beer's-law exponent X of the telluric transmission T^X (default True; X starts
+        at the best of a χ² scan over 0.1-10 and stays free in the line stage). False: X = 1.
+    telluric_regularization : float or None
+        Λ of the L1 pull of the telluric ln a towards the telluric clone (None: no pull).
 
     Returns
     -------
     TransferResult
+
+    Raises
+    ------
+    ValueError
+        Neither clone given, no overlap between a clone and the data, bad data or settings.
+    TypeError
+        A clone that is not a :class:`~blase_specutils.SpectralClone`, or data that are not spectra.
     """
-    if not isinstance(stellar, SpectralClone):
-        raise TypeError("stellar must be a SpectralClone (clone_spectrum, SpectralClone.load or load_blase03)")
+    if stellar is None and telluric is None:
+        raise ValueError("give a stellar clone, a telluric clone (stellar=None, telluric=...), or both")
+    if stellar is not None and not isinstance(stellar, SpectralClone):
+        raise TypeError("stellar must be a SpectralClone (clone_spectrum, SpectralClone.load or load_blase03) or None")
     if telluric is not None and not isinstance(telluric, SpectralClone):
         raise TypeError("telluric must be a SpectralClone or None")
     orders = _orders(data)
@@ -194,49 +230,69 @@ def fit_spectrum(
         raise ValueError(f"resolving_power must be > 0, got {resolving_power}")
     if vsini_k < 0:
         raise ValueError(f"vsini must be >= 0 km/s, got {vsini_k}")
+    if tune_telluric is None:
+        tune_telluric = ("amplitude",) if stellar is None else ()
+    tune_telluric = tuple(tune_telluric)
     dev = resolve_device(device)
     buf = float(u.Quantity(buffer, u.AA).value)
-    lo = wl[0] * (1 - rv_range_k / SPEED_OF_LIGHT_KMS) - buf
-    hi = wl[-1] * (1 + rv_range_k / SPEED_OF_LIGHT_KMS) + buf
-    centers = stellar.model.lam_centers.detach().cpu().numpy()
-    sel = (centers > lo) & (centers < hi)
-    if not sel.any():
-        raise ValueError(
-            f"the stellar clone has no lines within the data range {wl[0]:.1f}-{wl[-1]:.1f} Å (± buffer and RV "
-            f"range); its lines span {centers.min():.1f}-{centers.max():.1f} Å. Use a clone of this band."
-        )
-    st = stellar.model.subset(torch.as_tensor(sel)).to(dev)
+    st = None
+    if stellar is not None:
+        lo = wl[0] * (1 - rv_range_k / SPEED_OF_LIGHT_KMS) - buf
+        hi = wl[-1] * (1 + rv_range_k / SPEED_OF_LIGHT_KMS) + buf
+        centers = stellar.model.lam_centers.detach().cpu().numpy()
+        sel = (centers > lo) & (centers < hi)
+        if not sel.any():
+            raise ValueError(
+                f"the stellar clone has no lines within the data range {wl[0]:.1f}-{wl[-1]:.1f} Å (± buffer and RV "
+                f"range); its lines span {centers.min():.1f}-{centers.max():.1f} Å. Use a clone of this band."
+            )
+        st = stellar.model.subset(torch.as_tensor(sel)).to(dev)
     tel = None
     if telluric is not None:
         tc = telluric.model.lam_centers.detach().cpu().numpy()
         tsel = (tc > wl[0] - buf) & (tc < wl[-1] + buf)
+        if stellar is None and not tsel.any():
+            raise ValueError(
+                f"the telluric clone has no lines within the data range {wl[0]:.1f}-{wl[-1]:.1f} Å (± buffer); its "
+                f"lines span {tc.min():.1f}-{tc.max():.1f} Å. Use a telluric clone of this band."
+            )
         tel = telluric.model.subset(torch.as_tensor(tsel)).to(dev)
         tel.set_tuned(())
-    model = TransferModel(st, wl, order_index=oid, telluric=tel, rv=0.0 if rv is None else to_kms(rv),
+    model = TransferModel(st, wl, order_index=oid, telluric=tel, rv=0.0 if rv is None or st is None else to_kms(rv),
                           vsini=max(vsini_k, 0.05), resolving_power=resolving_power,
                           limb_darkening=limb_darkening, continuum_degree=continuum_degree,
                           max_vsini=max(2.0 * vsini_k, vsini_k + 20.0), max_rv=rv_range_k).to(dev)
-    data_t = torch.as_tensor(np.where(good, flux, 0.0), dtype=st.dtype, device=dev)
-    w_t = torch.as_tensor(np.where(good, 1.0 / np.where(good, sigma, 1.0) ** 2, 0.0), dtype=st.dtype, device=dev)
+    tune_power = bool(tune_telluric_power) and tel is not None
+    model.log_telluric_power.requires_grad_(tune_power)
+    ref = st if st is not None else tel
+    data_t = torch.as_tensor(np.where(good, flux, 0.0), dtype=ref.dtype, device=dev)
+    w_t = torch.as_tensor(np.where(good, 1.0 / np.where(good, sigma, 1.0) ** 2, 0.0), dtype=ref.dtype, device=dev)
     lik = None
     if likelihood is not None:
         from .gp import build_likelihood  # optional extra: a clear ImportError names it
 
         lik = build_likelihood(likelihood, wl, sigma, good, oid, device=dev)
-    scan = None if rv is not None else np.arange(-rv_range_k, rv_range_k + 0.5, 1.0)
-    prior = {k: getattr(st, k).detach().clone() for k in ("log_amplitudes", "log_sigmas", "log_gammas")}
+    scan = None if (rv is not None or st is None) else np.arange(-rv_range_k, rv_range_k + 0.5, 1.0)
+    prior = {} if st is None else {k: getattr(st, k).detach().clone() for k in _LOG_PARAMS}
+    telluric_prior = None if tel is None else {k: getattr(tel, k).detach().clone() for k in _LOG_PARAMS}
+    prior_centers = {k: m.lam_centers.detach().cpu().numpy().copy() for k, m in (("stellar", st), ("telluric", tel))
+                     if m is not None}
+    common = dict(tune_resolving_power=tune_resolving_power, lr=lr, progress=progress, likelihood=lik,
+                  tune_telluric_power=tune_power)
     fit = fit_transfer(model, data_t, w_t, rv_scan=scan, template_epochs=template_epochs, line_epochs=0,
-                       tune_resolving_power=tune_resolving_power, lr=lr, progress=progress, likelihood=lik)
+                       telluric_power_scan=TELLURIC_POWER_SCAN if tune_power else None, **common)
     n_good = int(good.sum())
     template = dict(chi2=fit.chi2["template"], chi2_reduced=fit.chi2["template"] / max(n_good - 3, 1),
-                    rv=float(model.rv.detach()), vsini=float(model.vsini.detach()),
-                    resolving_power=float(model.resolving_power.detach()))
+                    rv=None if st is None else float(model.rv.detach()),
+                    vsini=None if st is None else float(model.vsini.detach()),
+                    resolving_power=float(model.resolving_power.detach()),
+                    telluric_power=None if tel is None else float(model.telluric_power.detach()))
     tune_lines = tuple(tune_lines)
-    if line_epochs and tune_lines:
+    if line_epochs and ((st is not None and tune_lines) or (tel is not None and tune_telluric)):
         fit2 = fit_transfer(model, data_t, w_t, rv_scan=None, template_epochs=0, line_epochs=line_epochs,
-                            tune_lines=tune_lines, tune_resolving_power=tune_resolving_power,
-                            regularization=regularization, width_regularization=width_regularization, lr=lr,
-                            progress=progress, likelihood=lik)
+                            tune_lines=tune_lines, regularization=regularization,
+                            width_regularization=width_regularization, tune_telluric=tune_telluric,
+                            telluric_regularization=telluric_regularization, **common)
         fit.stages.update(fit2.stages)
         fit.chi2["lines"] = fit2.chi2["lines"]
     pseudo = None
@@ -244,35 +300,160 @@ def fit_spectrum(
         model_flux = model().cpu().numpy()
         if lik is not None:
             pseudo = lik.conditional_mean(data_t - model()).cpu().numpy()
+    settings = dict(regularization=regularization, width_regularization=width_regularization,
+                    tune_lines=",".join(tune_lines) if st is not None else "", line_epochs=line_epochs,
+                    template_epochs=template_epochs, tune_telluric=",".join(tune_telluric) if tel is not None else "",
+                    tune_telluric_power=tune_power, telluric_regularization=telluric_regularization)
     return TransferResult(
         model=model, orders=orders, order_ids=order_ids, arrays=arrs, wavelength=wl, flux=flux, sigma=sigma,
         good=good, order_of_pixel=oid, model_flux=model_flux, prior=prior, template=template, fit=fit,
-        settings=dict(regularization=regularization, width_regularization=width_regularization,
-                      tune_lines=",".join(tune_lines), line_epochs=line_epochs, template_epochs=template_epochs),
-        stellar_clone=stellar, telluric_clone=telluric, likelihood=lik, pseudo_continuum_flux=pseudo,
+        settings=settings, stellar_clone=stellar, telluric_clone=telluric, likelihood=lik,
+        pseudo_continuum_flux=pseudo, telluric_prior=telluric_prior, prior_centers=prior_centers,
     )
 
 
+#: Names of the per-line log parameters kept as the clone's starting values (the L1 pull's centre).
+_LOG_PARAMS = ("log_amplitudes", "log_sigmas", "log_gammas")
+
+
+def _line_table(clone: LineCloneModel, prior: dict) -> QTable:
+    """Clone (``prior``) and fitted values of each line of ``clone``, with equivalent widths and the change."""
+    with torch.no_grad():
+        c = clone.lam_centers.detach().cpu().numpy()
+        fit = {k: getattr(clone, k).detach().exp().cpu().numpy() for k in _LOG_PARAMS}
+        clo = {k: prior[k].detach().exp().cpu().numpy() for k in _LOG_PARAMS}
+    m = clone
+    ew_fit = _equivalent_widths(fit["log_amplitudes"], fit["log_sigmas"], fit["log_gammas"], m.mode, m.sign, m.profile)
+    ew_clo = _equivalent_widths(clo["log_amplitudes"], clo["log_sigmas"], clo["log_gammas"], m.mode, m.sign, m.profile)
+    t = QTable()
+    t["center"] = c * u.AA
+    t["amplitude_clone"] = clo["log_amplitudes"] * u.AA
+    t["amplitude_fit"] = fit["log_amplitudes"] * u.AA
+    t["sigma_clone"] = clo["log_sigmas"] * u.AA
+    t["sigma_fit"] = fit["log_sigmas"] * u.AA
+    t["gamma_clone"] = clo["log_gammas"] * u.AA
+    t["gamma_fit"] = fit["log_gammas"] * u.AA
+    t["equivalent_width_clone"] = ew_clo * u.AA
+    t["equivalent_width_fit"] = ew_fit * u.AA
+    t["delta_ln_amplitude"] = np.log(fit["log_amplitudes"] / clo["log_amplitudes"])
+    t["changed"] = np.abs(t["delta_ln_amplitude"]) > 0.01
+    return t
+
+
+def _clone_at(fitted: LineCloneModel, prior: dict, centers: np.ndarray | None = None) -> LineCloneModel:
+    """A copy of ``fitted`` holding the starting values ``prior`` (and ``centers``, if given)."""
+    m = fitted.subset(torch.arange(fitted.n_lines, device=fitted.lam_centers.device))
+    with torch.no_grad():
+        for k in _LOG_PARAMS:
+            getattr(m, k).copy_(prior[k])
+        if centers is not None:
+            m.lam_centers.copy_(torch.as_tensor(centers, dtype=torch.float64))
+    return m
+
+
+def _lines_hdus(model: LineCloneModel, prefix: str) -> list:
+    """``{prefix}LINES`` and ``{prefix}WING`` tables of a line model (the clone file's layout)."""
+    cpu = lambda t: t.detach().cpu().numpy().astype(np.float64)  # noqa: E731
+    lines = fits.BinTableHDU.from_columns(
+        [fits.Column("lam_center", "D", unit="Angstrom", array=cpu(model.lam_centers)),
+         fits.Column("log_amp", "D", array=cpu(model.log_amplitudes)),
+         fits.Column("log_sigma", "D", array=cpu(model.log_sigmas)),
+         fits.Column("log_gamma", "D", array=cpu(model.log_gammas))],
+        name=f"{prefix}LINES",
+    )
+    h = lines.header
+    h["MODE"], h["PROFILE"], h["EMISSION"] = model.mode, model.profile, model.emission
+    h["WINGTOL"], h["FARFIELD"] = model.wing_tolerance, bool(model.far_field)
+    h["TUNE"], h["NLINES"] = ",".join(model.tuned), model.n_lines
+    wing = fits.BinTableHDU.from_columns(
+        [fits.Column("line", "K", array=model.broad_lines.cpu().numpy().astype(np.int64)),
+         fits.Column("alpha", "D", array=cpu(model.wing_alpha)),
+         fits.Column("log_lt", "D", array=cpu(model.wing_log_lt)),
+         fits.Column("log_b", "D", array=cpu(model.wing_log_b))],
+        name=f"{prefix}WING",
+    )
+    return [lines, wing]
+
+
+def _model_from_hdus(lines, wing, device) -> LineCloneModel:
+    """The inverse of :func:`_lines_hdus`."""
+    h, ld, wd = lines.header, lines.data, wing.data
+    cols = [np.array(ld[c], dtype=np.float64) for c in ("lam_center", "log_amp", "log_sigma", "log_gamma")]
+    broad = np.array(wd["line"], dtype=np.int64) if wd is not None else np.zeros(0, np.int64)
+    model = LineCloneModel(*cols, mode=h["MODE"], profile=h["PROFILE"], emission=bool(h["EMISSION"]),
+                           tune=[t for t in str(h.get("TUNE", "")).split(",") if t],
+                           wing_tolerance=float(h["WINGTOL"]), far_field=bool(h.get("FARFIELD", True)),
+                           broad_lines=broad.tolist(), device=device)
+    if wd is not None and len(wd):
+        with torch.no_grad():
+            model.wing_alpha.copy_(torch.as_tensor(np.array(wd["alpha"], dtype=np.float64)))
+            model.wing_log_lt.copy_(torch.as_tensor(np.array(wd["log_lt"], dtype=np.float64)))
+            model.wing_log_b.copy_(torch.as_tensor(np.array(wd["log_b"], dtype=np.float64)))
+    return model
+
+
+def _prior_hdu(prior: dict, centers: np.ndarray, name: str):
+    cols = [fits.Column("lam_center", "D", unit="Angstrom", array=np.asarray(centers, dtype=np.float64))]
+    cols += [fits.Column(k, "D", array=prior[k].detach().cpu().numpy()) for k in _LOG_PARAMS]
+    return fits.BinTableHDU.from_columns(cols, name=name)
+
+
+def _prior_from_hdu(hdu, device) -> tuple[dict, np.ndarray | None]:
+    d = hdu.data
+    prior = {k: torch.as_tensor(np.array(d[k], dtype=np.float64), device=device) for k in _LOG_PARAMS}
+    centers = np.array(d["lam_center"], dtype=np.float64) if "lam_center" in d.columns.names else None
+    return prior, centers
+
+
+#: Layout version of the transfer-result file (``TRFMTVER``); 1 was the layout without ``TRANSFER``.
+RESULT_FORMAT_VERSION = 2
+
+
+def _nan_if_none(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def _none_if_nan(v):
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
 class TransferResult:
-    """The outcome of :func:`fit_spectrum`.
+    """The outcome of :func:`fit_spectrum` (or of :meth:`TransferResult.load`).
 
     Attributes
     ----------
     model : blase_specutils.core.TransferModel
-        The fitted forward model (torch).
+        The fitted forward model (torch). ``model.stellar`` is None for a telluric-only fit.
     template : dict
-        Template-matching stage: χ², reduced χ², RV, v sin i, R.
+        Template-matching stage: χ², reduced χ², RV, v sin i, R and the telluric power X (RV and
+        v sin i are None for a telluric-only fit; X is None without a telluric clone).
     fit : blase_specutils.core.TransferFit
-        Loss histories of the stages.
+        Loss histories of the stages (after :meth:`load`: only the χ² values, no histories).
+    prior : dict of Tensor
+        ln a, ln σ, ln γ of the stellar clone's lines before the fit (empty for a telluric-only fit).
+    telluric_prior : dict of Tensor or None
+        The same for the telluric clone's lines (None without one).
+    prior_centers : dict of ndarray or None
+        Line centres (Å) before the fit, keys ``"stellar"`` and ``"telluric"`` (they differ from
+        the fitted ones only when centres are tuned).
     likelihood : blase_specutils.gp.GPContinuumLikelihood or None
-        The fitted GP likelihood (``likelihood="gp"``), or None for χ².
+        The fitted GP likelihood (``likelihood="gp"``), or None for χ² (and always after
+        :meth:`load`).
     pseudo_continuum_flux : ndarray or None
         The GP's conditional mean at the data pixels (see :attr:`pseudo_continuum`).
+
+    Notes
+    -----
+    A telluric-only fit (``stellar=None``) fits no RV and no v sin i: :attr:`rv` and
+    :attr:`vsini` are NaN km/s, the summary's ``rv_kms`` and ``vsini_kms`` are None,
+    :attr:`lines` is the telluric line table, and :meth:`stellar_clone` and
+    :meth:`semi_empirical_template` return None.
     """
 
     def __init__(self, *, model, orders, order_ids, arrays, wavelength, flux, sigma, good, order_of_pixel,
                  model_flux, prior, template, fit, settings, stellar_clone, telluric_clone,
-                 likelihood=None, pseudo_continuum_flux=None) -> None:
+                 likelihood=None, pseudo_continuum_flux=None, telluric_prior=None, prior_centers=None) -> None:
         self.model = model
         self._orders = orders
         self._order_ids = order_ids
@@ -284,6 +465,8 @@ class TransferResult:
         self.order_of_pixel = order_of_pixel
         self.model_flux = model_flux
         self.prior = prior
+        self.telluric_prior = telluric_prior
+        self.prior_centers = prior_centers
         self.template = template
         self.fit = fit
         self.settings = settings
@@ -294,19 +477,40 @@ class TransferResult:
 
     # -------------------------------------------------------------- scalars
     @property
+    def has_stellar(self) -> bool:
+        """Whether the fit has a stellar clone (False: telluric-only)."""
+        return self.model.stellar is not None
+
+    @property
+    def has_telluric(self) -> bool:
+        """Whether the fit has a telluric clone."""
+        return self.model.telluric is not None
+
+    @property
     def rv(self) -> u.Quantity:
-        """Radial velocity."""
+        """Radial velocity (NaN km/s for a telluric-only fit, which fits none)."""
+        if not self.has_stellar:
+            return np.nan * u.km / u.s
         return float(self.model.rv.detach()) * u.km / u.s
 
     @property
     def vsini(self) -> u.Quantity:
-        """Projected rotational velocity v sin i."""
+        """Projected rotational velocity v sin i (NaN km/s for a telluric-only fit)."""
+        if not self.has_stellar:
+            return np.nan * u.km / u.s
         return float(self.model.vsini.detach()) * u.km / u.s
 
     @property
     def resolving_power(self) -> float:
         """Instrumental resolving power R."""
         return float(self.model.resolving_power.detach())
+
+    @property
+    def telluric_power(self) -> float | None:
+        """Beer's-law exponent X of the telluric transmission T^X (None without a telluric clone)."""
+        if not self.has_telluric:
+            return None
+        return float(self.model.telluric_power.detach())
 
     @property
     def n_pixels(self) -> int:
@@ -346,7 +550,8 @@ class TransferResult:
 
     @property
     def model_spectrum(self):
-        """M(λ_D) at the data sampling, as the input's own class (or a SpectrumList of orders)."""
+        """M(λ_D) at the data sampling, as the input's own class (or a SpectrumList of orders;
+        a plain ``Spectrum`` per order after :meth:`load`)."""
         return self._per_order(self.model_flux)
 
     @property
@@ -366,7 +571,8 @@ class TransferResult:
 
     @property
     def gp_hyperparameters(self) -> dict | None:
-        """Fitted GP amplitude (data flux units), length scale and noise scale, or None for χ²."""
+        """Fitted GP amplitude (data flux units), length scale and noise scale, or None for χ²
+        (and after :meth:`load`)."""
         if self.likelihood is None:
             return None
         with torch.no_grad():
@@ -379,62 +585,91 @@ class TransferResult:
         return {"kernel": self.likelihood.kernel_name, "amplitude": amp * unit, "length_scale": ell * u.AA,
                 "noise_scale": beta}
 
-    def stellar_clone(self) -> SpectralClone:
-        """The transfer-learned stellar clone (the fitted lines only), for evaluation anywhere."""
+    def stellar_clone(self) -> SpectralClone | None:
+        """The transfer-learned stellar clone (the fitted lines only), for evaluation anywhere;
+        None for a telluric-only fit."""
+        if not self.has_stellar:
+            return None
         m = self.model.stellar.subset(torch.arange(self.model.stellar.n_lines))
         return SpectralClone(m, meta={"source": "transfer-learned"})
 
-    def semi_empirical_template(self, spectral_axis: u.Quantity | None = None) -> Spectrum:
+    def telluric_clone(self) -> SpectralClone | None:
+        """The (transfer-learned) telluric clone, fitted lines only, *without* the power X (its
+        ``meta["telpower"]`` holds X); None without a telluric clone."""
+        if not self.has_telluric:
+            return None
+        m = self.model.telluric.subset(torch.arange(self.model.telluric.n_lines))
+        return SpectralClone(m, meta={"source": "transfer-learned telluric", "telpower": self.telluric_power})
+
+    def semi_empirical_template(self, spectral_axis: u.Quantity | None = None) -> Spectrum | None:
         """The transfer-learned clone at native resolution, without RV, v sin i or instrument (the
-        paper's "super-resolution" product), on ``spectral_axis`` (default: the model grid λ_Z)."""
+        paper's "super-resolution" product), on ``spectral_axis`` (default: the model grid λ_Z);
+        None for a telluric-only fit (see :meth:`telluric_template`)."""
+        if not self.has_stellar:
+            return None
         axis = self.model.lam_z.cpu().numpy() * u.AA if spectral_axis is None else spectral_axis
         return self.stellar_clone().evaluate(axis)
 
-    def telluric_template(self, spectral_axis: u.Quantity | None = None) -> Spectrum | None:
-        """The telluric clone on ``spectral_axis`` (default λ_Z), or None without one."""
-        if self.model.telluric is None:
+    def telluric_template(self, spectral_axis: u.Quantity | None = None, *, power: bool = True) -> Spectrum | None:
+        """The fitted telluric transmission T^X at native resolution on ``spectral_axis`` (default
+        λ_Z), or None without a telluric clone.
+
+        Parameters
+        ----------
+        spectral_axis : Quantity, optional
+            Where to evaluate (any spectral unit).
+        power : bool
+            Raise the (tuned) telluric clone to the fitted power X (default); False: the clone alone.
+        """
+        if not self.has_telluric:
             return None
         axis = self.model.lam_z.cpu().numpy() * u.AA if spectral_axis is None else spectral_axis
-        return SpectralClone(self.model.telluric).evaluate(axis)
+        spec = SpectralClone(self.model.telluric).evaluate(axis)
+        if not power:
+            return spec
+        return Spectrum(spectral_axis=spec.spectral_axis, flux=np.power(spec.flux.value, self.telluric_power) * u.one,
+                        meta=dict(spec.meta, telluric_power=self.telluric_power))
 
     @property
     def lines(self) -> QTable:
-        """Clone and fitted values per line: amplitude a, σ, γ, equivalent width, and the change."""
-        st = self.model.stellar
-        with torch.no_grad():
-            c = st.lam_centers.cpu().numpy()
-            fit = {k: getattr(st, k).exp().cpu().numpy() for k in ("log_amplitudes", "log_sigmas", "log_gammas")}
-            clo = {k: v.exp().cpu().numpy() for k, v in self.prior.items()}
-        ew_fit = _equivalent_widths(fit["log_amplitudes"], fit["log_sigmas"], fit["log_gammas"], st.mode, st.sign, st.profile)
-        ew_clo = _equivalent_widths(clo["log_amplitudes"], clo["log_sigmas"], clo["log_gammas"], st.mode, st.sign, st.profile)
-        t = QTable()
-        t["center"] = c * u.AA
-        t["amplitude_clone"] = clo["log_amplitudes"] * u.AA
-        t["amplitude_fit"] = fit["log_amplitudes"] * u.AA
-        t["sigma_clone"] = clo["log_sigmas"] * u.AA
-        t["sigma_fit"] = fit["log_sigmas"] * u.AA
-        t["gamma_clone"] = clo["log_gammas"] * u.AA
-        t["gamma_fit"] = fit["log_gammas"] * u.AA
-        t["equivalent_width_clone"] = ew_clo * u.AA
-        t["equivalent_width_fit"] = ew_fit * u.AA
-        t["delta_ln_amplitude"] = np.log(fit["log_amplitudes"] / clo["log_amplitudes"])
-        t["changed"] = np.abs(t["delta_ln_amplitude"]) > 0.01
+        """Clone and fitted values per line: amplitude a, σ, γ, equivalent width, and the change.
+
+        The stellar lines; for a telluric-only fit, the telluric lines (see also
+        :attr:`telluric_lines`)."""
+        if not self.has_stellar:
+            return self.telluric_lines
+        return _line_table(self.model.stellar, self.prior)
+
+    @property
+    def telluric_lines(self) -> QTable | None:
+        """The line table (as :attr:`lines`) of the telluric clone; None without one."""
+        if not self.has_telluric:
+            return None
+        t = _line_table(self.model.telluric, self.telluric_prior)
+        t.meta["telluric_power"] = self.telluric_power
         return t
 
     def summary(self) -> dict:
-        """Numbers for reports and ``--json``."""
-        return {
-            "template_matching": {k: float(v) for k, v in self.template.items()},
-            "rv_kms": float(self.rv.value),
-            "vsini_kms": float(self.vsini.value),
+        """Numbers for reports and ``--json`` (RV and v sin i are None for a telluric-only fit)."""
+        lines = self.lines
+        out = {
+            "components": "+".join(k for k, has in (("stellar", self.has_stellar), ("telluric", self.has_telluric)) if has),
+            "template_matching": {k: None if v is None else float(v) for k, v in self.template.items()},
+            "rv_kms": float(self.rv.value) if self.has_stellar else None,
+            "vsini_kms": float(self.vsini.value) if self.has_stellar else None,
             "resolving_power": self.resolving_power,
             "chi2": self.chi2,
             "chi2_reduced": self.chi2_reduced,
             "rms_residual": self.rms_residual,
             "n_pixels": self.n_pixels,
-            "n_lines": int(self.model.stellar.n_lines),
-            "n_lines_changed": int(np.sum(self.lines["changed"])),
-        } | self._gp_summary()
+            "n_lines": len(lines),
+            "n_lines_changed": int(np.sum(lines["changed"])),
+        }
+        if self.has_telluric:
+            tl = lines if not self.has_stellar else self.telluric_lines
+            out |= {"telluric_power": self.telluric_power, "n_telluric_lines": len(tl),
+                    "n_telluric_lines_changed": int(np.sum(tl["changed"]))}
+        return out | self._gp_summary()
 
     def _gp_summary(self) -> dict:
         hp = self.gp_hyperparameters
@@ -447,15 +682,16 @@ class TransferResult:
     # -------------------------------------------------------------- plot
     def plot(self, *, band=None, title: str | None = None):
         """Data, model and residual (with the GP pseudo-continuum when fitted with one), and the
-        stellar (and telluric) templates (cf. paper Fig. 9)."""
+        stellar and/or telluric templates, clone and transfer-learned (cf. paper Fig. 9)."""
         import matplotlib.pyplot as plt
 
-        ntop = 3 if self.model.telluric is not None else 2
-        fig, ax = plt.subplots(ntop + 1, 1, figsize=(11, 2.2 * (ntop + 1)), sharex=True)
+        n = 2 + int(self.has_stellar) + int(self.has_telluric)
+        fig, ax = plt.subplots(n, 1, figsize=(11, 2.2 * n), sharex=True)
         w = self.wavelength
         sel = np.ones(w.size, bool) if band is None else (w >= band[0].to_value(u.AA)) & (w <= band[1].to_value(u.AA))
         lz = self.model.lam_z.cpu().numpy()
         zsel = (lz >= w[sel].min()) & (lz <= w[sel].max())
+        axis = lz[zsel] * u.AA
         ax[0].plot(w[sel], np.where(self.good, self.flux, np.nan)[sel], ".", ms=2, color="k", label="data")
         ax[0].plot(w[sel], self.model_flux[sel], lw=0.8, color="C1", label="model M(λ_D)")
         ax[0].legend(loc="lower left", fontsize=8)
@@ -467,54 +703,237 @@ class TransferResult:
             ax[1].legend(loc="lower right", fontsize=8)
         ax[1].axhline(0, color="0.5", lw=0.5)
         ax[1].set_ylabel("data − model")
-        ax[1].text(0.01, 0.9, f"χ²_red {self.chi2_reduced:.2f}, RV {self.rv.value:.3f} km/s, "
-                   f"v sin i {self.vsini.value:.2f} km/s", transform=ax[1].transAxes, fontsize=8, va="top")
-        st = self.semi_empirical_template(lz[zsel] * u.AA).flux.value
-        cl = self._stellar_clone.evaluate(lz[zsel] * u.AA).flux.value
-        ax[2].plot(lz[zsel], cl, lw=0.6, color="0.6", label="clone")
-        ax[2].plot(lz[zsel], st, lw=0.7, color="C2", label="transfer-learned")
-        ax[2].set_ylabel("stellar")
-        ax[2].legend(loc="lower left", fontsize=8)
-        if ntop == 3:
-            ax[3].plot(lz[zsel], self.telluric_template(lz[zsel] * u.AA).flux.value, lw=0.6, color="C4")
-            ax[3].set_ylabel("telluric")
+        text = f"χ²_red {self.chi2_reduced:.2f}"
+        if self.has_stellar:
+            text += f", RV {self.rv.value:.3f} km/s, v sin i {self.vsini.value:.2f} km/s"
+        if self.has_telluric:
+            text += f", telluric power X {self.telluric_power:.3f}"
+        ax[1].text(0.01, 0.9, text, transform=ax[1].transAxes, fontsize=8, va="top")
+        k = 2
+        if self.has_stellar:
+            ax[k].plot(lz[zsel], self._stellar_clone.evaluate(axis).flux.value, lw=0.6, color="0.6", label="clone")
+            ax[k].plot(lz[zsel], self.semi_empirical_template(axis).flux.value, lw=0.7, color="C2",
+                       label="transfer-learned")
+            ax[k].set_ylabel("stellar")
+            ax[k].legend(loc="lower left", fontsize=8)
+            k += 1
+        if self.has_telluric:
+            ax[k].plot(lz[zsel], self._telluric_clone.evaluate(axis).flux.value, lw=0.6, color="0.6",
+                       label="clone (X = 1)")
+            ax[k].plot(lz[zsel], self.telluric_template(axis).flux.value, lw=0.7, color="C4",
+                       label=f"transfer-learned, ^X = {self.telluric_power:.3f}")
+            ax[k].set_ylabel("telluric")
+            ax[k].legend(loc="lower left", fontsize=8)
         ax[-1].set_xlabel("wavelength (Å)")
         if title:
             ax[0].set_title(title)
         fig.tight_layout()
         return fig
 
-    # -------------------------------------------------------------- save
+    # -------------------------------------------------------------- save / load
+    def _start_centers(self, fitted: LineCloneModel) -> np.ndarray:
+        """Line centres of ``fitted`` before the fit (they differ only if centres were tuned)."""
+        key = "stellar" if fitted is self.model.stellar else "telluric"
+        c = (self.prior_centers or {}).get(key)
+        return fitted.lam_centers.detach().cpu().numpy() if c is None else np.asarray(c, dtype=np.float64)
+
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write the fit to FITS: the fitted lines (the clone layout), the clone's starting values
-        (``PRIOR``), the data and model (``DATA``), and RV, v sin i, R and χ² in the header. With a
-        GP likelihood, ``DATA`` also holds ``pseudo_continuum`` and the header the GP's kernel
-        (``GPKERNEL``), amplitude (``GPAMP``) and length scale in Å (``GPLENGTH``) when they are
-        shared by all orders."""
+        """Write the fit to one FITS file that :meth:`load` reads back (no pickle).
+
+        HDUs: the fitted lines in the clone layout (primary header, ``LINES``, ``WING``: the
+        stellar clone, or the telluric clone for a telluric-only fit, so that
+        :meth:`SpectralClone.load` reads them); ``PRIOR`` (those lines' starting centres, ln a,
+        ln σ, ln γ); ``DATA`` (wavelength in Å, flux, sigma, good, unmasked, model, order, and
+        ``pseudo_continuum`` with a GP likelihood); with a telluric clone ``TLINES``, ``TWING``
+        and ``TPRIOR`` (the same for the tuned telluric lines); ``CONTINUUM`` (image: the
+        per-order polynomial coefficients); ``TRANSFER`` (one row: RV, ln v sin i, ln R, ln X,
+        the fixed settings of the forward model, the template-matching numbers and the stage
+        χ²; the fit settings as JSON in its ``SETTINGS`` keyword); ``ORDERS`` (user order index,
+        pixels, spectral and flux units per order). The primary header also carries RV (km/s),
+        v sin i, R, X (``TELPOWER``) and χ², ``FITKIND = 'transfer'`` and ``TRFMTVER``. With a GP
+        likelihood the header holds its kernel (``GPKERNEL``), amplitude (``GPAMP``) and length
+        scale in Å (``GPLENGTH``) when shared by all orders. Float64 values round-trip exactly.
+        """
         path = Path(path)
-        clone = self.stellar_clone()
-        clone.meta.update({"rv_kms": float(self.rv.value), "vsini": float(self.vsini.value),
-                           "r": self.resolving_power, "chi2": self.chi2, "chi2red": self.chi2_reduced})
+        clone = self.stellar_clone() if self.has_stellar else self.telluric_clone()
+        main_model = self.model.stellar if self.has_stellar else self.model.telluric
+        main_prior = self.prior if self.has_stellar else self.telluric_prior
+        meta = {"r": self.resolving_power, "chi2": self.chi2, "chi2red": self.chi2_reduced}
+        if self.has_stellar:
+            meta |= {"rv_kms": float(self.rv.value), "vsini": float(self.vsini.value)}
+        if self.has_telluric:
+            meta["telpower"] = self.telluric_power
+        clone.meta.update(meta)
         tmp = clone.save(path, overwrite=overwrite, include_target=False)
+        m = self.model
         with fits.open(tmp, mode="update") as hdul:
             hdr = hdul[0].header
             hdr["FITKIND"] = ("transfer", "blase_specutils transfer-learning result")
-            hdul.append(fits.BinTableHDU.from_columns(
-                [fits.Column(k, "D", array=v.cpu().numpy()) for k, v in self.prior.items()], name="PRIOR"))
+            hdr["TRFMTVER"] = (RESULT_FORMAT_VERSION, "layout version of the transfer result")
+            hdr["HASSTEL"] = (self.has_stellar, "a stellar clone was fitted (LINES holds it)")
+            hdr["HASTELL"] = (self.has_telluric, "a telluric clone was fitted (TLINES holds it)")
+            hdul.append(_prior_hdu(main_prior, self._start_centers(main_model), "PRIOR"))
             columns = [
                 fits.Column("wavelength", "D", unit="Angstrom", array=self.wavelength),
                 fits.Column("flux", "D", array=self.flux),
                 fits.Column("sigma", "D", array=self.sigma),
                 fits.Column("good", "L", array=self.good),
+                fits.Column("unmasked", "L", array=np.concatenate([a.good for a in self._arrays])),
                 fits.Column("model", "D", array=self.model_flux),
                 fits.Column("order", "K", array=self.order_of_pixel.astype(np.int64)),
             ]
             if self.pseudo_continuum_flux is not None:
                 columns.append(fits.Column("pseudo_continuum", "D", array=self.pseudo_continuum_flux))
                 hp = self.gp_hyperparameters
-                hdr["GPKERNEL"] = (hp["kernel"], "GP pseudo-continuum likelihood kernel")
-                if np.ndim(hp["amplitude"]) == 0:
-                    hdr["GPAMP"] = (float(hp["amplitude"].value), "GP amplitude, data flux units")
-                    hdr["GPLENGTH"] = (float(hp["length_scale"].to_value(u.AA)), "GP length scale, Angstrom")
+                if hp is not None:
+                    hdr["GPKERNEL"] = (hp["kernel"], "GP pseudo-continuum likelihood kernel")
+                    if np.ndim(hp["amplitude"]) == 0:
+                        hdr["GPAMP"] = (float(hp["amplitude"].value), "GP amplitude, data flux units")
+                        hdr["GPLENGTH"] = (float(hp["length_scale"].to_value(u.AA)), "GP length scale, Angstrom")
             hdul.append(fits.BinTableHDU.from_columns(columns, name="DATA"))
+            if self.has_telluric:
+                hdul.extend(_lines_hdus(m.telluric, "T"))
+                hdul.append(_prior_hdu(self.telluric_prior, self._start_centers(m.telluric), "TPRIOR"))
+            hdul.append(fits.ImageHDU(m.continuum_coeffs.detach().cpu().numpy().astype(np.float64), name="CONTINUUM"))
+            tm = self.template
+            row = {
+                "rv": float(m.rv.detach()), "log_vsini": float(m.rot.log_vsini.detach()),
+                "log_resolving_power": float(m.inst.log_resolving_power.detach()),
+                "log_telluric_power": float(m.log_telluric_power.detach()),
+                "limb_darkening": m.rot.limb_darkening, "dv": m.rot.dv, "max_vsini": m.rot.max_vsini,
+                "lsf_half_width": m.inst.half_width, "max_rv": m.max_rv,
+                **{f"template_{k}": _nan_if_none(tm.get(k)) for k in _TEMPLATE_KEYS},
+                **{f"chi2_{k}": _nan_if_none(self.fit.chi2.get(k)) for k in ("start", "template", "lines")},
+            }
+            cols = [fits.Column(k, "D", array=np.array([v], dtype=np.float64)) for k, v in row.items()]
+            cols.append(fits.Column("continuum_degree", "K", array=np.array([m._powers.shape[1] - 1])))
+            tab = fits.BinTableHDU.from_columns(cols, name="TRANSFER")
+            tab.header["SETTINGS"] = json.dumps(self.settings)
+            hdul.append(tab)
+            units = [(k, a.wavelength.size, a.spectral_unit.to_string(), a.flux_unit.to_string())
+                     for k, a in zip(self._order_ids, self._arrays)]
+            width = max(8, *(len(x[2]) for x in units), *(len(x[3]) for x in units))
+            hdul.append(fits.BinTableHDU.from_columns([
+                fits.Column("order", "K", array=np.array([x[0] for x in units], dtype=np.int64)),
+                fits.Column("n_pixels", "K", array=np.array([x[1] for x in units], dtype=np.int64)),
+                fits.Column("spectral_unit", f"{width}A", array=np.array([x[2] for x in units])),
+                fits.Column("flux_unit", f"{width}A", array=np.array([x[3] for x in units])),
+            ], name="ORDERS"))
         return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "cpu") -> "TransferResult":
+        """Read a result written by :meth:`save` and rebuild its forward model.
+
+        The lines, RV, v sin i, R, telluric power, continuum and the data come back exactly, so
+        :attr:`rv`, :attr:`vsini`, :attr:`resolving_power`, :attr:`chi2`, :attr:`lines`,
+        :attr:`telluric_lines`, :attr:`model_spectrum`, :attr:`residual`,
+        :meth:`semi_empirical_template`, :meth:`telluric_template`, :meth:`plot` and
+        :meth:`summary` work as before saving. Differences: each order comes back as a plain
+        ``Spectrum`` (the input's class, e.g. muler's, is not stored), ``model_flux`` is the saved
+        model (the rebuilt model is checked against it; a warning if they differ by more than
+        1e-8), ``fit`` keeps only the χ² of the stages (no loss histories), and a GP likelihood
+        is not restored (``likelihood`` and :attr:`gp_hyperparameters` are None; the
+        pseudo-continuum is kept). The "clone" curves of :meth:`plot` use the saved starting
+        values of the fitted lines.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such file.
+        ValueError
+            Not a transfer-learning result, or one written without the ``TRANSFER`` table (by an
+            older version: refit and save again).
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no fit result at {path}")
+        dev = resolve_device(device)
+        main = SpectralClone.load(path, device=dev)
+        with fits.open(path, memmap=False) as hdul:
+            hdr = hdul[0].header
+            if hdr.get("FITKIND") != "transfer":
+                raise ValueError(f"{path} is a clone file, not a transfer-learning result (no FITKIND='transfer')")
+            if "TRANSFER" not in hdul or int(hdr.get("TRFMTVER", 1)) < 2:
+                raise ValueError(f"{path} was written by an older blase_specutils without the TRANSFER table; "
+                                 "it cannot be rebuilt: fit again and save")
+            try:
+                has_st, has_tel = bool(hdr["HASSTEL"]), bool(hdr["HASTELL"])
+                main_prior, main_centers = _prior_from_hdu(hdul["PRIOR"], dev)
+                d = hdul["DATA"].data
+                wl = np.array(d["wavelength"], dtype=np.float64)
+                flux = np.array(d["flux"], dtype=np.float64)
+                sigma = np.array(d["sigma"], dtype=np.float64)
+                good = np.array(d["good"], dtype=bool)
+                unmasked = np.array(d["unmasked"], dtype=bool)
+                model_flux = np.array(d["model"], dtype=np.float64)
+                oid = np.array(d["order"], dtype=np.int64)
+                pseudo = np.array(d["pseudo_continuum"], dtype=np.float64) if "pseudo_continuum" in d.columns.names else None
+                tel_model, tel_prior, tel_centers = None, None, None
+                if has_tel:
+                    tel_model = _model_from_hdus(hdul["TLINES"], hdul["TWING"], dev)
+                    tel_prior, tel_centers = _prior_from_hdu(hdul["TPRIOR"], dev)
+                coeffs = np.array(hdul["CONTINUUM"].data, dtype=np.float64)
+                tr = hdul["TRANSFER"]
+                row = {k: tr.data[k][0] for k in tr.columns.names}
+                settings = json.loads(tr.header.get("SETTINGS", "{}"))
+                od = hdul["ORDERS"].data
+                order_ids = [int(k) for k in od["order"]]
+                npix = [int(n) for n in od["n_pixels"]]
+                sunits = [u.Unit(str(s).strip() or "") for s in od["spectral_unit"]]
+                funits = [u.Unit(str(s).strip() or "") for s in od["flux_unit"]]
+            except KeyError as err:
+                raise ValueError(f"{path} is not a complete transfer-learning result: {err}") from err
+        st_model = main.model if has_st else None
+        max_vsini = float(row["max_vsini"])
+        model = TransferModel(
+            st_model, wl, order_index=oid, telluric=tel_model, rv=float(row["rv"]),
+            vsini=min(math.exp(float(row["log_vsini"])), max_vsini), resolving_power=math.exp(float(row["log_resolving_power"])),
+            limb_darkening=float(row["limb_darkening"]), continuum_degree=int(row["continuum_degree"]),
+            dv=float(row["dv"]), max_vsini=max_vsini, max_rv=float(row["max_rv"]),
+            lsf_half_width=float(row["lsf_half_width"]),
+        ).to(dev)
+        with torch.no_grad():
+            model.rv.fill_(float(row["rv"]))
+            model.rot.log_vsini.fill_(float(row["log_vsini"]))
+            model.inst.log_resolving_power.fill_(float(row["log_resolving_power"]))
+            model.log_telluric_power.fill_(float(row["log_telluric_power"]))
+            model.continuum_coeffs.copy_(torch.as_tensor(coeffs))
+            rebuilt = model().cpu().numpy()
+        scale = max(1.0, float(np.nanmax(np.abs(model_flux))))
+        if not np.allclose(rebuilt, model_flux, rtol=0.0, atol=1e-8 * scale):
+            warnings.warn(
+                f"the rebuilt model of {path.name} differs from the saved one by up to "
+                f"{np.nanmax(np.abs(rebuilt - model_flux)):.3g} (a different blase_specutils version?); the saved "
+                "model is used for model_spectrum and chi2",
+                UserWarning, stacklevel=2,
+            )
+        arrays, orders, start = [], [None] * (max(order_ids) + 1), 0
+        for k, n, su, fu in zip(order_ids, npix, sunits, funits):
+            sl = slice(start, start + n)
+            start += n
+            arr = SpectrumArrays(wavelength=wl[sl], flux=flux[sl], uncertainty=sigma[sl], good=unmasked[sl],
+                                 flux_unit=fu, reversed=False, spectral_unit=su)
+            arrays.append(arr)
+            orders[k] = arrays_to_spectrum(wl[sl], flux[sl], flux_unit=fu, uncertainty=sigma[sl], mask=~unmasked[sl],
+                                           like=Spectrum(spectral_axis=[1.0, 2.0] * su, flux=[1.0, 1.0] * fu))
+        template = {k: row[f"template_{k}"] for k in _TEMPLATE_KEYS}
+        template = {k: _none_if_nan(v) for k, v in template.items()}
+        fit = TransferFit()
+        fit.chi2 = {k: float(row[f"chi2_{k}"]) for k in ("start", "template", "lines")
+                    if not math.isnan(float(row[f"chi2_{k}"]))}
+        prior = main_prior if has_st else {}
+        if not has_tel:
+            tel_prior = None
+        stellar_clone = SpectralClone(_clone_at(st_model, main_prior, main_centers)) if has_st else None
+        telluric_clone = SpectralClone(_clone_at(tel_model, tel_prior, tel_centers)) if has_tel else None
+        return cls(model=model, orders=orders, order_ids=order_ids, arrays=arrays, wavelength=wl, flux=flux,
+                   sigma=sigma, good=good, order_of_pixel=oid, model_flux=model_flux, prior=prior, template=template,
+                   fit=fit, settings=settings, stellar_clone=stellar_clone, telluric_clone=telluric_clone,
+                   likelihood=None, pseudo_continuum_flux=pseudo, telluric_prior=tel_prior,
+                   prior_centers={k: c for k, c in (("stellar", main_centers if has_st else None),
+                                                    ("telluric", tel_centers)) if c is not None})
+
+
+#: Keys of :attr:`TransferResult.template`.
+_TEMPLATE_KEYS = ("chi2", "chi2_reduced", "rv", "vsini", "resolving_power", "telluric_power")

@@ -46,3 +46,31 @@ def phoenix_subband_clone(phoenix_10k):
 
     return clone_spectrum(phoenix_10k, band=(10500, 10650) * u.AA, buffer=10 * u.AA, teff=10000 * u.K,
                           prominence=0.01, epochs=150, progress=False)
+
+
+@pytest.fixture(scope="session")
+def telfit_window_clone():
+    """A real clone of 40 Å of muler's TelFit telluric template (water lines near 9085 Å), centres
+    tuned (the template is sampled at HPF pixels, so detected centres sit on that grid), 80 epochs."""
+    import astropy.units as u
+
+    from blase_specutils import clone_spectrum, load_template
+
+    return clone_spectrum(load_template("telfit-hpf"), band=(9065, 9105) * u.AA, buffer=5 * u.AA, flatten=False,
+                          prominence=0.01, epochs=80, progress=False,
+                          tune=("amplitude", "sigma", "gamma", "center"))
+
+
+@pytest.fixture(scope="session")
+def hr4829_water_window():
+    """30 Å of the HR 4829 HPF Goldilocks order 8 (9070-9100 Å, water lines, no stellar lines),
+    reduced with muler's remove_nans().deblaze().normalize()."""
+    import numpy as np
+
+    from blase_specutils.io import read_orders
+
+    path = _need(SHARED_DATA / "hpf" / "Goldilocks_20210517T054403_v1.0_0060.spectra.fits")
+    s = read_orders(path, [8])[0]
+    w = s.spectral_axis.to_value("AA")
+    idx = np.flatnonzero((w > 9070.0) & (w < 9100.0))
+    return s[int(idx[0]) : int(idx[-1]) + 1]

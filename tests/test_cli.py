@@ -91,3 +91,38 @@ def test_fit_bad_arguments(tmp_path, blase03_clone_path):
         main(["fit", str(blase03_clone_path), "--stellar", str(tmp_path / "none.fits")])
     with pytest.raises(SystemExit, match="no data file"):
         main(["fit", str(tmp_path / "none.fits"), "--stellar", str(blase03_clone_path)])
+
+
+def test_fit_telluric_only(tmp_path, capsys, telfit_window_clone, hr4829_water_window):
+    """``fit DATA --telluric CLONE`` without --stellar: a telluric-only fit; RV and v sin i are null."""
+    from astropy.nddata import StdDevUncertainty
+    from specutils import Spectrum
+
+    from blase_specutils import TransferResult
+
+    clone_path = telfit_window_clone.save(tmp_path / "telfit_window.fits")
+    d = hr4829_water_window
+    data = tmp_path / "hr4829_window.fits"
+    Spectrum(spectral_axis=d.spectral_axis, flux=d.flux,
+             uncertainty=StdDevUncertainty(d.uncertainty.array)).write(data, format="tabular-fits")
+    rc = main(["fit", str(data), "--telluric", str(clone_path), "--epochs", "60", "--tune-telluric", "-o",
+               str(tmp_path / "out"), "--json"])
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["components"] == "telluric" and s["rv_kms"] is None and s["vsini_kms"] is None
+    assert s["template_matching"]["rv"] is None and s["telluric_power"] > 0
+    assert s["chi2_reduced"] < s["template_matching"]["chi2_reduced"]
+    assert s["n_lines"] == telfit_window_clone.n_lines
+    back = TransferResult.load(s["result_file"])
+    assert back.chi2_reduced == pytest.approx(s["chi2_reduced"], rel=1e-12)
+    # the human-readable report copes with the missing RV
+    rc = main(["fit", str(data), "--telluric", str(clone_path), "--template-only", "-o", str(tmp_path / "out2")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "RV n/a" in out and "telluric power" in out
+
+
+def test_fit_needs_a_clone(tmp_path, capsys, blase03_clone_path):
+    rc = main(["fit", str(blase03_clone_path), "-o", str(tmp_path)])
+    assert rc == 2
+    assert "--stellar CLONE, --telluric CLONE, or both" in capsys.readouterr().err

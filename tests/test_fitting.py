@@ -92,3 +92,143 @@ def test_der_snr_estimate_on_pure_noise():
 
     gen = np.random.default_rng(3)
     assert _noise_from_flux(1.0 + gen.normal(0, 0.004, 20000)) == pytest.approx(0.004, rel=0.03)
+
+
+# ---------------------------------------------------------------- tellurics: power, telluric-only fits, save/load
+def _simulate_tellurics(clone, power, snr=200.0, seed=1):
+    """HPF-like pixels (0.07 Å) over 9070-9100 Å from a telluric clone raised to ``power``, R = 55,000."""
+    import torch
+
+    from blase_specutils.core.transfer import TransferModel
+
+    wl = np.arange(9070.0, 9100.0, 0.07)
+    sim = TransferModel(None, wl, telluric=clone.model.subset(torch.arange(clone.n_lines)), telluric_power=power,
+                        resolving_power=55000.0, continuum_degree=1)
+    with torch.no_grad():
+        sim.continuum_coeffs[0, 1] = 0.01  # a slight tilt of the continuum
+        flux = sim().numpy()
+    gen = np.random.default_rng(seed)
+    return Spectrum(spectral_axis=wl * u.AA, flux=(flux + gen.normal(0.0, 1.0 / snr, wl.size)) * u.one,
+                    uncertainty=StdDevUncertainty(np.full(wl.size, 1.0 / snr)))
+
+
+def test_telluric_power_recovers_injected_value(telfit_window_clone):
+    """Data made from the telluric clone raised to X = 1.6 (S/N 200): template matching finds X."""
+    data = _simulate_tellurics(telfit_window_clone, 1.6)
+    r = fit_spectrum(data, None, telluric=telfit_window_clone, resolving_power=55000.0, continuum_degree=1,
+                     template_epochs=150, line_epochs=0, progress=False)
+    assert r.telluric_power == pytest.approx(1.6, rel=0.02)
+    assert r.template["telluric_power"] == pytest.approx(r.telluric_power)
+    assert r.chi2_reduced < 1.2
+    fixed = fit_spectrum(data, None, telluric=telfit_window_clone, resolving_power=55000.0, continuum_degree=1,
+                         template_epochs=150, line_epochs=0, tune_telluric_power=False, progress=False)
+    assert fixed.telluric_power == 1.0
+    assert fixed.chi2_reduced > 10 * r.chi2_reduced
+
+
+@pytest.fixture(scope="module")
+def hr4829_telluric_fit(hr4829_water_window, telfit_window_clone):
+    return fit_spectrum(hr4829_water_window, None, telluric=telfit_window_clone, resolving_power=55000.0,
+                        template_epochs=100, line_epochs=150, progress=False)
+
+
+def test_telluric_only_fit_of_hr4829(hr4829_telluric_fit, hr4829_water_window, telfit_window_clone, tmp_path):
+    r = hr4829_telluric_fit
+    assert not r.has_stellar and r.has_telluric
+    s = r.summary()
+    assert s["components"] == "telluric" and s["rv_kms"] is None and s["vsini_kms"] is None
+    assert s["template_matching"]["rv"] is None and np.isnan(r.rv.value) and np.isnan(r.vsini.value)
+    # tuning the telluric amplitudes (the default of a telluric-only fit) beats template matching
+    assert r.settings["tune_telluric"] == "amplitude"
+    assert r.chi2 < 0.5 * r.template["chi2"]
+    assert s["n_lines_changed"] > 0 and s["n_telluric_lines"] == s["n_lines"] == r.model.telluric.n_lines
+    assert np.array_equal(r.lines["amplitude_fit"], r.telluric_lines["amplitude_fit"])
+    assert r.stellar_clone() is None and r.semi_empirical_template() is None
+    t = r.telluric_template()
+    assert np.all(t.flux.value <= 1.0) and np.all(t.flux.value >= 0.0)
+    raw = r.telluric_template(power=False).flux.value
+    np.testing.assert_allclose(t.flux.value, raw ** r.telluric_power, rtol=1e-12, atol=1e-300)
+    assert isinstance(r.model_spectrum, type(hr4829_water_window))
+    r.plot().savefig(tmp_path / "tellurics.png")
+
+
+def test_neither_clone_raises(telfit_window_clone):
+    from blase_specutils.core.transfer import TransferModel
+
+    data = _simulate_tellurics(telfit_window_clone, 1.0)
+    with pytest.raises(ValueError, match="stellar clone, a telluric clone"):
+        fit_spectrum(data, None, progress=False)
+    with pytest.raises(ValueError, match="stellar clone, a telluric clone"):
+        TransferModel(None, np.arange(9070.0, 9080.0, 0.07))
+    with pytest.raises(TypeError, match="telluric must be a SpectralClone"):
+        fit_spectrum(data, None, telluric="telfit.fits", progress=False)
+    far = Spectrum(spectral_axis=data.spectral_axis + 3000 * u.AA, flux=data.flux, uncertainty=data.uncertainty)
+    with pytest.raises(ValueError, match="telluric clone has no lines"):
+        fit_spectrum(far, None, telluric=telfit_window_clone, progress=False)
+
+
+def _assert_round_trip(r: TransferResult, path) -> TransferResult:
+    import torch
+
+    r.save(path)
+    back = TransferResult.load(path)
+    for name in ("chi2", "chi2_reduced", "resolving_power", "telluric_power", "n_pixels", "rms_residual"):
+        assert getattr(back, name) == getattr(r, name), name
+    for name in ("rv", "vsini"):
+        a, b = getattr(r, name).value, getattr(back, name).value
+        assert (np.isnan(a) and np.isnan(b)) or a == b, name
+    assert back.template == r.template
+    assert back.summary() == r.summary()
+    with torch.no_grad():
+        np.testing.assert_allclose(back.model().numpy(), r.model_flux, rtol=0, atol=1e-10)
+    np.testing.assert_array_equal(back.model_flux, r.model_flux)
+    for got, want in ((back.lines, r.lines), (back.telluric_lines, r.telluric_lines)):
+        if want is None:
+            assert got is None
+            continue
+        assert got.colnames == want.colnames
+        for c in want.colnames:
+            np.testing.assert_array_equal(np.asarray(got[c]), np.asarray(want[c]), err_msg=c)
+    m1, m0 = back.model_spectrum, r.model_spectrum
+    assert isinstance(m1, Spectrum) and m1.spectral_axis.unit == m0.spectral_axis.unit
+    np.testing.assert_array_equal(m1.flux.value, m0.flux.value)
+    np.testing.assert_array_equal(back.residual.flux.value, r.residual.flux.value)
+    for f in ("semi_empirical_template", "telluric_template"):
+        a, b = getattr(r, f)(), getattr(back, f)()
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_allclose(b.flux.value, a.flux.value, rtol=0, atol=1e-12)
+    back.plot()
+    return back
+
+
+def test_save_load_round_trip_telluric_only(hr4829_telluric_fit, tmp_path):
+    back = _assert_round_trip(hr4829_telluric_fit, tmp_path / "tellurics.fits")
+    assert back.settings == hr4829_telluric_fit.settings
+    assert back.fit.chi2 == hr4829_telluric_fit.fit.chi2
+
+
+def test_save_load_round_trip_stellar(template_fit, tmp_path):
+    _assert_round_trip(template_fit, tmp_path / "wasp69.fits")
+
+
+def test_save_load_round_trip_stellar_and_telluric(telfit_window_clone, tmp_path):
+    """Both clones, both tuned (the telluric clone also stands in as the 'stellar' one here, RV-shifted)."""
+    from blase_specutils import SpectralClone
+
+    data = _simulate_tellurics(telfit_window_clone, 1.3)
+    r = fit_spectrum(data, telfit_window_clone, telluric=telfit_window_clone, rv=3.0, vsini=2.0,
+                     resolving_power=55000.0, template_epochs=15, line_epochs=15, tune_lines=("amplitude", "center"),
+                     tune_telluric=("amplitude",), progress=False)
+    assert r.summary()["components"] == "stellar+telluric"
+    assert r.summary()["n_lines_changed"] > 0 and r.summary()["n_telluric_lines_changed"] > 0
+    back = _assert_round_trip(r, tmp_path / "both.fits")
+    np.testing.assert_array_equal(back.prior_centers["stellar"], r.prior_centers["stellar"])
+    clone = SpectralClone.load(tmp_path / "both.fits")  # still a clone file: the stellar lines
+    assert clone.n_lines == r.model.stellar.n_lines and clone.meta["telpower"] == pytest.approx(r.telluric_power)
+
+
+def test_load_rejects_a_plain_clone(telfit_window_clone, tmp_path):
+    path = telfit_window_clone.save(tmp_path / "clone.fits")
+    with pytest.raises(ValueError, match="not a transfer-learning result"):
+        TransferResult.load(path)

@@ -666,6 +666,9 @@ class InstrumentalBroadening(nn.Module):
         Velocity step of the log-λ grid (km/s).
     half_width : float, optional
         Fixed kernel half width (km/s); default :math:`6\sigma_v` at 0.75 × the initial R.
+        The kernel must span at least :math:`3\sigma_v`, so R is held at
+        :attr:`min_resolving_power` (0.375 × the initial R by default) if the optimiser pushes
+        it lower, as v sin i is held at ``max_vsini``.
     tune : bool
         Whether :math:`\ln R` requires grad (default False: R is usually known).
     """
@@ -696,9 +699,14 @@ class InstrumentalBroadening(nn.Module):
         gaussian_lsf_kernel(r, self.dv, half_width=self.half_width)  # validate now
 
     @property
+    def min_resolving_power(self) -> float:
+        """Smallest R the fixed kernel represents (3 σ_v = half width), plus a hair."""
+        return SPEED_OF_LIGHT_KMS / (FWHM_PER_SIGMA * self.half_width / 3.0) * (1.0 + 1e-9)
+
+    @property
     def resolving_power(self) -> Tensor:
-        """R."""
-        return self.log_resolving_power.exp()
+        """R, held at :attr:`min_resolving_power` if the parameter goes below it."""
+        return self.log_resolving_power.clamp(min=math.log(self.min_resolving_power)).exp()
 
     def kernel(self) -> Tensor:
         """The current kernel g(R) (fixed length)."""

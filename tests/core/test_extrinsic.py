@@ -329,6 +329,21 @@ def test_broadening_modules():
         InstrumentalBroadening(-1.0)
 
 
+def test_tuned_resolving_power_is_held_at_the_kernel_limit():
+    """An optimiser pushing R below what the fixed kernel spans gets R_min, not an exception."""
+    flux = 1 - 0.3 * torch.rand(300, generator=torch.Generator().manual_seed(5), dtype=F64)
+    ins = InstrumentalBroadening(45000.0, 0.5, tune=True)
+    assert ins.min_resolving_power == pytest.approx(0.375 * 45000.0, rel=1e-8)
+    assert float(ins.resolving_power) == pytest.approx(45000.0, rel=1e-15)
+    with torch.no_grad():
+        ins.log_resolving_power.fill_(math.log(5000.0))
+    assert float(ins.resolving_power) == pytest.approx(ins.min_resolving_power, rel=1e-12)
+    out = ins(flux)
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    assert float(ins.log_resolving_power.grad) == 0.0
+
+
 # ---------------------------------------------------------------------------------- resampling
 def test_pixel_edges_contiguous_and_with_gaps():
     lo, hi = pixel_edges(torch.tensor([10.0, 11.0, 12.0, 13.0]))

@@ -90,3 +90,76 @@ def test_bad_inputs(region_clone):
 
         resample_to_pixels(torch.linspace(8700, 8710, 100, dtype=F64), torch.ones(100, dtype=F64),
                            torch.tensor([8709.0, 8711.0], dtype=F64), torch.tensor([8710.0, 8712.0], dtype=F64))
+
+
+# ---------------------------------------------------------------- tellurics
+def _copy(clone):
+    return clone.subset(torch.arange(clone.n_lines))
+
+
+def test_telluric_power_is_beers_law(region_clone):
+    """T^X from the clone's log flux: X = 1 is the clone bit for bit, X = 2 its square; saturated
+    lines stay finite with finite gradients."""
+    wl = np.arange(8705.0, 8735.0, 0.064)
+    tel = _copy(region_clone)
+    model = TransferModel(None, wl, telluric=tel, continuum_degree=0)
+    assert model.log_telluric_power.requires_grad and not model.rv.requires_grad
+    assert not model.rot.log_vsini.requires_grad and model.extrinsic() is None
+    with torch.no_grad():
+        t1 = model.joint()
+        assert torch.equal(t1, tel(model.lam_z))
+        model.log_telluric_power.fill_(np.log(2.0))
+        torch.testing.assert_close(model.joint(), t1**2, rtol=1e-12, atol=0)
+    # saturate: every line 1000x deeper, so the transmission reaches the 1e-12 floor of each line
+    with torch.no_grad():
+        tel.log_amplitudes += np.log(1000.0)
+    out = model()
+    assert torch.isfinite(out).all() and float(model.joint().min()) < 1e-12
+    out.sum().backward()
+    assert torch.isfinite(model.log_telluric_power.grad)
+    with pytest.raises(ValueError, match="no RV to scan"):
+        model.scan_rv(out.detach(), torch.ones_like(out), [0.0])
+    with pytest.raises(ValueError, match="telluric_power"):
+        TransferModel(None, wl, telluric=tel, telluric_power=0.0)
+
+
+def test_stellar_model_without_telluric_is_unchanged(region_clone):
+    """No telluric clone: the power parameter exists, is frozen and changes nothing."""
+    wl = np.arange(8705.0, 8735.0, 0.064)
+    model = TransferModel(_copy(region_clone), wl, rv=3.0)
+    assert not model.log_telluric_power.requires_grad and model.telluric_transmission() is None
+    with torch.no_grad():
+        ref = model.resampler(model.inst(model.rot(model.stellar(model.lam_z, model.rv)))) * model.continuum()
+        assert torch.equal(model(), ref)
+
+
+def test_telluric_line_pull_and_stage_control(region_clone):
+    """The telluric lines get their own L1 pull; fit_transfer tunes X in both stages and the telluric
+    lines only when asked, never shifts them by the RV, and restores the frozen/tuned state."""
+    wl = np.arange(8705.0, 8735.0, 0.064)
+    model = TransferModel(None, wl, telluric=_copy(region_clone), continuum_degree=0)
+    tel = model.telluric
+    prior = tel.log_amplitudes.detach().clone()
+    tel.set_tuned(["amplitude"])
+    with torch.no_grad():
+        tel.log_amplitudes += 0.5
+    data = torch.ones(model.lam_d.numel(), dtype=F64)
+    w = torch.zeros_like(data)
+    loss = transfer_loss(model, data, w, telluric_log_amp_prior=prior, telluric_regularization=4.0)
+    assert float(loss) == pytest.approx(0.5 * tel.n_lines / 4.0, rel=1e-12)
+    assert float(transfer_loss(model, data, w, telluric_log_amp_prior=prior, telluric_regularization=None)) == 0.0
+    # simulate X = 1.5 and fit
+    with torch.no_grad():
+        tel.log_amplitudes.copy_(prior)
+        model.log_telluric_power.fill_(np.log(1.5))
+        sim = model().clone()
+        model.log_telluric_power.fill_(0.0)
+    tel.set_tuned(())
+    centers = tel.lam_centers.detach().clone()
+    fit = fit_transfer(model, sim, torch.full_like(sim, 1e4), template_epochs=80, line_epochs=20,
+                       tune_telluric=("amplitude",), telluric_power_scan=[0.5, 1.0, 1.5, 2.0], progress=False)
+    assert fit.telluric_power_scan[0][np.argmin(fit.telluric_power_scan[1])] == 1.5
+    assert float(model.telluric_power) == pytest.approx(1.5, rel=0.01)
+    assert tel.tuned == () and model.log_telluric_power.requires_grad
+    assert torch.equal(tel.lam_centers, centers) and float(model.rv) == 0.0
+    assert "lines" in fit.stages and fit.chi2["template"] < 1e-2 * fit.chi2["start"] + 1e-6
