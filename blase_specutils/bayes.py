@@ -1093,6 +1093,10 @@ def sample_posterior(
         noise_scale = math.sqrt(max(result.chi2_reduced, 1e-12))
     noise_scale = _positive("noise_scale", noise_scale)
     model = result.model
+    if getattr(model, "stellar", None) is None:
+        raise ValueError(
+            "sample_posterior needs a fit with a stellar clone (its lines, RV and v sin i are the latent "
+            "variables); telluric-only fits are not supported yet")
     if tune_resolving_power is None:
         tune_resolving_power = bool(model.inst.log_resolving_power.requires_grad)
     if seed is not None:

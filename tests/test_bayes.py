@@ -369,3 +369,10 @@ def test_posterior_on_gpu(sim):
     p = sample_posterior(r, "normal", num_steps=50, num_samples=50, progress=False)
     assert p.settings["device"].startswith("cuda")
     assert np.isfinite(p.samples["ln_amplitude"]).all()
+
+
+def test_telluric_only_fit_is_rejected_clearly(telfit_window_clone, hr4829_water_window):
+    fit = fit_spectrum(hr4829_water_window, telluric=telfit_window_clone, template_epochs=20, line_epochs=0,
+                       progress=False)
+    with pytest.raises(ValueError, match="stellar clone"):
+        sample_posterior(fit, num_steps=5, progress=False)
