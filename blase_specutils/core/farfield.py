@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .cpu_kernel import HAVE_NUMBA, interpolate_cpu
+
 __all__ = ["FarFieldSettings", "far_field", "residual_half_widths"]
 
 
@@ -143,7 +145,10 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     conv = torch.fft.irfft(spec, nfft)[n - 1 : 2 * n - 1]
     # Lagrange interpolation of the same order to the pixels (fixed weights, cached per grid)
     idx, iw = _interpolation_plan(wavelength, lo, dx, n, m, grid_c.dtype)
-    val = (conv[idx] * iw).sum(1)
+    if conv.device.type == "cpu" and HAVE_NUMBA:
+        val = interpolate_cpu(conv, idx[:, 0], iw)
+    else:
+        val = (conv[idx] * iw).sum(1)
     if outside is not None:
         val = val + _direct_sum(wavelength, centers[outside], c_all[outside], e_all[outside], b).to(val.dtype)
     return -val

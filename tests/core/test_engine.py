@@ -295,3 +295,15 @@ def test_unknown_kernel_is_rejected():
     c, a, s, g = _lines(n=3)
     with pytest.raises(ValueError, match="kernel"):
         windowed_log_flux(GRID, c, a, s, g, profile=pseudo_voigt, kernel="cuda")
+
+
+def test_compiled_interpolation_matches_gather_and_gradcheck():
+    from blase_specutils.core.cpu_kernel import interpolate_cpu
+
+    gen = torch.Generator().manual_seed(5)
+    conv = torch.randn(40, dtype=F64, generator=gen, requires_grad=True)
+    i0 = torch.randint(0, 34, (25,), generator=gen)
+    w = torch.randn(25, 6, dtype=F64, generator=gen)
+    idx = i0[:, None] + torch.arange(6)
+    torch.testing.assert_close(interpolate_cpu(conv, i0, w), (conv[idx] * w).sum(1), rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda c: interpolate_cpu(c, i0, w), (conv,))
