@@ -187,20 +187,18 @@ if HAVE_NUMBA:
 else:  # pragma: no cover
     _forward = _backward = _interp_forward = _interp_backward = None
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
+_POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
 
 
 def _pool(size: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
+    """A thread pool of ``size`` workers, kept for the life of the process (one per size, so that
+    callers in other threads never see a pool shut down under them)."""
     with _POOL_LOCK:
-        if _POOL is None or _POOL_SIZE != size:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=size, thread_name_prefix="blase-cpu")
-            _POOL_SIZE = size
-        return _POOL
+        pool = _POOLS.get(size)
+        if pool is None:
+            pool = _POOLS[size] = ThreadPoolExecutor(max_workers=size, thread_name_prefix="blase-cpu")
+        return pool
 
 
 def _chunks(npix: np.ndarray, parts: int) -> list[tuple[int, int]]:
