@@ -176,14 +176,21 @@ def windowed_log_flux(
         wing_mask = torch.ones(centers.shape, dtype=torch.bool, device=centers.device)
     is_voigt = profile is not pseudo_voigt
     kc = ke = None
+    whole = wing_mask  # lines evaluated in full windows, outside the far field
     if far_field is not None:
         eta = torch.ones_like(gamma) if is_voigt else pseudo_voigt_eta(sigma, gamma)
         kc = sign * amplitude * eta * gamma / math.pi
         b2 = far_field.b * far_field.b
         ke = kc * (b2 - gamma * gamma + (3.0 * sigma * sigma if is_voigt else 0.0))
-        if wing_mask is not None:
-            kc = torch.where(wing_mask, torch.zeros_like(kc), kc)
-            ke = torch.where(wing_mask, torch.zeros_like(ke), ke)
+        if half_widths is None:
+            # a line much broader than the kernel (γ > b) cannot be split: its e_j ≈ −c_j γ² makes
+            # the near field and the far field cancel to far below the FFT's accuracy (errors grow
+            # like γ³), so it is evaluated whole, in a full window
+            broad = gamma.detach() > far_field.b
+            whole = broad if wing_mask is None else wing_mask | broad
+        if whole is not None:
+            kc = torch.where(whole, torch.zeros_like(kc), kc)
+            ke = torch.where(whole, torch.zeros_like(ke), ke)
     with torch.no_grad():
         if half_widths is None:
             half_widths = window_half_widths(amplitude, sigma, gamma, tolerance, min_half_width)
@@ -191,7 +198,7 @@ def windowed_log_flux(
                 hw_near = residual_half_widths(amplitude, sigma, gamma, eta.detach(), kc.detach(), far_field.b,
                                                tolerance, mode, voigt=is_voigt)
                 hw_near = torch.clamp(hw_near, min=min_half_width)
-                half_widths = hw_near if wing_mask is None else torch.where(wing_mask, half_widths, hw_near)
+                half_widths = hw_near if whole is None else torch.where(whole, half_widths, hw_near)
         c = centers.detach()
         lo = torch.searchsorted(wavelength, c - half_widths)
         hi = torch.searchsorted(wavelength, c + half_widths, right=True)
