@@ -309,11 +309,9 @@ def windowed_pseudo_voigt_sum_cpu(
     """
     if not HAVE_NUMBA:
         raise ImportError("the compiled CPU kernel needs numba: pip install numba")
-    if mode not in ("linear", "log"):
-        raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
-    if (kc is None) != (ke is None):
-        raise ValueError("give both kc and ke, or neither")
-    from .fused import _eta_and_derivatives
+    from .fused import _eta_and_derivatives, check_term_arguments
+
+    check_term_arguments(mode, kc, ke)
 
     eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
     return _WindowedSumCPU.apply(wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, float(b),

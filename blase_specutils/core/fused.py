@@ -113,96 +113,12 @@ def _backward_block(grad_t, wl, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b: fl
     return grad_c, grad_a, grad_s, grad_g, grad_kc, grad_ke
 
 
-#: The Gaussian component is evaluated only within this many σ of the line centre; beyond it,
-#: exp(-x²/2σ²) < 1e-17 and the term is below the rounding of float64.
-GAUSS_CORE_SIGMAS = 9.0
-
-
-def _core_columns(wavelength: Tensor, start: Tensor, m: int, c: Tensor, s: Tensor):
-    """Window columns of each row's Gaussian core |x| < 9σ: indices (rows, m_core) and a validity
-    mask (columns past the core of a row are repeated and masked out)."""
-    reach = (GAUSS_CORE_SIGMAS * s).to(wavelength.dtype)
-    lo = torch.searchsorted(wavelength, (c - reach).reshape(-1)) - start
-    hi = torch.searchsorted(wavelength, (c + reach).reshape(-1), right=True) - start
-    lo = lo.clamp(0, m)
-    hi = hi.clamp(0, m)
-    width = int((hi - lo).max()) if lo.numel() else 0
-    width = max(width, 1)
-    cols = lo[:, None] + torch.arange(width, device=wavelength.device)
-    valid = cols < hi[:, None]
-    return cols.clamp_(max=m - 1), valid
-
-
-def _gauss_core(wl: Tensor, c: Tensor, s: Tensor, cols: Tensor, valid: Tensor):
-    """x and G(x; σ) on the core columns (G = 0 where not valid)."""
-    x = (wl.gather(1, cols) - c).to(s.dtype)
-    gau = (x * x).mul_(-0.5 / (s * s)).exp_().mul_(_INV_SQRT_2PI / s)
-    gau.masked_fill_(~valid, 0.0)
-    return x, gau
-
-
-def _forward_split(wl, c, a, s, g, eta, kc, ke, b: float, linear: bool, sign: float, cols, valid) -> Tensor:
-    """As :func:`_forward_block`, with the Gaussian only on each row's core columns."""
-    x = (wl - c).to(s.dtype)
-    x2 = x * x
-    v = (x2 + g * g).reciprocal_().mul_(g * (_INV_PI * eta))
-    _, gau = _gauss_core(wl, c, s, cols, valid)
-    v.scatter_add_(1, cols, gau.mul_(1.0 - eta))
-    v.mul_(-sign * a)
-    if linear:
-        v.clamp_(min=_MIN_ARG).log1p_()
-    if kc is not None:
-        hb = x2.add_(b * b).reciprocal_()
-        v.add_(hb * (kc + ke * hb))
-    return v
-
-
-def _backward_split(grad_t, wl, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b: float, linear: bool, sign: float,
-                    needs: tuple, cols, valid):
-    """As :func:`_backward_block`, with the Gaussian terms summed over the core columns only."""
-    need_c, need_a, need_s, need_g, need_kc, need_ke = needs
-    x = (wl - c).to(s.dtype)
-    x2g2 = x * x + g * g
-    lor = x2g2.reciprocal().mul_(g * _INV_PI)
-    xc, gau = _gauss_core(wl, c, s, cols, valid)
-    v = lor * eta
-    v.scatter_add_(1, cols, gau * (1.0 - eta))
-    if linear:
-        arg = -sign * a * v
-        w = grad_t * (1.0 + arg).reciprocal_()
-        w.masked_fill_(arg < _MIN_ARG, 0.0)
-        del arg
-    else:
-        w = grad_t.clone()
-    grad_a = (w * v).sum(1, keepdim=True).mul_(-sign) if need_a else None
-    del v
-    w.mul_(-sign * a)  # grad * dt/dV
-    wc = w.gather(1, cols)  # on the core columns (gau = 0 where not valid)
-    wg = (wc * gau).sum(1, keepdim=True)  # Σ w G
-    grad_c = grad_s = grad_g = grad_kc = grad_ke = None
-    hb = None
-    if kc is not None:
-        hb = (x * x + b * b).reciprocal_()
-        if need_kc:
-            grad_kc = (grad_t * hb).sum(1, keepdim=True)
-        if need_ke:
-            grad_ke = (grad_t * hb * hb).sum(1, keepdim=True)
-    if need_c:
-        # dV/dx = -2 x η L / (x²+γ²) - (1-η) G x / σ²;  dx/dλc = -1
-        grad_c = (w * lor * x / x2g2).sum(1, keepdim=True).mul_(2.0 * eta)
-        grad_c = grad_c + (wc * gau * xc).sum(1, keepdim=True) * ((1.0 - eta) / (s * s))
-        if hb is not None:
-            grad_c = grad_c + (grad_t * (2.0 * x) * hb * hb * (kc + 2.0 * ke * hb)).sum(1, keepdim=True)
-        grad_c = grad_c.to(c.dtype)
-    wl_sum = (w * lor).sum(1, keepdim=True) if (need_s or need_g) else None  # Σ w L
-    if need_s:
-        # dV/dσ = (1-η) G (x²/σ³ - 1/σ) + ∂η/∂σ (L - G)
-        gs = (wc * gau * (xc * xc)).sum(1, keepdim=True).div_(s * s * s).sub_(wg / s).mul_(1.0 - eta)
-        grad_s = gs + deta_ds * (wl_sum - wg)
-    if need_g:
-        # dV/dγ = η L (1/γ - 2γ/(x²+γ²)) + ∂η/∂γ (L - G)
-        grad_g = eta * (wl_sum / g - 2.0 * g * (w * lor / x2g2).sum(1, keepdim=True)) + deta_dg * (wl_sum - wg)
-    return grad_c, grad_a, grad_s, grad_g, grad_kc, grad_ke
+def check_term_arguments(mode: str, kc: Tensor | None, ke: Tensor | None) -> None:
+    """Validate the mode and the far-field coefficients shared by the fused line-sum functions."""
+    if mode not in ("linear", "log"):
+        raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+    if (kc is None) != (ke is None):
+        raise ValueError("give both kc and ke, or neither")
 
 
 class _PseudoVoigtTerm(torch.autograd.Function):
@@ -247,10 +163,8 @@ class _WindowedSum(torch.autograd.Function):
         for r0 in range(0, n, block_rows):
             r = slice(r0, min(n, r0 + block_rows))
             idx = start[r, None] + offs
-            cols, valid = _core_columns(wavelength, start[r], m, c[r], s[r])
-            v = _forward_split(wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
-                               None if kc is None else kc[r], None if ke is None else ke[r], b, linear, sign,
-                               cols, valid)
+            v = _forward_block(wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
+                               None if kc is None else kc[r], None if ke is None else ke[r], b, linear, sign)
             out.index_add_(0, idx.reshape(-1), v.reshape(-1))
         ctx.save_for_backward(wavelength, start, c, a, s, g, kc, ke)
         ctx.m, ctx.b, ctx.linear, ctx.sign, ctx.block_rows = m, b, linear, sign, block_rows
@@ -268,11 +182,9 @@ class _WindowedSum(torch.autograd.Function):
         for r0 in range(0, n, ctx.block_rows):
             r = slice(r0, min(n, r0 + ctx.block_rows))
             idx = start[r, None] + offs
-            cols, valid = _core_columns(wavelength, start[r], ctx.m, c[r], s[r])
-            parts.append(_backward_split(grad_out[idx], wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
+            parts.append(_backward_block(grad_out[idx], wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
                                          deta_ds[r], deta_dg[r], None if kc is None else kc[r],
-                                         None if ke is None else ke[r], ctx.b, ctx.linear, ctx.sign, needs,
-                                         cols, valid))
+                                         None if ke is None else ke[r], ctx.b, ctx.linear, ctx.sign, needs))
         grads = [None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(6)]
         return (None, None, None, *grads, None, None, None, None)
 
@@ -318,10 +230,7 @@ def windowed_pseudo_voigt_sum(
     Tensor
         Shape (N,).
     """
-    if mode not in ("linear", "log"):
-        raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
-    if (kc is None) != (ke is None):
-        raise ValueError("give both kc and ke, or neither")
+    check_term_arguments(mode, kc, ke)
     if block_elements is None:
         block_elements = CPU_BLOCK_ELEMENTS if wavelength.device.type == "cpu" else GPU_BLOCK_ELEMENTS
     block_rows = max(1, int(block_elements) // max(int(m), 1))
@@ -359,8 +268,5 @@ def pseudo_voigt_term(
     b : float
         Far-field kernel width (Å).
     """
-    if mode not in ("linear", "log"):
-        raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
-    if (kc is None) != (ke is None):
-        raise ValueError("give both kc and ke, or neither")
+    check_term_arguments(mode, kc, ke)
     return _PseudoVoigtTerm.apply(wl, c, a, s, g, kc, ke, float(b), mode == "linear", float(sign))

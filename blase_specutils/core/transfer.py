@@ -229,17 +229,22 @@ class TransferModel(nn.Module):
             self.continuum_coeffs[k] = torch.linalg.solve(ata, atb)
 
     @torch.no_grad()
+    def _scan(self, data: Tensor, weight: Tensor, values: Sequence[float], set_value) -> np.ndarray:
+        """χ² at each value (set by ``set_value``), with the continuum solved at each step."""
+        chi2 = []
+        for v in values:
+            set_value(v)
+            self.solve_continuum(data, weight)
+            r = data - self()
+            chi2.append(float((weight * r * r).sum()))
+        return np.asarray(chi2)
+
+    @torch.no_grad()
     def scan_rv(self, data: Tensor, weight: Tensor, rvs: Sequence[float]) -> tuple[float, np.ndarray]:
         """χ² (with the continuum solved at each step) on a grid of RVs; sets the best one."""
         if self.stellar is None:
             raise ValueError("a telluric-only model has no RV to scan (the RV never applies to telluric lines)")
-        chi2 = []
-        for v in rvs:
-            self.rv.fill_(float(v))
-            self.solve_continuum(data, weight)
-            r = data - self()
-            chi2.append(float((weight * r * r).sum()))
-        chi2 = np.asarray(chi2)
+        chi2 = self._scan(data, weight, rvs, lambda v: self.rv.fill_(float(v)))
         best = float(rvs[int(np.argmin(chi2))])
         self.rv.fill_(best)
         self.solve_continuum(data, weight)
@@ -250,15 +255,10 @@ class TransferModel(nn.Module):
         """χ² (with the continuum solved at each step) on a grid of telluric powers X; sets the best one."""
         if self.telluric is None:
             raise ValueError("the model has no telluric clone: there is no telluric power to scan")
-        chi2 = []
-        for x in powers:
-            if not float(x) > 0:
-                raise ValueError(f"telluric powers must be > 0, got {x}")
-            self.log_telluric_power.fill_(math.log(float(x)))
-            self.solve_continuum(data, weight)
-            r = data - self()
-            chi2.append(float((weight * r * r).sum()))
-        chi2 = np.asarray(chi2)
+        bad = [x for x in powers if not float(x) > 0]
+        if bad:
+            raise ValueError(f"telluric powers must be > 0, got {bad[0]}")
+        chi2 = self._scan(data, weight, powers, lambda x: self.log_telluric_power.fill_(math.log(float(x))))
         best = float(powers[int(np.argmin(chi2))])
         self.log_telluric_power.fill_(math.log(best))
         self.solve_continuum(data, weight)
