@@ -34,7 +34,7 @@ CACHE = HERE / ".cache"
 def clones():
     import astropy.units as u
 
-    from blase_specutils import SpectralClone, clone_spectrum, load_template
+    from blase_specutils import clone_spectrum, load_template
     from blase_specutils.templates import TEMPLATES
 
     CACHE.mkdir(exist_ok=True)

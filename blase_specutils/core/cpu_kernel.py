@@ -10,8 +10,10 @@ For every line *j* and every grid pixel *p* of its own window, this adds
 residual is wanted, see :mod:`.farfield`) to the output, and its backward pass sums
 :math:`\partial t_j/\partial\theta_j` times the incoming gradient over the same window for
 λc, a, σ, γ, c_j and e_j. It evaluates the same pseudo-Voigt and the same derivatives as
-:mod:`.fused` in scalar loops, so nothing of size (lines × window) is ever stored. The Gaussian
-component is evaluated within 9σ of the centre only: beyond, exp(−x²/2σ²) < 1e-17.
+:mod:`.fused` in compiled loops, so nothing of size (lines × window) is ever stored. The Gaussian
+component is evaluated within 9σ of the centre only: beyond, exp(−x²/2σ²) < 1e-17. Outside each
+line's core (that reach and, in linear mode, the pixels where |t| may exceed 0.02) the term is the
+Lorentzian alone and ln(1 + t) its series to t¹⁰: those loops have no branches and vectorise.
 
 The loops are compiled by numba (a pip-installable LLVM JIT, no system compiler needed) on first
 use and cached on disk. They release the GIL: the lines are split into as many contiguous chunks
@@ -38,62 +40,89 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
     HAVE_NUMBA = False
 
-__all__ = ["HAVE_NUMBA", "windowed_pseudo_voigt_sum_cpu", "interpolate_cpu"]
+__all__ = ["HAVE_NUMBA", "windowed_pseudo_voigt_sum_cpu", "interpolate_cpu", "spread_cpu"]
 
 _MIN_ARG = -1.0 + 1e-12
 _INV_PI = 1.0 / math.pi
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _CORE = 9.0
+#: |t| below which ln(1 + t) is summed as its series to t¹⁰ (truncation error below 2e-20)
+_SMALL = 0.02
 
 
-def _forward_py(wl, start, npix, c, a, s, g, eta, kc, ke, b, linear, sign, use_ff, j0, j1, out):
-    b2 = b * b
+def _log1p_small(t):
+    """ln(1 + t) for |t| <= _SMALL, by its series (Horner form)."""
+    return t * (1.0 + t * (-1.0 / 2.0 + t * (1.0 / 3.0 + t * (-1.0 / 4.0 + t * (1.0 / 5.0 + t * (
+        -1.0 / 6.0 + t * (1.0 / 7.0 + t * (-1.0 / 8.0 + t * (1.0 / 9.0 - t / 10.0)))))))))
+
+
+def _core_range(wl, p0, p1, cj, half):
+    """[pa, pb): the pixels of the window [p0, p1) with |λ - λc| < ``half`` (and possibly a few at
+    exactly ``half``); every pixel outside has |λ - λc| >= half."""
+    pa = min(max(np.searchsorted(wl, cj - half), p0), p1)
+    pb = min(max(np.searchsorted(wl, cj + half), pa), p1)
+    return pa, pb
+
+
+def _forward_py(wl, start, npix, c, a, s, g, eta, kc, ke, bb, linear, sign, j0, j1, out):
+    lin = 1.0 if linear else 0.0
     for j in range(j0, j1):
         cj = c[j]
         aj = -sign * a[j]
         sj = s[j]
-        gj = g[j]
+        g2 = g[j] * g[j]
+        b2 = bb[j] * bb[j]
         ej = eta[j]
-        g2 = gj * gj
         inv2s2 = 0.5 / (sj * sj)
-        lnorm = ej * gj * _INV_PI
-        gnorm = (1.0 - ej) * _INV_SQRT_2PI / sj
+        lnorm = aj * ej * g[j] * _INV_PI  # a × the Lorentzian's numerator
+        gnorm = aj * (1.0 - ej) * _INV_SQRT_2PI / sj
         reach = _CORE * sj
         kcj = kc[j]
         kej = ke[j]
         p0 = start[j]
-        for p in range(p0, p0 + npix[j]):
+        p1 = p0 + npix[j]
+        # the core: the Gaussian's reach and, in linear mode, where |t| may exceed _SMALL. Outside,
+        # t is the Lorentzian alone and ln(1+t) its series: straight-line code that vectorises
+        half = reach
+        if linear:
+            half = max(half, math.sqrt(max(abs(lnorm) / _SMALL - g2, 0.0)))
+        pa, pb = _core_range(wl, p0, p1, cj, half)
+        for q0, q1 in ((p0, pa), (pb, p1)):
+            w = wl[q0:q1]
+            o = out[q0:q1]
+            for i in range(w.size):
+                x = w[i] - cj
+                x2 = x * x
+                u = x2 + g2
+                q = x2 + b2
+                r = 1.0 / (u * q)  # one division for 1/(x²+γ²) = q r and h = 1/(x²+b²) = u r
+                t = lnorm * q * r
+                h = u * r
+                o[i] += t * (1.0 + lin * t * (-0.5 + t * (1.0 / 3.0 + t * (-0.25 + t * (0.2 + t * (
+                    -1.0 / 6.0 + t * (1.0 / 7.0 + t * (-0.125 + t * (1.0 / 9.0 - 0.1 * t))))))))) + h * (kcj + kej * h)
+        for p in range(pa, pb):
             x = wl[p] - cj
             x2 = x * x
-            if use_ff:
-                # one division for both 1/(x²+γ²) and h = 1/(x²+b²)
-                q1 = x2 + g2
-                q2 = x2 + b2
-                r = 1.0 / (q1 * q2)
-                v = lnorm * q2 * r
-                hb = q1 * r
-            else:
-                v = lnorm / (x2 + g2)
-                hb = 0.0
+            u = x2 + g2
+            q = x2 + b2
+            r = 1.0 / (u * q)
+            t = lnorm * q * r
+            h = u * r
             if -reach < x < reach:
-                v += gnorm * math.exp(-x2 * inv2s2)
-            t = aj * v
+                t += gnorm * math.exp(-x2 * inv2s2)
             if linear:
                 if t < _MIN_ARG:
                     t = _MIN_ARG
-                if -1e-4 < t < 1e-4:
-                    # log1p by its series: the error t⁵/5 is below 2e-21
-                    t = t * (1.0 + t * (-0.5 + t * (1.0 / 3.0 - 0.25 * t)))
+                if -_SMALL < t < _SMALL:
+                    t = _log1p_small(t)
                 else:
                     t = math.log1p(t)
-            if use_ff:
-                t += hb * (kcj + kej * hb)
-            out[p] += t
+            out[p] += t + h * (kcj + kej * h)
 
 
-def _backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b, linear, sign, use_ff,
+def _backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, bb, linear, sign,
                  j0, j1, gc, ga, gs, gg, gkc, gke):
-    b2 = b * b
+    lin = 1.0 if linear else 0.0
     for j in range(j0, j1):
         cj = c[j]
         aj = -sign * a[j]
@@ -101,6 +130,7 @@ def _backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, k
         gj = g[j]
         ej = eta[j]
         g2 = gj * gj
+        b2 = bb[j] * bb[j]
         inv2s2 = 0.5 / (sj * sj)
         lnorm = gj * _INV_PI
         gnorm = _INV_SQRT_2PI / sj
@@ -112,26 +142,48 @@ def _backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, k
         inv_s2 = 1.0 / (sj * sj)
         inv_s = 1.0 / sj
         inv_g = 1.0 / gj
+        half = reach
+        if linear:
+            half = max(half, math.sqrt(max(abs(aj * ej * lnorm) / _SMALL - g2, 0.0)))
+        pa, pb = _core_range(wl, start[j], start[j] + npix[j], cj, half)
         acc_a = 0.0
         acc_c = 0.0
         acc_s = 0.0
         acc_g = 0.0
         acc_kc = 0.0
         acc_ke = 0.0
-        p0 = start[j]
-        for p in range(p0, p0 + npix[j]):
+        # the wings (no Gaussian, 1 + aV > 0.98): straight-line code that vectorises
+        for q0, q1 in ((start[j], pa), (pb, start[j] + npix[j])):
+            w = wl[q0:q1]
+            gr = grad[q0:q1]
+            for i in range(w.size):
+                gt = gr[i]
+                x = w[i] - cj
+                x2 = x * x
+                u = x2 + g2
+                q = x2 + b2
+                r = 1.0 / (u * q)
+                inv = q * r  # 1/(x²+γ²)
+                h = u * r  # 1/(x²+b²)
+                lor = lnorm * inv
+                v = ej * lor
+                wt = gt / (1.0 + lin * aj * v)
+                wv = wt * aj  # grad × dt/dV
+                acc_a += wt * v
+                acc_c += wv * x * (2.0 * v * inv) + gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
+                acc_s += wv * des * lor
+                acc_g += wv * (v * (inv_g - 2.0 * gj * inv) + deg * lor)
+                acc_kc += gt * h
+                acc_ke += gt * h * h
+        for p in range(pa, pb):
             gt = grad[p]
             x = wl[p] - cj
             x2 = x * x
-            x2g2 = x2 + g2
-            if use_ff:
-                q2 = x2 + b2
-                r = 1.0 / (x2g2 * q2)
-                inv = q2 * r  # 1/(x²+γ²)
-                hb = x2g2 * r  # 1/(x²+b²)
-            else:
-                inv = 1.0 / x2g2
-                hb = 0.0
+            u = x2 + g2
+            q = x2 + b2
+            r = 1.0 / (u * q)
+            inv = q * r
+            h = u * r
             lor = lnorm * inv
             gau = 0.0
             if -reach < x < reach:
@@ -139,20 +191,19 @@ def _backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, k
             v = ej * lor + (1.0 - ej) * gau
             if linear:
                 arg = aj * v
-                w = 0.0 if arg < _MIN_ARG else gt / (1.0 + arg)
+                wt = 0.0 if arg < _MIN_ARG else gt / (1.0 + arg)
             else:
-                w = gt
-            acc_a += w * v
-            wv = w * aj  # grad × dt/dV
+                wt = gt
+            acc_a += wt * v
+            wv = wt * aj
             # dV/dx = -x (2 η L / (x²+γ²) + (1-η) G / σ²); dx/dλc = -1
             acc_c += wv * x * (2.0 * ej * lor * inv + (1.0 - ej) * gau * inv_s2)
             lmg = lor - gau
             acc_s += wv * (gau * (1.0 - ej) * (x2 * inv_s2 * inv_s - inv_s) + des * lmg)
             acc_g += wv * (ej * lor * (inv_g - 2.0 * gj * inv) + deg * lmg)
-            if use_ff:
-                acc_kc += gt * hb
-                acc_ke += gt * hb * hb
-                acc_c += gt * 2.0 * x * hb * hb * (kcj + 2.0 * kej * hb)
+            acc_kc += gt * h
+            acc_ke += gt * h * h
+            acc_c += gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
         ga[j] = -sign * acc_a
         gc[j] = acc_c
         gs[j] = acc_s
@@ -161,8 +212,8 @@ def _backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, k
         gke[j] = acc_ke
 
 
-def _interp_forward_py(conv, i0, w, out):
-    for p in range(i0.size):
+def _interp_forward_py(conv, i0, w, p0, p1, out):
+    for p in range(p0, p1):
         k = i0[p]
         acc = 0.0
         for q in range(w.shape[1]):
@@ -170,22 +221,80 @@ def _interp_forward_py(conv, i0, w, out):
         out[p] = acc
 
 
-def _interp_backward_py(grad, i0, w, gconv):
-    for p in range(i0.size):
+def _interp_backward_py(grad, i0, w, p0, p1, gconv):
+    for p in range(p0, p1):
         k = i0[p]
         gp = grad[p]
         for q in range(w.shape[1]):
             gconv[k + q] += gp * w[p, q]
 
 
+def _lagrange_py(f, m, q):
+    """Weight of node q - (m - 1) of the 2m-point Lagrange stencil at position f, and its derivative."""
+    o = q - (m - 1)
+    w = 1.0
+    dw = 0.0
+    den = 1.0
+    for k in range(2 * m):
+        if k != q:
+            d = f - (k - (m - 1))
+            dw = dw * d + w
+            w = w * d
+            den *= o - (k - (m - 1))
+    return w / den, dw / den
+
+
+def _stencil_py(pj, m, n):
+    k0 = math.floor(pj)
+    k0 = min(max(k0, m - 1), n - m - 1)
+    f = pj - k0
+    inside = -(m - 1) <= f <= m
+    return int(k0), min(max(f, -(m - 1.0)), float(m)), inside
+
+
+def _spread_forward_py(pos, c, e, m, n, grid_c, grid_e):
+    for j in range(pos.size):
+        k0, f, _ = _stencil_py(pos[j], m, n)
+        for q in range(2 * m):
+            w, _ = _lagrange_py(f, m, q)
+            grid_c[k0 + q - (m - 1)] += c[j] * w
+            grid_e[k0 + q - (m - 1)] += e[j] * w
+
+
+def _spread_backward_py(pos, c, e, m, n, gr_c, gr_e, g_pos, g_c, g_e):
+    for j in range(pos.size):
+        k0, f, inside = _stencil_py(pos[j], m, n)
+        acc_c = 0.0
+        acc_e = 0.0
+        acc_f = 0.0
+        for q in range(2 * m):
+            w, dw = _lagrange_py(f, m, q)
+            gc = gr_c[k0 + q - (m - 1)]
+            ge = gr_e[k0 + q - (m - 1)]
+            acc_c += w * gc
+            acc_e += w * ge
+            acc_f += dw * (c[j] * gc + e[j] * ge)
+        g_c[j] = acc_c
+        g_e[j] = acc_e
+        g_pos[j] = acc_f if inside else 0.0  # a clamped position carries no gradient
+
+
 if HAVE_NUMBA:
     _JIT = dict(nogil=True, cache=True, error_model="numpy")
-    _forward = numba.njit(**_JIT)(_forward_py)
-    _backward = numba.njit(**_JIT)(_backward_py)
+    # reassociation lets the wing loops' sums vectorise (results change at the rounding level only)
+    _FAST = dict(_JIT, fastmath={"nsz", "arcp", "contract", "reassoc"})
+    _log1p_small = numba.njit(**_JIT)(_log1p_small)
+    _core_range = numba.njit(**_JIT)(_core_range)
+    _forward = numba.njit(**_FAST)(_forward_py)
+    _backward = numba.njit(**_FAST)(_backward_py)
     _interp_forward = numba.njit(**_JIT)(_interp_forward_py)
+    _lagrange_py = numba.njit(**_JIT)(_lagrange_py)
+    _stencil_py = numba.njit(**_JIT)(_stencil_py)
+    _spread_forward = numba.njit(**_JIT)(_spread_forward_py)
+    _spread_backward = numba.njit(**_JIT)(_spread_backward_py)
     _interp_backward = numba.njit(**_JIT)(_interp_backward_py)
 else:  # pragma: no cover
-    _forward = _backward = _interp_forward = _interp_backward = None
+    _forward = _backward = _interp_forward = _interp_backward = _spread_forward = _spread_backward = None
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
@@ -229,36 +338,38 @@ def _np64(t: Tensor) -> np.ndarray:
 
 class _WindowedSumCPU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b: float, linear: bool,
+    def forward(ctx, wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b, linear: bool,
                 sign: float):
         wl = _np64(wavelength)
-        st = np.ascontiguousarray(start.cpu().numpy().astype(np.int64))
-        nn = np.ascontiguousarray(npix.cpu().numpy().astype(np.int64))
+        st = np.ascontiguousarray(start.cpu().numpy(), dtype=np.int64)
+        nn = np.ascontiguousarray(npix.cpu().numpy(), dtype=np.int64)
         arrs = [_np64(x) for x in (c, a, s, g, eta)]
-        use_ff = kc is not None
-        kc_, ke_ = (_np64(kc), _np64(ke)) if use_ff else (np.zeros(1), np.zeros(1))
-        if not use_ff:
-            kc_ = np.zeros(nn.size)
-            ke_ = np.zeros(nn.size)
+        if kc is not None:
+            kc_, ke_ = _np64(kc), _np64(ke)
+            bb = _np64(b) if isinstance(b, Tensor) else np.full(nn.size, float(b))
+        else:
+            # no far field: c_j = e_j = 0, and any b > 0 keeps the shared division finite
+            kc_ = ke_ = np.zeros(nn.size)
+            bb = np.ones(nn.size)
         ranges = _chunks(nn, max(1, torch.get_num_threads()))
         outs = np.zeros((len(ranges), wl.size))
-        _run(_forward, ranges, lambda k, j0, j1: (wl, st, nn, *arrs, kc_, ke_, float(b), bool(linear), float(sign),
-                                                 use_ff, j0, j1, outs[k]))
+        _run(_forward, ranges, lambda k, j0, j1: (wl, st, nn, *arrs, kc_, ke_, bb, bool(linear), float(sign),
+                                                 j0, j1, outs[k]))
         out = outs[0] if len(ranges) == 1 else outs.sum(0)
-        ctx.np = (wl, st, nn, arrs, _np64(deta_ds), _np64(deta_dg), kc_, ke_, use_ff, ranges)
-        ctx.b, ctx.linear, ctx.sign = float(b), bool(linear), float(sign)
+        ctx.np = (wl, st, nn, arrs, _np64(deta_ds), _np64(deta_dg), kc_, ke_, bb, ranges)
+        ctx.linear, ctx.sign = bool(linear), float(sign)
         ctx.dtypes = (c.dtype, a.dtype)
         return torch.from_numpy(out).to(dtype=a.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):
-        wl, st, nn, arrs, des, deg, kc_, ke_, use_ff, ranges = ctx.np
+        wl, st, nn, arrs, des, deg, kc_, ke_, bb, ranges = ctx.np
         grad = _np64(grad_out)
         n = nn.size
         gc, ga, gs, gg, gkc, gke = (np.zeros(n) for _ in range(6))
-        _run(_backward, ranges, lambda k, j0, j1: (grad, wl, st, nn, *arrs, des, deg, kc_, ke_, ctx.b, ctx.linear,
-                                                  ctx.sign, use_ff, j0, j1, gc, ga, gs, gg, gkc, gke))
+        _run(_backward, ranges, lambda k, j0, j1: (grad, wl, st, nn, *arrs, des, deg, kc_, ke_, bb, ctx.linear,
+                                                  ctx.sign, j0, j1, gc, ga, gs, gg, gkc, gke))
         cdt, wdt = ctx.dtypes
         needs = ctx.needs_input_grad
         out = [None] * 15
@@ -281,7 +392,7 @@ def windowed_pseudo_voigt_sum_cpu(
     sign: float,
     kc: Tensor | None = None,
     ke: Tensor | None = None,
-    b: float = 0.0,
+    b: float | Tensor = 0.0,
 ) -> Tensor:
     """Sum of the fused pseudo-Voigt line terms over per-line windows, on the CPU (numba).
 
@@ -299,8 +410,8 @@ def windowed_pseudo_voigt_sum_cpu(
         +1 absorption, -1 emission.
     kc, ke : Tensor, optional
         Far-field coefficients :math:`c_j`, :math:`e_j` (L, 1): the near-field residual is summed.
-    b : float
-        Far-field kernel width (Å).
+    b : float or Tensor
+        Far-field kernel width (Å): one for all lines, or each line's own, shape (L, 1).
 
     Returns
     -------
@@ -314,7 +425,8 @@ def windowed_pseudo_voigt_sum_cpu(
     check_term_arguments(mode, kc, ke)
 
     eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
-    return _WindowedSumCPU.apply(wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, float(b),
+    b = b.detach() if isinstance(b, Tensor) else float(b)
+    return _WindowedSumCPU.apply(wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
                                  mode == "linear", float(sign))
 
 
@@ -323,18 +435,21 @@ class _InterpolateCPU(torch.autograd.Function):
     def forward(ctx, conv: Tensor, i0: np.ndarray, w: np.ndarray):
         c = _np64(conv)
         out = np.empty(i0.size)
-        _interp_forward(c, i0, w, out)
-        ctx.plan = (i0, w, c.size)
+        parts = max(1, min(torch.get_num_threads(), i0.size // 4096))
+        ranges = [(i0.size * k // parts, i0.size * (k + 1) // parts) for k in range(parts)]
+        _run(_interp_forward, ranges, lambda k, p0, p1: (c, i0, w, p0, p1, out))
+        ctx.plan = (i0, w, c.size, ranges)
         ctx.dtype = conv.dtype
         return torch.from_numpy(out).to(dtype=conv.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        i0, w, n = ctx.plan
-        g = np.zeros(n)
-        _interp_backward(_np64(grad), i0, w, g)
-        return torch.from_numpy(g).to(dtype=ctx.dtype), None, None
+        i0, w, n, ranges = ctx.plan
+        g = np.zeros((len(ranges), n))
+        gr = _np64(grad)
+        _run(_interp_backward, ranges, lambda k, p0, p1: (gr, i0, w, p0, p1, g[k]))
+        return torch.from_numpy(g[0] if len(ranges) == 1 else g.sum(0)).to(dtype=ctx.dtype), None, None
 
 
 def interpolate_cpu(conv: Tensor, i0: Tensor, weights: Tensor) -> Tensor:
@@ -352,5 +467,45 @@ def interpolate_cpu(conv: Tensor, i0: Tensor, weights: Tensor) -> Tensor:
     """
     if not HAVE_NUMBA:
         raise ImportError("the compiled CPU kernel needs numba: pip install numba")
-    return _InterpolateCPU.apply(conv, np.ascontiguousarray(i0.cpu().numpy().astype(np.int64)),
+    return _InterpolateCPU.apply(conv, np.ascontiguousarray(i0.cpu().numpy(), dtype=np.int64),
                                  np.ascontiguousarray(weights.detach().to(torch.float64).cpu().numpy()))
+
+
+class _SpreadCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pos: Tensor, c: Tensor, e: Tensor, n: int, m: int):
+        arrs = [_np64(x) for x in (pos, c, e)]
+        grid_c, grid_e = np.zeros(n), np.zeros(n)
+        _spread_forward(*arrs, m, n, grid_c, grid_e)
+        ctx.arrs, ctx.n, ctx.m = arrs, n, m
+        ctx.dtypes = (pos.dtype, c.dtype, e.dtype)
+        return torch.from_numpy(grid_c), torch.from_numpy(grid_e)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gr_c: Tensor, gr_e: Tensor):
+        pos, c, e = ctx.arrs
+        g_pos, g_c, g_e = np.zeros(pos.size), np.zeros(pos.size), np.zeros(pos.size)
+        gr_c = np.zeros(ctx.n) if gr_c is None else _np64(gr_c)
+        gr_e = np.zeros(ctx.n) if gr_e is None else _np64(gr_e)
+        _spread_backward(pos, c, e, ctx.m, ctx.n, gr_c, gr_e, g_pos, g_c, g_e)
+        out = [torch.from_numpy(g).to(dtype=dt) for g, dt in zip((g_pos, g_c, g_e), ctx.dtypes)]
+        return (*out, None, None)
+
+
+def spread_cpu(pos: Tensor, c: Tensor, e: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    r"""Spread two sets of spikes onto a uniform grid of ``n`` points with 2m-point Lagrange weights.
+
+    Spike *j* at grid position ``pos[j]`` (in grid units) adds :math:`c_j w_q` and :math:`e_j w_q`
+    to the grid points of its stencil, :math:`w_q` being the Lagrange basis weights of those points
+    at ``pos[j]``: every moment of the spikes to order 2m - 1 is kept. Positions are clamped to
+    the grid (the stencil starts at ``m - 1``); a clamped spike's position gets no gradient.
+
+    Returns
+    -------
+    grid_c, grid_e : Tensor
+        Shape (n,), float64, differentiable with respect to ``pos``, ``c`` and ``e``.
+    """
+    if not HAVE_NUMBA:
+        raise ImportError("the compiled CPU kernel needs numba: pip install numba")
+    return _SpreadCPU.apply(pos, c, e, int(n), int(m))

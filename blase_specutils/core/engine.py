@@ -175,19 +175,24 @@ def windowed_log_flux(
     elif wing_mask is None:
         wing_mask = torch.ones(centers.shape, dtype=torch.bool, device=centers.device)
     is_voigt = profile is not pseudo_voigt
-    kc = ke = None
+    kc = ke = levels = b_line = None
     whole = wing_mask  # lines evaluated in full windows, outside the far field
     if far_field is not None:
         eta = torch.ones_like(gamma) if is_voigt else pseudo_voigt_eta(sigma, gamma)
         kc = sign * amplitude * eta * gamma / math.pi
-        b2 = far_field.b * far_field.b
-        ke = kc * (b2 - gamma * gamma + (3.0 * sigma * sigma if is_voigt else 0.0))
-        if half_widths is None:
-            # a line much broader than the kernel (γ > b) cannot be split: its e_j ≈ −c_j γ² makes
-            # the near field and the far field cancel to far below the FFT's accuracy (errors grow
-            # like γ³), so it is evaluated whole, in a full window
-            broad = gamma.detach() > far_field.b
-            whole = broad if wing_mask is None else wing_mask | broad
+        with torch.no_grad():
+            # each line's far-field level: a kernel at least as wide as the line (γ <= b r^l), since
+            # the residual of a line much broader than its kernel, c(b²−γ²)²/d⁶, cancels the far field
+            # to far below the FFT's accuracy; lines broader than the pixel span are evaluated whole
+            span = float(wavelength[-1] - wavelength[0]) if n > 1 else far_field.b
+            levels = far_field.line_levels(gamma.detach(), span, cap=half_widths is not None)
+            if wing_mask is not None:
+                levels = torch.where(wing_mask, torch.full_like(levels, -1), levels)
+            if bool((levels < 0).any()):
+                whole = levels < 0
+            b_line = far_field.b * torch.pow(float(far_field.level_ratio), levels.clamp(min=0).to(torch.float64))
+            b_line = b_line.to(amplitude.dtype)
+        ke = kc * (b_line * b_line - gamma * gamma + (3.0 * sigma * sigma if is_voigt else 0.0))
         if whole is not None:
             kc = torch.where(whole, torch.zeros_like(kc), kc)
             ke = torch.where(whole, torch.zeros_like(ke), ke)
@@ -195,7 +200,7 @@ def windowed_log_flux(
         if half_widths is None:
             half_widths = window_half_widths(amplitude, sigma, gamma, tolerance, min_half_width)
             if far_field is not None:
-                hw_near = residual_half_widths(amplitude, sigma, gamma, eta.detach(), kc.detach(), far_field.b,
+                hw_near = residual_half_widths(amplitude, sigma, gamma, eta.detach(), kc.detach(), b_line,
                                                tolerance, mode, voigt=is_voigt)
                 hw_near = torch.clamp(hw_near, min=min_half_width)
                 half_widths = hw_near if whole is None else torch.where(whole, half_widths, hw_near)
@@ -205,7 +210,6 @@ def windowed_log_flux(
         npix = hi - lo
     terms = []
     idxs = []
-    b_ff = 0.0 if far_field is None else far_field.b
     if kernel not in ("auto", "numba", "torch"):
         raise ValueError(f"kernel must be 'auto', 'numba' or 'torch', got {kernel!r}")
     use_numba = (fused and not is_voigt and wavelength.device.type == "cpu"
@@ -226,7 +230,8 @@ def windowed_log_flux(
             out = out + windowed_pseudo_voigt_sum_cpu(
                 wavelength, start, m_pad, centers[s_, None],
                 amplitude[s_, None], sigma[s_, None], gamma[s_, None], mode=mode, sign=sign,
-                kc=None if kc is None else kc[s_, None], ke=None if ke is None else ke[s_, None], b=b_ff)
+                kc=None if kc is None else kc[s_, None], ke=None if ke is None else ke[s_, None],
+                b=0.0 if b_line is None else b_line[s_, None])
         if wing_mask is None:
             npix = npix[:0]  # nothing left for the bucket loop
     for bucket in _buckets(npix, n):
@@ -253,7 +258,7 @@ def windowed_log_flux(
                 out = out + windowed_pseudo_voigt_sum(
                     wavelength, start[rows], m, centers[s_, None], amplitude[s_, None], sigma[s_, None],
                     gamma[s_, None], mode=mode, sign=sign, kc=None if kc is None else kc[s_, None],
-                    ke=None if ke is None else ke[s_, None], b=b_ff)
+                    ke=None if ke is None else ke[s_, None], b=0.0 if b_line is None else b_line[s_, None])
             if has is None or not bool((has & ~offgrid).any()):
                 continue
             rows = has & ~offgrid
@@ -276,14 +281,14 @@ def windowed_log_flux(
         t = line_terms(v, amplitude[s_, None], mode, sign)
         if kc is not None:
             # near-field residual for lines without a wing correction (those have kc = ke = 0)
-            hb = 1.0 / (x * x + b_ff * b_ff)
+            hb = 1.0 / (x * x + b_line[s_, None] ** 2)
             t = t + hb * (kc[s_, None] + ke[s_, None] * hb)
         terms.append(t.reshape(-1))
         idxs.append(idx.reshape(-1))
     if terms:
         out = out.index_add(0, torch.cat(idxs), torch.cat(terms))
     if far_field is not None:
-        out = out + _far_field(wavelength, centers, kc, ke, far_field).to(out.dtype)
+        out = out + _far_field(wavelength, centers, kc, ke, far_field, levels).to(out.dtype)
     return out
 
 

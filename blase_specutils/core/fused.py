@@ -51,7 +51,7 @@ def _eta_and_derivatives(s: Tensor, g: Tensor):
     return eta_.detach(), deta_ds, deta_dg
 
 
-def _forward_block(wl, c, a, s, g, eta, kc, ke, b: float, linear: bool, sign: float) -> Tensor:
+def _forward_block(wl, c, a, s, g, eta, kc, ke, b, linear: bool, sign: float) -> Tensor:
     """The line terms (or near-field residuals) of a block, shape (rows, m)."""
     x, lor, gau = _parts(wl, c, s, g)
     v = lor.mul_(eta).add_(gau.mul_(1.0 - eta))
@@ -66,7 +66,7 @@ def _forward_block(wl, c, a, s, g, eta, kc, ke, b: float, linear: bool, sign: fl
     return v
 
 
-def _backward_block(grad_t, wl, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b: float, linear: bool, sign: float,
+def _backward_block(grad_t, wl, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b, linear: bool, sign: float,
                     needs: tuple):
     """Per-line gradients (rows, 1) of a block for λc, a, σ, γ, c_j, e_j (None where not needed)."""
     need_c, need_a, need_s, need_g, need_kc, need_ke = needs
@@ -123,7 +123,7 @@ def check_term_arguments(mode: str, kc: Tensor | None, ke: Tensor | None) -> Non
 
 class _PseudoVoigtTerm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, kc, ke, b: float, linear: bool, sign: float):
+    def forward(ctx, wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, kc, ke, b, linear: bool, sign: float):
         eta = pseudo_voigt_eta(s, g)
         v = _forward_block(wl, c, a, s, g, eta, kc, ke, b, linear, sign)
         ctx.save_for_backward(wl, c, a, s, g, kc, ke)
@@ -149,12 +149,17 @@ CPU_BLOCK_ELEMENTS = 1 << 15
 GPU_BLOCK_ELEMENTS = 1 << 24
 
 
+def _rows(b, r: slice):
+    """The far-field kernel width of a block of rows: one float, or each line's own (L, 1)."""
+    return b[r] if isinstance(b, Tensor) else b
+
+
 class _WindowedSum(torch.autograd.Function):
     """Σ_j t_j scattered onto the grid for lines with equal-length windows, block by block: neither
     the (lines × window) terms nor their gradients are ever held in memory at once."""
 
     @staticmethod
-    def forward(ctx, wavelength, start, m: int, c, a, s, g, kc, ke, b: float, linear: bool, sign: float,
+    def forward(ctx, wavelength, start, m: int, c, a, s, g, kc, ke, b, linear: bool, sign: float,
                 block_rows: int):
         out = torch.zeros(wavelength.shape[0], dtype=a.dtype, device=a.device)
         offs = torch.arange(m, device=wavelength.device)
@@ -164,7 +169,7 @@ class _WindowedSum(torch.autograd.Function):
             r = slice(r0, min(n, r0 + block_rows))
             idx = start[r, None] + offs
             v = _forward_block(wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
-                               None if kc is None else kc[r], None if ke is None else ke[r], b, linear, sign)
+                               None if kc is None else kc[r], None if ke is None else ke[r], _rows(b, r), linear, sign)
             out.index_add_(0, idx.reshape(-1), v.reshape(-1))
         ctx.save_for_backward(wavelength, start, c, a, s, g, kc, ke)
         ctx.m, ctx.b, ctx.linear, ctx.sign, ctx.block_rows = m, b, linear, sign, block_rows
@@ -184,7 +189,7 @@ class _WindowedSum(torch.autograd.Function):
             idx = start[r, None] + offs
             parts.append(_backward_block(grad_out[idx], wavelength[idx], c[r], a[r], s[r], g[r], eta[r],
                                          deta_ds[r], deta_dg[r], None if kc is None else kc[r],
-                                         None if ke is None else ke[r], ctx.b, ctx.linear, ctx.sign, needs))
+                                         None if ke is None else ke[r], _rows(ctx.b, r), ctx.linear, ctx.sign, needs))
         grads = [None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(6)]
         return (None, None, None, *grads, None, None, None, None)
 
@@ -202,7 +207,7 @@ def windowed_pseudo_voigt_sum(
     sign: float,
     kc: Tensor | None = None,
     ke: Tensor | None = None,
-    b: float = 0.0,
+    b: float | Tensor = 0.0,
     block_elements: int | None = None,
 ) -> Tensor:
     """Sum over lines of their fused terms, each on its own window of ``m`` grid pixels.
@@ -234,7 +239,8 @@ def windowed_pseudo_voigt_sum(
     if block_elements is None:
         block_elements = CPU_BLOCK_ELEMENTS if wavelength.device.type == "cpu" else GPU_BLOCK_ELEMENTS
     block_rows = max(1, int(block_elements) // max(int(m), 1))
-    return _WindowedSum.apply(wavelength, start, int(m), c, a, s, g, kc, ke, float(b), mode == "linear",
+    b = b.detach() if isinstance(b, Tensor) else float(b)
+    return _WindowedSum.apply(wavelength, start, int(m), c, a, s, g, kc, ke, b, mode == "linear",
                               float(sign), block_rows)
 
 
@@ -249,7 +255,7 @@ def pseudo_voigt_term(
     sign: float,
     kc: Tensor | None = None,
     ke: Tensor | None = None,
-    b: float = 0.0,
+    b: float | Tensor = 0.0,
 ) -> Tensor:
     """Fused line term for a (lines × pixels) block.
 
@@ -265,8 +271,9 @@ def pseudo_voigt_term(
     kc, ke : Tensor, optional
         Far-field coefficients :math:`c_j`, :math:`e_j`, shape (L, 1): the term returned is then
         the near-field residual :math:`t + c_j h + e_j h^2` (see :mod:`.farfield`).
-    b : float
-        Far-field kernel width (Å).
+    b : float or Tensor
+        Far-field kernel width (Å): one for all lines, or each line's own, shape (L, 1).
     """
     check_term_arguments(mode, kc, ke)
-    return _PseudoVoigtTerm.apply(wl, c, a, s, g, kc, ke, float(b), mode == "linear", float(sign))
+    b = b.detach() if isinstance(b, Tensor) else float(b)
+    return _PseudoVoigtTerm.apply(wl, c, a, s, g, kc, ke, b, mode == "linear", float(sign))
