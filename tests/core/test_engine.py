@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -323,3 +325,108 @@ def test_far_field_with_lines_much_broader_than_the_kernel(mode):
     dense = dense_log_flux(GRID, c, a, s, g, profile=pseudo_voigt, mode=mode)
     split = windowed_log_flux(GRID, c, a, s, g, profile=pseudo_voigt, mode=mode, tolerance=1e-8, far_field=ff)
     assert float((split - dense).abs().max()) < 2e-7
+
+
+def test_far_field_levels_follow_line_widths():
+    ff = FarFieldSettings(b=0.5, spacing=0.04)
+    g = torch.tensor([0.1, 0.5, 0.51, 4.0, 4.1, 32.0, 40.0, 1e4], dtype=F64)
+    # b r^l = 0.5, 4, 32, 256 Å; a 100 Å span allows levels up to 2 (32 Å)
+    assert ff.line_levels(g, span=100.0).tolist() == [0, 0, 1, 1, 2, 2, -1, -1]
+    assert ff.line_levels(g, span=100.0, cap=True).tolist() == [0, 0, 1, 1, 2, 2, 2, 2]
+    lv2 = ff.at_level(2)
+    assert (lv2.b, lv2.spacing, lv2.order) == pytest.approx((32.0, 2.56, ff.order))
+    assert lv2.margin == pytest.approx(320.0)
+    with pytest.raises(ValueError, match="level_ratio"):
+        FarFieldSettings(b=0.5, spacing=0.04, level_ratio=1)
+
+
+def test_multilevel_far_field_is_the_sum_of_each_levels_kernels():
+    gen = torch.Generator().manual_seed(11)
+    c = 4990 + 70 * torch.rand(40, generator=gen, dtype=F64)  # some beyond the pixels
+    kc = torch.rand(40, generator=gen, dtype=F64) * 1e-2
+    ke = torch.rand(40, generator=gen, dtype=F64) * 1e-3
+    levels = torch.randint(0, 3, (40,), generator=gen)
+    levels[:3] = -1  # left out
+    ff = FarFieldSettings.for_grid(GRID)
+    exact = torch.zeros_like(GRID)
+    for lv in range(3):
+        sel = levels == lv
+        b = ff.at_level(lv).b
+        d = GRID[None, :] - c[sel, None]
+        hb = 1.0 / (d * d + b * b)
+        exact -= (kc[sel, None] * hb + ke[sel, None] * hb * hb).sum(0)
+    approx = far_field(GRID, c, kc, ke, ff, levels)
+    assert float((approx - exact).abs().max()) < 1e-6 * float(exact.abs().max())
+
+
+@pytest.mark.parametrize("mode", ["linear", "log"])
+def test_near_field_residual_is_below_tolerance_beyond_its_window(mode):
+    """The residual t + c h + e h² of a pseudo-Voigt line is exactly bounded by |c|(b²−γ²)²/d⁶
+    (plus the Gaussian and, in linear mode, c²/2d⁴), so the window needs no safety floor."""
+    from blase_specutils.core.farfield import residual_half_widths
+    from blase_specutils.core.fused import pseudo_voigt_term
+    from blase_specutils.core.profiles import pseudo_voigt_eta
+
+    gen = torch.Generator().manual_seed(2)
+    n, b, tol = 200, 0.5, 1e-7
+    a = 10 ** (-4 + 4 * torch.rand(n, 1, generator=gen, dtype=F64))
+    s = 0.01 + 0.2 * torch.rand(n, 1, generator=gen, dtype=F64)
+    g = b * torch.rand(n, 1, generator=gen, dtype=F64) ** 2  # γ from ≪ b up to b
+    eta = pseudo_voigt_eta(s, g)
+    kc = a * eta * g / math.pi
+    ke = kc * (b * b - g * g)
+    hw = residual_half_widths(a, s, g, eta, kc, b, tol, mode)
+    d = hw * torch.logspace(0, 1.5, 300, dtype=F64)[None, :]  # from the window edge outwards
+    res = pseudo_voigt_term(d, torch.zeros_like(a), a, s, g, mode=mode, sign=1.0, kc=kc, ke=ke, b=b)
+    # each part is below ε at the window edge: two parts in log mode, three in linear mode
+    assert float((res.abs() / tol).max()) <= (3.0 if mode == "linear" else 2.0)
+    # and the windows are much shorter than the old 3b floor for weak lines
+    assert float(hw.min()) < b
+
+
+def test_compiled_spreading_matches_torch_and_gradcheck():
+    from blase_specutils.core.cpu_kernel import spread_cpu
+    from blase_specutils.core.farfield import _lagrange_weights
+
+    gen = torch.Generator().manual_seed(4)
+    pos = torch.cat([3 + 30 * torch.rand(10, generator=gen, dtype=F64), torch.tensor([0.4, 38.6], dtype=F64)])
+    pos.requires_grad_(True)
+    c = torch.randn(12, generator=gen, dtype=F64, requires_grad=True)
+    e = torch.randn(12, generator=gen, dtype=F64, requires_grad=True)
+    for m in (1, 2, 3, 4):
+        gc, ge = spread_cpu(pos, c, e, 40, m)
+        k0 = torch.clamp(torch.floor(pos.detach()), m - 1, 40 - m - 1)
+        f = torch.clamp(pos - k0, -float(m - 1), float(m))
+        offs = list(range(-(m - 1), m + 1))
+        rc, re_ = torch.zeros(40, dtype=F64), torch.zeros(40, dtype=F64)
+        for o, w in zip(offs, _lagrange_weights(f, offs)):
+            rc = rc.index_add(0, k0.long() + o, c * w)
+            re_ = re_.index_add(0, k0.long() + o, e * w)
+        torch.testing.assert_close(gc, rc, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(ge, re_, rtol=1e-13, atol=1e-14)
+        assert torch.autograd.gradcheck(lambda p, c, e: spread_cpu(p, c, e, 40, m), (pos, c, e))
+
+
+def test_kernel_convolution_matches_direct_sum_and_gradcheck():
+    from blase_specutils.core.farfield import _kernel_ffts, _KernelConvolution, _next_fast_len
+
+    gen = torch.Generator().manual_seed(6)
+    n, dx, b = 37, 0.1, 0.3
+    gc = torch.randn(n, generator=gen, dtype=F64, requires_grad=True)
+    ge = torch.randn(n, generator=gen, dtype=F64, requires_grad=True)
+    nfft = _next_fast_len(2 * n - 1)
+    hk, h2k = _kernel_ffts(n, nfft, dx, b, F64, "cpu")
+    k = torch.arange(n, dtype=F64) * dx
+    h = 1.0 / ((k[:, None] - k[None, :]) ** 2 + b * b)
+    torch.testing.assert_close(_KernelConvolution.apply(gc, ge, hk, h2k, nfft), h @ gc + (h * h) @ ge,
+                               rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, y: _KernelConvolution.apply(x, y, hk, h2k, nfft), (gc, ge))
+
+
+def test_series_log1p_of_the_compiled_kernel():
+    import numpy as np
+
+    from blase_specutils.core.cpu_kernel import _SMALL, _log1p_small
+
+    for t in np.linspace(-_SMALL, _SMALL, 41):
+        assert abs(_log1p_small(t) - np.log1p(t)) <= 4.5e-16 * abs(np.log1p(t))  # two ulp
