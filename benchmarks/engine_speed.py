@@ -42,6 +42,8 @@ CONFIGS = [
     dict(name="far-field, float64, tol 1e-6", dtype="float64", far_field=True, tol=1e-6),
     dict(name="far-field, float32", dtype="float32", far_field=True, tol=1e-7),
     dict(name="far-field, float64, log mode", dtype="float64", far_field=True, tol=1e-7, mode="log"),
+    dict(name="far-field, float64, RV +500 km/s", dtype="float64", far_field=True, tol=1e-7, rv=500.0),
+    dict(name="far-field, float64, RV -500 km/s", dtype="float64", far_field=True, tol=1e-7, rv=-500.0),
     dict(name="far-field, float64, exact Voigt", dtype="float64", far_field=True, tol=1e-7, profile="voigt", epochs=5),
     dict(name="truncated windows, tol 1e-6, float64", dtype="float64", far_field=False, tol=1e-6),
     dict(name="fixed 6000-px windows (paper), float64", dtype="float64", far_field=False, fixed_px=6000, epochs=3),
@@ -83,8 +85,10 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int) -> dict:
             return torch.exp(windowed_log_flux(wl, m.lam_centers, m.log_amplitudes.exp(), m.log_sigmas.exp(),
                                                m.log_gammas.exp(), profile=pseudo_voigt, half_widths=hw))
     else:
+        rv = cfg.get("rv")
+
         def forward(m):
-            return m(wl)
+            return m(wl, rv)
 
     with torch.no_grad():
         target = forward(truth)
@@ -118,12 +122,12 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int) -> dict:
     model.load_state_dict(start_state)
     with torch.no_grad():
         flux0 = forward(model).double().cpu().numpy()
-        if kw["mode"] != "linear" or kw["profile"] != "pseudo-voigt":
-            # flux_dense is the linear pseudo-Voigt model: compare with this model's own dense
-            # (untruncated) evaluation on every 37th pixel instead
+        if kw["mode"] != "linear" or kw["profile"] != "pseudo-voigt" or cfg.get("rv"):
+            # flux_dense is the unshifted linear pseudo-Voigt model: compare with this model's own
+            # dense (untruncated) evaluation, Doppler shifted alike, on every 37th pixel instead
             sub = slice(0, None, 37)
             ref64 = LineCloneModel(*args, **{**kw, "dtype": torch.float64})
-            dense = ref64(torch.as_tensor(wl_np[sub], device=dev), dense=True).cpu().numpy()
+            dense = ref64(torch.as_tensor(wl_np[sub], device=dev), cfg.get("rv"), dense=True).cpu().numpy()
             flux0 = flux0[sub]
     err = np.abs(flux0 - dense)
     return dict(name=cfg["name"], device=device, ms_per_epoch=1e3 * float(np.median(times)),

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .profiles import _W_COEFFS, _W_L
+
 try:  # numba is a dependency, but the torch path stays usable without it
     import numba
 
@@ -45,6 +47,7 @@ __all__ = ["HAVE_NUMBA", "windowed_pseudo_voigt_sum_cpu", "interpolate_cpu", "sp
 _MIN_ARG = -1.0 + 1e-12
 _INV_PI = 1.0 / math.pi
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT2 = math.sqrt(2.0)
 _CORE = 9.0
 #: |t| below which ln(1 + t) is summed as its series to t¹⁰ (truncation error below 2e-20)
 _SMALL = 0.02
@@ -212,6 +215,121 @@ def _backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, k
         gke[j] = acc_ke
 
 
+#: Beyond |z| = 8 the Faddeeva function is its asymptotic series to z^-29 (truncation below 2e-16;
+#: to z^-13 beyond |z| = 20)
+_ASYM_R2 = 64.0
+_ASYM_TERMS = 15
+_INV_SQRT_PI = 1.0 / math.sqrt(math.pi)
+
+
+def _asymptotic_coefficients(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """c_k = (2k-1)!!/2^k of w(z) ~ (i/√π z) Σ c_k z^-2k, and (2k+1) c_k for w'(z)."""
+    c = np.ones(k)
+    for i in range(1, k):
+        c[i] = c[i - 1] * (2 * i - 1) / 2.0
+    return c, c * (2 * np.arange(k) + 1)
+
+
+_ASYM_C, _ASYM_D = _asymptotic_coefficients(_ASYM_TERMS)
+
+
+def _faddeeva_py(z, with_derivative):
+    """w(z) for Im z >= 0 and, if asked, w'(z): Weideman's 40-term rational expansion (as
+    :func:`.profiles.faddeeva`) inside |z| = 8, the asymptotic series outside."""
+    r2 = z.real * z.real + z.imag * z.imag
+    if r2 >= _ASYM_R2:
+        u = 1.0 / (z * z)
+        p = 0j
+        q = 0j
+        # beyond |z| = 20 seven terms suffice (the next is below 7e-16 of the sum)
+        for k in range((7 if r2 >= 400.0 else _ASYM_TERMS) - 1, -1, -1):
+            p = p * u + _ASYM_C[k]
+            if with_derivative:
+                q = q * u + _ASYM_D[k]
+        w = 1j * _INV_SQRT_PI * p / z
+        return w, -1j * _INV_SQRT_PI * q * u
+    iz = 1j * z
+    lmiz = _W_L - iz
+    zz = (_W_L + iz) / lmiz
+    p = _W_COEFFS[0] + 0j
+    for k in range(1, _W_COEFFS.size):
+        p = p * zz + _W_COEFFS[k]
+    w = 2.0 * p / (lmiz * lmiz) + _INV_SQRT_PI / lmiz
+    return w, -2.0 * z * w + 2j * _INV_SQRT_PI
+
+
+def _voigt_forward_py(wl, start, npix, c, a, s, g, eta, kc, ke, bb, linear, sign, j0, j1, out):
+    for j in range(j0, j1):
+        cj = c[j]
+        inv = 1.0 / (s[j] * _SQRT2)  # z = (x + iγ)/(σ√2)
+        y = g[j] * inv
+        amp = -sign * a[j] * inv * _INV_SQRT_PI  # -s a /(σ√(2π))
+        b2 = bb[j] * bb[j]
+        kcj = kc[j]
+        kej = ke[j]
+        for p in range(start[j], start[j] + npix[j]):
+            x = wl[p] - cj
+            w, _ = _faddeeva(complex(x * inv, y), False)
+            t = amp * w.real
+            if linear:
+                if t < _MIN_ARG:
+                    t = _MIN_ARG
+                if -_SMALL < t < _SMALL:
+                    t = _log1p_small(t)
+                else:
+                    t = math.log1p(t)
+            h = 1.0 / (x * x + b2)
+            out[p] += t + h * (kcj + kej * h)
+
+
+def _voigt_backward_py(grad, wl, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, bb, linear, sign,
+                       j0, j1, gc, ga, gs, gg, gkc, gke):
+    for j in range(j0, j1):
+        cj = c[j]
+        sj = s[j]
+        inv = 1.0 / (sj * _SQRT2)
+        y = g[j] * inv
+        norm = inv * _INV_SQRT_PI  # 1/(σ√(2π))
+        aj = -sign * a[j]
+        b2 = bb[j] * bb[j]
+        kcj = kc[j]
+        kej = ke[j]
+        acc_a = 0.0
+        acc_c = 0.0
+        acc_s = 0.0
+        acc_g = 0.0
+        acc_kc = 0.0
+        acc_ke = 0.0
+        for p in range(start[j], start[j] + npix[j]):
+            gt = grad[p]
+            x = wl[p] - cj
+            z = complex(x * inv, y)
+            w, dw = _faddeeva(z, True)
+            v = norm * w.real
+            if linear:
+                arg = aj * v
+                wt = 0.0 if arg < _MIN_ARG else gt / (1.0 + arg)
+            else:
+                wt = gt
+            acc_a += wt * v
+            wv = wt * aj  # grad × dt/dV
+            # V = Re w(z)/(σ√(2π)): ∂V/∂x = Re w' /(σ√2) × norm, ∂V/∂γ = −Im w'/(σ√2) × norm,
+            # ∂V/∂σ = Re(w' (−z/σ)) norm − V/σ; dx/dλc = −1
+            acc_c -= wv * norm * dw.real * inv
+            acc_g -= wv * norm * dw.imag * inv
+            acc_s += wv * (norm * (dw * z).real * (-1.0 / sj) - v / sj)
+            h = 1.0 / (x * x + b2)
+            acc_kc += gt * h
+            acc_ke += gt * h * h
+            acc_c += gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
+        ga[j] = -sign * acc_a
+        gc[j] = acc_c
+        gs[j] = acc_s
+        gg[j] = acc_g
+        gkc[j] = acc_kc
+        gke[j] = acc_ke
+
+
 def _interp_forward_py(conv, i0, w, p0, p1, out):
     for p in range(p0, p1):
         k = i0[p]
@@ -286,6 +404,9 @@ if HAVE_NUMBA:
     _log1p_small = numba.njit(**_JIT)(_log1p_small)
     _core_range = numba.njit(**_JIT)(_core_range)
     _forward = numba.njit(**_FAST)(_forward_py)
+    _faddeeva = numba.njit(**_JIT)(_faddeeva_py)
+    _voigt_forward = numba.njit(**_JIT)(_voigt_forward_py)
+    _voigt_backward = numba.njit(**_JIT)(_voigt_backward_py)
     _backward = numba.njit(**_FAST)(_backward_py)
     _interp_forward = numba.njit(**_JIT)(_interp_forward_py)
     _lagrange_py = numba.njit(**_JIT)(_lagrange_py)
@@ -295,6 +416,7 @@ if HAVE_NUMBA:
     _interp_backward = numba.njit(**_JIT)(_interp_backward_py)
 else:  # pragma: no cover
     _forward = _backward = _interp_forward = _interp_backward = _spread_forward = _spread_backward = None
+    _voigt_forward = _voigt_backward = None
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
@@ -339,7 +461,7 @@ def _np64(t: Tensor) -> np.ndarray:
 class _WindowedSumCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b, linear: bool,
-                sign: float):
+                sign: float, voigt: bool):
         wl = _np64(wavelength)
         st = np.ascontiguousarray(start.cpu().numpy(), dtype=np.int64)
         nn = np.ascontiguousarray(npix.cpu().numpy(), dtype=np.int64)
@@ -353,11 +475,11 @@ class _WindowedSumCPU(torch.autograd.Function):
             bb = np.ones(nn.size)
         ranges = _chunks(nn, max(1, torch.get_num_threads()))
         outs = np.zeros((len(ranges), wl.size))
-        _run(_forward, ranges, lambda k, j0, j1: (wl, st, nn, *arrs, kc_, ke_, bb, bool(linear), float(sign),
-                                                 j0, j1, outs[k]))
+        _run(_voigt_forward if voigt else _forward, ranges,
+             lambda k, j0, j1: (wl, st, nn, *arrs, kc_, ke_, bb, bool(linear), float(sign), j0, j1, outs[k]))
         out = outs[0] if len(ranges) == 1 else outs.sum(0)
         ctx.np = (wl, st, nn, arrs, _np64(deta_ds), _np64(deta_dg), kc_, ke_, bb, ranges)
-        ctx.linear, ctx.sign = bool(linear), float(sign)
+        ctx.linear, ctx.sign, ctx.voigt = bool(linear), float(sign), bool(voigt)
         ctx.dtypes = (c.dtype, a.dtype)
         return torch.from_numpy(out).to(dtype=a.dtype)
 
@@ -368,11 +490,12 @@ class _WindowedSumCPU(torch.autograd.Function):
         grad = _np64(grad_out)
         n = nn.size
         gc, ga, gs, gg, gkc, gke = (np.zeros(n) for _ in range(6))
-        _run(_backward, ranges, lambda k, j0, j1: (grad, wl, st, nn, *arrs, des, deg, kc_, ke_, bb, ctx.linear,
-                                                  ctx.sign, j0, j1, gc, ga, gs, gg, gkc, gke))
+        _run(_voigt_backward if ctx.voigt else _backward, ranges,
+             lambda k, j0, j1: (grad, wl, st, nn, *arrs, des, deg, kc_, ke_, bb, ctx.linear, ctx.sign, j0, j1,
+                                gc, ga, gs, gg, gkc, gke))
         cdt, wdt = ctx.dtypes
         needs = ctx.needs_input_grad
-        out = [None] * 15
+        out = [None] * 16
         for pos, arr, dt in ((3, gc, cdt), (4, ga, wdt), (5, gs, wdt), (6, gg, wdt), (10, gkc, wdt), (11, gke, wdt)):
             if needs[pos]:
                 out[pos] = torch.from_numpy(arr).to(dtype=dt).reshape(-1, 1)
@@ -393,8 +516,9 @@ def windowed_pseudo_voigt_sum_cpu(
     kc: Tensor | None = None,
     ke: Tensor | None = None,
     b: float | Tensor = 0.0,
+    profile: str = "pseudo-voigt",
 ) -> Tensor:
-    """Sum of the fused pseudo-Voigt line terms over per-line windows, on the CPU (numba).
+    """Sum of the fused line terms over per-line windows, on the CPU (numba).
 
     Parameters
     ----------
@@ -412,6 +536,9 @@ def windowed_pseudo_voigt_sum_cpu(
         Far-field coefficients :math:`c_j`, :math:`e_j` (L, 1): the near-field residual is summed.
     b : float or Tensor
         Far-field kernel width (Å): one for all lines, or each line's own, shape (L, 1).
+    profile : {"pseudo-voigt", "voigt"}
+        The blasé pseudo-Voigt, or the exact Voigt (Faddeeva function: Weideman's expansion of
+        :func:`.profiles.faddeeva` within |z| = 8, its asymptotic series beyond).
 
     Returns
     -------
@@ -424,10 +551,15 @@ def windowed_pseudo_voigt_sum_cpu(
 
     check_term_arguments(mode, kc, ke)
 
-    eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+    if profile == "voigt":
+        eta = deta_ds = deta_dg = torch.zeros_like(s)  # unused
+    elif profile == "pseudo-voigt":
+        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+    else:
+        raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
     b = b.detach() if isinstance(b, Tensor) else float(b)
     return _WindowedSumCPU.apply(wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
-                                 mode == "linear", float(sign))
+                                 mode == "linear", float(sign), profile == "voigt")
 
 
 class _InterpolateCPU(torch.autograd.Function):

@@ -31,7 +31,7 @@ from .farfield import FarFieldSettings, residual_half_widths
 from .farfield import far_field as _far_field
 from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
 from .fused import windowed_pseudo_voigt_sum
-from .profiles import pseudo_voigt, pseudo_voigt_eta
+from .profiles import pseudo_voigt, pseudo_voigt_eta, voigt
 
 __all__ = ["window_half_widths", "windowed_log_flux", "dense_log_flux", "line_terms"]
 
@@ -212,10 +212,12 @@ def windowed_log_flux(
     idxs = []
     if kernel not in ("auto", "numba", "torch"):
         raise ValueError(f"kernel must be 'auto', 'numba' or 'torch', got {kernel!r}")
-    use_numba = (fused and not is_voigt and wavelength.device.type == "cpu"
+    # the compiled CPU kernel takes every plain pseudo-Voigt or exact Voigt line
+    compiled = {pseudo_voigt: "pseudo-voigt", voigt: "voigt"}.get(profile)
+    use_numba = (fused and compiled is not None and wavelength.device.type == "cpu"
                  and (kernel == "numba" or (kernel == "auto" and HAVE_NUMBA)))
     if use_numba:
-        # every plain pseudo-Voigt line in one compiled pass over its exact window (no padding)
+        # every plain line in one compiled pass over its window
         with torch.no_grad():
             rows = (hi > 0) & (lo < n) & (npix > 0)
             if wing_mask is not None:
@@ -231,7 +233,7 @@ def windowed_log_flux(
                 wavelength, start, m_pad, centers[s_, None],
                 amplitude[s_, None], sigma[s_, None], gamma[s_, None], mode=mode, sign=sign,
                 kc=None if kc is None else kc[s_, None], ke=None if ke is None else ke[s_, None],
-                b=0.0 if b_line is None else b_line[s_, None])
+                b=0.0 if b_line is None else b_line[s_, None], profile=compiled)
         if wing_mask is None:
             npix = npix[:0]  # nothing left for the bucket loop
     for bucket in _buckets(npix, n):

@@ -239,15 +239,17 @@ def test_float32_model_keeps_float64_centres_and_is_accurate():
 @pytest.mark.parametrize("mode", ["linear", "log"])
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("far", [False, True])
-def test_numba_and_torch_kernels_agree(mode, sign, far):
-    """The compiled CPU kernel and the blocked torch kernel give the same sums and gradients."""
+@pytest.mark.parametrize("profile", [pseudo_voigt, voigt])
+def test_numba_and_torch_kernels_agree(mode, sign, far, profile):
+    """The compiled CPU kernel and the torch paths (the blocked kernel for the pseudo-Voigt, plain
+    autograd for the exact Voigt) give the same sums and gradients."""
     c, a, s, g = _strong_lines() if far else _lines()
     ff = FarFieldSettings.for_grid(GRID) if far else None
     target = torch.linspace(0.9, 1.0, GRID.numel(), dtype=F64)
     res = []
     for kernel in ("numba", "torch"):
         ps = [t.clone().requires_grad_(True) for t in (c, a, s, g)]
-        f = windowed_log_flux(GRID, *ps, profile=pseudo_voigt, mode=mode, sign=sign, tolerance=1e-7,
+        f = windowed_log_flux(GRID, *ps, profile=profile, mode=mode, sign=sign, tolerance=1e-7,
                               far_field=ff, kernel=kernel).exp()
         grads = torch.autograd.grad(((f - target) ** 2).sum(), ps)
         res.append((f.detach(), grads))
@@ -274,7 +276,8 @@ def test_numba_kernel_splits_lines_over_threads_without_changing_results():
         torch.testing.assert_close(g0, g1, rtol=1e-12, atol=1e-15)
 
 
-def test_gradcheck_numba_kernel_every_parameter():
+@pytest.mark.parametrize("profile", [pseudo_voigt, voigt])
+def test_gradcheck_numba_kernel_every_parameter(profile):
     grid = torch.arange(5000.0, 5003.0, 0.02, dtype=F64)
     c = torch.tensor([5000.807, 5001.513, 5002.109], dtype=F64, requires_grad=True)
     la = torch.log(torch.tensor([0.01, 0.03, 0.02], dtype=F64)).requires_grad_(True)
@@ -287,7 +290,7 @@ def test_gradcheck_numba_kernel_every_parameter():
         hw = torch.full((3,), width, dtype=F64)
 
         def f(c, la, ls, lg):
-            return windowed_log_flux(grid, c, la.exp(), ls.exp(), lg.exp(), profile=pseudo_voigt,
+            return windowed_log_flux(grid, c, la.exp(), ls.exp(), lg.exp(), profile=profile,
                                      half_widths=hw, far_field=far, kernel="numba")
 
         assert torch.autograd.gradcheck(f, (c, la, ls, lg))
@@ -430,3 +433,23 @@ def test_series_log1p_of_the_compiled_kernel():
 
     for t in np.linspace(-_SMALL, _SMALL, 41):
         assert abs(_log1p_small(t) - np.log1p(t)) <= 4.5e-16 * abs(np.log1p(t))  # two ulp
+
+
+def test_compiled_faddeeva_matches_the_torch_expansion_and_its_derivative():
+    """Weideman's expansion inside |z| = 8 and the asymptotic series outside agree with
+    :func:`faddeeva` (and with w' = −2zw + 2i/√π) across the boundary and far out."""
+    import numpy as np
+
+    from blase_specutils.core.cpu_kernel import _faddeeva
+    from blase_specutils.core.profiles import faddeeva
+
+    x = np.concatenate([np.linspace(-30, 30, 241), [7.99, 8.01, -8.01, 200.0, -3000.0]])
+    for y in (1e-4, 0.05, 0.7, 3.0, 7.9):
+        z = x + 1j * y
+        ref = faddeeva(torch.as_tensor(z)).numpy()
+        got = np.array([_faddeeva(complex(v), True)[0] for v in z])
+        dgot = np.array([_faddeeva(complex(v), True)[1] for v in z])
+        # relative to |w| (Re w alone can be ~e^-x² of that, below any absolute accuracy)
+        assert np.max(np.abs(got - ref) / np.abs(ref)) < 1e-11
+        dref = -2 * z * ref + 2j / np.sqrt(np.pi)
+        assert np.max(np.abs(dgot - dref) / np.abs(dgot)) < 1e-6
