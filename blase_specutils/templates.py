@@ -25,6 +25,9 @@ TEMPLATES = {
         band=(8079.0, 12786.0),
         teff=None,
         kind="telluric",
+        note=("Its lines already have about HPF's instrumental width: the extrinsic model broadens them a "
+              "second time. Fits that tune R run to R > 10^6 with it (benchmarks/hr4829_joint.py); hold R "
+              "fixed, or tune the telluric widths (tune_telluric) so that they absorb the difference."),
     ),
     "psg-igrins": dict(
         file="psg_trn_r100000_1.4_2.5_um.txt",
@@ -37,7 +40,8 @@ TEMPLATES = {
 
 
 def template_info(name: str) -> dict:
-    """The metadata of an embedded template (file, description, band, teff, kind)."""
+    """The metadata of an embedded template (file, description, band, teff, kind, and a caveat under
+    ``note`` where there is one)."""
     if name not in TEMPLATES:
         raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
     return dict(TEMPLATES[name])
@@ -57,13 +61,15 @@ def load_template(name: str) -> Spectrum:
     ----------
     name : {"phoenix-10kK-hpf", "telfit-hpf", "psg-igrins"}
         ``phoenix-10kK-hpf``: PHOENIX 10 kK stellar model (relative flux, Å).
-        ``telfit-hpf``: TelFit telluric transmission for HPF (Å).
+        ``telfit-hpf``: TelFit telluric transmission for HPF (Å). Its lines already have about
+        HPF's instrumental width, so a model that convolves them with the instrumental profile
+        broadens them twice (see ``template_info("telfit-hpf")["note"]``).
         ``psg-igrins``: PSG telluric transmission 1.4-2.5 µm (µm axis), all molecules.
 
     Returns
     -------
     Spectrum
-        With ``meta["template"]`` naming it.
+        With ``meta["template"]`` naming it (and ``meta["note"]`` where the template has a caveat).
     """
     info = template_info(name)
     path = files("muler.templates").joinpath(info["file"])
@@ -80,5 +86,6 @@ def load_template(name: str) -> Spectrum:
     return Spectrum(
         spectral_axis=axis,
         flux=fl * u.dimensionless_unscaled,
-        meta={"template": name, "description": info["description"]},
+        meta={"template": name, "description": info["description"],
+              **({"note": info["note"]} if "note" in info else {})},
     )
