@@ -15,7 +15,7 @@ loaded problem), and the accuracy of the forward model against the untruncated f
 Usage::
 
     python benchmarks/engine_speed.py                 # CPU configurations
-    python benchmarks/engine_speed.py --device cuda   # GPU configurations
+    python benchmarks/engine_speed.py --device cuda   # GPU configurations (torch and Triton kernels)
     python benchmarks/engine_speed.py --quick         # fewer epochs
 """
 
@@ -45,6 +45,12 @@ CONFIGS = [
     dict(name="far-field, float64, RV +500 km/s", dtype="float64", far_field=True, tol=1e-7, rv=500.0),
     dict(name="far-field, float64, RV -500 km/s", dtype="float64", far_field=True, tol=1e-7, rv=-500.0),
     dict(name="far-field, float64, exact Voigt", dtype="float64", far_field=True, tol=1e-7, profile="voigt", epochs=5),
+    dict(name="far-field, float64, torch kernel (the GPU code path)", dtype="float64", far_field=True, tol=1e-7,
+         kernel="torch", devices=("cpu",)),
+    dict(name="far-field, float64, Triton kernel", dtype="float64", far_field=True, tol=1e-7, kernel="triton",
+         devices=("cuda",)),
+    dict(name="far-field, float64, log mode, Triton kernel", dtype="float64", far_field=True, tol=1e-7, mode="log",
+         kernel="triton", devices=("cuda",)),
     dict(name="truncated windows, tol 1e-6, float64", dtype="float64", far_field=False, tol=1e-6),
     dict(name="fixed 6000-px windows (paper), float64", dtype="float64", far_field=False, fixed_px=6000, epochs=3),
 ]
@@ -64,6 +70,16 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int) -> dict:
     from blase_specutils.core import LineCloneModel
     from blase_specutils.core.engine import windowed_log_flux
 
+    if cfg.get("kernel") == "torch":
+        # run what a GPU runs (blocked torch operations), here on the CPU: hide the compiled kernel
+        import blase_specutils.core.engine as engine
+        import blase_specutils.core.farfield as farfield
+
+        engine.HAVE_NUMBA = farfield.HAVE_NUMBA = False
+    elif cfg.get("kernel") == "triton":
+        import blase_specutils.core.engine as engine
+
+        engine.KERNEL_ON_CUDA = "triton"
     sd, wl_np, dense = _problem()
     dtype = getattr(torch, cfg["dtype"])
     dev = torch.device(device)
@@ -163,6 +179,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for cfg in CONFIGS:
         if args.only and args.only not in cfg["name"]:
+            continue
+        if args.device.split(":")[0] not in cfg.get("devices", ("cpu", "cuda")):
             continue
         cfg = dict(cfg)
         if args.quick:

@@ -20,7 +20,9 @@ per-pixel sum. Autograd flows through the values; the indices carry no gradient.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +32,7 @@ from torch import Tensor
 from .farfield import FarFieldSettings, residual_half_widths
 from .farfield import far_field as _far_field
 from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
+from .gpu_kernel import windowed_pseudo_voigt_sum_triton
 from .fused import windowed_pseudo_voigt_sum
 from .profiles import pseudo_voigt, pseudo_voigt_eta, voigt
 
@@ -43,6 +46,11 @@ ProfileFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 #: Pad the compiled kernel's windows to the torch path's bucket lengths (tests use this to compare
 #: the two paths to rounding); by default each line evaluates its own window only.
 _PAD_COMPILED_WINDOWS = False
+
+#: The fused kernel that ``kernel="auto"`` uses on CUDA devices: ``"torch"`` (blocked torch
+#: operations) or ``"triton"`` (:mod:`.gpu_kernel`). The Triton kernel matches the CPU kernel to
+#: rounding (tested under Triton's interpreter) but has not yet been timed on a GPU.
+KERNEL_ON_CUDA = "torch"
 
 
 def line_terms(v: Tensor, amplitude: Tensor, mode: str, sign: float) -> Tensor:
@@ -160,10 +168,13 @@ def windowed_log_flux(
     fused : bool
         Use the fused pseudo-Voigt kernel with its hand-written backward
         (:mod:`blase_specutils.core.fused`) where it applies; ``False`` uses plain autograd.
-    kernel : {"auto", "numba", "torch"}
-        Where the fused path runs on a CPU: ``"numba"``, the compiled loops of
-        :mod:`blase_specutils.core.cpu_kernel`; ``"torch"``, blocked torch operations; ``"auto"``
-        (default), numba when it is installed. On other devices the torch path is used.
+    kernel : {"auto", "numba", "triton", "torch"}
+        Where the fused path runs: ``"numba"``, the compiled CPU loops of
+        :mod:`blase_specutils.core.cpu_kernel` (pseudo-Voigt and exact Voigt; CPU tensors only);
+        ``"triton"``, the GPU kernel of :mod:`blase_specutils.core.gpu_kernel` (pseudo-Voigt; CUDA
+        tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"``, blocked torch
+        operations. ``"auto"`` (default): numba on CPUs when it is installed, :data:`KERNEL_ON_CUDA`
+        on other devices.
 
     Returns
     -------
@@ -214,13 +225,20 @@ def windowed_log_flux(
         npix = hi - lo
     terms = []
     idxs = []
-    if kernel not in ("auto", "numba", "torch"):
-        raise ValueError(f"kernel must be 'auto', 'numba' or 'torch', got {kernel!r}")
-    # the compiled CPU kernel takes every plain pseudo-Voigt or exact Voigt line
-    compiled = {pseudo_voigt: "pseudo-voigt", voigt: "voigt"}.get(profile)
-    use_numba = (fused and compiled is not None and wavelength.device.type == "cpu"
-                 and (kernel == "numba" or (kernel == "auto" and HAVE_NUMBA)))
-    if use_numba:
+    if kernel not in ("auto", "numba", "triton", "torch"):
+        raise ValueError(f"kernel must be 'auto', 'numba', 'triton' or 'torch', got {kernel!r}")
+    on_cpu = wavelength.device.type == "cpu"
+    choice = (("numba" if HAVE_NUMBA else "torch") if on_cpu else KERNEL_ON_CUDA) if kernel == "auto" else kernel
+    compiled = None  # the compiled kernel that takes every plain line, if any
+    if fused and choice == "numba" and on_cpu and profile in (pseudo_voigt, voigt):
+        compiled = functools.partial(windowed_pseudo_voigt_sum_cpu,
+                                     profile="voigt" if profile is voigt else "pseudo-voigt")
+    elif fused and choice == "triton" and profile is pseudo_voigt:
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernel='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
+                             "use kernel='numba' or 'auto' on a CPU")
+        compiled = windowed_pseudo_voigt_sum_triton
+    if compiled is not None:
         # every plain line in one compiled pass over its window
         with torch.no_grad():
             rows = (hi > 0) & (lo < n) & (npix > 0)
@@ -247,10 +265,10 @@ def windowed_log_flux(
                 else:
                     start = lo_.clamp(min=0)
                     count = hi_.clamp(max=n) - start
-            out = out + windowed_pseudo_voigt_sum_cpu(
+            out = out + compiled(
                 wavelength, start, count, pick(centers), pick(amplitude), pick(sigma), pick(gamma),
                 mode=mode, sign=sign, kc=None if kc is None else pick(kc), ke=None if ke is None else pick(ke),
-                b=0.0 if b_line is None else pick(b_line), profile=compiled)
+                b=0.0 if b_line is None else pick(b_line))
         if wing_mask is None:
             npix = npix[:0]  # nothing left for the bucket loop
     for bucket in _buckets(npix, n):
@@ -265,7 +283,7 @@ def windowed_log_flux(
         if bool(offgrid.all()):
             continue
         has = None if wing_mask is None else wing_mask[sel]
-        if use_numba:
+        if compiled is not None:
             if not bool((has & ~offgrid).any()):
                 continue
             rows = has & ~offgrid

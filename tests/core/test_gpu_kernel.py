@@ -1,0 +1,93 @@
+"""The Triton kernel (GPU) against the compiled CPU kernel, run on the CPU by Triton's interpreter.
+
+The interpreter has to be switched on before triton is first imported, so the comparison runs in
+a fresh interpreter process. What it cannot show is speed, or that the kernel compiles for a
+given GPU: ``benchmarks/engine_speed.py --device cuda`` does that on a GPU machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the GPU kernel needs triton (pip install '.[gpu]')")
+
+SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from blase_specutils.core.cpu_kernel import windowed_pseudo_voigt_sum_cpu
+    from blase_specutils.core.engine import windowed_log_flux
+    from blase_specutils.core.farfield import FarFieldSettings
+    from blase_specutils.core.gpu_kernel import CHUNK, windowed_pseudo_voigt_sum_triton
+    from blase_specutils.core.profiles import pseudo_voigt
+
+    F64 = torch.float64
+    gen = torch.Generator().manual_seed(3)
+    grid = torch.arange(5000.0, 5030.0, 0.01, dtype=F64)
+    L = 24
+    c = 5001 + 28 * torch.rand(L, generator=gen, dtype=F64)
+    a = 10 ** (-3 + 2 * torch.rand(L, generator=gen, dtype=F64))
+    a[::5] *= 30.0
+    s = 0.02 + 0.05 * torch.rand(L, generator=gen, dtype=F64)
+    g = 0.01 + 0.05 * torch.rand(L, generator=gen, dtype=F64)
+    # windows from 100 to 1400 px: several chunks for the long ones, some cut by the grid's ends
+    hw = 0.5 + 6.5 * torch.rand(L, generator=gen, dtype=F64)
+    lo = torch.searchsorted(grid, c - hw)
+    cnt = torch.searchsorted(grid, c + hw) - lo
+    kc = 1e-3 * torch.rand(L, 1, generator=gen, dtype=F64)
+    ke = 1e-4 * torch.rand(L, 1, generator=gen, dtype=F64)
+    b = 0.3 + 0.2 * torch.rand(L, 1, generator=gen, dtype=F64)
+    weights = torch.randn(grid.numel(), generator=gen, dtype=F64)
+    out = {"max_chunks": int(((cnt + CHUNK - 1) // CHUNK).max()), "cases": []}
+    for mode in ("linear", "log"):
+        for sign in (1.0, -1.0):
+            for far in (False, True):
+                res = []
+                for fn in (windowed_pseudo_voigt_sum_cpu, windowed_pseudo_voigt_sum_triton):
+                    ps = [t[:, None].clone().requires_grad_(True) for t in (c, a, s, g)]
+                    extra = [kc.clone().requires_grad_(True), ke.clone().requires_grad_(True)] if far else []
+                    kw = dict(kc=extra[0], ke=extra[1], b=b) if far else {}
+                    val = fn(grid, lo, cnt, *ps, mode=mode, sign=sign, **kw)
+                    grads = torch.autograd.grad((val * weights).sum(), ps + extra)
+                    res.append((val.detach(), grads))
+                out["cases"].append(dict(
+                    mode=mode, sign=sign, far=far,
+                    value=float((res[0][0] - res[1][0]).abs().max()),
+                    grad=max(float((x - y).abs().max() / (x.abs().max() + 1e-300)) for x, y in zip(res[0][1], res[1][1]))))
+    # through the engine, far field included
+    ff = FarFieldSettings.for_grid(grid)
+    flux = [windowed_log_flux(grid, c, a, s, g, profile=pseudo_voigt, tolerance=1e-7, far_field=ff, kernel=k)
+            for k in ("numba", "triton")]
+    out["engine"] = float((flux[0] - flux[1]).abs().max())
+    print(json.dumps(out))
+""")
+
+
+def test_triton_kernel_matches_the_compiled_cpu_kernel():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    res = json.loads(run.stdout.strip().splitlines()[-1])
+    assert res["max_chunks"] >= 3  # the long windows really are split over programs
+    assert len(res["cases"]) == 8
+    for case in res["cases"]:
+        assert case["value"] < 1e-13, case
+        assert case["grad"] < 1e-12, case
+    assert res["engine"] < 1e-13
+
+
+def test_triton_kernel_on_a_cpu_without_the_interpreter_is_a_clear_error():
+    from blase_specutils.core.engine import windowed_log_flux
+    from blase_specutils.core.profiles import pseudo_voigt
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs Triton's interpreter")
+    grid = torch.arange(5000.0, 5001.0, 0.01, dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        windowed_log_flux(grid, 5000.5 * one, 0.01 * one, 0.02 * one, 0.02 * one, profile=pseudo_voigt,
+                          kernel="triton")
