@@ -529,7 +529,7 @@ def _clone_arg(clone, client):
 
 def fit_many(
     inputs: Sequence,
-    stellar,
+    stellar=None,
     *,
     telluric=None,
     client=None,
@@ -550,7 +550,8 @@ def fit_many(
         jointly), or a ``(path, order)`` pair (see :func:`hpf_order_jobs`). Paths are read on the
         worker, so a corrupt file fails only its own job.
     stellar, telluric : SpectralClone or path
-        The clones (paths are loaded once per worker process).
+        The clones (paths are loaded once per worker process). At least one is needed; a telluric
+        clone alone gives telluric-only fits (A0V standards; RV and v sin i are NaN).
     client : dask.distributed.Client, optional
         Run on this cluster (default: serially here).
     output_dir : str or Path, optional
@@ -580,8 +581,9 @@ def fit_many(
     pairs, labels = _prepare(inputs, labels)
     out = _atomic_dir(output_dir)
     fit_kwargs = dict(fit_kwargs, device="cuda" if gpu else device, progress=False)
-    if stellar is None:
-        raise TypeError("fit_many needs a stellar clone (a SpectralClone or a path to a clone file)")
+    if stellar is None and telluric is None:
+        raise TypeError("fit_many needs a stellar clone, a telluric clone, or both (SpectralClone objects or "
+                        "paths to clone files)")
     shared = {"stellar": _clone_arg(stellar, client), "telluric": _clone_arg(telluric, client)}
     job = partial(_fit_job, output_dir=None if out is None else str(out), label_of=labels, fit_kwargs=fit_kwargs)
     return run_batch(job, pairs, labels=labels, client=client, threads_per_task=threads_per_task, shared=shared,

@@ -1,5 +1,5 @@
 """Command line: ``blase-specutils clone INPUT -o OUT``, ``demo``, ``fit DATA [--stellar CLONE]
-[--telluric CLONE] [--tune-telluric]``, ``fit-many FILES... --stellar CLONE --scheduler local``,
+[--telluric CLONE] [--tune-telluric]``, ``fit-many FILES... [--stellar CLONE] [--telluric CLONE] --scheduler local``,
 ``clone-grid GRID.csv``."""
 
 from __future__ import annotations
@@ -122,12 +122,9 @@ def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
-def _add_fit_options(p: argparse.ArgumentParser, *, stellar_required: bool = True) -> None:
-    if stellar_required:
-        p.add_argument("--stellar", required=True, help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file")
-    else:
-        p.add_argument("--stellar", help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file "
-                                         "(optional with --telluric: a telluric-only fit)")
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stellar", help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file "
+                                     "(optional with --telluric: a telluric-only fit)")
     p.add_argument("--telluric", help="telluric clone file (optional)")
     p.add_argument("--tune-telluric", action="store_true",
                    help="tune the telluric line amplitudes in the line stage (always on for a telluric-only fit)")
@@ -172,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     pf = sub.add_parser("fit", help="transfer-learn a clone against an observed spectrum")
     pf.add_argument("data", help="a file specutils or muler reads (an HPF Goldilocks file, a wavelength/flux table)")
     pf.add_argument("--order", type=int, nargs="+", help="échelle orders to fit jointly (indices into the file's orders)")
-    _add_fit_options(pf, stellar_required=False)
+    _add_fit_options(pf)
     pm = sub.add_parser("fit-many", help="fit many files (each échelle order its own job), serially or on Dask")
     pm.add_argument("files", nargs="+", help="data files; an HPF Goldilocks file gives one job per order")
     pm.add_argument("--orders", type=int, nargs="+", help="orders to take from each Goldilocks file (default: all)")
@@ -313,6 +310,8 @@ def _batch_report(res, table: Path, as_json: bool, extra: dict | None = None) ->
 def _run_fit_many(args) -> int:
     from .batch import fit_many, hpf_order_jobs
 
+    if not args.stellar and not args.telluric:
+        raise SystemExit("error: give --stellar CLONE, --telluric CLONE, or both (--telluric alone: telluric-only fits)")
     for f in (args.stellar, args.telluric):
         if f and not Path(f).exists():
             raise SystemExit(f"error: no clone file at {f}")

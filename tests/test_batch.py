@@ -245,6 +245,24 @@ def test_fit_many_wasp69_on_cluster_equals_serial(client, blase03_clone_path, tm
     assert len(t) == 2 and np.all(t["ok"]) and "rv_kms" in t.colnames
 
 
+def test_fit_many_telluric_only(telfit_window_clone, hr4829_water_window, tmp_path):
+    """A telluric clone alone: one telluric-only fit per input, RV and v sin i missing in the summary."""
+    d = hr4829_water_window
+    half = d.spectral_axis.size // 2
+    items = [d[:half], d[half:]]
+    res = fit_many(items, telluric=telfit_window_clone, output_dir=tmp_path, progress=False,
+                   resolving_power=55000.0, template_epochs=40, line_epochs=40)
+    assert res.ok and len(res) == 2
+    for r in res:
+        assert r.summary["components"] == "telluric"
+        assert r.summary["rv_kms"] is None and r.summary["telluric_power"] > 0
+        assert r.summary["chi2_reduced"] < r.summary["template_matching"]["chi2_reduced"]
+    t = Table.read(tmp_path / "summary.ecsv")
+    assert len(t) == 2 and np.all(t["ok"])
+    with pytest.raises(TypeError, match="a telluric clone, or both"):
+        fit_many(items, progress=False)
+
+
 def test_hpf_order_jobs_and_bad_clone(tmp_path):
     gold = _need(SHARED_DATA / "hpf" / "Goldilocks_20210517T054403_v1.0_0060.spectra.fits")
     items, labels = hpf_order_jobs([gold, tmp_path / "x.fits"], orders=[3, 4])
