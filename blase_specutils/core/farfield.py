@@ -213,12 +213,13 @@ def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: F
         k0 = torch.clamp(torch.floor(p.detach()), m - 1, n - m - 1)
         f = torch.clamp(p - k0, -float(m - 1), float(m))
         k0 = k0.long()
-        offsets = list(range(-(m - 1), m + 1))
+        # one scatter per grid for all stencil points (few operations: this is the GPU path)
+        idx = (k0[:, None] + torch.arange(-(m - 1), m + 1, device=k0.device)).reshape(-1)
+        w = _lagrange_weights(f, m)
         grid_c = torch.zeros(n, dtype=torch.promote_types(c.dtype, f.dtype), device=wavelength.device)
         grid_e = torch.zeros_like(grid_c)
-        for off, wk in zip(offsets, _lagrange_weights(f, offsets)):
-            grid_c = grid_c.index_add(0, k0 + off, c * wk)
-            grid_e = grid_e.index_add(0, k0 + off, e * wk)
+        grid_c = grid_c.index_add(0, idx, (c[:, None] * w).reshape(-1))
+        grid_e = grid_e.index_add(0, idx, (e[:, None] * w).reshape(-1))
     hk, h2k = _kernel_ffts(n, nfft, dx, b, grid_c.dtype, wavelength.device)
     conv = _KernelConvolution.apply(grid_c, grid_e, hk, h2k, nfft)
     return conv, lo, dx, n, direct
@@ -305,22 +306,25 @@ def _grid_plan(lo_f: float, dx_f: float, n_f: int, lo: float, dx: float, n: int,
 def _build_plan(q: Tensor, n: int, m: int, dtype):
     """First stencil index (contiguous) and the 2m Lagrange weights at positions ``q`` (in grid
     units) of a grid of ``n`` points."""
-    offsets = list(range(-(m - 1), m + 1))
     i0 = torch.clamp(torch.floor(q), m - 1, n - m - 1)
-    iw = torch.stack(_lagrange_weights((q - i0).to(dtype), offsets), dim=1).contiguous()
+    iw = _lagrange_weights((q - i0).to(dtype), m).contiguous()
     return (i0.long() - (m - 1)).contiguous(), iw
 
 
-def _lagrange_weights(f: Tensor, offsets: list[int]) -> list[Tensor]:
-    """Lagrange basis weights of the grid points at ``offsets`` for a position ``f`` (in grid units)."""
-    out = []
-    for j in offsets:
-        w = torch.ones_like(f)
-        for k in offsets:
-            if k != j:
-                w = w * (f - k) / (j - k)
-        out.append(w)
-    return out
+def _lagrange_weights(f: Tensor, m: int) -> Tensor:
+    """Lagrange basis weights of the 2m stencil points at offsets -(m-1) ... m for positions ``f``
+    (in grid units), shape (len(f), 2m), in a few whole-array operations (differentiable in f).
+
+    The product over the other points, Π_{k≠j}(f − k), is a prefix product times a suffix product,
+    so it stays exact when f sits on a grid point."""
+    offsets = torch.arange(-(m - 1), m + 1, dtype=f.dtype, device=f.device)
+    d = f[:, None] - offsets[None, :]
+    ones = torch.ones_like(d[:, :1])
+    before = torch.cumprod(torch.cat([ones, d[:, :-1]], dim=1), dim=1)
+    after = torch.cumprod(torch.cat([ones, d[:, 1:].flip(1)], dim=1), dim=1).flip(1)
+    o = offsets.tolist()
+    denom = [math.prod(oj - ok for ok in o if ok != oj) for oj in o]
+    return before * after / torch.tensor(denom, dtype=f.dtype, device=f.device)
 
 
 @torch.no_grad()

@@ -409,9 +409,13 @@ def test_compiled_spreading_matches_torch_and_gradcheck():
         gc, ge = spread_cpu(pos, c, e, 40, m)
         k0 = torch.clamp(torch.floor(pos.detach()), m - 1, 40 - m - 1)
         f = torch.clamp(pos - k0, -float(m - 1), float(m))
-        offs = list(range(-(m - 1), m + 1))
         rc, re_ = torch.zeros(40, dtype=F64), torch.zeros(40, dtype=F64)
-        for o, w in zip(offs, _lagrange_weights(f, offs)):
+        for q, o in enumerate(range(-(m - 1), m + 1)):
+            w = torch.ones_like(f)  # the textbook product, point by point
+            for k in range(-(m - 1), m + 1):
+                if k != o:
+                    w = w * (f - k) / (o - k)
+            torch.testing.assert_close(_lagrange_weights(f, m)[:, q], w, rtol=1e-13, atol=1e-14)
             rc = rc.index_add(0, k0.long() + o, c * w)
             re_ = re_.index_add(0, k0.long() + o, e * w)
         torch.testing.assert_close(gc, rc, rtol=1e-13, atol=1e-14)
