@@ -51,6 +51,8 @@ CONFIGS = [
          devices=("cuda",)),
     dict(name="far-field, float64, log mode, Triton kernel", dtype="float64", far_field=True, tol=1e-7, mode="log",
          kernel="triton", devices=("cuda",)),
+    dict(name="far-field, float64, exact Voigt, Triton kernel", dtype="float64", far_field=True, tol=1e-7,
+         profile="voigt", kernel="triton", devices=("cuda",)),
     dict(name="truncated windows, tol 1e-6, float64", dtype="float64", far_field=False, tol=1e-6),
     dict(name="fixed 6000-px windows (paper), float64", dtype="float64", far_field=False, fixed_px=6000, epochs=3),
 ]

@@ -171,8 +171,8 @@ def windowed_log_flux(
     kernel : {"auto", "numba", "triton", "torch"}
         Where the fused path runs: ``"numba"``, the compiled CPU loops of
         :mod:`blase_specutils.core.cpu_kernel` (pseudo-Voigt and exact Voigt; CPU tensors only);
-        ``"triton"``, the GPU kernel of :mod:`blase_specutils.core.gpu_kernel` (pseudo-Voigt; CUDA
-        tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"``, blocked torch
+        ``"triton"``, the GPU kernel of :mod:`blase_specutils.core.gpu_kernel` (pseudo-Voigt and
+        exact Voigt; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"``, blocked torch
         operations. ``"auto"`` (default): numba on CPUs when it is installed, :data:`KERNEL_ON_CUDA`
         on other devices.
 
@@ -230,14 +230,14 @@ def windowed_log_flux(
     on_cpu = wavelength.device.type == "cpu"
     choice = (("numba" if HAVE_NUMBA else "torch") if on_cpu else KERNEL_ON_CUDA) if kernel == "auto" else kernel
     compiled = None  # the compiled kernel that takes every plain line, if any
-    if fused and choice == "numba" and on_cpu and profile in (pseudo_voigt, voigt):
-        compiled = functools.partial(windowed_pseudo_voigt_sum_cpu,
-                                     profile="voigt" if profile is voigt else "pseudo-voigt")
-    elif fused and choice == "triton" and profile is pseudo_voigt:
+    name = {pseudo_voigt: "pseudo-voigt", voigt: "voigt"}.get(profile)
+    if fused and name is not None and choice == "numba" and on_cpu:
+        compiled = functools.partial(windowed_pseudo_voigt_sum_cpu, profile=name)
+    elif fused and name is not None and choice == "triton":
         if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("kernel='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
                              "use kernel='numba' or 'auto' on a CPU")
-        compiled = windowed_pseudo_voigt_sum_triton
+        compiled = functools.partial(windowed_pseudo_voigt_sum_triton, profile=name)
     if compiled is not None:
         # every plain line in one compiled pass over its window
         with torch.no_grad():

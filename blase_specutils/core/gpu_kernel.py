@@ -1,7 +1,7 @@
-r"""Triton kernel of the near-field line sum for GPUs, with its hand-written backward pass.
+r"""Triton kernels of the near-field line sum for GPUs, with their hand-written backward passes.
 
-The same sum as :mod:`.cpu_kernel`: for every plain pseudo-Voigt line *j* and every pixel of its
-own window,
+The same sum as :mod:`.cpu_kernel`: for every plain pseudo-Voigt or exact Voigt line *j* and every
+pixel of its own window,
 
 .. math::
     t_j(\lambda_p) = \ln\big(1 - s\,a_j V(\lambda_p - \lambda_{c,j};\sigma_j,\gamma_j)\big)
@@ -12,7 +12,9 @@ window is cut into chunks of :data:`CHUNK` pixels and every chunk is one Triton 
 pass adds its terms to the output with atomic adds, the backward pass reduces
 :math:`\partial t/\partial\theta_j` times the incoming gradient over the chunk into one row of a
 (chunks × 6) array that is then summed per line. Nothing of size (lines × window) is stored.
-Computations are in float64; results are returned in the working dtype.
+Computations are in float64; results are returned in the working dtype. The exact Voigt evaluates
+the Faddeeva function as the CPU kernel does (Weideman's expansion within |z| = 8, the asymptotic
+series beyond).
 
 Triton is optional (it comes with the CUDA builds of torch). The kernel is used where it is asked
 for (``windowed_log_flux(kernel="triton")``, or :data:`.engine.KERNEL_ON_CUDA`); on a CPU it runs
@@ -128,6 +130,131 @@ if HAVE_TRITON:
         tl.store(row + 4, tl.sum(tl.where(mask, gt * h, 0.0), axis=0))
         tl.store(row + 5, tl.sum(tl.where(mask, gt * h * h, 0.0), axis=0))
 
+    @triton.jit
+    def _cmul(ar, ai, br, bi):
+        return ar * br - ai * bi, ar * bi + ai * br
+
+    @triton.jit
+    def _cdiv(ar, ai, br, bi):
+        d = 1.0 / (br * br + bi * bi)
+        return (ar * br + ai * bi) * d, (ai * br - ar * bi) * d
+
+    @triton.jit
+    def _faddeeva(zr, zi, wc_ptr, ac_ptr, ad_ptr, NW: tl.constexpr, NA: tl.constexpr):
+        """w(z) and w'(z) for Im z >= 0: Weideman's expansion inside |z| = 8, the asymptotic series
+        outside (both are computed; the right one is kept). ``wc_ptr`` holds Weideman's NW
+        coefficients and then his L. Float constants are written inline, next to float64 tensors:
+        a float literal bound to a name would be a float32 scalar in Triton."""
+        ell = tl.load(wc_ptr + NW)
+        # Weideman: lmiz = L - iz, Z = (L + iz)/lmiz, w = 2 p(Z)/lmiz² + 1/(√π lmiz)
+        lr = ell + zi
+        li = -zr
+        qr, qi = _cdiv(ell - zi, zr, lr, li)
+        pr = tl.zeros_like(zr) + tl.load(wc_ptr)
+        pi = tl.zeros_like(zr)
+        for k in tl.static_range(1, NW):
+            pr, pi = _cmul(pr, pi, qr, qi)
+            pr += tl.load(wc_ptr + k)
+        l2r, l2i = _cmul(lr, li, lr, li)
+        ar, ai = _cdiv(2.0 * pr, 2.0 * pi, l2r, l2i)
+        br, bi = _cdiv(tl.zeros_like(zr) + 0.5641895835477563, tl.zeros_like(zr), lr, li)
+        wr_w = ar + br
+        wi_w = ai + bi
+        # w' = -2 z w + 2i/√π
+        tr, ti = _cmul(zr, zi, wr_w, wi_w)
+        dwr_w = -2.0 * tr
+        dwi_w = -2.0 * ti + 1.1283791670955126
+        # asymptotic: u = 1/z², w = (i/√π) P(u)/z, w' = -(i/√π) Q(u) u
+        z2r, z2i = _cmul(zr, zi, zr, zi)
+        ur, ui = _cdiv(tl.zeros_like(zr) + 1.0, tl.zeros_like(zr), z2r, z2i)
+        pr = tl.zeros_like(zr) + tl.load(ac_ptr + NA - 1)
+        pi = tl.zeros_like(zr)
+        sr = tl.zeros_like(zr) + tl.load(ad_ptr + NA - 1)
+        si = tl.zeros_like(zr)
+        for i in tl.static_range(NA - 1):
+            pr, pi = _cmul(pr, pi, ur, ui)
+            pr += tl.load(ac_ptr + NA - 2 - i)
+            sr, si = _cmul(sr, si, ur, ui)
+            sr += tl.load(ad_ptr + NA - 2 - i)
+        fr, fi = _cdiv(pr, pi, zr, zi)
+        wr_a = fi * -0.5641895835477563
+        wi_a = fr * 0.5641895835477563
+        gr, gi = _cmul(sr, si, ur, ui)
+        dwr_a = gi * 0.5641895835477563
+        dwi_a = gr * -0.5641895835477563
+        far = zr * zr + zi * zi >= 64.0
+        return (tl.where(far, wr_a, wr_w), tl.where(far, wi_a, wi_w),
+                tl.where(far, dwr_a, dwr_w), tl.where(far, dwi_a, dwi_w))
+
+    @triton.jit
+    def _voigt_forward_kernel(wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, kc_ptr, ke_ptr, b_ptr,
+                              out_ptr, wc_ptr, ac_ptr, ad_ptr, sign, NW: tl.constexpr, NA: tl.constexpr,
+                              LINEAR: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        j = tl.load(line_ptr + pid)
+        p0 = tl.load(p0_ptr + pid)
+        p1 = tl.load(p1_ptr + pid)
+        cj = tl.load(c_ptr + j)
+        inv = 0.7071067811865476 / tl.load(s_ptr + j)  # z = (x + iγ)/(σ√2)
+        amp = tl.load(a_ptr + j) * inv * 0.5641895835477563 * -sign
+        kcj = tl.load(kc_ptr + j)
+        kej = tl.load(ke_ptr + j)
+        bj = tl.load(b_ptr + j)
+        offs = p0 + tl.arange(0, BLOCK)
+        mask = offs < p1
+        x = tl.load(wl_ptr + offs, mask=mask, other=0.0) - cj
+        wr, wi, dwr, dwi = _faddeeva(x * inv, tl.zeros_like(x) + tl.load(g_ptr + j) * inv, wc_ptr, ac_ptr, ad_ptr,
+                                     NW, NA)
+        t = amp * wr
+        if LINEAR:
+            t = _log1p(tl.maximum(t, -1.0 + 1e-12))
+        h = 1.0 / (x * x + bj * bj)
+        t += h * (kcj + kej * h)
+        tl.atomic_add(out_ptr + offs, t, mask=mask)
+
+    @triton.jit
+    def _voigt_backward_kernel(grad_ptr, wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, kc_ptr,
+                               ke_ptr, b_ptr, part_ptr, wc_ptr, ac_ptr, ad_ptr, sign, NW: tl.constexpr,
+                               NA: tl.constexpr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        j = tl.load(line_ptr + pid)
+        p0 = tl.load(p0_ptr + pid)
+        p1 = tl.load(p1_ptr + pid)
+        cj = tl.load(c_ptr + j)
+        sj = tl.load(s_ptr + j)
+        inv = 0.7071067811865476 / sj
+        norm = inv * 0.5641895835477563  # 1/(σ√(2π))
+        aj = -sign * tl.load(a_ptr + j)
+        kcj = tl.load(kc_ptr + j)
+        kej = tl.load(ke_ptr + j)
+        bj = tl.load(b_ptr + j)
+        offs = p0 + tl.arange(0, BLOCK)
+        mask = offs < p1
+        gt = tl.load(grad_ptr + offs, mask=mask, other=0.0)
+        x = tl.load(wl_ptr + offs, mask=mask, other=0.0) - cj
+        zr = x * inv
+        zi = tl.zeros_like(x) + tl.load(g_ptr + j) * inv
+        wr, wi, dwr, dwi = _faddeeva(zr, zi, wc_ptr, ac_ptr, ad_ptr, NW, NA)
+        v = norm * wr
+        if LINEAR:
+            arg = aj * v
+            w = tl.where(arg < -1.0 + 1e-12, 0.0, gt / (1.0 + arg))
+        else:
+            w = gt
+        wv = w * aj
+        # ∂V/∂x = norm Re w'/(σ√2), ∂V/∂γ = −norm Im w'/(σ√2), ∂V/∂σ = −norm Re(w' z)/σ − V/σ
+        h = 1.0 / (x * x + bj * bj)
+        d_c = -wv * norm * dwr * inv + gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
+        d_g = -wv * norm * dwi * inv
+        d_s = wv * (-norm * (dwr * zr - dwi * zi) - v) / sj
+        row = part_ptr + pid * 6
+        tl.store(row + 0, tl.sum(tl.where(mask, d_c, 0.0), axis=0))
+        tl.store(row + 1, -sign * tl.sum(tl.where(mask, w * v, 0.0), axis=0))
+        tl.store(row + 2, tl.sum(tl.where(mask, d_s, 0.0), axis=0))
+        tl.store(row + 3, tl.sum(tl.where(mask, d_g, 0.0), axis=0))
+        tl.store(row + 4, tl.sum(tl.where(mask, gt * h, 0.0), axis=0))
+        tl.store(row + 5, tl.sum(tl.where(mask, gt * h * h, 0.0), axis=0))
+
 
 def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Line index, first and end pixel of every chunk of at most :data:`CHUNK` pixels."""
@@ -139,10 +266,21 @@ def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return line, p0, start[line] + count[line]
 
 
+def _voigt_constants(device) -> tuple[Tensor, Tensor, Tensor]:
+    """Weideman's coefficients and the asymptotic series' coefficients of w(z) and w'(z), on ``device``."""
+    import numpy as np
+
+    from .cpu_kernel import _ASYM_C, _ASYM_D
+    from .profiles import _W_COEFFS, _W_L
+
+    return tuple(torch.as_tensor(x, dtype=torch.float64, device=device).contiguous()
+                 for x in (np.append(_W_COEFFS, _W_L), _ASYM_C, _ASYM_D))
+
+
 class _WindowedSumTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b, linear: bool,
-                sign: float):
+                sign: float, voigt: bool):
         f64 = [x.detach().reshape(-1).to(torch.float64).contiguous() for x in (c, a, s, g, eta, deta_ds, deta_dg)]
         n = start.numel()
         zeros = torch.zeros(n, dtype=torch.float64, device=wavelength.device)
@@ -156,11 +294,17 @@ class _WindowedSumTriton(torch.autograd.Function):
         wl = wavelength.to(torch.float64).contiguous()
         line, p0, p1 = _chunk_table(start.long(), count.long())
         out = torch.zeros(wl.numel(), dtype=torch.float64, device=wl.device)
+        consts = _voigt_constants(wl.device) if voigt else None
         if line.numel():
-            _forward_kernel[(line.numel(),)](wl, line, p0, p1, *f64[:5], kc_, ke_, bb, out, float(sign),
-                                             LINEAR=bool(linear), BLOCK=CHUNK)
+            grid = (line.numel(),)
+            if voigt:
+                _voigt_forward_kernel[grid](wl, line, p0, p1, *f64[:4], kc_, ke_, bb, out, *consts, float(sign),
+                                            **_voigt_sizes(consts), LINEAR=bool(linear), BLOCK=CHUNK)
+            else:
+                _forward_kernel[grid](wl, line, p0, p1, *f64[:5], kc_, ke_, bb, out, float(sign),
+                                      LINEAR=bool(linear), BLOCK=CHUNK)
         ctx.save_for_backward(wl, line, p0, p1, *f64, kc_, ke_, bb)
-        ctx.linear, ctx.sign, ctx.n = bool(linear), float(sign), n
+        ctx.linear, ctx.sign, ctx.n, ctx.voigt = bool(linear), float(sign), n, bool(voigt)
         ctx.dtypes = (c.dtype, a.dtype)
         return out.to(a.dtype)
 
@@ -169,18 +313,28 @@ class _WindowedSumTriton(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         wl, line, p0, p1, c, a, s, g, eta, des, deg, kc_, ke_, bb = ctx.saved_tensors
         part = torch.zeros((line.numel(), 6), dtype=torch.float64, device=wl.device)
+        grad = grad_out.to(torch.float64).contiguous()
         if line.numel():
-            _backward_kernel[(line.numel(),)](grad_out.to(torch.float64).contiguous(), wl, line, p0, p1, c, a, s,
-                                              g, eta, des, deg, kc_, ke_, bb, part, ctx.sign, LINEAR=ctx.linear,
-                                              BLOCK=CHUNK)
+            grid = (line.numel(),)
+            if ctx.voigt:
+                consts = _voigt_constants(wl.device)
+                _voigt_backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, kc_, ke_, bb, part, *consts, ctx.sign,
+                                             **_voigt_sizes(consts), LINEAR=ctx.linear, BLOCK=CHUNK)
+            else:
+                _backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, eta, des, deg, kc_, ke_, bb, part, ctx.sign,
+                                       LINEAR=ctx.linear, BLOCK=CHUNK)
         sums = torch.zeros((ctx.n, 6), dtype=torch.float64, device=wl.device).index_add_(0, line, part)
         cdt, wdt = ctx.dtypes
         needs = ctx.needs_input_grad
-        out = [None] * 15
+        out = [None] * 16
         for pos, col, dt in ((3, 0, cdt), (4, 1, wdt), (5, 2, wdt), (6, 3, wdt), (10, 4, wdt), (11, 5, wdt)):
             if needs[pos]:
                 out[pos] = sums[:, col].to(dt).reshape(-1, 1)
         return tuple(out)
+
+
+def _voigt_sizes(consts) -> dict:
+    return dict(NW=int(consts[0].numel()) - 1, NA=int(consts[1].numel()))
 
 
 def windowed_pseudo_voigt_sum_triton(
@@ -197,18 +351,25 @@ def windowed_pseudo_voigt_sum_triton(
     kc: Tensor | None = None,
     ke: Tensor | None = None,
     b: float | Tensor = 0.0,
+    profile: str = "pseudo-voigt",
 ) -> Tensor:
-    """Sum of the fused pseudo-Voigt line terms over per-line windows, with Triton.
+    """Sum of the fused line terms over per-line windows, with Triton.
 
-    Arguments as :func:`.cpu_kernel.windowed_pseudo_voigt_sum_cpu` (pseudo-Voigt only); the tensors
-    may live on any device Triton runs on (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``).
+    Arguments as :func:`.cpu_kernel.windowed_pseudo_voigt_sum_cpu` (the pseudo-Voigt or the exact
+    Voigt, whose Faddeeva function is evaluated as there); the tensors may live on any device
+    Triton runs on (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``).
     """
     if not HAVE_TRITON:
         raise ImportError("the GPU kernel needs triton (it ships with the CUDA builds of torch): pip install triton")
     from .fused import _eta_and_derivatives, check_term_arguments
 
     check_term_arguments(mode, kc, ke)
-    eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+    if profile == "voigt":
+        eta = deta_ds = deta_dg = torch.zeros_like(s)  # unused
+    elif profile == "pseudo-voigt":
+        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+    else:
+        raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
     b = b.detach() if isinstance(b, Tensor) else float(b)
     return _WindowedSumTriton.apply(wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
-                                    mode == "linear", float(sign))
+                                    mode == "linear", float(sign), profile == "voigt")
