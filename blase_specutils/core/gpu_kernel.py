@@ -266,15 +266,22 @@ def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return line, p0, start[line] + count[line]
 
 
+_CONSTANTS: dict = {}
+
+
 def _voigt_constants(device) -> tuple[Tensor, Tensor, Tensor]:
-    """Weideman's coefficients and the asymptotic series' coefficients of w(z) and w'(z), on ``device``."""
+    """Weideman's coefficients (then his L) and the asymptotic series' coefficients of w(z) and w'(z),
+    on ``device`` (copied there once)."""
     import numpy as np
 
     from .cpu_kernel import _ASYM_C, _ASYM_D
     from .profiles import _W_COEFFS, _W_L
 
-    return tuple(torch.as_tensor(x, dtype=torch.float64, device=device).contiguous()
-                 for x in (np.append(_W_COEFFS, _W_L), _ASYM_C, _ASYM_D))
+    key = str(device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = tuple(torch.as_tensor(x, dtype=torch.float64, device=device).contiguous()
+                                for x in (np.append(_W_COEFFS, _W_L), _ASYM_C, _ASYM_D))
+    return _CONSTANTS[key]
 
 
 class _WindowedSumTriton(torch.autograd.Function):
