@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .fused import compiled_kernel_arguments, compiled_kernel_gradients
 from .profiles import _W_COEFFS, _W_L
 
 try:  # numba is a dependency, but the torch path stays usable without it
@@ -493,13 +494,8 @@ class _WindowedSumCPU(torch.autograd.Function):
         _run(_voigt_backward if ctx.voigt else _backward, ranges,
              lambda k, j0, j1: (grad, wl, st, nn, *arrs, des, deg, kc_, ke_, bb, ctx.linear, ctx.sign, j0, j1,
                                 gc, ga, gs, gg, gkc, gke))
-        cdt, wdt = ctx.dtypes
-        needs = ctx.needs_input_grad
-        out = [None] * 16
-        for pos, arr, dt in ((3, gc, cdt), (4, ga, wdt), (5, gs, wdt), (6, gg, wdt), (10, gkc, wdt), (11, gke, wdt)):
-            if needs[pos]:
-                out[pos] = torch.from_numpy(arr).to(dtype=dt).reshape(-1, 1)
-        return tuple(out)
+        return compiled_kernel_gradients(ctx.needs_input_grad, [torch.from_numpy(x) for x in (gc, ga, gs, gg, gkc, gke)],
+                                         ctx.dtypes)
 
 
 def windowed_pseudo_voigt_sum_cpu(
@@ -547,17 +543,7 @@ def windowed_pseudo_voigt_sum_cpu(
     """
     if not HAVE_NUMBA:
         raise ImportError("the compiled CPU kernel needs numba: pip install numba")
-    from .fused import _eta_and_derivatives, check_term_arguments
-
-    check_term_arguments(mode, kc, ke)
-
-    if profile == "voigt":
-        eta = deta_ds = deta_dg = torch.zeros_like(s)  # unused
-    elif profile == "pseudo-voigt":
-        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
-    else:
-        raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
-    b = b.detach() if isinstance(b, Tensor) else float(b)
+    eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile)
     return _WindowedSumCPU.apply(wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
                                  mode == "linear", float(sign), profile == "voigt")
 

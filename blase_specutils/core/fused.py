@@ -137,6 +137,35 @@ def check_term_arguments(mode: str, kc: Tensor | None, ke: Tensor | None) -> Non
         raise ValueError("give both kc and ke, or neither")
 
 
+def compiled_kernel_arguments(mode: str, kc: Tensor | None, ke: Tensor | None, s: Tensor, g: Tensor,
+                              b: float | Tensor, profile: str):
+    """Checks and per-line inputs shared by the compiled kernels (numba and Triton): η, ∂η/∂σ,
+    ∂η/∂γ (zeros, unused, for the exact Voigt) and the far-field width(s) b, detached."""
+    check_term_arguments(mode, kc, ke)
+    if profile == "voigt":
+        eta = deta_ds = deta_dg = torch.zeros_like(s)
+    elif profile == "pseudo-voigt":
+        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+    else:
+        raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
+    return eta, deta_ds, deta_dg, (b.detach() if isinstance(b, Tensor) else float(b))
+
+
+#: Positions of λc, a, σ, γ, c_j, e_j among the inputs of the compiled kernels' autograd functions.
+_GRAD_POSITIONS = (3, 4, 5, 6, 10, 11)
+
+
+def compiled_kernel_gradients(needs: tuple, grads: list[Tensor], dtypes: tuple) -> tuple:
+    """The backward's return value of a compiled kernel's autograd function: the six per-line
+    gradients (λc, a, σ, γ, c_j, e_j) at their input positions, as (L, 1) in the dtype of λc
+    (the first) or of a (the others), None where not needed."""
+    out = [None] * len(needs)
+    for k, (pos, grad) in enumerate(zip(_GRAD_POSITIONS, grads)):
+        if needs[pos]:
+            out[pos] = grad.to(dtype=dtypes[0] if k == 0 else dtypes[1]).reshape(-1, 1)
+    return tuple(out)
+
+
 class _PseudoVoigtTerm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wl: Tensor, c: Tensor, a: Tensor, s: Tensor, g: Tensor, kc, ke, b, linear: bool, sign: float):

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .fused import compiled_kernel_arguments, compiled_kernel_gradients
+
 try:  # optional: only GPU runs need it
     import triton
     import triton.language as tl
@@ -54,12 +56,27 @@ if HAVE_TRITON:
         return tl.where((t > -0.02) & (t < 0.02), s, tl.log(1.0 + t))
 
     @triton.jit
+    def _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK: tl.constexpr):
+        """This program's line, the pixel indices of its chunk and their mask."""
+        pid = tl.program_id(0)
+        offs = tl.load(p0_ptr + pid) + tl.arange(0, BLOCK)
+        return tl.load(line_ptr + pid), offs, offs < tl.load(p1_ptr + pid)
+
+    @triton.jit
+    def _store_partials(part_ptr, mask, d_c, d_a, d_s, d_g, d_kc, d_ke):
+        """The chunk's sums of the six per-line gradient terms: row ``pid`` of the (chunks × 6) array."""
+        row = part_ptr + tl.program_id(0) * 6
+        tl.store(row + 0, tl.sum(tl.where(mask, d_c, 0.0), axis=0))
+        tl.store(row + 1, tl.sum(tl.where(mask, d_a, 0.0), axis=0))
+        tl.store(row + 2, tl.sum(tl.where(mask, d_s, 0.0), axis=0))
+        tl.store(row + 3, tl.sum(tl.where(mask, d_g, 0.0), axis=0))
+        tl.store(row + 4, tl.sum(tl.where(mask, d_kc, 0.0), axis=0))
+        tl.store(row + 5, tl.sum(tl.where(mask, d_ke, 0.0), axis=0))
+
+    @triton.jit
     def _forward_kernel(wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, eta_ptr, kc_ptr, ke_ptr,
                         b_ptr, out_ptr, sign, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        j = tl.load(line_ptr + pid)
-        p0 = tl.load(p0_ptr + pid)
-        p1 = tl.load(p1_ptr + pid)
+        j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
         aj = -sign * tl.load(a_ptr + j)
         sj = tl.load(s_ptr + j)
@@ -68,8 +85,6 @@ if HAVE_TRITON:
         kcj = tl.load(kc_ptr + j)
         kej = tl.load(ke_ptr + j)
         bj = tl.load(b_ptr + j)
-        offs = p0 + tl.arange(0, BLOCK)
-        mask = offs < p1
         x = tl.load(wl_ptr + offs, mask=mask, other=0.0) - cj
         x2 = x * x
         lor = ej * gj * 0.3183098861837907 / (x2 + gj * gj)
@@ -85,10 +100,7 @@ if HAVE_TRITON:
     def _backward_kernel(grad_ptr, wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, eta_ptr,
                          des_ptr, deg_ptr, kc_ptr, ke_ptr, b_ptr, part_ptr, sign, LINEAR: tl.constexpr,
                          BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        j = tl.load(line_ptr + pid)
-        p0 = tl.load(p0_ptr + pid)
-        p1 = tl.load(p1_ptr + pid)
+        j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
         aj = -sign * tl.load(a_ptr + j)
         sj = tl.load(s_ptr + j)
@@ -99,8 +111,6 @@ if HAVE_TRITON:
         kcj = tl.load(kc_ptr + j)
         kej = tl.load(ke_ptr + j)
         bj = tl.load(b_ptr + j)
-        offs = p0 + tl.arange(0, BLOCK)
-        mask = offs < p1
         gt = tl.load(grad_ptr + offs, mask=mask, other=0.0)
         x = tl.load(wl_ptr + offs, mask=mask, other=0.0) - cj
         x2 = x * x
@@ -122,13 +132,7 @@ if HAVE_TRITON:
         d_g = wv * (ej * lor * (1.0 / gj - 2.0 * gj * inv) + deg * lmg)
         h = 1.0 / (x2 + bj * bj)
         d_c += gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
-        row = part_ptr + pid * 6
-        tl.store(row + 0, tl.sum(tl.where(mask, d_c, 0.0), axis=0))
-        tl.store(row + 1, -sign * tl.sum(tl.where(mask, w * v, 0.0), axis=0))
-        tl.store(row + 2, tl.sum(tl.where(mask, d_s, 0.0), axis=0))
-        tl.store(row + 3, tl.sum(tl.where(mask, d_g, 0.0), axis=0))
-        tl.store(row + 4, tl.sum(tl.where(mask, gt * h, 0.0), axis=0))
-        tl.store(row + 5, tl.sum(tl.where(mask, gt * h * h, 0.0), axis=0))
+        _store_partials(part_ptr, mask, d_c, -sign * w * v, d_s, d_g, gt * h, gt * h * h)
 
     @triton.jit
     def _cmul(ar, ai, br, bi):
@@ -190,18 +194,13 @@ if HAVE_TRITON:
     def _voigt_forward_kernel(wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, kc_ptr, ke_ptr, b_ptr,
                               out_ptr, wc_ptr, ac_ptr, ad_ptr, sign, NW: tl.constexpr, NA: tl.constexpr,
                               LINEAR: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        j = tl.load(line_ptr + pid)
-        p0 = tl.load(p0_ptr + pid)
-        p1 = tl.load(p1_ptr + pid)
+        j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
         inv = 0.7071067811865476 / tl.load(s_ptr + j)  # z = (x + iγ)/(σ√2)
         amp = tl.load(a_ptr + j) * inv * 0.5641895835477563 * -sign
         kcj = tl.load(kc_ptr + j)
         kej = tl.load(ke_ptr + j)
         bj = tl.load(b_ptr + j)
-        offs = p0 + tl.arange(0, BLOCK)
-        mask = offs < p1
         x = tl.load(wl_ptr + offs, mask=mask, other=0.0) - cj
         wr, wi, dwr, dwi = _faddeeva(x * inv, tl.zeros_like(x) + tl.load(g_ptr + j) * inv, wc_ptr, ac_ptr, ad_ptr,
                                      NW, NA)
@@ -216,10 +215,7 @@ if HAVE_TRITON:
     def _voigt_backward_kernel(grad_ptr, wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, kc_ptr,
                                ke_ptr, b_ptr, part_ptr, wc_ptr, ac_ptr, ad_ptr, sign, NW: tl.constexpr,
                                NA: tl.constexpr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        j = tl.load(line_ptr + pid)
-        p0 = tl.load(p0_ptr + pid)
-        p1 = tl.load(p1_ptr + pid)
+        j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
         sj = tl.load(s_ptr + j)
         inv = 0.7071067811865476 / sj
@@ -228,8 +224,6 @@ if HAVE_TRITON:
         kcj = tl.load(kc_ptr + j)
         kej = tl.load(ke_ptr + j)
         bj = tl.load(b_ptr + j)
-        offs = p0 + tl.arange(0, BLOCK)
-        mask = offs < p1
         gt = tl.load(grad_ptr + offs, mask=mask, other=0.0)
         x = tl.load(wl_ptr + offs, mask=mask, other=0.0) - cj
         zr = x * inv
@@ -247,13 +241,7 @@ if HAVE_TRITON:
         d_c = -wv * norm * dwr * inv + gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
         d_g = -wv * norm * dwi * inv
         d_s = wv * (-norm * (dwr * zr - dwi * zi) - v) / sj
-        row = part_ptr + pid * 6
-        tl.store(row + 0, tl.sum(tl.where(mask, d_c, 0.0), axis=0))
-        tl.store(row + 1, -sign * tl.sum(tl.where(mask, w * v, 0.0), axis=0))
-        tl.store(row + 2, tl.sum(tl.where(mask, d_s, 0.0), axis=0))
-        tl.store(row + 3, tl.sum(tl.where(mask, d_g, 0.0), axis=0))
-        tl.store(row + 4, tl.sum(tl.where(mask, gt * h, 0.0), axis=0))
-        tl.store(row + 5, tl.sum(tl.where(mask, gt * h * h, 0.0), axis=0))
+        _store_partials(part_ptr, mask, d_c, -sign * w * v, d_s, d_g, gt * h, gt * h * h)
 
 
 def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -331,13 +319,7 @@ class _WindowedSumTriton(torch.autograd.Function):
                 _backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, eta, des, deg, kc_, ke_, bb, part, ctx.sign,
                                        LINEAR=ctx.linear, BLOCK=CHUNK)
         sums = torch.zeros((ctx.n, 6), dtype=torch.float64, device=wl.device).index_add_(0, line, part)
-        cdt, wdt = ctx.dtypes
-        needs = ctx.needs_input_grad
-        out = [None] * 16
-        for pos, col, dt in ((3, 0, cdt), (4, 1, wdt), (5, 2, wdt), (6, 3, wdt), (10, 4, wdt), (11, 5, wdt)):
-            if needs[pos]:
-                out[pos] = sums[:, col].to(dt).reshape(-1, 1)
-        return tuple(out)
+        return compiled_kernel_gradients(ctx.needs_input_grad, list(sums.unbind(1)), ctx.dtypes)
 
 
 def _voigt_sizes(consts) -> dict:
@@ -368,15 +350,6 @@ def windowed_pseudo_voigt_sum_triton(
     """
     if not HAVE_TRITON:
         raise ImportError("the GPU kernel needs triton (it ships with the CUDA builds of torch): pip install triton")
-    from .fused import _eta_and_derivatives, check_term_arguments
-
-    check_term_arguments(mode, kc, ke)
-    if profile == "voigt":
-        eta = deta_ds = deta_dg = torch.zeros_like(s)  # unused
-    elif profile == "pseudo-voigt":
-        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
-    else:
-        raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
-    b = b.detach() if isinstance(b, Tensor) else float(b)
+    eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile)
     return _WindowedSumTriton.apply(wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
                                     mode == "linear", float(sign), profile == "voigt")
