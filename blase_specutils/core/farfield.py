@@ -157,6 +157,7 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     if not present:
         return torch.zeros_like(wavelength)
     m = settings.order // 2
+    ends = wavelength[[0, -1]].tolist()  # one device-to-host copy for all levels
     base = None  # (conv, lo, dx, n) of the finest level present
     val = None  # direct sums of lines beyond a level's margin, at the pixels
     for level in present:
@@ -166,7 +167,7 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
         else:
             sel = torch.nonzero(levels == level).flatten()
             cl, el, xl = c[sel], e[sel], centers[sel]
-        conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st)
+        conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st, ends)
         if direct is not None:
             val = direct if val is None else val + direct
         if base is None:
@@ -184,16 +185,18 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     return -out
 
 
-def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: FarFieldSettings):
-    """One level: the lines spread onto its uniform grid and convolved with its kernels.
+def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: FarFieldSettings,
+                ends: list[float]):
+    """One level: the lines spread onto its uniform grid and convolved with its kernels (``ends``:
+    the first and last pixel wavelengths).
 
     Returns the convolution on the grid, the grid's start, spacing and length, and the direct sum
     (at the pixels) of the lines beyond the grid's margin, or None.
     """
     c_all, e_all = c, e
     dx, b = st.spacing, st.b
-    lo = float(wavelength[0]) - st.margin
-    hi = float(wavelength[-1]) + st.margin
+    lo = ends[0] - st.margin
+    hi = ends[1] + st.margin
     n = int(math.ceil((hi - lo) / dx)) + 2
     nfft = _next_fast_len(2 * n - 1)
     # spread the coefficients onto the grid with Lagrange weights (moments exact to order 2m-1)
@@ -259,7 +262,25 @@ def _interpolate(conv: Tensor, i0: Tensor, iw: Tensor) -> Tensor:
     """Σ_q iw[p, q] conv[i0[p] + q]: compiled loops on CPUs, a gather elsewhere."""
     if conv.device.type == "cpu" and HAVE_NUMBA:
         return interpolate_cpu(conv, i0, iw)
-    return (conv[i0[:, None] + torch.arange(iw.shape[1], device=i0.device)] * iw).sum(1)
+    return _GatherInterpolation.apply(conv, i0[:, None] + torch.arange(iw.shape[1], device=i0.device), iw)
+
+
+class _GatherInterpolation(torch.autograd.Function):
+    """Σ_q w[p, q] conv[idx[p, q]] by a gather; the backward pass adds into the grid with one
+    ``index_add`` (atomic adds on a GPU) where autograd's gather backward would sort the indices."""
+
+    @staticmethod
+    def forward(ctx, conv: Tensor, idx: Tensor, w: Tensor):
+        ctx.save_for_backward(idx, w)
+        ctx.n = conv.shape[0]
+        return (conv[idx] * w).sum(1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        idx, w = ctx.saved_tensors
+        g = torch.zeros(ctx.n, dtype=grad.dtype, device=grad.device)
+        return g.index_add_(0, idx.reshape(-1), (grad[:, None] * w).reshape(-1)), None, None
 
 
 def _direct_sum(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, b: float,

@@ -51,9 +51,16 @@ if HAVE_TRITON:
     @triton.jit
     def _log1p(t):
         # ln(1 + t): its series to t^10 where |t| < 0.02 (exact to rounding), the logarithm elsewhere
-        s = t * (1.0 + t * (-0.5 + t * (1.0 / 3.0 + t * (-0.25 + t * (0.2 + t * (
-            -1.0 / 6.0 + t * (1.0 / 7.0 + t * (-0.125 + t * (1.0 / 9.0 - 0.1 * t)))))))))
+        s = t * (1.0 + t * (-0.5 + t * (0.3333333333333333 + t * (-0.25 + t * (0.2 + t * (
+            -0.16666666666666666 + t * (0.14285714285714285 + t * (-0.125 + t * (0.1111111111111111 - 0.1 * t)))))))))
         return tl.where((t > -0.02) & (t < 0.02), s, tl.log(1.0 + t))
+
+    @triton.jit
+    def _floor(t):
+        # max(t, -1 + 1e-12) as the CPU kernel takes it. Float constants stay inline in binary
+        # operations with float64 tensors: there they are float64, while tl.maximum(t, c) or a
+        # constant folded from two literals (-1.0 + 1e-12) is a float32 -1.0 on the GPU
+        return tl.where(t < -0.999999999999, t * 0.0 - 0.999999999999, t)
 
     @triton.jit
     def _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK: tl.constexpr):
@@ -91,7 +98,7 @@ if HAVE_TRITON:
         gau = (1.0 - ej) * 0.3989422804014327 / sj * tl.exp(-0.5 * x2 / (sj * sj))
         t = aj * (lor + gau)
         if LINEAR:
-            t = _log1p(tl.maximum(t, -1.0 + 1e-12))
+            t = _log1p(_floor(t))
         h = 1.0 / (x2 + bj * bj)
         t += h * (kcj + kej * h)
         tl.atomic_add(out_ptr + offs, t, mask=mask)
@@ -120,7 +127,7 @@ if HAVE_TRITON:
         v = ej * lor + (1.0 - ej) * gau
         if LINEAR:
             arg = aj * v
-            w = tl.where(arg < -1.0 + 1e-12, 0.0, gt / (1.0 + arg))
+            w = tl.where(arg < -0.999999999999, 0.0, gt / (1.0 + arg))
         else:
             w = gt
         wv = w * aj  # grad × dt/dV
@@ -206,7 +213,7 @@ if HAVE_TRITON:
                                      NW, NA)
         t = amp * wr
         if LINEAR:
-            t = _log1p(tl.maximum(t, -1.0 + 1e-12))
+            t = _log1p(_floor(t))
         h = 1.0 / (x * x + bj * bj)
         t += h * (kcj + kej * h)
         tl.atomic_add(out_ptr + offs, t, mask=mask)
@@ -232,7 +239,7 @@ if HAVE_TRITON:
         v = norm * wr
         if LINEAR:
             arg = aj * v
-            w = tl.where(arg < -1.0 + 1e-12, 0.0, gt / (1.0 + arg))
+            w = tl.where(arg < -0.999999999999, 0.0, gt / (1.0 + arg))
         else:
             w = gt
         wv = w * aj

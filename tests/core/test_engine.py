@@ -323,6 +323,17 @@ def test_compiled_interpolation_matches_gather_and_gradcheck():
     assert torch.autograd.gradcheck(lambda c: interpolate_cpu(c, i0, w), (conv,))
 
 
+def test_gather_interpolation_of_the_gpu_path_gradcheck():
+    from blase_specutils.core.farfield import _GatherInterpolation
+
+    gen = torch.Generator().manual_seed(6)
+    conv = torch.randn(40, dtype=F64, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 34, (25,), generator=gen)[:, None] + torch.arange(6)  # overlapping stencils
+    w = torch.randn(25, 6, dtype=F64, generator=gen)
+    torch.testing.assert_close(_GatherInterpolation.apply(conv, idx, w), (conv[idx] * w).sum(1), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda c: _GatherInterpolation.apply(c, idx, w), (conv,))
+
+
 @pytest.mark.parametrize("mode", ["linear", "log"])
 def test_far_field_with_lines_much_broader_than_the_kernel(mode):
     """A line with γ ≫ b (clones fit broad continuum dips with γ of 10-3000 Å) is evaluated whole:

@@ -1,9 +1,8 @@
-"""The Triton kernels (GPU; pseudo-Voigt and exact Voigt) against the compiled CPU kernel, run on the
-CPU by Triton's interpreter.
+"""The Triton kernels (GPU; pseudo-Voigt and exact Voigt) against the compiled CPU kernel: run on the
+CPU by Triton's interpreter everywhere, and compiled for the GPU where there is one (``-m gpu``).
 
-The interpreter has to be switched on before triton is first imported, so the comparison runs in
-a fresh interpreter process. What it cannot show is speed, or that the kernel compiles for a
-given GPU: ``benchmarks/engine_speed.py --device cuda`` does that on a GPU machine.
+The interpreter has to be switched on before triton is first imported, so each comparison runs in
+a fresh interpreter process. Speed is measured by ``benchmarks/engine_speed.py --device cuda``.
 """
 
 import json
@@ -19,6 +18,7 @@ triton = pytest.importorskip("triton", reason="the GPU kernel needs triton (pip 
 
 SCRIPT = textwrap.dedent("""
     import json
+    import os
     import torch
     from blase_specutils.core.cpu_kernel import windowed_pseudo_voigt_sum_cpu
     from blase_specutils.core.engine import windowed_log_flux
@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent("""
     from blase_specutils.core.profiles import pseudo_voigt, voigt
 
     F64 = torch.float64
+    DEV = os.environ.get("BLASE_TRITON_DEVICE", "cpu")  # where the Triton kernel runs
     gen = torch.Generator().manual_seed(3)
     grid = torch.arange(5000.0, 5030.0, 0.01, dtype=F64)
     L = 24
@@ -49,13 +50,13 @@ SCRIPT = textwrap.dedent("""
     combos += [("voigt", "linear", 1.0, True), ("voigt", "log", -1.0, False)]
     for profile, mode, sign, far in combos:
         res = []
-        for fn in (windowed_pseudo_voigt_sum_cpu, windowed_pseudo_voigt_sum_triton):
-            ps = [t[:, None].clone().requires_grad_(True) for t in (c, a, s, g)]
-            extra = [kc.clone().requires_grad_(True), ke.clone().requires_grad_(True)] if far else []
-            kw = dict(kc=extra[0], ke=extra[1], b=b) if far else {}
-            val = fn(grid, lo, cnt, *ps, mode=mode, sign=sign, profile=profile, **kw)
-            grads = torch.autograd.grad((val * weights).sum(), ps + extra)
-            res.append((val.detach(), grads))
+        for fn, dev in ((windowed_pseudo_voigt_sum_cpu, "cpu"), (windowed_pseudo_voigt_sum_triton, DEV)):
+            ps = [t[:, None].to(dev).requires_grad_(True) for t in (c, a, s, g)]
+            extra = [kc.to(dev).requires_grad_(True), ke.to(dev).requires_grad_(True)] if far else []
+            kw = dict(kc=extra[0], ke=extra[1], b=b.to(dev)) if far else {}
+            val = fn(grid.to(dev), lo.to(dev), cnt.to(dev), *ps, mode=mode, sign=sign, profile=profile, **kw)
+            grads = torch.autograd.grad((val * weights.to(dev)).sum(), ps + extra)
+            res.append((val.detach().cpu(), [x.cpu() for x in grads]))
         out["cases"].append(dict(
             profile=profile, mode=mode, sign=sign, far=far,
             value=float((res[0][0] - res[1][0]).abs().max()),
@@ -64,15 +65,14 @@ SCRIPT = textwrap.dedent("""
     ff = FarFieldSettings.for_grid(grid)
     out["engine"] = []
     for prof in (pseudo_voigt, voigt):
-        flux = [windowed_log_flux(grid, c, a, s, g, profile=prof, tolerance=1e-7, far_field=ff, kernel=k)
-                for k in ("numba", "triton")]
+        flux = [windowed_log_flux(*(t.to(dev) for t in (grid, c, a, s, g)), profile=prof, tolerance=1e-7,
+                                  far_field=ff, kernel=k).cpu() for k, dev in (("numba", "cpu"), ("triton", DEV))]
         out["engine"].append(float((flux[0] - flux[1]).abs().max()))
     print(json.dumps(out))
 """)
 
 
-def test_triton_kernel_matches_the_compiled_cpu_kernel():
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def _compare(env: dict) -> None:
     run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     res = json.loads(run.stdout.strip().splitlines()[-1])
@@ -84,6 +84,17 @@ def test_triton_kernel_matches_the_compiled_cpu_kernel():
         assert case["value"] < 1e-13, case
         assert case["grad"] < 1e-12, case
     assert max(res["engine"]) < 1e-13
+
+
+def test_triton_kernel_matches_the_compiled_cpu_kernel():
+    _compare(dict(os.environ, TRITON_INTERPRET="1", BLASE_TRITON_DEVICE="cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_kernel_compiled_on_the_gpu_matches_the_compiled_cpu_kernel():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    _compare(dict(env, BLASE_TRITON_DEVICE="cuda"))
 
 
 def test_triton_kernel_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):

@@ -119,7 +119,13 @@ def test_core_imports_without_astropy_specutils_pyro_gpytorch():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu():
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
+def test_cuda_matches_cpu(kernel, monkeypatch):
+    import blase_specutils.core.engine as engine
+
+    if kernel == "triton":
+        pytest.importorskip("triton", reason="the Triton kernel needs triton (pip install '.[gpu]')")
+    monkeypatch.setattr(engine, "KERNEL_ON_CUDA", kernel)
     m = _model()
     with torch.no_grad():
         cpu = m(GRID)
