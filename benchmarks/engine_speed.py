@@ -189,10 +189,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", help="run configurations whose name contains this text")
+    ap.add_argument("--only", help="run configurations whose name contains this text (or one of several, \"a,b\")")
     ap.add_argument("--data", type=Path, default=SHARED,
                     help="folder holding clones/ and reference/ as in ../shared/data (default: %(default)s)")
-    ap.add_argument("--exclude", help="skip configurations whose name contains this text")
+    ap.add_argument("--exclude", help="skip configurations whose name contains this text (or one of several)")
     ap.add_argument("--json", type=Path, help="where the results go (default: benchmarks/engine_speed_DEVICE.json)")
     ap.add_argument("--profile-dir", help="also profile each configuration; operator tables go in this folder")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -210,7 +210,9 @@ def main() -> None:
     print("| configuration | ms / epoch | peak memory | max abs err | RMS err |")
     print("|---|---|---|---|---|")
     for cfg in CONFIGS:
-        if (args.only and args.only not in cfg["name"]) or (args.exclude and args.exclude in cfg["name"]):
+        if args.only and not any(part in cfg["name"] for part in args.only.split(",")):
+            continue
+        if args.exclude and any(part in cfg["name"] for part in args.exclude.split(",")):
             continue
         if args.device.split(":")[0] not in cfg.get("devices", ("cpu", "cuda")):
             continue

@@ -513,6 +513,7 @@ def windowed_pseudo_voigt_sum_cpu(
     ke: Tensor | None = None,
     b: float | Tensor = 0.0,
     profile: str = "pseudo-voigt",
+    eta: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Sum of the fused line terms over per-line windows, on the CPU (numba).
 
@@ -535,6 +536,9 @@ def windowed_pseudo_voigt_sum_cpu(
     profile : {"pseudo-voigt", "voigt"}
         The blasé pseudo-Voigt, or the exact Voigt (Faddeeva function: Weideman's expansion of
         :func:`.profiles.faddeeva` within |z| = 8, its asymptotic series beyond).
+    eta : tuple of Tensor, optional
+        η, ∂η/∂σ, ∂η/∂γ of the pseudo-Voigt, shape (L, 1), if already computed
+        (:func:`.fused.eta_and_derivatives`); computed here otherwise.
 
     Returns
     -------
@@ -543,7 +547,7 @@ def windowed_pseudo_voigt_sum_cpu(
     """
     if not HAVE_NUMBA:
         raise ImportError("the compiled CPU kernel needs numba: pip install numba")
-    eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile)
+    eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile, eta)
     return _WindowedSumCPU.apply(wavelength, start, npix, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
                                  mode == "linear", float(sign), profile == "voigt")
 

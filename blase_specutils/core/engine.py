@@ -33,7 +33,7 @@ from .farfield import FarFieldSettings, residual_half_widths
 from .farfield import far_field as _far_field
 from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
 from .gpu_kernel import HAVE_TRITON, windowed_pseudo_voigt_sum_triton
-from .fused import windowed_pseudo_voigt_sum
+from .fused import eta_and_derivatives, windowed_pseudo_voigt_sum
 from .profiles import pseudo_voigt, pseudo_voigt_eta, voigt
 
 __all__ = ["window_half_widths", "windowed_log_flux", "dense_log_flux", "line_terms"]
@@ -49,8 +49,8 @@ _PAD_COMPILED_WINDOWS = False
 
 #: The fused kernel that ``kernel="auto"`` uses on CUDA devices: ``"triton"`` (:mod:`.gpu_kernel`)
 #: where triton is installed, else ``"torch"`` (blocked torch operations). On an H200 an epoch of
-#: the paper's HPF clone took 10.6-15 ms with Triton and 65-117 ms with torch, 6-8x longer, in two
-#: sessions (``benchmarks/RESULTS.md``).
+#: the paper's HPF clone took 9-15 ms with Triton and 65-117 ms with torch, 6-8x longer (machines
+#: of one session; ``benchmarks/RESULTS.md``).
 KERNEL_ON_CUDA = "triton" if HAVE_TRITON else "torch"
 
 
@@ -66,15 +66,18 @@ def line_terms(v: Tensor, amplitude: Tensor, mode: str, sign: float) -> Tensor:
 
 @torch.no_grad()
 def window_half_widths(
-    amplitude: Tensor, sigma: Tensor, gamma: Tensor, tolerance: float, min_half_width: float = 0.0
+    amplitude: Tensor, sigma: Tensor, gamma: Tensor, tolerance: float, min_half_width: float = 0.0,
+    eta: Tensor | None = None,
 ) -> Tensor:
     r"""Half width (Å) beyond which a line's profile term is below ``tolerance``.
 
     The Lorentzian wing :math:`a\eta\gamma/\pi d^2` and the Gaussian core
     :math:`a(1-\eta)G(d;\sigma)` are each solved for the distance where they fall to ε, and
-    the larger is used, bounded below by ``min_half_width`` and by 6σ + 6γ.
+    the larger is used, bounded below by ``min_half_width`` and by 6σ + 6γ. ``eta``: the
+    pseudo-Voigt's η(σ, γ), if already computed.
     """
-    eta = pseudo_voigt_eta(sigma, gamma)
+    if eta is None:
+        eta = pseudo_voigt_eta(sigma, gamma)
     d_lor = torch.sqrt(amplitude * eta * gamma / (math.pi * tolerance))
     peak_g = amplitude * (1.0 - eta) / (sigma * math.sqrt(2.0 * math.pi))
     ratio = torch.clamp(peak_g / tolerance, min=1.0)
@@ -193,8 +196,13 @@ def windowed_log_flux(
     is_voigt = profile is not pseudo_voigt
     kc = ke = levels = b_line = None
     whole = wing_mask  # lines evaluated in full windows, outside the far field
+    eta_parts = None  # η, ∂η/∂σ, ∂η/∂γ of the pseudo-Voigt, computed once for all the steps below
     if far_field is not None:
-        eta = torch.ones_like(gamma) if is_voigt else pseudo_voigt_eta(sigma, gamma)
+        if is_voigt:
+            eta = torch.ones_like(gamma)
+        else:
+            eta, *rest = eta_and_derivatives(sigma, gamma)
+            eta_parts = (eta.detach(), *rest)
         kc = sign * amplitude * eta * gamma / math.pi
         with torch.no_grad():
             # each line's far-field level: a kernel at least as wide as the line (γ <= b r^l), since
@@ -214,7 +222,9 @@ def windowed_log_flux(
             ke = torch.where(whole, torch.zeros_like(ke), ke)
     with torch.no_grad():
         if half_widths is None:
-            half_widths = window_half_widths(amplitude, sigma, gamma, tolerance, min_half_width)
+            if far_field is None or whole is not None:
+                half_widths = window_half_widths(amplitude, sigma, gamma, tolerance, min_half_width,
+                                                 eta=None if eta_parts is None else eta_parts[0])
             if far_field is not None:
                 hw_near = residual_half_widths(amplitude, sigma, gamma, eta.detach(), kc.detach(), b_line,
                                                tolerance, mode, voigt=is_voigt)
@@ -269,7 +279,8 @@ def windowed_log_flux(
             out = out + compiled(
                 wavelength, start, count, pick(centers), pick(amplitude), pick(sigma), pick(gamma),
                 mode=mode, sign=sign, kc=None if kc is None else pick(kc), ke=None if ke is None else pick(ke),
-                b=0.0 if b_line is None else pick(b_line))
+                b=0.0 if b_line is None else pick(b_line),
+                eta=None if eta_parts is None else tuple(pick(t) for t in eta_parts))
         if wing_mask is None:
             npix = npix[:0]  # nothing left for the bucket loop
     for bucket in _buckets(npix, n):

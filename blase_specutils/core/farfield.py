@@ -94,6 +94,10 @@ class FarFieldSettings:
 
 _KERNEL_CACHE: dict = {}
 
+#: How each far-field level takes its lines: by gathering them (False), or by zeroing the other
+#: levels' coefficients (True); None (default): masks on GPUs, gathers on CPUs.
+_MASK_LEVELS: bool | None = None
+
 
 def _kernel_ffts(n: int, nfft: int, spacing: float, b: float, dtype, device):
     key = (n, nfft, spacing, b, dtype, str(device))
@@ -162,12 +166,17 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     val = None  # direct sums of lines beyond a level's margin, at the pixels
     for level in present:
         st = settings.at_level(level)
+        on = None
         if levels is None:
             cl, el, xl = c, e, centers
-        else:
+        elif not (wavelength.device.type != "cpu" if _MASK_LEVELS is None else _MASK_LEVELS):
             sel = torch.nonzero(levels == level).flatten()
             cl, el, xl = c[sel], e[sel], centers[sel]
-        conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st, ends)
+        else:
+            # on GPUs the other levels' lines spread zeros: masks, not gathers, whose backward sorts
+            on = levels == level
+            cl, el, xl = torch.where(on, c, 0.0), torch.where(on, e, 0.0), centers
+        conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st, ends, on)
         if direct is not None:
             val = direct if val is None else val + direct
         if base is None:
@@ -186,9 +195,10 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
 
 
 def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: FarFieldSettings,
-                ends: list[float]):
+                ends: list[float], on: Tensor | None = None):
     """One level: the lines spread onto its uniform grid and convolved with its kernels (``ends``:
-    the first and last pixel wavelengths).
+    the first and last pixel wavelengths; ``on``: which lines belong to the level, the others
+    having c = e = 0).
 
     Returns the convolution on the grid, the grid's start, spacing and length, and the direct sum
     (at the pixels) of the lines beyond the grid's margin, or None.
@@ -204,6 +214,8 @@ def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: F
     p = (centers - lo) / dx
     # lines beyond the grid's margin cannot be spread onto it (clamping would move them to its edge)
     inside = (p.detach() >= m - 1) & (p.detach() <= n - m)
+    if on is not None:
+        inside |= ~on
     direct = None
     if not bool(inside.all()):
         outside = torch.nonzero(~inside).flatten()

@@ -67,6 +67,31 @@ def _eta_and_derivatives(s: Tensor, g: Tensor):
     return eta, deta_dr * dr_ds, deta_dr * dr_dg
 
 
+class _PseudoVoigtEta(torch.autograd.Function):
+    """η(σ, γ) with the closed-form derivatives of :func:`_eta_and_derivatives` as its backward
+    (two multiplications, where autograd of the polynomial would take dozens of operations)."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, g: Tensor):
+        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+        ctx.save_for_backward(deta_ds, deta_dg)
+        ctx.mark_non_differentiable(deta_ds, deta_dg)
+        return eta, deta_ds, deta_dg
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor, _g1, _g2):
+        deta_ds, deta_dg = ctx.saved_tensors
+        return (grad * deta_ds if ctx.needs_input_grad[0] else None,
+                grad * deta_dg if ctx.needs_input_grad[1] else None)
+
+
+def eta_and_derivatives(s: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""The pseudo-Voigt's Lorentzian fraction η(σ, γ), differentiable, with ∂η/∂σ and ∂η/∂γ
+    (detached), computed once: pass the three to the compiled kernels as ``eta``."""
+    return _PseudoVoigtEta.apply(s, g)
+
+
 def _forward_block(wl, c, a, s, g, eta, kc, ke, b, linear: bool, sign: float) -> Tensor:
     """The line terms (or near-field residuals) of a block, shape (rows, m)."""
     x, lor, gau = _parts(wl, c, s, g)
@@ -138,14 +163,15 @@ def check_term_arguments(mode: str, kc: Tensor | None, ke: Tensor | None) -> Non
 
 
 def compiled_kernel_arguments(mode: str, kc: Tensor | None, ke: Tensor | None, s: Tensor, g: Tensor,
-                              b: float | Tensor, profile: str):
+                              b: float | Tensor, profile: str, eta: tuple | None = None):
     """Checks and per-line inputs shared by the compiled kernels (numba and Triton): η, ∂η/∂σ,
-    ∂η/∂γ (zeros, unused, for the exact Voigt) and the far-field width(s) b, detached."""
+    ∂η/∂γ (zeros, unused, for the exact Voigt; ``eta`` if the caller has them already) and the
+    far-field width(s) b, detached."""
     check_term_arguments(mode, kc, ke)
     if profile == "voigt":
         eta = deta_ds = deta_dg = torch.zeros_like(s)
     elif profile == "pseudo-voigt":
-        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g)
+        eta, deta_ds, deta_dg = _eta_and_derivatives(s, g) if eta is None else (x.detach() for x in eta)
     else:
         raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
     return eta, deta_ds, deta_dg, (b.detach() if isinstance(b, Tensor) else float(b))

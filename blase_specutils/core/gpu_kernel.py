@@ -348,6 +348,7 @@ def windowed_pseudo_voigt_sum_triton(
     ke: Tensor | None = None,
     b: float | Tensor = 0.0,
     profile: str = "pseudo-voigt",
+    eta: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Sum of the fused line terms over per-line windows, with Triton.
 
@@ -357,6 +358,6 @@ def windowed_pseudo_voigt_sum_triton(
     """
     if not HAVE_TRITON:
         raise ImportError("the GPU kernel needs triton (it ships with the CUDA builds of torch): pip install triton")
-    eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile)
+    eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile, eta)
     return _WindowedSumTriton.apply(wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
                                     mode == "linear", float(sign), profile == "voigt")

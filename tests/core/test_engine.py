@@ -382,6 +382,44 @@ def test_multilevel_far_field_is_the_sum_of_each_levels_kernels():
     assert float((approx - exact).abs().max()) < 1e-6 * float(exact.abs().max())
 
 
+def test_multilevel_far_field_masks_and_gathers_agree(monkeypatch):
+    """The GPU way of taking each level's lines (zeroed coefficients of the other levels) and the
+    CPU way (gathers), both through the torch spreading: same values and gradients."""
+    import blase_specutils.core.farfield as farfield
+
+    monkeypatch.setattr(farfield, "HAVE_NUMBA", False)
+    gen = torch.Generator().manual_seed(12)
+    c = 4990 + 70 * torch.rand(40, generator=gen, dtype=F64)  # some beyond the level-0 margin
+    kc = torch.rand(40, generator=gen, dtype=F64) * 1e-2
+    ke = torch.rand(40, generator=gen, dtype=F64) * 1e-3
+    levels = torch.randint(0, 3, (40,), generator=gen)
+    levels[:3] = -1
+    ff = FarFieldSettings.for_grid(GRID)
+    weights = torch.randn(GRID.numel(), generator=gen, dtype=F64)
+    res = []
+    for masks in (False, True):
+        monkeypatch.setattr(farfield, "_MASK_LEVELS", masks)
+        ps = [t.clone().requires_grad_(True) for t in (c, kc, ke)]
+        val = far_field(GRID, *ps, ff, levels)
+        res.append((val.detach(), torch.autograd.grad((val * weights).sum(), ps)))
+    torch.testing.assert_close(res[1][0], res[0][0], rtol=0, atol=1e-14)
+    for g_gather, g_mask in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(g_mask, g_gather, rtol=1e-10, atol=1e-14)
+    assert float(res[0][1][0][levels < 0].abs().max()) == 0.0  # lines without a level are left out
+
+
+def test_eta_autograd_function_gradcheck():
+    from blase_specutils.core.fused import eta_and_derivatives
+    from blase_specutils.core.profiles import pseudo_voigt_eta
+
+    s = torch.tensor([0.02, 0.05, 0.3], dtype=F64, requires_grad=True)
+    g = torch.tensor([0.001, 0.05, 2.0], dtype=F64, requires_grad=True)
+    eta, deta_ds, deta_dg = eta_and_derivatives(s, g)
+    torch.testing.assert_close(eta, pseudo_voigt_eta(s, g), rtol=1e-14, atol=0)
+    assert not (deta_ds.requires_grad or deta_dg.requires_grad)
+    assert torch.autograd.gradcheck(lambda s, g: eta_and_derivatives(s, g)[0], (s, g))
+
+
 @pytest.mark.parametrize("mode", ["linear", "log"])
 def test_near_field_residual_is_below_tolerance_beyond_its_window(mode):
     """The residual t + c h + e h² of a pseudo-Voigt line is exactly bounded by |c|(b²−γ²)²/d⁶
