@@ -12,8 +12,9 @@ residual is wanted, see :mod:`.farfield`) to the output, and its backward pass s
 λc, a, σ, γ, c_j and e_j. It evaluates the same pseudo-Voigt and the same derivatives as
 :mod:`.fused` in compiled loops, so nothing of size (lines × window) is ever stored. The Gaussian
 component is evaluated within 9σ of the centre only: beyond, exp(−x²/2σ²) < 1e-17. Outside each
-line's core (that reach and, in linear mode, the pixels where |t| may exceed 0.02) the term is the
-Lorentzian alone and ln(1 + t) its series to t¹⁰: those loops have no branches and vectorise.
+line's core (that reach and, in linear mode, the pixels where :math:`|t|` may exceed 0.02) the term
+is the Lorentzian alone and ln(1 + t) its series to t¹⁰: those loops have no branches and
+vectorise.
 
 The loops are compiled by numba (a pip-installable LLVM JIT, no system compiler needed) on first
 use and cached on disk. They release the GIL: the lines are split into as many contiguous chunks
@@ -535,7 +536,7 @@ def windowed_pseudo_voigt_sum_cpu(
         Far-field kernel width (Å): one for all lines, or each line's own, shape (L, 1).
     profile : {"pseudo-voigt", "voigt"}
         The blasé pseudo-Voigt, or the exact Voigt (Faddeeva function: Weideman's expansion of
-        :func:`.profiles.faddeeva` within |z| = 8, its asymptotic series beyond).
+        :func:`.profiles.faddeeva` within :math:`|z| = 8`, its asymptotic series beyond).
     eta : tuple of Tensor, optional
         η, ∂η/∂σ, ∂η/∂γ of the pseudo-Voigt, shape (L, 1), if already computed
         (:func:`.fused.eta_and_derivatives`); computed here otherwise.

@@ -13,8 +13,8 @@ pass adds its terms to the output with atomic adds, the backward pass reduces
 :math:`\partial t/\partial\theta_j` times the incoming gradient over the chunk into one row of a
 (chunks × 6) array that is then summed per line. Nothing of size (lines × window) is stored.
 Computations are in float64; results are returned in the working dtype. The exact Voigt evaluates
-the Faddeeva function as the CPU kernel does (Weideman's expansion within |z| = 8, the asymptotic
-series beyond).
+the Faddeeva function as the CPU kernel does (Weideman's expansion within :math:`|z| = 8`, the
+asymptotic series beyond).
 
 Triton is optional (it comes with the CUDA builds of torch). The kernel is used where it is asked
 for (``windowed_log_flux(kernel="triton")``, or :data:`.engine.KERNEL_ON_CUDA`); on a CPU it runs
