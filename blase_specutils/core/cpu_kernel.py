@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
     numba = None
     HAVE_NUMBA = False
 
-__all__ = ["HAVE_NUMBA", "windowed_pseudo_voigt_sum_cpu", "interpolate_cpu", "spread_cpu"]
+__all__ = ["HAVE_NUMBA", "windowed_pseudo_voigt_sum_cpu", "interpolate_cpu", "spread_cpu", "correlate_cpu"]
 
 _MIN_ARG = -1.0 + 1e-12
 _INV_PI = 1.0 / math.pi
@@ -399,6 +399,30 @@ def _spread_backward_py(pos, c, e, m, n, gr_c, gr_e, g_pos, g_c, g_e):
         g_pos[j] = acc_f if inside else 0.0  # a clamped position carries no gradient
 
 
+
+def _correlate_forward_py(x, k, out):
+    # out[r, i] = sum_j k[j] x[r, i + j]
+    nk = k.size
+    for r in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            acc = 0.0
+            for j in range(nk):
+                acc += k[j] * x[r, i + j]
+            out[r, i] = acc
+
+
+def _correlate_backward_py(grad, x, k, gx, gk, need_x, need_k):
+    nk = k.size
+    for r in range(grad.shape[0]):
+        for i in range(grad.shape[1]):
+            gi = grad[r, i]
+            if need_x:
+                for j in range(nk):
+                    gx[r, i + j] += gi * k[j]
+            if need_k:
+                for j in range(nk):
+                    gk[j] += gi * x[r, i + j]
+
 if HAVE_NUMBA:
     _JIT = dict(nogil=True, cache=True, error_model="numpy")
     # reassociation lets the wing loops' sums vectorise (results change at the rounding level only)
@@ -416,9 +440,12 @@ if HAVE_NUMBA:
     _spread_forward = numba.njit(**_JIT)(_spread_forward_py)
     _spread_backward = numba.njit(**_JIT)(_spread_backward_py)
     _interp_backward = numba.njit(**_JIT)(_interp_backward_py)
+    _correlate_forward = numba.njit(**_FAST)(_correlate_forward_py)
+    _correlate_backward = numba.njit(**_FAST)(_correlate_backward_py)
 else:  # pragma: no cover
     _forward = _backward = _interp_forward = _interp_backward = _spread_forward = _spread_backward = None
     _voigt_forward = _voigt_backward = None
+    _correlate_forward = _correlate_backward = None
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOL_LOCK = threading.Lock()
@@ -632,3 +659,53 @@ def spread_cpu(pos: Tensor, c: Tensor, e: Tensor, n: int, m: int) -> tuple[Tenso
     if not HAVE_NUMBA:
         raise ImportError("the compiled CPU kernel needs numba: pip install numba")
     return _SpreadCPU.apply(pos, c, e, int(n), int(m))
+
+
+class _CorrelateCPU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, k: Tensor):
+        x64 = np.ascontiguousarray(x.detach().to(torch.float64).numpy())
+        k64 = _np64(k)
+        out = np.empty((x64.shape[0], x64.shape[1] - k64.size + 1))
+        _correlate_forward(x64, k64, out)
+        ctx.arrs = (x64, k64)
+        ctx.dtypes = (x.dtype, k.dtype)
+        return torch.from_numpy(out).to(dtype=x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x64, k64 = ctx.arrs
+        need_x, need_k = ctx.needs_input_grad[:2]
+        gx = np.zeros(x64.shape if need_x else (1, 1))
+        gk = np.zeros(k64.size if need_k else 1)
+        _correlate_backward(np.ascontiguousarray(grad.to(torch.float64).numpy()), x64, k64, gx, gk, need_x, need_k)
+        return (torch.from_numpy(gx).to(dtype=ctx.dtypes[0]) if need_x else None,
+                torch.from_numpy(gk).to(dtype=ctx.dtypes[1]) if need_k else None)
+
+
+def correlate_cpu(x: Tensor, k: Tensor) -> Tensor:
+    r"""Valid cross-correlation of each row of ``x`` with ``k``,
+    :math:`y_{r,i} = \sum_j k_j\,x_{r,i+j}`, in compiled loops, differentiable in both.
+
+    The direct convolutions of :mod:`.extrinsic` (rotation and instrument kernels of up to a few
+    hundred taps) run through it on CPUs, where float64 ``conv1d`` has no fast path.
+
+    Parameters
+    ----------
+    x : Tensor
+        Shape (rows, n), on the CPU.
+    k : Tensor
+        Shape (m,), m <= n.
+
+    Returns
+    -------
+    Tensor
+        Shape (rows, n - m + 1), in the dtype of ``x``.
+    """
+    if not HAVE_NUMBA:
+        raise ImportError("the compiled CPU kernel needs numba: pip install numba")
+    if x.ndim != 2 or k.ndim != 1 or k.numel() > x.shape[1]:
+        raise ValueError(f"correlate_cpu needs x of shape (rows, n) and k of shape (m,), m <= n; got "
+                         f"{tuple(x.shape)} and {tuple(k.shape)}")
+    return _CorrelateCPU.apply(x, k)
