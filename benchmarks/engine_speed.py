@@ -46,8 +46,27 @@ CONFIGS = [
     dict(name="far-field, float64, RV -500 km/s", dtype="float64", far_field=True, tol=1e-7, rv=-500.0),
     dict(name="far-field, float64, exact Voigt", dtype="float64", far_field=True, tol=1e-7, profile="voigt", epochs=5),
     dict(name="far-field, float64, torch kernel", dtype="float64", far_field=True, tol=1e-7, kernel="torch"),
+    dict(name="far-field, float64, plan, CUDA graph", dtype="float64", far_field=True, tol=1e-7, graph=True,
+         devices=("cuda",)),
+    dict(name="far-field, float32, plan, CUDA graph", dtype="float32", far_field=True, tol=1e-7, graph=True,
+         devices=("cuda",)),
+    dict(name="far-field, float64, log mode, plan, CUDA graph", dtype="float64", far_field=True, tol=1e-7,
+         mode="log", graph=True, devices=("cuda",)),
+    dict(name="far-field, float64, RV +500 km/s, plan, CUDA graph", dtype="float64", far_field=True, tol=1e-7,
+         rv=500.0, graph=True, devices=("cuda",)),
+    dict(name="far-field, float64, plan, no graph", dtype="float64", far_field=True, tol=1e-7, graph=False),
+    dict(name="far-field, float64, plan, CUDA graph, 512-px chunks", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, chunk=512, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, 1024-px chunks", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, chunk=1024, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, 8 warps", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, warps=8, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, 2 warps", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, warps=2, devices=("cuda",)),
     dict(name="truncated windows, tol 1e-6, float64", dtype="float64", far_field=False, tol=1e-6),
     dict(name="fixed 6000-px windows (paper), float64", dtype="float64", far_field=False, fixed_px=6000, epochs=3),
+    dict(name="fixed 6000-px windows (paper), float64, plan, CUDA graph", dtype="float64", far_field=False,
+         fixed_px=6000, graph=True, devices=("cuda",)),
 ]
 
 
@@ -80,6 +99,12 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
 
         engine.HAVE_NUMBA = farfield.HAVE_NUMBA = False
         engine.KERNEL_ON_CUDA = "torch"
+    if "chunk" in cfg or "warps" in cfg:
+        # the Triton kernels' pixels per program and warps per program
+        import blase_specutils.core.gpu_kernel as gpu_kernel
+
+        gpu_kernel.CHUNK = cfg.get("chunk", gpu_kernel.CHUNK)
+        gpu_kernel.NUM_WARPS = cfg.get("warps", gpu_kernel.NUM_WARPS)
     sd, wl_np, dense = _problem(data)
     dtype = getattr(torch, cfg["dtype"])
     dev = torch.device(device)
@@ -114,23 +139,51 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    params = [p for p in model.parameters() if p.requires_grad]
+    planned = "graph" in cfg
+    if planned:
+        # a window plan, and (on CUDA, graph=True) the whole epoch as one CUDA graph
+        from blase_specutils.core.graphs import GraphedEpoch
+        from blase_specutils.core.plan import WindowPlan
+
+        opt = torch.optim.Adam(params, lr=0.01, capturable=dev.type == "cuda",
+                               fused=dev.type == "cuda" or None)
+        if cfg.get("fixed_px"):
+            plan = WindowPlan(wl, lambda: (model.lam_centers, model.log_amplitudes.exp(), model.log_sigmas.exp(),
+                                           model.log_gammas.exp()), half_widths=hw)
+            plan_forward = lambda m: torch.exp(plan.log_flux(m.lam_centers, m.log_amplitudes.exp(),  # noqa: E731
+                                                             m.log_sigmas.exp(), m.log_gammas.exp()))
+        else:
+            plan = model.make_plan(wl, cfg.get("rv"))
+            plan_forward = lambda m: m(wl, cfg.get("rv"), plan=plan)  # noqa: E731
+        epoch = GraphedEpoch(lambda: ((plan_forward(model) - target) ** 2).sum(), opt, plan,
+                             graph=bool(cfg["graph"]) and dev.type == "cuda")
+    else:
+        opt = torch.optim.Adam(params, lr=0.01)
     times = []
     for i in range(warmup + epochs):
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = ((forward(model) - target) ** 2).sum()
-        loss.backward()
-        opt.step()
+        if planned:
+            epoch()
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = ((forward(model) - target) ** 2).sum()
+            loss.backward()
+            opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     kernels = None
+    extra = {}
+    if planned:
+        extra = dict(plan_rebuilds=plan.rebuilds, graph_recordings=epoch.recordings,
+                     chunk_capacity=plan.capacity)
     if profile_dir:
-        kernels = _profile(cfg["name"], forward, model, target, opt, dev, Path(profile_dir))
+        kernels = _profile(cfg["name"], epoch if planned else None, model, target, opt, dev, Path(profile_dir),
+                           forward=forward)
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         peak_kind = "GPU MiB"
@@ -151,16 +204,22 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
     err = np.abs(flux0 - dense)
     return dict(name=cfg["name"], device=device, ms_per_epoch=1e3 * float(np.median(times)),
                 ms_min=1e3 * float(np.min(times)), epochs_timed=len(times), peak_memory=peak, memory_kind=peak_kind,
-                max_abs_err=float(err.max()), rms_err=float(np.sqrt(np.mean(err**2))), kernels_per_epoch=kernels)
+                max_abs_err=float(err.max()), rms_err=float(np.sqrt(np.mean(err**2))), kernels_per_epoch=kernels,
+                **extra)
 
 
-def _profile(name: str, forward, model, target, opt, dev, folder: Path, epochs: int = 5) -> float | None:
-    """Profile a few more epochs: an operator table in ``folder``, kernel launches per epoch back."""
+def _profile(name: str, epoch, model, target, opt, dev, folder: Path, epochs: int = 5, *,
+             forward=None) -> float | None:
+    """Profile a few more epochs: an operator table in ``folder``, kernel launches per epoch back.
+    ``epoch``: a GraphedEpoch to call, or None for the plain epoch of ``forward``."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(epochs):
+            if epoch is not None:
+                epoch()
+                continue
             opt.zero_grad(set_to_none=True)
             ((forward(model) - target) ** 2).sum().backward()
             opt.step()
@@ -173,8 +232,13 @@ def _profile(name: str, forward, model, target, opt, dev, folder: Path, epochs: 
         f"{name} on {dev}, {epochs} epochs\n" + prof.key_averages().table(sort_by=key, row_limit=40))
     if dev.type != "cuda":
         return None
-    n = sum(1 for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA)
-    return n / epochs
+    kern = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    busy = sum(float(getattr(e, "device_time_total", 0.0) or 0.0) for e in kern) / 1e3 / epochs
+    print(f"{name}: {len(kern) / epochs:.0f} GPU kernels and {busy:.3f} ms of GPU time per epoch", file=sys.stderr)
+    (folder / f"{slug}_{dev.type}.txt").write_text(
+        f"{name} on {dev}, {epochs} epochs: {len(kern) / epochs:.0f} kernels, {busy:.3f} ms GPU busy per epoch\n"
+        + prof.key_averages().table(sort_by=key, row_limit=40))
+    return len(kern) / epochs
 
 
 def machine(device: str) -> str:
@@ -232,6 +296,8 @@ def main() -> None:
         rows.append(r)
         ms = r["ms_per_epoch"]
         launches = "" if r.get("kernels_per_epoch") is None else f" ({r['kernels_per_epoch']:.0f} kernels)"
+        if "plan_rebuilds" in r:
+            launches += f" ({r['plan_rebuilds']} plan rebuilds, {r['graph_recordings']} graph recordings)"
         print(f"| {r['name']} | {ms:.3g}{launches} | {r['peak_memory']:.0f} {r['memory_kind']} | "
               f"{r['max_abs_err']:.2e} | {r['rms_err']:.2e} |", flush=True)
         # written after every row, so that an interrupted run keeps what it measured

@@ -11,7 +11,7 @@ DATA=${1:-../shared/data}
 OUT=${2:-gpu_out}
 shift $(($# < 2 ? $# : 2))
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 BLASE_SHARED_DATA=$(cd "$DATA" && pwd)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/machine.txt"
 python3 -c "import torch, triton, numba, numpy; print('torch', torch.__version__, 'triton', triton.__version__,
 'numba', numba.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/machine.txt"
@@ -20,8 +20,10 @@ speed() {  # speed NAME ARGS...: one engine_speed.py run, results in $OUT/NAME.j
     timeout ${SPEED_TIMEOUT:-300} python3 benchmarks/engine_speed.py --device cuda --data "$DATA" --epochs 50 \
         --profile-dir "$OUT/profiles" --json "$OUT/$name.json" "$@" 2>&1 | tee "$OUT/$name.log"
 }
-timeout 180 python3 -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu_kernel.py \
-    tests/core/test_training.py 2>&1 | tee "$OUT/pytest_gpu.log"
+# PYTEST_FILES: the test files to run (default: every file with GPU tests)
+timeout ${PYTEST_TIMEOUT:-180} python3 -m pytest -q -p no:cacheprovider -m gpu \
+    ${PYTEST_FILES:-tests/core/test_gpu_kernel.py tests/core/test_training.py tests/core/test_plan.py} 2>&1 \
+    | tee "$OUT/pytest_gpu.log"
 speed engine_speed_cuda "$@"
 tar czf "$OUT/profiles.tgz" -C "$OUT" profiles && rm -rf "$OUT/profiles"
 ls -la "$OUT"

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: The project's shared data: ../shared/data next to the checkout, or where BLASE_SHARED_DATA points
+#: (a GPU machine that has only the files it was sent).
+SHARED_DATA = Path(os.environ.get("BLASE_SHARED_DATA", ROOT.parent / "shared" / "data"))
 BLASE03_CLONE = SHARED_DATA / "clones" / "blase03_T4700g4p5_prom0p01_HPF.pt"
 BLASE03_REFERENCE = SHARED_DATA / "reference" / "blase03_T4700g4p5_HPF_forward.npz"
 

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .engine import dense_log_flux, window_half_widths, windowed_log_flux
 from .farfield import FarFieldSettings
+from .plan import WindowPlan
 from .profiles import PROFILES, pseudo_voigt_fwhm
 
 __all__ = ["LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE"]
@@ -231,9 +232,22 @@ class LineCloneModel(nn.Module):
         return self.lam_centers * (1.0 + radial_velocity / SPEED_OF_LIGHT_KMS)
 
     def log_flux(
-        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False
+        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False,
+        plan: WindowPlan | None = None,
     ) -> Tensor:
-        r""":math:`\ln S_\mathrm{clone}` on ``wavelength`` (Å, strictly increasing)."""
+        r""":math:`\ln S_\mathrm{clone}` on ``wavelength`` (Å, strictly increasing).
+
+        ``plan``: a :class:`~blase_specutils.core.plan.WindowPlan` of this model on this grid
+        (:meth:`make_plan`): the same sums without synchronising with the device.
+        """
+        if plan is not None:
+            if dense:
+                raise ValueError("dense=True evaluates every line at every pixel: it takes no plan")
+            if not (torch.is_tensor(wavelength) and wavelength.data_ptr() == plan.wavelength.data_ptr()
+                    and wavelength.shape == plan.wavelength.shape):
+                raise ValueError("this plan was made for another wavelength grid; make one with make_plan(wavelength)")
+            return plan.log_flux(self.shifted_centers(radial_velocity), self.log_amplitudes.exp(),
+                                 self.log_sigmas.exp(), self.log_gammas.exp())
         wavelength = torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device)
         args = (
             wavelength,
@@ -253,6 +267,44 @@ class LineCloneModel(nn.Module):
         hw = self.window_half_widths() if ff is None else None
         return windowed_log_flux(*args, half_widths=hw, tolerance=self.wing_tolerance, wing_mask=mask,
                                  far_field=ff, **kw)
+
+    def make_plan(
+        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, headroom: float = 1.25,
+        kernel: str = "auto",
+    ) -> WindowPlan:
+        r"""A :class:`~blase_specutils.core.plan.WindowPlan` of this model on ``wavelength``.
+
+        Pass it to :meth:`forward` / :meth:`log_flux` (``plan=``): the sums are those of the
+        unplanned engine, computed without reading anything back from the device but one flag,
+        which is what lets :class:`~blase_specutils.core.graphs.GraphedEpoch` record a whole epoch
+        as a CUDA graph. The plan follows the model's parameters (and ``radial_velocity``, which may
+        be a tensor that is being tuned).
+
+        Parameters
+        ----------
+        wavelength : Tensor
+            The pixel grid (Å, float64 tensor on the model's device) that will be evaluated.
+        radial_velocity : Tensor or float, optional
+            The RV (km/s) the model will be evaluated at.
+        headroom : float
+            Spare capacity of the GPU kernel's chunk table (see ``WindowPlan``).
+        kernel : {"auto", "numba", "triton"}
+            The compiled kernel.
+        """
+        if self.broad_lines.numel():
+            raise ValueError("window plans do not cover lines with the Appendix C.4 wing correction; "
+                             "evaluate this model without a plan")
+        if not torch.is_tensor(wavelength) or wavelength.dtype != torch.float64 or \
+                wavelength.device != self.lam_centers.device:
+            raise TypeError("wavelength must be a float64 tensor on the model's device (a plan keeps this grid)")
+
+        def source():
+            return (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
+                    self.log_gammas.exp())
+
+        return WindowPlan(wavelength, source, profile=self.profile, mode=self.mode, sign=self.sign,
+                          tolerance=self.wing_tolerance, far_field=self._far_field_settings(wavelength),
+                          half_widths=None, kernel=kernel, headroom=headroom)
 
     def _far_field_settings(self, wavelength: Tensor) -> FarFieldSettings | None:
         if self.far_field is False:
@@ -276,10 +328,11 @@ class LineCloneModel(nn.Module):
         return window_half_widths(amp, self.log_sigmas.exp(), self.log_gammas.exp(), self.wing_tolerance)
 
     def forward(
-        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False
+        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False,
+        plan: WindowPlan | None = None,
     ) -> Tensor:
         r"""The clone :math:`S_\mathrm{clone}(\lambda)` (continuum-normalised flux)."""
-        return torch.exp(self.log_flux(wavelength, radial_velocity, dense=dense))
+        return torch.exp(self.log_flux(wavelength, radial_velocity, dense=dense, plan=plan))
 
     def extra_repr(self) -> str:
         return (f"n_lines={self.n_lines}, mode={self.mode!r}, profile={self.profile!r}, "

@@ -39,7 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from .cpu_kernel import HAVE_NUMBA, interpolate_cpu, spread_cpu
 
-__all__ = ["FarFieldSettings", "far_field", "residual_half_widths"]
+__all__ = ["FarFieldSettings", "FarFieldPlan", "far_field", "plan_far_field", "residual_half_widths"]
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,12 @@ class FarFieldSettings:
         ratio = gamma.to(torch.float64) / self.b
         level = torch.ceil(torch.log(torch.clamp(ratio, min=1.0)) / math.log(self.level_ratio) - 1e-12)
         level = torch.clamp(level, min=0).long()
-        top = max(0, int(math.floor(math.log(max(span, self.b) / self.b) / math.log(self.level_ratio))))
+        top = self.top_level(span)
         return torch.where(level > top, torch.full_like(level, top if cap else -1), level)
+
+    def top_level(self, span: float) -> int:
+        """The coarsest level whose kernel is not wider than ``span`` (Å)."""
+        return max(0, int(math.floor(math.log(max(span, self.b) / self.b) / math.log(self.level_ratio))))
 
     @classmethod
     def for_grid(
@@ -132,7 +136,7 @@ def _next_fast_len(n: int) -> int:
 
 
 def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, settings: FarFieldSettings,
-              levels: Tensor | None = None) -> Tensor:
+              levels: Tensor | None = None, plan: "FarFieldPlan | None" = None) -> Tensor:
     r"""The far field :math:`T(\lambda) = -\sum_j [c_j h_{l_j}(\lambda-\lambda_{c,j}) + e_j h_{2,l_j}(\lambda-\lambda_{c,j})]`.
 
     Parameters
@@ -146,6 +150,10 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     levels : Tensor of int, optional
         Far-field level :math:`l_j` of each line (kernel width :math:`b\,r^{l_j}`), shape (L,);
         default all 0. Lines with a negative level are left out.
+    plan : FarFieldPlan, optional
+        The levels, grids and interpolation weights fixed in advance (:func:`plan_far_field`): the
+        evaluation then needs no synchronisation with the host (it can be captured in a CUDA
+        graph). Lines must be where the plan expects them (:meth:`FarFieldPlan.violations`).
 
     Returns
     -------
@@ -154,14 +162,17 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     """
     if centers.numel() == 0:
         return torch.zeros_like(wavelength)
-    if levels is None:
+    if plan is not None:
+        present, ends = plan.present, plan.ends
+    elif levels is None:
         present = [0]
     else:
         present = sorted(int(v) for v in torch.unique(levels[levels >= 0]).tolist())
     if not present:
         return torch.zeros_like(wavelength)
     m = settings.order // 2
-    ends = wavelength[[0, -1]].tolist()  # one device-to-host copy for all levels
+    if plan is None:
+        ends = wavelength[[0, -1]].tolist()  # one device-to-host copy for all levels
     base = None  # (conv, lo, dx, n) of the finest level present
     val = None  # direct sums of lines beyond a level's margin, at the pixels
     for level in present:
@@ -169,14 +180,15 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
         on = None
         if levels is None:
             cl, el, xl = c, e, centers
-        elif not (wavelength.device.type != "cpu" if _MASK_LEVELS is None else _MASK_LEVELS):
+        elif plan is None and not (wavelength.device.type != "cpu" if _MASK_LEVELS is None else _MASK_LEVELS):
             sel = torch.nonzero(levels == level).flatten()
             cl, el, xl = c[sel], e[sel], centers[sel]
         else:
             # on GPUs the other levels' lines spread zeros: masks, not gathers, whose backward sorts
             on = levels == level
             cl, el, xl = torch.where(on, c, 0.0), torch.where(on, e, 0.0), centers
-        conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st, ends, on)
+        conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st, ends, on,
+                                              None if plan is None else plan.outside[level])
         if direct is not None:
             val = direct if val is None else val + direct
         if base is None:
@@ -187,38 +199,57 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
             i0, iw = _grid_plan(b_lo, b_dx, b_n, lo, dx, n, m, conv.dtype, conv.device)
             base = (b_conv + _interpolate(conv, i0, iw), b_lo, b_dx, b_n)
     conv, lo, dx, n = base
-    i0, iw = _interpolation_plan(wavelength, lo, dx, n, m, conv.dtype)
+    if plan is not None and plan.pixels[1].dtype == conv.dtype:
+        i0, iw = plan.pixels
+    else:
+        i0, iw = _interpolation_plan(wavelength, lo, dx, n, m, conv.dtype)
     out = _interpolate(conv, i0, iw)
     if val is not None:
         out = out + val.to(out.dtype)
     return -out
 
 
+def _level_geometry(ends, st: FarFieldSettings) -> tuple[float, float, int]:
+    """Start, spacing and length of a level's uniform grid: the pixels plus the margin."""
+    lo = ends[0] - st.margin
+    return lo, st.spacing, int(math.ceil((ends[1] + st.margin - lo) / st.spacing)) + 2
+
+
+def _spreadable(centers: Tensor, lo: float, dx: float, n: int, m: int) -> Tensor:
+    """Which centres lie far enough inside a grid for their whole Lagrange stencil."""
+    p = (centers.detach() - lo) / dx
+    return (p >= m - 1) & (p <= n - m)
+
+
 def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: FarFieldSettings,
-                ends: list[float], on: Tensor | None = None):
+                ends: list[float], on: Tensor | None = None, outside: Tensor | None = None):
     """One level: the lines spread onto its uniform grid and convolved with its kernels (``ends``:
     the first and last pixel wavelengths; ``on``: which lines belong to the level, the others
-    having c = e = 0).
+    having c = e = 0; ``outside``: indices of the lines to sum directly, fixed by a plan).
 
     Returns the convolution on the grid, the grid's start, spacing and length, and the direct sum
     (at the pixels) of the lines beyond the grid's margin, or None.
     """
     c_all, e_all = c, e
-    dx, b = st.spacing, st.b
-    lo = ends[0] - st.margin
-    hi = ends[1] + st.margin
-    n = int(math.ceil((hi - lo) / dx)) + 2
+    b = st.b
+    lo, dx, n = _level_geometry(ends, st)
     nfft = _next_fast_len(2 * n - 1)
     # spread the coefficients onto the grid with Lagrange weights (moments exact to order 2m-1)
     m = st.order // 2
     p = (centers - lo) / dx
-    # lines beyond the grid's margin cannot be spread onto it (clamping would move them to its edge)
-    inside = (p.detach() >= m - 1) & (p.detach() <= n - m)
-    if on is not None:
-        inside |= ~on
     direct = None
-    if not bool(inside.all()):
-        outside = torch.nonzero(~inside).flatten()
+    if outside is not None:
+        # a plan: these lines are summed directly; the others are on the grid (FarFieldPlan.violations)
+        inside = None
+        if outside.numel():
+            inside = torch.ones_like(c, dtype=torch.bool).index_fill_(0, outside, False)
+    else:
+        # lines beyond the grid's margin cannot be spread onto it (clamping would move them to its edge)
+        inside = _spreadable(centers, lo, dx, n, m)
+        if on is not None:
+            inside |= ~on
+        outside = None if bool(inside.all()) else torch.nonzero(~inside).flatten()
+    if outside is not None and outside.numel():
         c = torch.where(inside, c, torch.zeros_like(c))
         e = torch.where(inside, e, torch.zeros_like(e))
         direct = _direct_sum(wavelength, centers[outside], c_all[outside], e_all[outside], b)
@@ -348,16 +379,63 @@ def _lagrange_weights(f: Tensor, m: int) -> Tensor:
     """Lagrange basis weights of the 2m stencil points at offsets -(m-1) ... m for positions ``f``
     (in grid units), shape (len(f), 2m), in a few whole-array operations (differentiable in f).
 
-    The product over the other points, Π_{k≠j}(f − k), is a prefix product times a suffix product,
-    so it stays exact when f sits on a grid point."""
-    offsets = torch.arange(-(m - 1), m + 1, dtype=f.dtype, device=f.device)
+    The product over the other points, Π_{k≠j}(f − k), is formed without dividing by f − j, so it
+    stays exact when f sits on a grid point: on CPUs without gradients (the cached interpolation
+    plans, long arrays) as a prefix product times a suffix product; otherwise as one product over a
+    (len(f), 2m, 2m) array with an analytic backward pass (:class:`_LagrangeWeights`: on a GPU two
+    kernels each way, where a prefix product is a slow scan)."""
+    if f.requires_grad or f.device.type != "cpu":
+        return _LagrangeWeights.apply(f, m)
+    offsets, inv_denom, _, _ = _lagrange_constants(m, f.dtype, f.device)
     d = f[:, None] - offsets[None, :]
     ones = torch.ones_like(d[:, :1])
     before = torch.cumprod(torch.cat([ones, d[:, :-1]], dim=1), dim=1)
     after = torch.cumprod(torch.cat([ones, d[:, 1:].flip(1)], dim=1), dim=1).flip(1)
-    o = offsets.tolist()
-    denom = [math.prod(oj - ok for ok in o if ok != oj) for oj in o]
-    return before * after / torch.tensor(denom, dtype=f.dtype, device=f.device)
+    return before * after * inv_denom
+
+
+class _LagrangeWeights(torch.autograd.Function):
+    r"""Lagrange weights :math:`w_j(f) = \prod_{k\ne j}(f - o_k) / \prod_{k\ne j}(o_j - o_k)` and
+    their derivative :math:`w_j'(f) = \sum_{i\ne j}\prod_{k\notin\{i,j\}}(f - o_k) /
+    \prod_{k\ne j}(o_j - o_k)`, each as one product over the stencil with the excluded factors set
+    to 1."""
+
+    @staticmethod
+    def forward(ctx, f: Tensor, m: int):
+        offsets, inv_denom, diag, _ = _lagrange_constants(m, f.dtype, f.device)
+        d = f[:, None] - offsets
+        ctx.save_for_backward(d)
+        ctx.m = m
+        return torch.where(diag, 1.0, d[:, None, :]).prod(-1) * inv_denom
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        (d,) = ctx.saved_tensors
+        _, inv_denom, diag, pair = _lagrange_constants(ctx.m, d.dtype, d.device)
+        # p[:, j, i] = Π over k ∉ {i, j}; the terms i = j are dropped
+        p = torch.where(pair, 1.0, d[:, None, None, :]).prod(-1)
+        dw = torch.where(diag, 0.0, p).sum(-1) * inv_denom
+        return (grad * dw).sum(-1), None
+
+
+_LAGRANGE: dict = {}
+
+
+def _lagrange_constants(m: int, dtype, device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The stencil offsets -(m-1) ... m, the reciprocals of the Lagrange denominators
+    Π_{k≠j}(o_j − o_k), and the masks k = j (2m, 2m) and k ∈ {i, j} (2m, 2m, 2m), made once per
+    device (a copy to the device during a CUDA graph's recording is not allowed)."""
+    key = (m, dtype, str(device))
+    if key not in _LAGRANGE:
+        o = list(range(-(m - 1), m + 1))
+        denom = [math.prod(oj - ok for ok in o if ok != oj) for oj in o]
+        k = torch.arange(2 * m, device=device)
+        diag = k[:, None] == k[None, :]
+        pair = diag[:, None, :] | diag[None, :, :]  # [j, i, k]: k == j or k == i
+        _LAGRANGE[key] = (torch.tensor(o, dtype=dtype, device=device),
+                          torch.tensor([1.0 / x for x in denom], dtype=dtype, device=device), diag, pair)
+    return _LAGRANGE[key]
 
 
 @torch.no_grad()
@@ -399,3 +477,69 @@ def residual_half_widths(
     if voigt:
         w = torch.maximum(w, 3.0 * b + 6.0 * sigma + 6.0 * gamma)
     return w
+
+
+@dataclass
+class FarFieldPlan:
+    """What :func:`far_field` otherwise decides from the data at every call, fixed in advance.
+
+    Attributes
+    ----------
+    present : tuple of int
+        The levels evaluated (each an FFT of its own).
+    ends : tuple of float
+        First and last pixel wavelength (Å).
+    outside : dict
+        For each level, the indices of the lines summed directly at the pixels (beyond the level
+        grid's margin when the plan was made).
+    pixels : tuple of Tensor
+        First stencil index and Lagrange weights from the finest grid to the pixels.
+    """
+
+    present: tuple
+    ends: tuple
+    outside: dict
+    pixels: tuple
+    #: (top level + 1, 2): the centres (Å) each level's grid can spread; an empty range for the
+    #: levels not evaluated
+    spreadable: Tensor
+    #: (L,): the level whose direct sum takes each line (-2 for the lines spread onto a grid)
+    direct_level: Tensor
+
+    @torch.no_grad()
+    def violations(self, centers: Tensor, levels: Tensor) -> Tensor:
+        """A 0-d bool tensor, True where a line is not where the plan expects it: on a level that
+        is not evaluated, or too close to a level grid's edge to be spread onto it while the plan
+        spreads it. Computed on the device in a few operations, without synchronising."""
+        rng = self.spreadable[levels.clamp(min=0, max=self.spreadable.shape[0] - 1)]
+        off = (centers < rng[:, 0]) | (centers > rng[:, 1]) | (levels >= self.spreadable.shape[0])
+        return ((levels >= 0) & off & (self.direct_level != levels)).any()
+
+
+@torch.no_grad()
+def plan_far_field(wavelength: Tensor, centers: Tensor, levels: Tensor, settings: FarFieldSettings,
+                   dtype: torch.dtype) -> FarFieldPlan:
+    """The plan of :func:`far_field` for lines at ``centers`` on ``levels`` (this synchronises
+    with the device a few times; evaluations with the plan do not)."""
+    present = tuple(sorted(int(v) for v in torch.unique(levels[levels >= 0]).tolist()))
+    ends = tuple(wavelength[[0, -1]].tolist())
+    m = settings.order // 2
+    outside = {}
+    top = settings.top_level(ends[1] - ends[0])
+    spreadable = torch.tensor([[math.inf, -math.inf]] * (max(top, *present, 0) + 1), dtype=torch.float64)
+    direct_level = torch.full_like(levels, -2)
+    for level in present:
+        lo, dx, n = _level_geometry(ends, settings.at_level(level))
+        spreadable[level] = torch.tensor([lo + (m - 1) * dx, lo + (n - m) * dx])
+        outside[level] = torch.nonzero((levels == level) & ~_spreadable(centers, lo, dx, n, m)).flatten()
+        direct_level[outside[level]] = level
+    # the grids hold float64 sums whatever the working dtype (the centres are float64)
+    dtype = torch.promote_types(dtype, centers.dtype)
+    if present:
+        lo, dx, n = _level_geometry(ends, settings.at_level(present[0]))
+        pixels = _build_plan((wavelength - lo) / dx, n, m, dtype)
+    else:
+        pixels = (torch.zeros(0, dtype=torch.long, device=wavelength.device),
+                  torch.zeros((0, 2 * m), dtype=dtype, device=wavelength.device))
+    return FarFieldPlan(present=present, ends=ends, outside=outside, pixels=pixels,
+                        spreadable=spreadable.to(centers.device), direct_level=direct_level)

@@ -86,6 +86,28 @@ class _PseudoVoigtEta(torch.autograd.Function):
                 grad * deta_dg if ctx.needs_input_grad[1] else None)
 
 
+class _StoredEta(torch.autograd.Function):
+    """η(σ, γ) computed earlier for these very σ, γ (by a window plan's update), with the same
+    backward pass as :class:`_PseudoVoigtEta`."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, g: Tensor, eta: Tensor, deta_ds: Tensor, deta_dg: Tensor):
+        ctx.save_for_backward(deta_ds, deta_dg)
+        return eta.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        deta_ds, deta_dg = ctx.saved_tensors
+        return (grad * deta_ds if ctx.needs_input_grad[0] else None,
+                grad * deta_dg if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def stored_eta(s: Tensor, g: Tensor, eta: Tensor, deta_ds: Tensor, deta_dg: Tensor) -> Tensor:
+    """η, differentiable in σ and γ, from values of η, ∂η/∂σ, ∂η/∂γ already computed for them."""
+    return _StoredEta.apply(s, g, eta, deta_ds, deta_dg)
+
+
 def eta_and_derivatives(s: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""The pseudo-Voigt's Lorentzian fraction η(σ, γ), differentiable, with ∂η/∂σ and ∂η/∂γ
     (detached), computed once: pass the three to the compiled kernels as ``eta``."""

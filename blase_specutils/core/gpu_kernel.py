@@ -41,8 +41,11 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
 
 __all__ = ["HAVE_TRITON", "CHUNK", "windowed_pseudo_voigt_sum_triton"]
 
-#: Pixels per Triton program (a power of two).
-CHUNK = 512
+#: Pixels per Triton program (a power of two). On an H200 256 gave 1.30 ms per graphed epoch of the
+#: paper's problem against 1.38 ms with 512 and 1.63 ms with 1024 (one machine, benchmarks/RESULTS.md).
+CHUNK = 256
+#: Warps per Triton program of the pseudo-Voigt kernels.
+NUM_WARPS = 4
 
 
 
@@ -282,7 +285,7 @@ def _voigt_constants(device) -> tuple[Tensor, Tensor, Tensor]:
 class _WindowedSumTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b, linear: bool,
-                sign: float, voigt: bool):
+                sign: float, voigt: bool, chunks):
         f64 = [x.detach().reshape(-1).to(torch.float64).contiguous() for x in (c, a, s, g, eta, deta_ds, deta_dg)]
         n = start.numel()
         zeros = torch.zeros(n, dtype=torch.float64, device=wavelength.device)
@@ -294,19 +297,23 @@ class _WindowedSumTriton(torch.autograd.Function):
             bb = (b.detach().reshape(-1).to(torch.float64) if isinstance(b, Tensor)
                   else torch.full((n,), float(b), dtype=torch.float64, device=wavelength.device)).contiguous()
         wl = wavelength.to(torch.float64).contiguous()
-        line, p0, p1 = _chunk_table(start.long(), count.long())
+        if chunks is None:
+            line, p0, p1 = _chunk_table(start.long(), count.long())
+            block = CHUNK
+        else:
+            line, p0, p1, block = chunks
         out = torch.zeros(wl.numel(), dtype=torch.float64, device=wl.device)
         consts = _voigt_constants(wl.device) if voigt else None
         if line.numel():
             grid = (line.numel(),)
             if voigt:
                 _voigt_forward_kernel[grid](wl, line, p0, p1, *f64[:4], kc_, ke_, bb, out, *consts, float(sign),
-                                            **_voigt_sizes(consts), LINEAR=bool(linear), BLOCK=CHUNK)
+                                            **_voigt_sizes(consts), LINEAR=bool(linear), BLOCK=block)
             else:
                 _forward_kernel[grid](wl, line, p0, p1, *f64[:5], kc_, ke_, bb, out, float(sign),
-                                      LINEAR=bool(linear), BLOCK=CHUNK)
+                                      LINEAR=bool(linear), BLOCK=block, num_warps=NUM_WARPS)
         ctx.save_for_backward(wl, line, p0, p1, *f64, kc_, ke_, bb)
-        ctx.linear, ctx.sign, ctx.n, ctx.voigt = bool(linear), float(sign), n, bool(voigt)
+        ctx.linear, ctx.sign, ctx.n, ctx.voigt, ctx.block = bool(linear), float(sign), n, bool(voigt), block
         ctx.dtypes = (c.dtype, a.dtype)
         return out.to(a.dtype)
 
@@ -321,12 +328,12 @@ class _WindowedSumTriton(torch.autograd.Function):
             if ctx.voigt:
                 consts = _voigt_constants(wl.device)
                 _voigt_backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, kc_, ke_, bb, part, *consts, ctx.sign,
-                                             **_voigt_sizes(consts), LINEAR=ctx.linear, BLOCK=CHUNK)
+                                             **_voigt_sizes(consts), LINEAR=ctx.linear, BLOCK=ctx.block)
             else:
                 _backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, eta, des, deg, kc_, ke_, bb, part, ctx.sign,
-                                       LINEAR=ctx.linear, BLOCK=CHUNK)
+                                       LINEAR=ctx.linear, BLOCK=ctx.block, num_warps=NUM_WARPS)
         sums = torch.zeros((ctx.n, 6), dtype=torch.float64, device=wl.device).index_add_(0, line, part)
-        return compiled_kernel_gradients(ctx.needs_input_grad, list(sums.unbind(1)), ctx.dtypes)
+        return (*compiled_kernel_gradients(ctx.needs_input_grad[:-1], list(sums.unbind(1)), ctx.dtypes), None)
 
 
 def _voigt_sizes(consts) -> dict:
@@ -349,15 +356,19 @@ def windowed_pseudo_voigt_sum_triton(
     b: float | Tensor = 0.0,
     profile: str = "pseudo-voigt",
     eta: tuple[Tensor, Tensor, Tensor] | None = None,
+    chunks: tuple[Tensor, Tensor, Tensor, int] | None = None,
 ) -> Tensor:
     """Sum of the fused line terms over per-line windows, with Triton.
 
     Arguments as :func:`.cpu_kernel.windowed_pseudo_voigt_sum_cpu` (the pseudo-Voigt or the exact
     Voigt, whose Faddeeva function is evaluated as there); the tensors may live on any device
-    Triton runs on (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``).
+    Triton runs on (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``). ``chunks``: the chunk
+    table (line, first pixel, end pixel of each chunk, int64) and its chunk length, a power of
+    two, if the caller keeps one (:class:`.plan.WindowPlan`); it is made from ``start`` and
+    ``count`` otherwise.
     """
     if not HAVE_TRITON:
         raise ImportError("the GPU kernel needs triton (it ships with the CUDA builds of torch): pip install triton")
     eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile, eta)
     return _WindowedSumTriton.apply(wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
-                                    mode == "linear", float(sign), profile == "voigt")
+                                    mode == "linear", float(sign), profile == "voigt", chunks)

@@ -515,3 +515,22 @@ def test_compiled_faddeeva_matches_the_torch_expansion_and_its_derivative():
         assert np.max(np.abs(got - ref) / np.abs(ref)) < 1e-11
         dref = -2 * z * ref + 2j / np.sqrt(np.pi)
         assert np.max(np.abs(dgot - dref) / np.abs(dgot)) < 1e-6
+
+
+def test_lagrange_weights_with_gradients_match_the_prefix_products_and_gradcheck():
+    """The differentiable weights (one product per point, analytic derivative) against the
+    prefix/suffix products of the gradient-free path, on and between grid points."""
+    from blase_specutils.core.farfield import _lagrange_weights
+
+    gen = torch.Generator().manual_seed(5)
+    for m in (1, 2, 3, 4):
+        f = torch.cat([-(m - 1) + (2 * m - 1) * torch.rand(20, generator=gen, dtype=F64),
+                       torch.arange(-(m - 1), m + 1, dtype=F64)])  # the stencil points themselves
+        plain = _lagrange_weights(f, m)
+        fg = f.clone().requires_grad_(True)
+        torch.testing.assert_close(_lagrange_weights(fg, m), plain, rtol=1e-14, atol=1e-15)
+        # the weights reproduce polynomials of degree < 2m: Σ w_j = 1 and Σ w_j o_j = f
+        offsets = torch.arange(-(m - 1), m + 1, dtype=F64)
+        torch.testing.assert_close(plain.sum(1), torch.ones_like(f), rtol=0, atol=1e-13)
+        torch.testing.assert_close(plain @ offsets, f, rtol=0, atol=1e-12)
+        assert torch.autograd.gradcheck(lambda x: _lagrange_weights(x, m), (fg,), eps=1e-6, atol=1e-8)

@@ -1,0 +1,296 @@
+r"""Window plans: the sparse engine without host synchronisations, so that an epoch can be a CUDA graph.
+
+:func:`.engine.windowed_log_flux` decides at every call, from the current parameters, how long each
+line's window is, which far-field level takes each line and how the windows are cut into the Triton
+kernel's chunks. Those decisions read numbers back from the device (15 to 20 synchronisations per
+epoch), and their shapes change from call to call, so an epoch cannot be recorded as a CUDA graph.
+
+A :class:`WindowPlan` fixes the *shapes* once and keeps the *values* on the device:
+
+- the set of far-field levels evaluated, the lines each level sums directly (beyond its grid's
+  margin) and the interpolation weights to the pixels (:class:`.farfield.FarFieldPlan`);
+- a capacity for the chunk table of the Triton kernel (the chunks needed when the plan was made,
+  times ``headroom``).
+
+Every line's level, kernel width :math:`b_j`, window and the chunk table are then recomputed on the
+device at every update, exactly as :func:`~.engine.windowed_log_flux` computes them, into buffers of
+fixed size: the windows still follow the current line centres and widths, nothing is truncated
+that the unplanned engine would evaluate, and the two give the same sums. An update also raises a
+flag (:attr:`WindowPlan.stale`) when the lines no longer fit the plan: more chunks than the
+capacity, a line on a level that is not evaluated, or a line too close to a level grid's edge.
+Reading the flag is the only synchronisation left; a stale plan is rebuilt (:meth:`WindowPlan.rebuild`).
+
+Plans cover the compiled kernels (numba on CPUs, Triton on GPUs) for plain pseudo-Voigt and exact
+Voigt lines; lines with the Appendix C.4 wing correction use the unplanned engine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
+from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
+from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
+from . import gpu_kernel
+from .gpu_kernel import HAVE_TRITON, windowed_pseudo_voigt_sum_triton
+
+__all__ = ["WindowPlan"]
+
+#: Source of the per-line parameters: () -> (λc, a, σ, γ), each shape (L,).
+LineSource = Callable[[], "tuple[Tensor, Tensor, Tensor, Tensor]"]
+
+
+class WindowPlan:
+    r"""The fixed shapes of a windowed line sum, with its windows recomputed on the device.
+
+    Parameters
+    ----------
+    wavelength : Tensor
+        The pixel grid (Å), float64, strictly increasing, shape (N,). The plan is for this grid only.
+    source : callable
+        ``source()`` returns the current line centres λc (Å, float64), areas a (Å), σ and γ (Å),
+        each of shape (L,): the plan reads the lines from it when it is updated or rebuilt.
+    profile : {"pseudo-voigt", "voigt"}
+    mode : {"linear", "log"}
+    sign : float
+        +1 for absorption, -1 for emission.
+    tolerance : float
+        Each line's windowed term (or near-field residual) is evaluated out to where it falls below
+        this value, as in :func:`~.engine.windowed_log_flux`.
+    min_half_width : float
+        Smallest window half width (Å).
+    far_field : FarFieldSettings, optional
+        The near-field / far-field split (:mod:`.farfield`); None: plain truncated windows.
+    half_widths : Tensor, optional
+        Fixed per-line half widths (Å) instead of ``tolerance`` (windows still follow the centres).
+    kernel : {"auto", "numba", "triton"}
+        The compiled kernel: numba on CPUs, Triton on CUDA devices (``"auto"``).
+    headroom : float
+        Capacity of the Triton chunk table, relative to what the lines need when the plan is made
+        (>= 1); more headroom means fewer rebuilds while the widths grow during training.
+    """
+
+    def __init__(
+        self,
+        wavelength: Tensor,
+        source: LineSource,
+        *,
+        profile: str = "pseudo-voigt",
+        mode: str = "linear",
+        sign: float = 1.0,
+        tolerance: float = 1e-6,
+        min_half_width: float = 0.0,
+        far_field: FarFieldSettings | None = None,
+        half_widths: Tensor | None = None,
+        kernel: str = "auto",
+        headroom: float = 1.25,
+    ) -> None:
+        if not torch.is_tensor(wavelength) or wavelength.ndim != 1 or wavelength.dtype != torch.float64:
+            raise TypeError("wavelength must be a 1-D float64 tensor (Å)")
+        if wavelength.numel() < 2:
+            raise ValueError("a window plan needs at least two pixels")
+        if profile not in ("pseudo-voigt", "voigt"):
+            raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
+        if mode not in ("linear", "log"):
+            raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+        if not (tolerance > 0 and headroom >= 1.0):
+            raise ValueError("tolerance must be > 0 and headroom >= 1")
+        if far_field is not None and not isinstance(far_field, FarFieldSettings):
+            raise TypeError("far_field must be a FarFieldSettings or None")
+        on_cpu = wavelength.device.type == "cpu"
+        if kernel == "auto":
+            kernel = "numba" if on_cpu else "triton"
+        if kernel == "numba" and not (on_cpu and HAVE_NUMBA):
+            raise ValueError("kernel='numba' needs numba and CPU tensors; use kernel='triton' on CUDA devices")
+        if kernel == "triton":
+            if not HAVE_TRITON:
+                raise ImportError("window plans on GPUs need triton (it ships with the CUDA builds of torch)")
+            if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("kernel='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+        elif kernel != "numba":
+            raise ValueError(f"kernel must be 'auto', 'numba' or 'triton', got {kernel!r}")
+        self.wavelength = wavelength
+        self.source = source
+        self.profile, self.mode, self.sign = profile, mode, float(sign)
+        self.tolerance, self.min_half_width = float(tolerance), float(min_half_width)
+        self.far_field = far_field
+        self.half_widths = None if half_widths is None else half_widths.detach()
+        self.kernel = kernel
+        self.headroom = float(headroom)
+        #: Keep the buffers as they are when evaluating (set by :class:`.graphs.GraphedEpoch`, which
+        #: updates the plan after each optimizer step instead).
+        self.frozen = False
+        #: How many times the plan was rebuilt because the lines outgrew it.
+        self.rebuilds = 0
+        self._span = float(wavelength[-1] - wavelength[0])
+        self.rebuild()
+        self.rebuilds = 0
+
+    # ------------------------------------------------------------------ building and updating
+    @torch.no_grad()
+    def rebuild(self) -> None:
+        """Make the plan again from the current lines (synchronises with the device)."""
+        c, a, s, g = (t.detach() for t in self.source())
+        levels = b_line = None
+        self._whole = False
+        eta = self._eta(s, g)
+        if self.far_field is not None:
+            levels, b_line = self._levels(a, g)
+            self.ff_plan = plan_far_field(self.wavelength, c, levels, self.far_field, a.dtype)
+            self._whole = bool((levels < 0).any())
+        start, count = self._windows(c, a, s, g, eta[0], levels, b_line)
+        self.capacity = 0
+        self.chunk = int(gpu_kernel.CHUNK)
+        if self.kernel == "triton":
+            need = int(((count + self.chunk - 1) // self.chunk).sum())
+            self.capacity = max(16, int(math.ceil(need * self.headroom)))
+        n = c.numel()
+        dev = c.device
+        self.n_lines = n
+        self.start = torch.zeros(n, dtype=torch.long, device=dev)
+        self.count = torch.zeros(n, dtype=torch.long, device=dev)
+        self.levels = torch.zeros(n, dtype=torch.long, device=dev)
+        self.b_line = torch.zeros(n, dtype=a.dtype, device=dev)
+        self.eta = torch.zeros((3, n), dtype=a.dtype, device=dev)  # η, ∂η/∂σ, ∂η/∂γ
+        self.chunks = tuple(torch.zeros(self.capacity, dtype=torch.long, device=dev) for _ in range(3))
+        self._stale = torch.zeros((), dtype=torch.bool, device=dev)
+        self._write(c, eta, levels, b_line, start, count)
+        self.rebuilds += 1
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Recompute every line's level, window and the chunk table from the current lines, on the
+        device and without synchronising; :attr:`stale` tells whether they still fit the plan."""
+        c, a, s, g = (t.detach() for t in self.source())
+        if c.numel() != self.n_lines:
+            raise ValueError(f"the plan is for {self.n_lines} lines, the source now gives {c.numel()}")
+        levels = b_line = None
+        eta = self._eta(s, g)
+        if self.far_field is not None:
+            levels, b_line = self._levels(a, g)
+        start, count = self._windows(c, a, s, g, eta[0], levels, b_line)
+        self._write(c, eta, levels, b_line, start, count)
+
+    @property
+    def stale(self) -> bool:
+        """True when the lines outgrew the plan at an update since it was (re)built (one
+        synchronisation): evaluations since then may have missed pixels; rebuild it."""
+        return bool(self._stale)
+
+    def _eta(self, s: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """η, ∂η/∂σ, ∂η/∂γ of the pseudo-Voigt (η = 1 and zeros for the exact Voigt)."""
+        if self.profile == "voigt":
+            zero = torch.zeros_like(g)
+            return torch.ones_like(g), zero, zero
+        return _eta_and_derivatives(s, g)
+
+    def _levels(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        ff = self.far_field
+        levels = ff.line_levels(g, self._span, cap=self.half_widths is not None)
+        b_line = (ff.b * torch.pow(float(ff.level_ratio), levels.clamp(min=0).to(torch.float64))).to(a.dtype)
+        return levels, b_line
+
+    def _windows(self, c, a, s, g, eta, levels, b_line) -> tuple[Tensor, Tensor]:
+        """First pixel and length of every line's window (as the unplanned engine computes them)."""
+        from .engine import window_half_widths
+
+        if self.half_widths is not None:
+            hw = self.half_widths
+        elif self.far_field is None:
+            hw = window_half_widths(a, s, g, self.tolerance, self.min_half_width)
+        else:
+            kc = self.sign * a * eta * g / math.pi
+            hw = residual_half_widths(a, s, g, eta, kc, b_line, self.tolerance, self.mode,
+                                      voigt=self.profile == "voigt").clamp(min=self.min_half_width)
+            if self._whole:
+                hw = torch.where(levels < 0, window_half_widths(a, s, g, self.tolerance, self.min_half_width,
+                                                                eta=eta), hw)
+        n = self.wavelength.numel()
+        lo = torch.searchsorted(self.wavelength, c - hw)
+        hi = torch.searchsorted(self.wavelength, c + hw, right=True)
+        start = lo.clamp(min=0, max=n)
+        return start, (hi.clamp(max=n) - start).clamp(min=0)
+
+    def _write(self, c, eta, levels, b_line, start, count) -> None:
+        self.start.copy_(start)
+        self.count.copy_(count)
+        if self.profile != "voigt":
+            for buf, x in zip(self.eta, eta):
+                buf.copy_(x)
+        stale = self._stale
+        if levels is not None:
+            self.levels.copy_(levels)
+            self.b_line.copy_(b_line)
+            stale = stale | self.ff_plan.violations(c, levels)
+            if not self._whole:
+                stale = stale | (levels < 0).any()
+        if self.kernel == "triton":
+            stale = stale | self._chunk_table(start, count)
+        self._stale.copy_(stale)
+
+    def _chunk_table(self, start: Tensor, count: Tensor) -> Tensor:
+        """Fill the chunk table (line, first pixel, end pixel of every chunk of at most
+        :attr:`chunk` pixels; unused slots are empty chunks); True if the lines need more than the
+        capacity."""
+        per_line = (count + self.chunk - 1) // self.chunk
+        ends = torch.cumsum(per_line, 0)
+        k = torch.arange(self.capacity, device=start.device)
+        line = torch.searchsorted(ends, k, right=True).clamp(max=self.n_lines - 1)
+        p0 = start[line] + (k - (ends[line] - per_line[line])) * self.chunk
+        p1 = torch.where(k < ends[-1], start[line] + count[line], p0)
+        self.chunks[0].copy_(line)
+        self.chunks[1].copy_(p0)
+        self.chunks[2].copy_(p1)
+        return ends[-1] > self.capacity
+
+    # ------------------------------------------------------------------ evaluation
+    def log_flux(self, centers: Tensor, amplitude: Tensor, sigma: Tensor, gamma: Tensor) -> Tensor:
+        r""":math:`\ln S_\mathrm{clone}` on the plan's grid for these lines (differentiable in all four).
+
+        The lines must be the ones ``source`` gives. Unless the plan is :attr:`frozen`, it is
+        updated first and, if the lines outgrew it, rebuilt (the one synchronisation per call).
+        """
+        if centers.shape != (self.n_lines,):
+            raise ValueError(f"the plan is for {self.n_lines} lines, got centres of shape {tuple(centers.shape)}")
+        if not self.frozen:
+            self.update()
+            if self.stale:
+                self.rebuild()
+        voigt = self.profile == "voigt"
+        kc = ke = None
+        b = 0.0
+        eta_parts = None
+        if not voigt:
+            if self.frozen:
+                # the plan was updated for exactly these lines (GraphedEpoch): η is in the buffers
+                eta = stored_eta(sigma, gamma, *self.eta)
+                rest = self.eta[1:]
+            else:
+                eta, *rest = eta_and_derivatives(sigma, gamma)
+            eta_parts = (eta.detach()[:, None], *(x[:, None] for x in rest))
+        if self.far_field is not None:
+            b = self.b_line
+            kc = self.sign * amplitude * (1.0 if voigt else eta) * gamma / math.pi
+            ke = kc * (b * b - gamma * gamma + (3.0 * sigma * sigma if voigt else 0.0))
+            if self._whole:
+                whole = self.levels < 0
+                kc = torch.where(whole, torch.zeros_like(kc), kc)
+                ke = torch.where(whole, torch.zeros_like(ke), ke)
+        args = (self.wavelength, self.start, self.count, centers[:, None], amplitude[:, None], sigma[:, None],
+                gamma[:, None])
+        kw = dict(mode=self.mode, sign=self.sign, kc=None if kc is None else kc[:, None],
+                  ke=None if ke is None else ke[:, None], b=b if isinstance(b, float) else b[:, None],
+                  profile=self.profile, eta=eta_parts)
+        if self.kernel == "triton":
+            out = windowed_pseudo_voigt_sum_triton(*args, chunks=(*self.chunks, self.chunk), **kw)
+        else:
+            out = windowed_pseudo_voigt_sum_cpu(*args, **kw)
+        if self.far_field is not None:
+            out = out + far_field(self.wavelength, centers, kc, ke, self.far_field, self.levels,
+                                  plan=self.ff_plan).to(out.dtype)
+        return out

@@ -1,0 +1,278 @@
+"""Window plans and graphed epochs: the same sums and the same training as the unplanned engine,
+with no host synchronisation inside an evaluation (what a CUDA graph needs).
+
+The plans are checked on real lines: a slice of the paper's HPF clone (blasé 0.3, PHOENIX 4700 K)
+on its native PHOENIX grid.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from blase_specutils.core import LineCloneModel
+from blase_specutils.core.cpu_kernel import HAVE_NUMBA
+from blase_specutils.core.graphs import GraphedEpoch
+from blase_specutils.core.plan import WindowPlan
+
+pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="plans on CPUs use the compiled numba kernel")
+
+BAND = (8600.0, 8700.0)
+
+
+@pytest.fixture(scope="module")
+def hpf_slice(blase03_clone_path, blase03_reference):
+    """Lines of the paper's clone within 10 Å of 8600-8700 Å, and the native grid there."""
+    sd = torch.load(blase03_clone_path, map_location="cpu", weights_only=True)
+    wl = torch.as_tensor(blase03_reference["wavelength"])
+    wl = wl[(wl > BAND[0]) & (wl < BAND[1])].clone()
+    c = sd["lam_centers"]
+    sel = torch.nonzero((c > BAND[0] - 10) & (c < BAND[1] + 10)).flatten()
+    sel = sel[torch.argsort(c[sel])]
+    return wl, [sd[k][sel].clone() for k in ("lam_centers", "amplitudes", "sigma_widths", "gamma_widths")]
+
+
+def _model(hpf_slice, **kw) -> LineCloneModel:
+    _, args = hpf_slice
+    return LineCloneModel(*args, **{"wing_tolerance": 1e-7, **kw})
+
+
+def _value_and_grads(model, wl, rv, plan=None):
+    model.zero_grad()
+    flux = model(wl, rv, plan=plan)
+    (flux * torch.linspace(-1, 1, wl.numel(), dtype=flux.dtype)).sum().backward()
+    return flux.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("kw, rv", [
+    (dict(), None),
+    (dict(mode="log"), 120.0),
+    (dict(emission=True), -80.0),
+    (dict(profile="voigt"), None),
+    (dict(far_field=False, wing_tolerance=1e-6), 40.0),
+])
+def test_planned_sums_equal_the_unplanned_engine(hpf_slice, kw, rv):
+    wl, _ = hpf_slice
+    model = _model(hpf_slice, **kw)
+    plan = model.make_plan(wl, rv)
+    f0, g0 = _value_and_grads(model, wl, rv)
+    f1, g1 = _value_and_grads(model, wl, rv, plan)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not plan.stale and plan.rebuilds == 0
+
+
+def test_plan_follows_the_lines_and_rebuilds_when_they_outgrow_it(hpf_slice):
+    wl, _ = hpf_slice
+    model = _model(hpf_slice)
+    plan = model.make_plan(wl)
+    with torch.no_grad():
+        model.log_gammas += 1.5  # wider lines: longer windows, some move up a far-field level
+    plan.frozen = True
+    plan.update()
+    assert plan.stale  # outside the plan: a frozen evaluation would be wrong, and the flag says so
+    plan.frozen = False
+    f1, g1 = _value_and_grads(model, wl, None, plan)  # an unfrozen plan rebuilds itself
+    assert plan.rebuilds == 1 and not plan.stale
+    f0, g0 = _value_and_grads(model, wl, None)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_plan_notices_lines_shifted_off_a_far_field_grid(hpf_slice):
+    """A radial velocity tensor that the plan follows: 3000 km/s moves the reddest lines (8700-8710 Å)
+    by 87 Å, beyond the far-field grid's 50 Å margin, where they must be summed directly."""
+    wl, _ = hpf_slice
+    model = _model(hpf_slice)
+    rv = torch.tensor(0.0, dtype=torch.float64)
+    plan = model.make_plan(wl, rv)
+    assert all(v.numel() == 0 for v in plan.ff_plan.outside.values())
+    rv.fill_(3000.0)
+    plan.frozen = True
+    plan.update()
+    assert plan.stale
+    plan.frozen = False
+    f1, _ = _value_and_grads(model, wl, rv, plan)
+    assert plan.rebuilds == 1 and not plan.stale
+    assert sum(v.numel() for v in plan.ff_plan.outside.values()) > 0
+    f0, _ = _value_and_grads(model, wl, rv)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+
+
+def test_graphed_epoch_on_a_cpu_trains_like_the_plain_loop(hpf_slice):
+    wl, _ = hpf_slice
+    losses = {}
+    states = {}
+    for how in ("plain", "epoch"):
+        model = _model(hpf_slice)
+        with torch.no_grad():
+            target = model(wl) ** 1.1  # deeper lines than the start
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
+        if how == "plain":
+            out = []
+            for _ in range(6):
+                opt.zero_grad(set_to_none=True)
+                loss = ((model(wl) - target) ** 2).sum()
+                loss.backward()
+                opt.step()
+                out.append(loss.item())
+        else:
+            plan = model.make_plan(wl)
+            epoch = GraphedEpoch(lambda: ((model(wl, plan=plan) - target) ** 2).sum(), opt, plan)
+            assert not epoch.use_graph
+            out = [float(epoch()) for _ in range(6)]
+        losses[how] = out
+        states[how] = [p.detach().clone() for p in model.parameters()]
+    assert losses["epoch"][-1] < 0.5 * losses["epoch"][0]
+    np.testing.assert_allclose(losses["epoch"], losses["plain"], rtol=1e-12)
+    for a, b in zip(states["epoch"], states["plain"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_graphed_epoch_notices_parameters_changed_between_epochs(hpf_slice):
+    wl, _ = hpf_slice
+    model = _model(hpf_slice)
+    with torch.no_grad():
+        target = model(wl)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    plan = model.make_plan(wl)
+    epoch = GraphedEpoch(lambda: ((model(wl, plan=plan) - target) ** 2).sum(), opt, plan)
+    epoch()
+    with torch.no_grad():
+        model.log_gammas += 1.5
+    loss = float(epoch())  # the plan is updated (and here rebuilt) before this epoch's evaluation
+    assert plan.rebuilds == 1
+    model.zero_grad()
+    # the loss of that epoch was computed with the changed parameters (before its step)
+    opt2_model = _model(hpf_slice)
+    with torch.no_grad():
+        opt2_model.log_gammas += 1.5
+        expected = float(((opt2_model(wl) - target) ** 2).sum())
+    assert loss != pytest.approx(0.0)
+    # not exact: the first epoch's Adam step moved the parameters slightly
+    assert loss == pytest.approx(expected, rel=0.05)
+
+
+def test_bad_plan_and_epoch_arguments(hpf_slice):
+    wl, args = hpf_slice
+    model = _model(hpf_slice)
+    with pytest.raises(TypeError, match="float64"):
+        model.make_plan(wl.float())
+    with pytest.raises(ValueError, match="wing correction"):
+        LineCloneModel(*args, broad_lines=[0]).make_plan(wl)
+    plan = model.make_plan(wl)
+    with pytest.raises(ValueError, match="another wavelength grid"):
+        model(wl.clone(), plan=plan)
+    with pytest.raises(ValueError, match="dense"):
+        model(wl, plan=plan, dense=True)
+    with pytest.raises(ValueError, match="headroom"):
+        model.make_plan(wl, headroom=0.5)
+    with pytest.raises(ValueError, match="kernel must be"):
+        WindowPlan(wl, lambda: args, kernel="cuda")
+    with pytest.raises(ValueError, match="profile"):
+        WindowPlan(wl, lambda: args, profile="gaussian")
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="CUDA"):
+        GraphedEpoch(lambda: model(wl, plan=plan).sum(), opt, plan, graph=True)
+    with pytest.raises(TypeError, match="WindowPlan"):
+        GraphedEpoch(lambda: model(wl, plan=plan).sum(), opt, [object()])
+    epoch = GraphedEpoch(lambda: model(wl, plan=plan), opt, plan)
+    with pytest.raises(TypeError, match="scalar"):
+        epoch()
+
+
+SYNC_FREE = textwrap.dedent("""
+    import collections, json, sys
+    import numpy as np
+    import torch
+    import blase_specutils.core.farfield as farfield
+    farfield.HAVE_NUMBA = False  # the GPU code path of the far field, on the CPU
+    from blase_specutils.core import LineCloneModel
+    from torch.profiler import ProfilerActivity, profile
+    data = np.load(sys.argv[1])
+    wl = torch.as_tensor(data["wl"])
+    model = LineCloneModel(*[torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")], wing_tolerance=1e-7)
+    plan = model.make_plan(wl, 30.0, kernel="triton")
+    ref = LineCloneModel(*[torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")], wing_tolerance=1e-7)
+    f0 = ref(wl, 30.0)
+    plan.frozen = True
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        f1 = model(wl, 30.0, plan=plan)
+        f1.sum().backward()
+        plan.update()
+    names = collections.Counter(e.name for e in prof.events())
+    syncs = {k: v for k, v in names.items()
+             if any(s in k for s in ("local_scalar_dense", "nonzero", "aten::item", "is_nonzero", "unique",
+                                     "lift_fresh"))}
+    print(json.dumps(dict(syncs=syncs, diff=float((f1 - f0).abs().max()), stale=plan.stale,
+                          present=list(plan.ff_plan.present))))
+""")
+
+
+def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
+    """The Triton kernel (interpreted) and the far field's GPU operations, with a plan, on the CPU:
+    no operation of a planned evaluation, its backward pass or the plan's update reads a number
+    back from the device (no .item(), nonzero, unique or truth test), and none makes a tensor from
+    Python numbers (which a CUDA graph's recording refuses: a copy from host memory)."""
+    pytest.importorskip("triton", reason="the GPU kernel needs triton")
+    wl, (c, a, s, g) = hpf_slice
+    keep = (c > 8590) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
+    sub = (wl > 8600) & (wl < 8660)
+    path = tmp_path / "lines.npz"
+    np.savez(path, wl=wl[sub].numpy(), c=c[keep].numpy(), a=a[keep].numpy(), s=s[keep].numpy(), g=g[keep].numpy())
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-c", SYNC_FREE, str(path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert res["syncs"] == {}
+    assert res["diff"] < 1e-14 and not res["stale"]
+    assert len(res["present"]) >= 2  # more than one far-field level is exercised
+
+
+def _cuda_lines(hpf_slice):
+    wl, args = hpf_slice
+    return wl.cuda(), args
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("headroom, lr", [(1.25, 0.01), (1.0, 0.1)])
+def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr):
+    """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
+    headroom and a large learning rate the lines outgrow the plan and the graph is recorded again."""
+    wl, args = _cuda_lines(hpf_slice)
+    res = {}
+    for how in ("plain", "graph"):
+        model = LineCloneModel(*args, wing_tolerance=1e-7, device="cuda")
+        with torch.no_grad():
+            target = model(wl) ** 1.1
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, capturable=True)
+        if how == "plain":
+            losses = []
+            for _ in range(8):
+                opt.zero_grad(set_to_none=True)
+                loss = ((model(wl) - target) ** 2).sum()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        else:
+            plan = model.make_plan(wl, headroom=headroom)
+            epoch = GraphedEpoch(lambda: ((model(wl, plan=plan) - target) ** 2).sum(), opt, plan)
+            losses = [float(epoch()) for _ in range(8)]
+            res["recordings"], res["rebuilds"] = epoch.recordings, plan.rebuilds
+        res[how] = (losses, [p.detach().cpu() for p in model.parameters()])
+    np.testing.assert_allclose(res["graph"][0], res["plain"][0], rtol=1e-10)
+    for a, b in zip(res["graph"][1], res["plain"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert res["recordings"] >= 1
+    if headroom == 1.0:
+        assert res["rebuilds"] >= 1 and res["recordings"] >= 2
