@@ -55,6 +55,12 @@ CONFIGS = [
     dict(name="far-field, float64, RV +500 km/s, plan, CUDA graph", dtype="float64", far_field=True, tol=1e-7,
          rv=500.0, graph=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, no graph", dtype="float64", far_field=True, tol=1e-7, graph=False),
+    dict(name="far-field, float64, plan, CUDA graph, line kernel", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, lines=True, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, two streams", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, streams=True, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, line kernel, two streams", dtype="float64", far_field=True,
+         tol=1e-7, graph=True, lines=True, streams=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, 512-px chunks", dtype="float64", far_field=True, tol=1e-7,
          graph=True, chunk=512, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, 1024-px chunks", dtype="float64", far_field=True, tol=1e-7,
@@ -105,6 +111,11 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
 
         gpu_kernel.CHUNK = cfg.get("chunk", gpu_kernel.CHUNK)
         gpu_kernel.NUM_WARPS = cfg.get("warps", gpu_kernel.NUM_WARPS)
+    if "lines" in cfg or "streams" in cfg:
+        import blase_specutils.core.plan as plan_module
+
+        plan_module.TRITON_LINES = cfg.get("lines", plan_module.TRITON_LINES)
+        plan_module.OVERLAP_STREAMS = cfg.get("streams", plan_module.OVERLAP_STREAMS)
     sd, wl_np, dense = _problem(data)
     dtype = getattr(torch, cfg["dtype"])
     dev = torch.device(device)

@@ -254,6 +254,123 @@ if HAVE_TRITON:
         _store_partials(part_ptr, mask, d_c, -sign * w * v, d_s, d_g, gt * h, gt * h * h)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _gauss_width(a, s, eta, tol):
+        # distance where a (1 - η) G(d; σ) falls to ε: σ sqrt(2 ln(peak/ε)), 0 where the peak is below ε
+        peak = a * (1.0 - eta) * 0.3989422804014327 / s
+        r = peak / tol
+        return s * tl.sqrt(2.0 * tl.log(tl.where(r < 1.0, r * 0.0 + 1.0, r)))
+
+    @triton.jit
+    def _plan_lines_kernel(c_ptr, a_ptr, s_ptr, g_ptr, hw_ptr, par_ptr, eta_ptr, lev_ptr, b_ptr, lo_ptr, hi_ptr,
+                           n_lines, VOIGT: tl.constexpr, FAR: tl.constexpr, LINEAR: tl.constexpr,
+                           CAP: tl.constexpr, FIXED: tl.constexpr, MAX_LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+        """Per line: η, ∂η/∂σ, ∂η/∂γ, the far-field level and its kernel width b_j, and the window
+        [λc − w, λc + w] (as :class:`.plan.WindowPlan` computes them with torch operations).
+        ``par_ptr``: sign, ε, smallest half width, b, r, ln r, top level (float64)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_lines
+        c = tl.load(c_ptr + i, mask=mask, other=0.0)
+        a = tl.load(a_ptr + i, mask=mask, other=1.0).to(tl.float64)
+        s = tl.load(s_ptr + i, mask=mask, other=1.0).to(tl.float64)
+        g = tl.load(g_ptr + i, mask=mask, other=1.0).to(tl.float64)
+        sign = tl.load(par_ptr + 0)
+        tol = tl.load(par_ptr + 1)
+        min_hw = tl.load(par_ptr + 2)
+        # Ida et al.: f = P(f_G, f_L)^(1/5), r = f_L / f, η(r); derivatives as fused._eta_and_derivatives
+        fg = 2.3548 * s
+        fl = 2.0 * g
+        fg2 = fg * fg
+        poly = fg2 * fg2 * fg + fl * (2.69269 * fg2 * fg2 + fl * (2.42843 * fg2 * fg + fl * (
+            4.47163 * fg2 + fl * (0.07842 * fg + fl))))
+        dp_dfg = 5.0 * fg2 * fg2 + fl * (10.77076 * fg2 * fg + fl * (7.28529 * fg2 + fl * (
+            8.94326 * fg + 0.07842 * fl)))
+        dp_dfl = 2.69269 * fg2 * fg2 + fl * (4.85686 * fg2 * fg + fl * (13.41489 * fg2 + fl * (
+            0.31368 * fg + 5.0 * fl)))
+        f = tl.exp(tl.log(poly) * 0.2)
+        r = fl / f
+        eta = r * (1.36603 + r * (-0.47719 + 0.11116 * r))
+        deta_dr = 1.36603 + r * (-0.95438 + 0.33348 * r)
+        f_over_5p = f / (5.0 * poly)
+        des = deta_dr * (-r / f * f_over_5p * dp_dfg * 2.3548)
+        deg = deta_dr * (2.0 / f - r / f * f_over_5p * dp_dfl * 2.0)
+        # the whole line's window (with the pseudo-Voigt's η for either profile, as the engine takes it):
+        # the Lorentzian wing a η γ / (π d²) and the Gaussian core down to ε, at least 6σ + 6γ
+        d_lor = tl.sqrt(a * eta * g * 0.3183098861837907 / tol)
+        core = 6.0 * s + 6.0 * g
+        whole = tl.maximum(tl.maximum(d_lor, _gauss_width(a, s, eta, tol)), tl.maximum(core, core * 0.0 + min_hw))
+        if VOIGT:
+            eta = g * 0.0 + 1.0
+            des = g * 0.0
+            deg = g * 0.0
+        tl.store(eta_ptr + i, eta, mask=mask)
+        tl.store(eta_ptr + n_lines + i, des, mask=mask)
+        tl.store(eta_ptr + 2 * n_lines + i, deg, mask=mask)
+        d_gau = _gauss_width(a, s, eta, tol)
+        if FIXED:
+            hw = tl.load(hw_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        else:
+            hw = whole
+        if FAR:
+            b0 = tl.load(par_ptr + 3)
+            ratio = tl.load(par_ptr + 4)
+            log_ratio = tl.load(par_ptr + 5)
+            top = tl.load(par_ptr + 6)
+            q = g / b0
+            lvl = tl.ceil(tl.log(tl.where(q < 1.0, q * 0.0 + 1.0, q)) / log_ratio - 1e-12)
+            lvl = tl.where(lvl < 0.0, lvl * 0.0, lvl)
+            if CAP:
+                lvl = tl.where(lvl > top, lvl * 0.0 + top, lvl)
+            else:
+                lvl = tl.where(lvl > top, lvl * 0.0 - 1.0, lvl)
+            # b r^l by repeated products (exact powers, as torch.pow of the integer level)
+            pw = lvl * 0.0 + 1.0
+            for k in tl.static_range(MAX_LEVEL):
+                pw = tl.where(lvl > k, pw * ratio, pw)
+            b = b0 * pw
+            tl.store(lev_ptr + i, lvl.to(tl.int64), mask=mask)
+            tl.store(b_ptr + i, b, mask=mask)
+            if not FIXED:
+                ca = tl.abs(sign * a * eta * g * 0.3183098861837907)
+                if VOIGT:
+                    k2 = b * b + g * g + 3.0 * s * s
+                else:
+                    k2 = b * b - g * g
+                x6 = ca * k2 * k2 / tol
+                d6 = tl.exp(tl.log(x6) * 0.16666666666666666)
+                near = tl.maximum(d6, d_gau)
+                if LINEAR:
+                    near = tl.maximum(near, tl.sqrt(tl.sqrt(ca * ca / (2.0 * tol))))
+                if VOIGT:
+                    near = tl.maximum(near, 3.0 * b + 6.0 * s + 6.0 * g)
+                near = tl.maximum(near, near * 0.0 + min_hw)
+                hw = tl.where(lvl < 0.0, whole, near)
+        tl.store(lo_ptr + i, c - hw, mask=mask)
+        tl.store(hi_ptr + i, c + hw, mask=mask)
+
+
+def plan_lines_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tensor, eta: Tensor, levels: Tensor,
+                      b_line: Tensor, *, profile: str, far: bool, linear: bool, cap: bool, max_level: int,
+                      half_widths: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The per-line quantities of a window plan's update in one Triton kernel.
+
+    Writes η, ∂η/∂σ, ∂η/∂γ into the rows of ``eta`` (3, L) and, with ``far``, each line's level and
+    kernel width into ``levels`` and ``b_line``; returns the window ends λc ∓ w (float64).
+    ``params``: float64 tensor of sign, ε, smallest half width, b, r, ln r and the top level.
+    """
+    n = c.numel()
+    lo = torch.empty(n, dtype=torch.float64, device=c.device)
+    hi = torch.empty_like(lo)
+    block = 256
+    _plan_lines_kernel[(triton.cdiv(n, block),)](
+        c, a, s, g, lo if half_widths is None else half_widths, params, eta, levels, b_line, lo, hi, n,
+        VOIGT=profile == "voigt", FAR=bool(far), LINEAR=bool(linear), CAP=bool(cap),
+        FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block)
+    return lo, hi
+
+
 def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Line index, first and end pixel of every chunk of at most :data:`CHUNK` pixels."""
     n_chunks = (count.clamp(min=0) + CHUNK - 1) // CHUNK

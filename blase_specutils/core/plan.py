@@ -26,6 +26,7 @@ Voigt lines; lines with the Appendix C.4 wing correction use the unplanned engin
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable
@@ -37,9 +38,16 @@ from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
 from . import gpu_kernel
-from .gpu_kernel import HAVE_TRITON, windowed_pseudo_voigt_sum_triton
+from .gpu_kernel import HAVE_TRITON, plan_lines_triton, windowed_pseudo_voigt_sum_triton
 
 __all__ = ["WindowPlan"]
+
+#: Compute the per-line quantities of an update (η and its derivatives, levels, kernel widths and
+#: window ends) in one Triton kernel where the plan uses the Triton line kernel, instead of about
+#: seventy small torch operations.
+TRITON_LINES = False
+#: Evaluate the near field (Triton) on a second CUDA stream, alongside the far field's FFTs.
+OVERLAP_STREAMS = False
 
 #: Source of the per-line parameters: () -> (λc, a, σ, γ), each shape (L,).
 LineSource = Callable[[], "tuple[Tensor, Tensor, Tensor, Tensor]"]
@@ -159,6 +167,12 @@ class WindowPlan:
         self.eta = torch.zeros((3, n), dtype=a.dtype, device=dev)  # η, ∂η/∂σ, ∂η/∂γ
         self.chunks = tuple(torch.zeros(self.capacity, dtype=torch.long, device=dev) for _ in range(3))
         self._stale = torch.zeros((), dtype=torch.bool, device=dev)
+        ff = self.far_field
+        top = ff.top_level(self._span) if ff is not None else 0
+        self._top = top
+        self._params = torch.tensor([self.sign, self.tolerance, self.min_half_width, ff.b if ff else 1.0,
+                                     float(ff.level_ratio) if ff else 2.0, math.log(ff.level_ratio) if ff else 1.0,
+                                     float(top)], dtype=torch.float64, device=dev)
         self._write(c, eta, levels, b_line, start, count)
         self.rebuilds += 1
 
@@ -169,6 +183,15 @@ class WindowPlan:
         c, a, s, g = (t.detach() for t in self.source())
         if c.numel() != self.n_lines:
             raise ValueError(f"the plan is for {self.n_lines} lines, the source now gives {c.numel()}")
+        if TRITON_LINES and self.kernel == "triton":
+            # η, levels and b_j straight into the buffers, and the window ends, in one kernel
+            lo, hi = plan_lines_triton(
+                c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
+                self.b_line, profile=self.profile, far=self.far_field is not None, linear=self.mode == "linear",
+                cap=self.half_widths is not None, max_level=self._top, half_widths=self.half_widths)
+            start, count = self._pixels(lo, hi)
+            self._write(c, None, None if self.far_field is None else self.levels, None, start, count)
+            return
         levels = b_line = None
         eta = self._eta(s, g)
         if self.far_field is not None:
@@ -208,24 +231,29 @@ class WindowPlan:
             hw = residual_half_widths(a, s, g, eta, kc, b_line, self.tolerance, self.mode,
                                       voigt=self.profile == "voigt").clamp(min=self.min_half_width)
             if self._whole:
-                hw = torch.where(levels < 0, window_half_widths(a, s, g, self.tolerance, self.min_half_width,
-                                                                eta=eta), hw)
+                # (the pseudo-Voigt's η for the whole lines' windows, also for the exact Voigt, as the engine does)
+                hw = torch.where(levels < 0, window_half_widths(
+                    a, s, g, self.tolerance, self.min_half_width, eta=None if self.profile == "voigt" else eta), hw)
+        return self._pixels(c - hw, c + hw)
+
+    def _pixels(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """First pixel and number of pixels of the windows [lo, hi] (Å)."""
         n = self.wavelength.numel()
-        lo = torch.searchsorted(self.wavelength, c - hw)
-        hi = torch.searchsorted(self.wavelength, c + hw, right=True)
-        start = lo.clamp(min=0, max=n)
-        return start, (hi.clamp(max=n) - start).clamp(min=0)
+        start = torch.searchsorted(self.wavelength, lo).clamp_(min=0, max=n)
+        hi = torch.searchsorted(self.wavelength, hi, right=True).clamp_(max=n)
+        return start, hi.sub_(start).clamp_(min=0)
 
     def _write(self, c, eta, levels, b_line, start, count) -> None:
         self.start.copy_(start)
         self.count.copy_(count)
-        if self.profile != "voigt":
+        if eta is not None:
             for buf, x in zip(self.eta, eta):
                 buf.copy_(x)
         stale = self._stale
         if levels is not None:
-            self.levels.copy_(levels)
-            self.b_line.copy_(b_line)
+            if levels is not self.levels:
+                self.levels.copy_(levels)
+                self.b_line.copy_(b_line)
             stale = stale | self.ff_plan.violations(c, levels)
             if not self._whole:
                 stale = stale | (levels < 0).any()
@@ -287,10 +315,25 @@ class WindowPlan:
                   ke=None if ke is None else ke[:, None], b=b if isinstance(b, float) else b[:, None],
                   profile=self.profile, eta=eta_parts)
         if self.kernel == "triton":
-            out = windowed_pseudo_voigt_sum_triton(*args, chunks=(*self.chunks, self.chunk), **kw)
+            near = functools.partial(windowed_pseudo_voigt_sum_triton, *args, chunks=(*self.chunks, self.chunk), **kw)
         else:
-            out = windowed_pseudo_voigt_sum_cpu(*args, **kw)
-        if self.far_field is not None:
-            out = out + far_field(self.wavelength, centers, kc, ke, self.far_field, self.levels,
-                                  plan=self.ff_plan).to(out.dtype)
-        return out
+            near = functools.partial(windowed_pseudo_voigt_sum_cpu, *args, **kw)
+        if self.far_field is None:
+            return near()
+        far = functools.partial(far_field, self.wavelength, centers, kc, ke, self.far_field, self.levels,
+                                plan=self.ff_plan)
+        if OVERLAP_STREAMS and self.wavelength.is_cuda:
+            # the near field's kernels on a second stream, alongside the far field's many small ones;
+            # autograd runs each backward pass on its forward's stream, so they overlap there too
+            main = torch.cuda.current_stream(self.wavelength.device)
+            if getattr(self, "_side", None) is None:
+                self._side = torch.cuda.Stream(self.wavelength.device)
+            self._side.wait_stream(main)
+            with torch.cuda.stream(self._side):
+                out = near()
+            ff = far()
+            main.wait_stream(self._side)
+            out.record_stream(main)
+            return out + ff.to(out.dtype)
+        out = near()
+        return out + far().to(out.dtype)

@@ -238,6 +238,60 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     assert len(res["present"]) >= 2  # more than one far-field level is exercised
 
 
+LINES_KERNEL = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import torch
+    import blase_specutils.core.plan as plan_mod
+    from blase_specutils.core import LineCloneModel
+    from blase_specutils.core.plan import WindowPlan
+    data = np.load(sys.argv[1])
+    wl = torch.as_tensor(data["wl"])
+    args = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
+    cases = []
+    for kw in [dict(), dict(mode="log"), dict(emission=True), dict(profile="voigt"),
+               dict(profile="voigt", mode="log"), dict(far_field=False), dict(dtype=torch.float32), "fixed"]:
+        model = LineCloneModel(*args, wing_tolerance=1e-7, **(kw if isinstance(kw, dict) else {}))
+        if kw == "fixed":
+            hw = torch.full((len(args[0]),), 0.8, dtype=torch.float64)
+            plan = WindowPlan(wl, lambda: (model.lam_centers, model.log_amplitudes.exp(), model.log_sigmas.exp(),
+                                           model.log_gammas.exp()), half_widths=hw, kernel="triton")
+        else:
+            plan = model.make_plan(wl, 40.0, kernel="triton")
+        res = []
+        for lines in (False, True):
+            plan_mod.TRITON_LINES = lines
+            plan.update()
+            res.append([t.clone().double() for t in (plan.eta, plan.levels, plan.b_line, plan.start, plan.count)]
+                       + [t.clone() for t in plan.chunks[:3]])
+        diff = [float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(*res)]
+        diff[0] /= float(res[0][0].abs().max())  # η and its derivatives: relative
+        cases.append(dict(case=str(kw), diff=diff, stale=plan.stale))
+    print(json.dumps(cases))
+""")
+
+
+def test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations(hpf_slice, tmp_path):
+    """The one-kernel update (η and its derivatives, levels, b_j, windows, interpreted) against the
+    torch operations, for both profiles and modes, emission, without far field, float32 and fixed
+    half widths: the same windows and chunk table, η to rounding."""
+    pytest.importorskip("triton", reason="the GPU kernel needs triton")
+    wl, (c, a, s, g) = hpf_slice
+    path = tmp_path / "lines.npz"
+    np.savez(path, wl=wl.numpy(), c=c.numpy(), a=a.numpy(), s=s.numpy(), g=g.numpy())
+    out = subprocess.run([sys.executable, "-c", LINES_KERNEL, str(path)], capture_output=True, text=True,
+                         env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    cases = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert len(cases) == 8
+    for case in cases:
+        eta, levels, b_line, *windows = case["diff"]
+        tol = 1e-6 if "float32" in case["case"] else 1e-14
+        assert eta <= tol and b_line <= tol, case
+        assert levels == 0 and windows == [0.0] * 5, case
+        assert not case["stale"], case
+
+
 def _cuda_lines(hpf_slice):
     wl, args = hpf_slice
     return wl.cuda(), args
@@ -246,9 +300,15 @@ def _cuda_lines(hpf_slice):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("headroom, lr", [(1.25, 0.01), (1.0, 0.1)])
-def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr):
+@pytest.mark.parametrize("lines, streams", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, monkeypatch):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
-    headroom and a large learning rate the lines outgrow the plan and the graph is recorded again."""
+    headroom and a large learning rate the lines outgrow the plan and the graph is recorded again.
+    With and without the one-kernel update and the second stream for the near field."""
+    import blase_specutils.core.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "TRITON_LINES", lines)
+    monkeypatch.setattr(plan_module, "OVERLAP_STREAMS", streams)
     wl, args = _cuda_lines(hpf_slice)
     res = {}
     for how in ("plain", "graph"):
