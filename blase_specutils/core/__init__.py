@@ -22,6 +22,8 @@ from .extrinsic import (
     rotationally_broaden,
 )
 from .farfield import FarFieldSettings, far_field
+from .graphs import GraphedEpoch
+from .plan import WindowPlan
 from .profiles import PROFILES, faddeeva, gaussian, lorentzian, pseudo_voigt, pseudo_voigt_eta, pseudo_voigt_fwhm, voigt
 from .training import NonFiniteLossWarning, TrainingHistory, resolve_device, seed_everything, train
 from .transfer import TransferFit, TransferModel, fit_transfer, transfer_loss
@@ -33,7 +35,7 @@ __all__ = [
     "windowed_log_flux", "dense_log_flux", "window_half_widths", "line_terms",
     "PROFILES", "pseudo_voigt", "pseudo_voigt_eta", "pseudo_voigt_fwhm", "voigt", "faddeeva", "gaussian", "lorentzian",
     "train", "TrainingHistory", "NonFiniteLossWarning", "seed_everything", "resolve_device",
-    "FarFieldSettings", "far_field",
+    "FarFieldSettings", "far_field", "WindowPlan", "GraphedEpoch",
     "log_lambda_grid", "rotational_kernel", "rotational_kernel_variance", "rotationally_broaden",
     "resolving_power_to_sigma", "gaussian_lsf_kernel", "instrumental_broaden", "pixel_edges",
     "resample_to_pixels", "RotationalBroadening", "InstrumentalBroadening", "PixelResampler",

@@ -371,7 +371,7 @@ def _build_plan(q: Tensor, n: int, m: int, dtype):
     """First stencil index (contiguous) and the 2m Lagrange weights at positions ``q`` (in grid
     units) of a grid of ``n`` points."""
     i0 = torch.clamp(torch.floor(q), m - 1, n - m - 1)
-    iw = _lagrange_weights((q - i0).to(dtype), m).contiguous()
+    iw = _lagrange_weights_scan((q - i0).to(dtype), m).contiguous()
     return (i0.long() - (m - 1)).contiguous(), iw
 
 
@@ -380,12 +380,15 @@ def _lagrange_weights(f: Tensor, m: int) -> Tensor:
     (in grid units), shape (len(f), 2m), in a few whole-array operations (differentiable in f).
 
     The product over the other points, Π_{k≠j}(f − k), is formed without dividing by f − j, so it
-    stays exact when f sits on a grid point: on CPUs without gradients (the cached interpolation
-    plans, long arrays) as a prefix product times a suffix product; otherwise as one product over a
-    (len(f), 2m, 2m) array with an analytic backward pass (:class:`_LagrangeWeights`: on a GPU two
-    kernels each way, where a prefix product is a slow scan)."""
-    if f.requires_grad or f.device.type != "cpu":
-        return _LagrangeWeights.apply(f, m)
+    stays exact when f sits on a grid point: one product over a (len(f), 2m, 2m) array, with an
+    analytic backward pass (:class:`_LagrangeWeights`: on a GPU two kernels each way, where the
+    prefix products of :func:`_lagrange_weights_scan` are slow scans)."""
+    return _LagrangeWeights.apply(f, m)
+
+
+def _lagrange_weights_scan(f: Tensor, m: int) -> Tensor:
+    """The weights of :func:`_lagrange_weights` as a prefix product times a suffix product: less
+    memory for long arrays (the cached interpolation plans), differentiable by autograd."""
     offsets, inv_denom, _, _ = _lagrange_constants(m, f.dtype, f.device)
     d = f[:, None] - offsets[None, :]
     ones = torch.ones_like(d[:, :1])

@@ -44,9 +44,11 @@ __all__ = ["WindowPlan"]
 
 #: Compute the per-line quantities of an update (η and its derivatives, levels, kernel widths and
 #: window ends) in one Triton kernel where the plan uses the Triton line kernel, instead of about
-#: seventy small torch operations.
-TRITON_LINES = False
-#: Evaluate the near field (Triton) on a second CUDA stream, alongside the far field's FFTs.
+#: seventy small torch operations. On an H200 a graphed epoch of the paper's problem took 1.10 ms
+#: with it and 1.33 ms without (296 and 421 GPU kernels; one machine, benchmarks/RESULTS.md).
+TRITON_LINES = True
+#: Evaluate the near field (Triton) on a second CUDA stream, alongside the far field's FFTs. Off:
+#: on an H200 it gained 1-2 % (1.08 against 1.10 ms per graphed epoch), within the machine's spread.
 OVERLAP_STREAMS = False
 
 #: Source of the per-line parameters: () -> (λc, a, σ, γ), each shape (L,).

@@ -518,17 +518,20 @@ def test_compiled_faddeeva_matches_the_torch_expansion_and_its_derivative():
 
 
 def test_lagrange_weights_with_gradients_match_the_prefix_products_and_gradcheck():
-    """The differentiable weights (one product per point, analytic derivative) against the
-    prefix/suffix products of the gradient-free path, on and between grid points."""
-    from blase_specutils.core.farfield import _lagrange_weights
+    """The weights as one product per point with an analytic derivative against the prefix/suffix
+    products (autograd), on and between grid points."""
+    from blase_specutils.core.farfield import _lagrange_weights, _lagrange_weights_scan
 
     gen = torch.Generator().manual_seed(5)
     for m in (1, 2, 3, 4):
         f = torch.cat([-(m - 1) + (2 * m - 1) * torch.rand(20, generator=gen, dtype=F64),
                        torch.arange(-(m - 1), m + 1, dtype=F64)])  # the stencil points themselves
-        plain = _lagrange_weights(f, m)
+        plain = _lagrange_weights_scan(f, m)
         fg = f.clone().requires_grad_(True)
         torch.testing.assert_close(_lagrange_weights(fg, m), plain, rtol=1e-14, atol=1e-15)
+        g_scan = torch.autograd.grad(_lagrange_weights_scan(fg, m).pow(2).sum(), fg)[0]
+        g_prod = torch.autograd.grad(_lagrange_weights(fg, m).pow(2).sum(), fg)[0]
+        torch.testing.assert_close(g_prod, g_scan, rtol=1e-12, atol=1e-12)
         # the weights reproduce polynomials of degree < 2m: Σ w_j = 1 and Σ w_j o_j = f
         offsets = torch.arange(-(m - 1), m + 1, dtype=F64)
         torch.testing.assert_close(plain.sum(1), torch.ones_like(f), rtol=0, atol=1e-13)

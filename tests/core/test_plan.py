@@ -303,8 +303,9 @@ def _cuda_lines(hpf_slice):
 @pytest.mark.parametrize("lines, streams", [(False, False), (True, False), (False, True), (True, True)])
 def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, monkeypatch):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
-    headroom and a large learning rate the lines outgrow the plan and the graph is recorded again.
-    With and without the one-kernel update and the second stream for the near field."""
+    headroom and a large learning rate the lines outgrow the plan at nearly every epoch, and the
+    epochs that follow a rebuild run eagerly until the plan holds. With and without the one-kernel
+    update and the second stream for the near field."""
     import blase_specutils.core.plan as plan_module
 
     monkeypatch.setattr(plan_module, "TRITON_LINES", lines)
@@ -335,4 +336,4 @@ def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, li
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert res["recordings"] >= 1
     if headroom == 1.0:
-        assert res["rebuilds"] >= 1 and res["recordings"] >= 2
+        assert res["rebuilds"] >= 1
