@@ -146,6 +146,8 @@ class WindowPlan:
     def rebuild(self) -> None:
         """Make the plan again from the current lines (synchronises with the device)."""
         c, a, s, g = (t.detach() for t in self.source())
+        if c.ndim != 1 or c.numel() == 0 or any(t.shape != c.shape for t in (a, s, g)):
+            raise ValueError("a window plan needs at least one line, with λc, a, σ, γ of one shape (L,)")
         levels = b_line = None
         self._whole = False
         eta = self._eta(s, g)
