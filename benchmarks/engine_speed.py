@@ -55,12 +55,13 @@ CONFIGS = [
     dict(name="far-field, float64, RV +500 km/s, plan, CUDA graph", dtype="float64", far_field=True, tol=1e-7,
          rv=500.0, graph=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, no graph", dtype="float64", far_field=True, tol=1e-7, graph=False),
-    dict(name="far-field, float64, plan, CUDA graph, line kernel", dtype="float64", far_field=True, tol=1e-7,
-         graph=True, lines=True, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, torch update", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, lines=False, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, Triton spreading", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, spread=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, two streams", dtype="float64", far_field=True, tol=1e-7,
          graph=True, streams=True, devices=("cuda",)),
-    dict(name="far-field, float64, plan, CUDA graph, line kernel, two streams", dtype="float64", far_field=True,
-         tol=1e-7, graph=True, lines=True, streams=True, devices=("cuda",)),
+
     dict(name="far-field, float64, plan, CUDA graph, 512-px chunks", dtype="float64", far_field=True, tol=1e-7,
          graph=True, chunk=512, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, 1024-px chunks", dtype="float64", far_field=True, tol=1e-7,
@@ -111,11 +112,13 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
 
         gpu_kernel.CHUNK = cfg.get("chunk", gpu_kernel.CHUNK)
         gpu_kernel.NUM_WARPS = cfg.get("warps", gpu_kernel.NUM_WARPS)
-    if "lines" in cfg or "streams" in cfg:
+    if "lines" in cfg or "streams" in cfg or "spread" in cfg:
+        import blase_specutils.core.farfield as farfield_module
         import blase_specutils.core.plan as plan_module
 
         plan_module.TRITON_LINES = cfg.get("lines", plan_module.TRITON_LINES)
         plan_module.OVERLAP_STREAMS = cfg.get("streams", plan_module.OVERLAP_STREAMS)
+        farfield_module.TRITON_SPREAD = cfg.get("spread", farfield_module.TRITON_SPREAD)
     sd, wl_np, dense = _problem(data)
     dtype = getattr(torch, cfg["dtype"])
     dev = torch.device(device)

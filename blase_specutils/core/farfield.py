@@ -31,6 +31,7 @@ levels are interpolated onto the finest grid before the one interpolation to the
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .cpu_kernel import HAVE_NUMBA, interpolate_cpu, spread_cpu
+from .gpu_kernel import HAVE_TRITON, spread_triton
 
 __all__ = ["FarFieldSettings", "FarFieldPlan", "far_field", "plan_far_field", "residual_half_widths"]
 
@@ -97,6 +99,11 @@ class FarFieldSettings:
 
 
 _KERNEL_CACHE: dict = {}
+
+#: Spread the lines onto the level grids with one Triton kernel each way on GPUs (with triton),
+#: instead of about fifteen torch operations. Off: checked against the compiled CPU spreading under
+#: Triton's interpreter, not yet compiled and timed on a GPU.
+TRITON_SPREAD = False
 
 #: How each far-field level takes its lines: by gathering them (False), or by zeroing the other
 #: levels' coefficients (True); None (default): masks on GPUs, gathers on CPUs.
@@ -255,6 +262,9 @@ def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: F
         direct = _direct_sum(wavelength, centers[outside], c_all[outside], e_all[outside], b)
     if wavelength.device.type == "cpu" and HAVE_NUMBA:
         grid_c, grid_e = spread_cpu(p, c, e, n, m)
+    elif TRITON_SPREAD and HAVE_TRITON and (wavelength.device.type == "cuda"
+                                            or os.environ.get("TRITON_INTERPRET") == "1"):
+        grid_c, grid_e = spread_triton(p, c, e, n, m)
     else:
         k0 = torch.clamp(torch.floor(p.detach()), m - 1, n - m - 1)
         f = torch.clamp(p - k0, -float(m - 1), float(m))

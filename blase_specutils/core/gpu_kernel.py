@@ -351,6 +351,119 @@ if HAVE_TRITON:
         tl.store(hi_ptr + i, c + hw, mask=mask)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _stencil(p, n, M: tl.constexpr):
+        """First stencil point k0 - (M - 1) and the clamped offset f of positions p (grid units)."""
+        k0 = tl.floor(p)
+        k0 = tl.where(k0 < M - 1.0, k0 * 0.0 + (M - 1.0), k0)
+        k0 = tl.where(k0 > n - M - 1.0, k0 * 0.0 + (n - M - 1.0), k0)
+        f = p - k0
+        inside = (f >= 1.0 - M) & (f <= M * 1.0)
+        f = tl.where(f < 1.0 - M, f * 0.0 + (1.0 - M), f)
+        f = tl.where(f > M * 1.0, f * 0.0 + M, f)
+        return k0.to(tl.int64) - (M - 1), f, inside
+
+    @triton.jit
+    def _spread_kernel(p_ptr, c_ptr, e_ptr, gc_ptr, ge_ptr, n_lines, n, M: tl.constexpr, BLOCK: tl.constexpr):
+        """Each line adds c_j w_q and e_j w_q to the 2M grid points of its stencil (atomic adds)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_lines
+        p = tl.load(p_ptr + i, mask=mask, other=M * 1.0)
+        c = tl.load(c_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        e = tl.load(e_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        first, f, _ = _stencil(p, n, M)
+        for q in tl.static_range(2 * M):
+            # w_q = Π_{k≠q} (f - o_k) / Π_{k≠q} (o_q - o_k), o_k = k - (M - 1)
+            w = f * 0.0 + 1.0
+            den = 1
+            for k in tl.static_range(2 * M):
+                if k != q:
+                    w = w * (f - (k - (M - 1)))
+                    den = den * (q - k)
+            w = w / den
+            tl.atomic_add(gc_ptr + first + q, c * w, mask=mask)
+            tl.atomic_add(ge_ptr + first + q, e * w, mask=mask)
+
+    @triton.jit
+    def _spread_backward_kernel(p_ptr, c_ptr, e_ptr, gc_ptr, ge_ptr, dp_ptr, dc_ptr, de_ptr, n_lines, n,
+                                M: tl.constexpr, BLOCK: tl.constexpr):
+        """∂/∂c_j = Σ_q w_q G_c, ∂/∂e_j = Σ_q w_q G_e, ∂/∂p_j = Σ_q w_q' (c_j G_c + e_j G_e) (zero
+        where the position was clamped)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_lines
+        p = tl.load(p_ptr + i, mask=mask, other=M * 1.0)
+        c = tl.load(c_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        e = tl.load(e_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        first, f, inside = _stencil(p, n, M)
+        dc = f * 0.0
+        de = f * 0.0
+        dp = f * 0.0
+        for q in tl.static_range(2 * M):
+            gc = tl.load(gc_ptr + first + q, mask=mask, other=0.0)
+            ge = tl.load(ge_ptr + first + q, mask=mask, other=0.0)
+            w = f * 0.0 + 1.0
+            dw = f * 0.0
+            den = 1
+            for k in tl.static_range(2 * M):
+                if k != q:
+                    # product rule: d/df of Π (f - o_k) term by term
+                    dw = dw * (f - (k - (M - 1))) + w
+                    w = w * (f - (k - (M - 1)))
+                    den = den * (q - k)
+            w = w / den
+            dw = dw / den
+            dc += w * gc
+            de += w * ge
+            dp += dw * (c * gc + e * ge)
+        tl.store(dc_ptr + i, dc, mask=mask)
+        tl.store(de_ptr + i, de, mask=mask)
+        tl.store(dp_ptr + i, tl.where(inside, dp, dp * 0.0), mask=mask)
+
+
+class _SpreadTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pos: Tensor, c: Tensor, e: Tensor, n: int, m: int):
+        p64, c_, e_ = (x.detach().reshape(-1).to(torch.float64).contiguous() for x in (pos, c, e))
+        gc = torch.zeros(n, dtype=torch.float64, device=pos.device)
+        ge = torch.zeros_like(gc)
+        if p64.numel():
+            _spread_kernel[(triton.cdiv(p64.numel(), _SPREAD_BLOCK),)](p64, c_, e_, gc, ge, p64.numel(), n, M=m,
+                                                                      BLOCK=_SPREAD_BLOCK)
+        ctx.save_for_backward(p64, c_, e_)
+        ctx.n, ctx.m, ctx.dtypes = n, m, (pos.dtype, c.dtype, e.dtype)
+        return gc, ge
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_c: Tensor, grad_e: Tensor):
+        p64, c_, e_ = ctx.saved_tensors
+        gc = torch.zeros(ctx.n, dtype=torch.float64, device=p64.device) if grad_c is None else grad_c
+        ge = torch.zeros(ctx.n, dtype=torch.float64, device=p64.device) if grad_e is None else grad_e
+        gc, ge = (g.to(torch.float64).contiguous() for g in (gc, ge))
+        out = [torch.empty_like(p64) for _ in range(3)]
+        if p64.numel():
+            _spread_backward_kernel[(triton.cdiv(p64.numel(), _SPREAD_BLOCK),)](
+                p64, c_, e_, gc, ge, *out, p64.numel(), ctx.n, M=ctx.m, BLOCK=_SPREAD_BLOCK)
+        return (*(g.to(dt) for g, dt in zip(out, ctx.dtypes)), None, None)
+
+
+_SPREAD_BLOCK = 128
+
+
+def spread_triton(pos: Tensor, c: Tensor, e: Tensor, n: int, m: int) -> tuple[Tensor, Tensor]:
+    """:func:`.cpu_kernel.spread_cpu` with Triton: spikes at grid positions ``pos`` spread with 2m-point
+    Lagrange weights onto two grids of ``n`` points (float64), differentiable in ``pos``, ``c`` and
+    ``e`` (a position clamped to the grid gets no gradient). One kernel each way, where the torch
+    operations take about fifteen."""
+    if not HAVE_TRITON:
+        raise ImportError("the GPU kernel needs triton (it ships with the CUDA builds of torch): pip install triton")
+    if not (1 <= int(m) and 2 * int(m) <= int(n)):
+        raise ValueError(f"need 1 <= m and 2m <= n, got m={m}, n={n}")
+    return _SpreadTriton.apply(pos, c, e, int(n), int(m))
+
+
 def plan_lines_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tensor, eta: Tensor, levels: Tensor,
                       b_line: Tensor, *, profile: str, far: bool, linear: bool, cap: bool, max_level: int,
                       half_widths: Tensor | None = None) -> tuple[Tensor, Tensor]:

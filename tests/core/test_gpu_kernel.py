@@ -107,3 +107,59 @@ def test_triton_kernel_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeyp
     with pytest.raises(ValueError, match="CUDA tensors"):
         windowed_log_flux(grid, 5000.5 * one, 0.01 * one, 0.02 * one, 0.02 * one, profile=pseudo_voigt,
                           kernel="triton")
+
+
+SPREAD = textwrap.dedent("""
+    import json
+    import os
+    import torch
+    from blase_specutils.core.cpu_kernel import spread_cpu
+    from blase_specutils.core.gpu_kernel import spread_triton
+
+    F64 = torch.float64
+    DEV = os.environ.get("BLASE_TRITON_DEVICE", "cpu")
+    gen = torch.Generator().manual_seed(6)
+    # inside the grid, near both ends (clamped stencils), exactly on grid points, and beyond the ends
+    pos = torch.cat([3 + 30 * torch.rand(20, generator=gen, dtype=F64),
+                     torch.tensor([0.4, 2.0, 7.0, 36.5, 38.6, -3.0, 45.0], dtype=F64)])
+    c = torch.randn(pos.numel(), generator=gen, dtype=F64)
+    e = torch.randn(pos.numel(), generator=gen, dtype=F64)
+    wc = torch.randn(40, generator=gen, dtype=F64)
+    we = torch.randn(40, generator=gen, dtype=F64)
+    out = []
+    for m in (1, 2, 3, 4):
+        res = []
+        for fn, dev in ((spread_cpu, "cpu"), (spread_triton, DEV)):
+            ps = [t.to(dev).requires_grad_(True) for t in (pos, c, e)]
+            gc, ge = fn(*ps, 40, m)
+            loss = (gc * wc.to(dev)).sum() + (ge * we.to(dev)).sum()
+            grads = torch.autograd.grad(loss, ps)
+            res.append([gc.detach().cpu(), ge.detach().cpu(), *(g.cpu() for g in grads)])
+        out.append(max(float((a - b).abs().max()) for a, b in zip(*res)))
+    ps = [t[:6].clone().requires_grad_(True) for t in (pos, c, e)]
+    ok = torch.autograd.gradcheck(lambda *x: spread_triton(*x, 40, 4), [p.to(DEV) for p in ps], eps=1e-6, atol=1e-7)
+    print(json.dumps(dict(diffs=out, gradcheck=bool(ok))))
+""")
+
+
+def _spread_case(env: dict) -> dict:
+    out = subprocess.run([sys.executable, "-c", SPREAD], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_triton_spreading_matches_the_compiled_cpu_spreading():
+    """The far field's Triton spreading (interpreted on the CPU), values and gradients, against numba's,
+    for 2- to 8-point stencils, with clamped positions and positions on grid points."""
+    res = _spread_case(dict(os.environ, TRITON_INTERPRET="1"))
+    assert max(res["diffs"]) < 1e-12, res
+    assert res["gradcheck"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_spreading_compiled_on_the_gpu_matches_the_compiled_cpu_spreading():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = _spread_case(dict(env, BLASE_TRITON_DEVICE="cuda"))
+    assert max(res["diffs"]) < 1e-12, res
+    assert res["gradcheck"]

@@ -194,6 +194,7 @@ SYNC_FREE = textwrap.dedent("""
     import torch
     import blase_specutils.core.farfield as farfield
     farfield.HAVE_NUMBA = False  # the GPU code path of the far field, on the CPU
+    farfield.TRITON_SPREAD = sys.argv[2] == "1"
     from blase_specutils.core import LineCloneModel
     from torch.profiler import ProfilerActivity, profile
     data = np.load(sys.argv[1])
@@ -216,11 +217,13 @@ SYNC_FREE = textwrap.dedent("""
 """)
 
 
-def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
+@pytest.mark.parametrize("spread", [False, True])
+def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path, spread):
     """The Triton kernel (interpreted) and the far field's GPU operations, with a plan, on the CPU:
     no operation of a planned evaluation, its backward pass or the plan's update reads a number
     back from the device (no .item(), nonzero, unique or truth test), and none makes a tensor from
-    Python numbers (which a CUDA graph's recording refuses: a copy from host memory)."""
+    Python numbers (which a CUDA graph's recording refuses: a copy from host memory). With the
+    torch spreading of the far field and with the Triton one."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
     wl, (c, a, s, g) = hpf_slice
     keep = (c > 8590) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
@@ -228,8 +231,8 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     path = tmp_path / "lines.npz"
     np.savez(path, wl=wl[sub].numpy(), c=c[keep].numpy(), a=a[keep].numpy(), s=s[keep].numpy(), g=g[keep].numpy())
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", SYNC_FREE, str(path)], capture_output=True, text=True, env=env,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-c", SYNC_FREE, str(path), str(int(spread))], capture_output=True,
+                         text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     res = __import__("json").loads(out.stdout.strip().splitlines()[-1])
     assert res["syncs"] == {}
@@ -299,16 +302,19 @@ def _cuda_lines(hpf_slice):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("headroom, lr", [(1.25, 0.01), (1.0, 0.1)])
-@pytest.mark.parametrize("lines, streams", [(False, False), (True, False), (False, True), (True, True)])
-def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, monkeypatch):
+@pytest.mark.parametrize("lines, streams, spread", [(False, False, False), (True, False, False), (False, True, False),
+                                                   (True, True, False), (True, False, True)])
+def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, monkeypatch):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
     headroom and a large learning rate the lines outgrow the plan at nearly every epoch, and the
     epochs that follow a rebuild run eagerly until the plan holds. With and without the one-kernel
     update and the second stream for the near field."""
+    import blase_specutils.core.farfield as farfield_module
     import blase_specutils.core.plan as plan_module
 
     monkeypatch.setattr(plan_module, "TRITON_LINES", lines)
     monkeypatch.setattr(plan_module, "OVERLAP_STREAMS", streams)
+    monkeypatch.setattr(farfield_module, "TRITON_SPREAD", spread)
     wl, args = _cuda_lines(hpf_slice)
     res = {}
     for how in ("plain", "graph"):
