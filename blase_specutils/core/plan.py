@@ -82,7 +82,8 @@ class WindowPlan:
         The compiled kernel: numba on CPUs, Triton on CUDA devices (``"auto"``).
     headroom : float
         Capacity of the Triton chunk table, relative to what the lines need when the plan is made
-        (>= 1); more headroom means fewer rebuilds while the widths grow during training.
+        (>= 1); more headroom means fewer rebuilds while the widths grow during training. It grows
+        by half (up to 4) at every rebuild that the lines forced.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class WindowPlan:
         kernel: str = "auto",
         headroom: float = 1.25,
     ) -> None:
+        self.rebuilds = 0
         if not torch.is_tensor(wavelength) or wavelength.ndim != 1 or wavelength.dtype != torch.float64:
             raise TypeError("wavelength must be a 1-D float64 tensor (Å)")
         if wavelength.numel() < 2:
@@ -144,7 +146,13 @@ class WindowPlan:
     # ------------------------------------------------------------------ building and updating
     @torch.no_grad()
     def rebuild(self) -> None:
-        """Make the plan again from the current lines (synchronises with the device)."""
+        """Make the plan again from the current lines (synchronises with the device).
+
+        When the lines had outgrown the plan, the chunk table's :attr:`headroom` grows by half (up
+        to 4×): lines that keep widening, early in a fit with a large learning rate, would
+        otherwise need a rebuild (and a new CUDA graph) every few epochs."""
+        if getattr(self, "_stale", None) is not None and bool(self._stale):
+            self.headroom = min(4.0, self.headroom * 1.5)
         c, a, s, g = (t.detach() for t in self.source())
         if c.ndim != 1 or c.numel() == 0 or any(t.shape != c.shape for t in (a, s, g)):
             raise ValueError("a window plan needs at least one line, with λc, a, σ, γ of one shape (L,)")

@@ -81,6 +81,9 @@ def test_plan_follows_the_lines_and_rebuilds_when_they_outgrow_it(hpf_slice):
     plan.frozen = False
     f1, g1 = _value_and_grads(model, wl, None, plan)  # an unfrozen plan rebuilds itself
     assert plan.rebuilds == 1 and not plan.stale
+    assert plan.headroom == pytest.approx(1.25 * 1.5)  # more room after a forced rebuild
+    plan.rebuild()  # asked for, not forced: the headroom stays
+    assert plan.headroom == pytest.approx(1.25 * 1.5)
     f0, g0 = _value_and_grads(model, wl, None)
     torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
     for a, b in zip(g1, g0):
