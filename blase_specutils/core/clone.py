@@ -246,6 +246,13 @@ class LineCloneModel(nn.Module):
             if not (torch.is_tensor(wavelength) and wavelength.data_ptr() == plan.wavelength.data_ptr()
                     and wavelength.shape == plan.wavelength.shape):
                 raise ValueError("this plan was made for another wavelength grid; make one with make_plan(wavelength)")
+            rv_plan = getattr(plan, "radial_velocity", None)
+            same = radial_velocity is rv_plan or (not torch.is_tensor(radial_velocity) and not torch.is_tensor(rv_plan)
+                                                  and radial_velocity == rv_plan)
+            if plan.frozen and not same:
+                # a frozen plan's windows were computed for the RV it follows (GraphedEpoch)
+                raise ValueError("this frozen plan follows another radial_velocity; evaluate it with the RV given "
+                                 "to make_plan, or make a plan for this one")
             return plan.log_flux(self.shifted_centers(radial_velocity), self.log_amplitudes.exp(),
                                  self.log_sigmas.exp(), self.log_gammas.exp())
         wavelength = torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device)
@@ -302,9 +309,11 @@ class LineCloneModel(nn.Module):
             return (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
                     self.log_gammas.exp())
 
-        return WindowPlan(wavelength, source, profile=self.profile, mode=self.mode, sign=self.sign,
+        plan = WindowPlan(wavelength, source, profile=self.profile, mode=self.mode, sign=self.sign,
                           tolerance=self.wing_tolerance, far_field=self._far_field_settings(wavelength),
                           half_widths=None, kernel=kernel, headroom=headroom)
+        plan.radial_velocity = radial_velocity  # what a frozen plan must be evaluated at
+        return plan
 
     def _far_field_settings(self, wavelength: Tensor) -> FarFieldSettings | None:
         if self.far_field is False:

@@ -145,15 +145,16 @@ class WindowPlan:
 
     # ------------------------------------------------------------------ building and updating
     @torch.no_grad()
-    def rebuild(self) -> None:
-        """Make the plan again from the current lines (synchronises with the device).
+    def rebuild(self, lines: tuple | None = None) -> None:
+        """Make the plan again from the current lines, or from ``lines`` = (λc, a, σ, γ)
+        (synchronises with the device).
 
         When the lines had outgrown the plan, the chunk table's :attr:`headroom` grows by half (up
         to 4×): lines that keep widening, early in a fit with a large learning rate, would
         otherwise need a rebuild (and a new CUDA graph) every few epochs."""
         if getattr(self, "_stale", None) is not None and bool(self._stale):
             self.headroom = min(4.0, self.headroom * 1.5)
-        c, a, s, g = (t.detach() for t in self.source())
+        c, a, s, g = (t.detach() for t in (self.source() if lines is None else lines))
         if c.ndim != 1 or c.numel() == 0 or any(t.shape != c.shape for t in (a, s, g)):
             raise ValueError("a window plan needs at least one line, with λc, a, σ, γ of one shape (L,)")
         levels = b_line = None
@@ -189,10 +190,11 @@ class WindowPlan:
         self.rebuilds += 1
 
     @torch.no_grad()
-    def update(self) -> None:
-        """Recompute every line's level, window and the chunk table from the current lines, on the
-        device and without synchronising; :attr:`stale` tells whether they still fit the plan."""
-        c, a, s, g = (t.detach() for t in self.source())
+    def update(self, lines: tuple | None = None) -> None:
+        """Recompute every line's level, window and the chunk table from the current lines (or from
+        ``lines`` = (λc, a, σ, γ)), on the device and without synchronising; :attr:`stale` tells
+        whether they still fit the plan."""
+        c, a, s, g = (t.detach() for t in (self.source() if lines is None else lines))
         if c.numel() != self.n_lines:
             raise ValueError(f"the plan is for {self.n_lines} lines, the source now gives {c.numel()}")
         if TRITON_LINES and self.kernel == "triton":
@@ -292,15 +294,17 @@ class WindowPlan:
     def log_flux(self, centers: Tensor, amplitude: Tensor, sigma: Tensor, gamma: Tensor) -> Tensor:
         r""":math:`\ln S_\mathrm{clone}` on the plan's grid for these lines (differentiable in all four).
 
-        The lines must be the ones ``source`` gives. Unless the plan is :attr:`frozen`, it is
-        updated first and, if the lines outgrew it, rebuilt (the one synchronisation per call).
+        Unless the plan is :attr:`frozen`, it is first updated for these lines and, if they
+        outgrew it, rebuilt (the one synchronisation per call). A frozen plan evaluates the windows
+        of its last update as they are: the lines must then be those ``source`` gave it.
         """
         if centers.shape != (self.n_lines,):
             raise ValueError(f"the plan is for {self.n_lines} lines, got centres of shape {tuple(centers.shape)}")
         if not self.frozen:
-            self.update()
+            lines = (centers, amplitude, sigma, gamma)
+            self.update(lines)
             if self.stale:
-                self.rebuild()
+                self.rebuild(lines)
         voigt = self.profile == "voigt"
         kc = ke = None
         b = 0.0

@@ -173,6 +173,12 @@ def test_bad_plan_and_epoch_arguments(hpf_slice):
         model(wl.clone(), plan=plan)
     with pytest.raises(ValueError, match="dense"):
         model(wl, plan=plan, dense=True)
+    # an unfrozen plan follows whatever RV it is evaluated at; a frozen one only its own
+    torch.testing.assert_close(model(wl, 250.0, plan=plan), model(wl, 250.0), rtol=0, atol=1e-14)
+    plan.frozen = True
+    with pytest.raises(ValueError, match="radial_velocity"):
+        model(wl, 250.0, plan=plan)
+    plan.frozen = False
     with pytest.raises(ValueError, match="headroom"):
         model.make_plan(wl, headroom=0.5)
     with pytest.raises(ValueError, match="kernel must be"):
