@@ -246,6 +246,8 @@ class LineCloneModel(nn.Module):
             if not (torch.is_tensor(wavelength) and wavelength.data_ptr() == plan.wavelength.data_ptr()
                     and wavelength.shape == plan.wavelength.shape):
                 raise ValueError("this plan was made for another wavelength grid; make one with make_plan(wavelength)")
+            if getattr(plan, "model_id", None) != id(self):
+                raise ValueError("this plan was made by another model; make one with this model's make_plan")
             rv_plan = getattr(plan, "radial_velocity", None)
             same = radial_velocity is rv_plan or (not torch.is_tensor(radial_velocity) and not torch.is_tensor(rv_plan)
                                                   and radial_velocity == rv_plan)
@@ -313,6 +315,7 @@ class LineCloneModel(nn.Module):
                           tolerance=self.wing_tolerance, far_field=self._far_field_settings(wavelength),
                           half_widths=None, kernel=kernel, headroom=headroom)
         plan.radial_velocity = radial_velocity  # what a frozen plan must be evaluated at
+        plan.model_id = id(self)
         return plan
 
     def _far_field_settings(self, wavelength: Tensor) -> FarFieldSettings | None:

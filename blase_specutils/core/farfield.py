@@ -195,7 +195,8 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
             on = levels == level
             cl, el, xl = torch.where(on, c, 0.0), torch.where(on, e, 0.0), centers
         conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st, ends, on,
-                                              None if plan is None else plan.outside[level])
+                                              None if plan is None else plan.outside[level],
+                                              None if plan is None else plan.kernels[level])
         if direct is not None:
             val = direct if val is None else val + direct
         if base is None:
@@ -203,7 +204,10 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
         else:
             # a coarse level, smooth on its own (r^l times wider) scale: onto the finest grid
             b_conv, b_lo, b_dx, b_n = base
-            i0, iw = _grid_plan(b_lo, b_dx, b_n, lo, dx, n, m, conv.dtype, conv.device)
+            if plan is not None and plan.grids[level][1].dtype == conv.dtype:
+                i0, iw = plan.grids[level]
+            else:
+                i0, iw = _grid_plan(b_lo, b_dx, b_n, lo, dx, n, m, conv.dtype, conv.device)
             base = (b_conv + _interpolate(conv, i0, iw), b_lo, b_dx, b_n)
     conv, lo, dx, n = base
     if plan is not None and plan.pixels[1].dtype == conv.dtype:
@@ -229,10 +233,12 @@ def _spreadable(centers: Tensor, lo: float, dx: float, n: int, m: int) -> Tensor
 
 
 def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: FarFieldSettings,
-                ends: list[float], on: Tensor | None = None, outside: Tensor | None = None):
+                ends: list[float], on: Tensor | None = None, outside: Tensor | None = None,
+                kernels: tuple | None = None):
     """One level: the lines spread onto its uniform grid and convolved with its kernels (``ends``:
     the first and last pixel wavelengths; ``on``: which lines belong to the level, the others
-    having c = e = 0; ``outside``: indices of the lines to sum directly, fixed by a plan).
+    having c = e = 0; ``outside``: indices of the lines to sum directly, and ``kernels``: the
+    kernels' FFTs, both kept by a plan).
 
     Returns the convolution on the grid, the grid's start, spacing and length, and the direct sum
     (at the pixels) of the lines beyond the grid's margin, or None.
@@ -276,7 +282,10 @@ def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: F
         grid_e = torch.zeros_like(grid_c)
         grid_c = grid_c.index_add(0, idx, (c[:, None] * w).reshape(-1))
         grid_e = grid_e.index_add(0, idx, (e[:, None] * w).reshape(-1))
-    hk, h2k = _kernel_ffts(n, nfft, dx, b, grid_c.dtype, wavelength.device)
+    if kernels is not None and kernels[0].dtype == torch.promote_types(grid_c.dtype, torch.complex64):
+        hk, h2k = kernels
+    else:
+        hk, h2k = _kernel_ffts(n, nfft, dx, b, grid_c.dtype, wavelength.device)
     conv = _KernelConvolution.apply(grid_c, grid_e, hk, h2k, nfft)
     return conv, lo, dx, n, direct
 
@@ -518,15 +527,22 @@ class FarFieldPlan:
     spreadable: Tensor
     #: (L,): the level whose direct sum takes each line (-2 for the lines spread onto a grid)
     direct_level: Tensor
+    #: For each level, the FFTs of its two kernels, and for each coarse level the weights that
+    #: interpolate its grid onto the finest: held here, since a CUDA graph that was recorded
+    #: reading them must keep reading the same memory (the caches they come from are emptied
+    #: when they grow)
+    kernels: dict
+    grids: dict
 
     @torch.no_grad()
     def violations(self, centers: Tensor, levels: Tensor) -> Tensor:
         """A 0-d bool tensor, True where a line is not where the plan expects it: on a level that
         is not evaluated, or too close to a level grid's edge to be spread onto it while the plan
         spreads it. Computed on the device in a few operations, without synchronising."""
-        rng = self.spreadable[levels.clamp(min=0, max=self.spreadable.shape[0] - 1)]
-        off = (centers < rng[:, 0]) | (centers > rng[:, 1]) | (levels >= self.spreadable.shape[0])
-        return ((levels >= 0) & off & (self.direct_level != levels)).any()
+        off = _off_grid(self.spreadable, centers, levels)
+        direct = self.direct_level == levels
+        # a line the plan sums directly that is now on its grid would be spread by the engine
+        return ((levels >= 0) & (off != direct)).any()
 
 
 @torch.no_grad()
@@ -540,12 +556,21 @@ def plan_far_field(wavelength: Tensor, centers: Tensor, levels: Tensor, settings
     outside = {}
     top = settings.top_level(ends[1] - ends[0])
     spreadable = torch.tensor([[math.inf, -math.inf]] * (max(top, *present, 0) + 1), dtype=torch.float64)
-    direct_level = torch.full_like(levels, -2)
+    kernels, grids = {}, {}
     for level in present:
-        lo, dx, n = _level_geometry(ends, settings.at_level(level))
+        st = settings.at_level(level)
+        lo, dx, n = _level_geometry(ends, st)
         spreadable[level] = torch.tensor([lo + (m - 1) * dx, lo + (n - m) * dx])
-        outside[level] = torch.nonzero((levels == level) & ~_spreadable(centers, lo, dx, n, m)).flatten()
-        direct_level[outside[level]] = level
+        kernels[level] = _kernel_ffts(n, _next_fast_len(2 * n - 1), dx, st.b, torch.float64, wavelength.device)
+        if level != present[0]:
+            f_lo, f_dx, f_n = _level_geometry(ends, settings.at_level(present[0]))
+            grids[level] = _grid_plan(f_lo, f_dx, f_n, lo, dx, n, m, torch.float64, wavelength.device)
+    spreadable = spreadable.to(centers.device)
+    # the lines summed directly: the same test as the plan's checks (FarFieldPlan.violations)
+    off = _off_grid(spreadable, centers, levels)
+    direct_level = torch.where((levels >= 0) & off, levels, torch.full_like(levels, -2))
+    for level in present:
+        outside[level] = torch.nonzero(direct_level == level).flatten()
     # the grids hold float64 sums whatever the working dtype (the centres are float64)
     dtype = torch.promote_types(dtype, centers.dtype)
     if present:
@@ -554,5 +579,13 @@ def plan_far_field(wavelength: Tensor, centers: Tensor, levels: Tensor, settings
     else:
         pixels = (torch.zeros(0, dtype=torch.long, device=wavelength.device),
                   torch.zeros((0, 2 * m), dtype=dtype, device=wavelength.device))
-    return FarFieldPlan(present=present, ends=ends, outside=outside, pixels=pixels,
-                        spreadable=spreadable.to(centers.device), direct_level=direct_level)
+    return FarFieldPlan(present=present, ends=ends, outside=outside, pixels=pixels, spreadable=spreadable,
+                        direct_level=direct_level, kernels=kernels, grids=grids)
+
+
+def _off_grid(spreadable: Tensor, centers: Tensor, levels: Tensor) -> Tensor:
+    """Which centres lie outside the range their level's grid can spread (levels beyond the
+    table: outside)."""
+    top = spreadable.shape[0] - 1
+    rng = spreadable[levels.clamp(min=0, max=top)]
+    return (centers < rng[:, 0]) | (centers > rng[:, 1]) | (levels > top)

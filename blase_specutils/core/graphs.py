@@ -48,9 +48,12 @@ class GraphedEpoch:
     Notes
     -----
     Each call runs one epoch and returns its loss, a 0-d tensor on the device that the next call
-    overwrites (``float(loss)`` or ``loss.clone()`` to keep it). Parameters changed between calls
-    (by ``load_state_dict`` or in place under ``torch.no_grad()``) are noticed, and the plans are
-    updated before the next epoch. :attr:`recordings` counts the graphs recorded.
+    overwrites (``float(loss)`` or ``loss.clone()`` to keep it); nothing stops on a NaN loss.
+    The optimizer's parameters changed between calls (by ``load_state_dict`` or in place under
+    ``torch.no_grad()``) are noticed, and the plans are updated before the next epoch. A recorded
+    graph does not see other changes: the optimizer's learning rate or state replaced, parameters
+    frozen or unfrozen, a radial-velocity tensor outside the optimizer changed in place; after
+    those, make a new ``GraphedEpoch``. :attr:`recordings` counts the graphs recorded.
     """
 
     def __init__(
@@ -109,8 +112,9 @@ class GraphedEpoch:
 
     def __call__(self) -> Tensor:
         """Run one epoch; returns its loss (a 0-d tensor, overwritten by the next call)."""
-        if self._versions is not None and self._seen() != self._versions:
-            # parameters changed outside the epochs: windows for them before the next evaluation
+        if self._versions is None or self._seen() != self._versions:
+            # the first epoch, or parameters changed outside the epochs: windows for the lines as
+            # they are now before the next evaluation
             for p in self.plans:
                 p.update()
             if any(p.stale for p in self.plans):

@@ -298,13 +298,19 @@ class WindowPlan:
         outgrew it, rebuilt (the one synchronisation per call). A frozen plan evaluates the windows
         of its last update as they are: the lines must then be those ``source`` gave it.
         """
-        if centers.shape != (self.n_lines,):
-            raise ValueError(f"the plan is for {self.n_lines} lines, got centres of shape {tuple(centers.shape)}")
+        lines = (centers, amplitude, sigma, gamma)
+        if any(t.shape != (self.n_lines,) for t in lines):
+            raise ValueError(f"the plan is for {self.n_lines} lines: λc, a, σ and γ must each have shape "
+                             f"({self.n_lines},), got {[tuple(t.shape) for t in lines]}")
+        start, count, chunks, b_line = self.start, self.count, self.chunks, self.b_line
         if not self.frozen:
-            lines = (centers, amplitude, sigma, gamma)
             self.update(lines)
             if self.stale:
                 self.rebuild(lines)
+            # this evaluation's backward pass keeps its own windows: the next update overwrites the
+            # buffers, and a second evaluation before backward() would otherwise change them
+            start, count, b_line = self.start.clone(), self.count.clone(), self.b_line.clone()
+            chunks = tuple(t.clone() for t in self.chunks)
         voigt = self.profile == "voigt"
         kc = ke = None
         b = 0.0
@@ -318,20 +324,19 @@ class WindowPlan:
                 eta, *rest = eta_and_derivatives(sigma, gamma)
             eta_parts = (eta.detach()[:, None], *(x[:, None] for x in rest))
         if self.far_field is not None:
-            b = self.b_line
+            b = b_line
             kc = self.sign * amplitude * (1.0 if voigt else eta) * gamma / math.pi
             ke = kc * (b * b - gamma * gamma + (3.0 * sigma * sigma if voigt else 0.0))
             if self._whole:
                 whole = self.levels < 0
                 kc = torch.where(whole, torch.zeros_like(kc), kc)
                 ke = torch.where(whole, torch.zeros_like(ke), ke)
-        args = (self.wavelength, self.start, self.count, centers[:, None], amplitude[:, None], sigma[:, None],
-                gamma[:, None])
+        args = (self.wavelength, start, count, centers[:, None], amplitude[:, None], sigma[:, None], gamma[:, None])
         kw = dict(mode=self.mode, sign=self.sign, kc=None if kc is None else kc[:, None],
                   ke=None if ke is None else ke[:, None], b=b if isinstance(b, float) else b[:, None],
                   profile=self.profile, eta=eta_parts)
         if self.kernel == "triton":
-            near = functools.partial(windowed_pseudo_voigt_sum_triton, *args, chunks=(*self.chunks, self.chunk), **kw)
+            near = functools.partial(windowed_pseudo_voigt_sum_triton, *args, chunks=(*chunks, self.chunk), **kw)
         else:
             near = functools.partial(windowed_pseudo_voigt_sum_cpu, *args, **kw)
         if self.far_field is None:

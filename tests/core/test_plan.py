@@ -108,6 +108,27 @@ def test_plan_notices_lines_shifted_off_a_far_field_grid(hpf_slice):
     assert sum(v.numel() for v in plan.ff_plan.outside.values()) > 0
     f0, _ = _value_and_grads(model, wl, rv)
     torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+    # back at rest, the lines summed directly are on the grid again, where the engine spreads them
+    rv.fill_(0.0)
+    plan.frozen = True
+    plan.update()
+    assert plan.stale
+
+
+def test_two_evaluations_of_one_plan_before_backward(hpf_slice):
+    """An unfrozen plan evaluated at two RVs in one loss: each evaluation's backward pass keeps its
+    own windows, so the gradients are the plain engine's."""
+    wl, _ = hpf_slice
+    model = _model(hpf_slice)
+    plan = model.make_plan(wl)
+    grads = []
+    for p in (plan, None):
+        model.zero_grad()
+        loss = (model(wl, 0.0, plan=p) ** 2).sum() + (model(wl, 150.0, plan=p) * 0.5).sum()
+        loss.backward()
+        grads.append([q.grad.clone() for q in model.parameters() if q.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 def test_graphed_epoch_on_a_cpu_trains_like_the_plain_loop(hpf_slice):
@@ -138,6 +159,22 @@ def test_graphed_epoch_on_a_cpu_trains_like_the_plain_loop(hpf_slice):
     np.testing.assert_allclose(losses["epoch"], losses["plain"], rtol=1e-12)
     for a, b in zip(states["epoch"], states["plain"]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_graphed_epoch_updates_the_plan_before_its_first_epoch(hpf_slice):
+    """Parameters changed between make_plan and the first epoch: that epoch sees them."""
+    wl, _ = hpf_slice
+    model = _model(hpf_slice)
+    with torch.no_grad():
+        target = model(wl)
+    plan = model.make_plan(wl)
+    with torch.no_grad():
+        model.log_gammas += 0.3
+        model.log_amplitudes += 0.2
+        expected = float(((model(wl) - target) ** 2).sum())
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    epoch = GraphedEpoch(lambda: ((model(wl, plan=plan) - target) ** 2).sum(), opt, plan)
+    assert float(epoch()) == pytest.approx(expected, rel=1e-12)
 
 
 def test_graphed_epoch_notices_parameters_changed_between_epochs(hpf_slice):
@@ -171,6 +208,10 @@ def test_bad_plan_and_epoch_arguments(hpf_slice):
     plan = model.make_plan(wl)
     with pytest.raises(ValueError, match="another wavelength grid"):
         model(wl.clone(), plan=plan)
+    with pytest.raises(ValueError, match="another model"):
+        _model(hpf_slice)(wl, plan=plan)
+    with pytest.raises(ValueError, match="shape"):
+        plan.log_flux(*(t[:-1] for t in args))
     with pytest.raises(ValueError, match="dense"):
         model(wl, plan=plan, dense=True)
     # an unfrozen plan follows whatever RV it is evaluated at; a frozen one only its own
