@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
+from .engine import window_half_widths
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
 from . import gpu_kernel
@@ -234,8 +235,6 @@ class WindowPlan:
 
     def _windows(self, c, a, s, g, eta, levels, b_line) -> tuple[Tensor, Tensor]:
         """First pixel and length of every line's window (as the unplanned engine computes them)."""
-        from .engine import window_half_widths
-
         if self.half_widths is not None:
             hw = self.half_widths
         elif self.far_field is None:

@@ -43,6 +43,18 @@ def _model(hpf_slice, **kw) -> LineCloneModel:
     return LineCloneModel(*args, **{"wing_tolerance": 1e-7, **kw})
 
 
+def _plain_epochs(model, wl, target, opt, epochs: int) -> list:
+    """Losses of ``epochs`` plain Adam epochs (the unplanned engine) fitting ``target``."""
+    losses = []
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=True)
+        loss = ((model(wl) - target) ** 2).sum()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def _value_and_grads(model, wl, rv, plan=None):
     model.zero_grad()
     flux = model(wl, rv, plan=plan)
@@ -141,13 +153,7 @@ def test_graphed_epoch_on_a_cpu_trains_like_the_plain_loop(hpf_slice):
             target = model(wl) ** 1.1  # deeper lines than the start
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.02)
         if how == "plain":
-            out = []
-            for _ in range(6):
-                opt.zero_grad(set_to_none=True)
-                loss = ((model(wl) - target) ** 2).sum()
-                loss.backward()
-                opt.step()
-                out.append(loss.item())
+            out = _plain_epochs(model, wl, target, opt, 6)
         else:
             plan = model.make_plan(wl)
             epoch = GraphedEpoch(lambda: ((model(wl, plan=plan) - target) ** 2).sum(), opt, plan)
@@ -375,13 +381,7 @@ def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, li
             target = model(wl) ** 1.1
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, capturable=True)
         if how == "plain":
-            losses = []
-            for _ in range(8):
-                opt.zero_grad(set_to_none=True)
-                loss = ((model(wl) - target) ** 2).sum()
-                loss.backward()
-                opt.step()
-                losses.append(loss.item())
+            losses = _plain_epochs(model, wl, target, opt, 8)
         else:
             plan = model.make_plan(wl, headroom=headroom)
             epoch = GraphedEpoch(lambda: ((model(wl, plan=plan) - target) ** 2).sum(), opt, plan)
