@@ -264,12 +264,40 @@ if HAVE_TRITON:
         return s * tl.sqrt(2.0 * tl.log(tl.where(r < 1.0, r * 0.0 + 1.0, r)))
 
     @triton.jit
+    def _search(x_ptr, v, n, mask, RIGHT: tl.constexpr, STEPS: tl.constexpr):
+        """torch.searchsorted of the values ``v`` in the sorted array ``x_ptr[:n]`` (``RIGHT``:
+        side='right'), by bisection: ``STEPS`` >= n.bit_length() halvings reach the answer."""
+        lo = (v * 0).to(tl.int64)
+        hi = lo + n
+        for _ in tl.static_range(STEPS):
+            live = lo < hi
+            mid = (lo + hi) // 2
+            x = tl.load(x_ptr + mid, mask=mask & live, other=0)
+            if RIGHT:
+                go = x <= v
+            else:
+                go = x < v
+            lo = tl.where(live & go, mid + 1, lo)
+            hi = tl.where(live & (go == 0), mid, hi)
+        return lo
+
+    @triton.jit
     def _plan_lines_kernel(c_ptr, a_ptr, s_ptr, g_ptr, hw_ptr, par_ptr, eta_ptr, lev_ptr, b_ptr, lo_ptr, hi_ptr,
-                           n_lines, VOIGT: tl.constexpr, FAR: tl.constexpr, LINEAR: tl.constexpr,
-                           CAP: tl.constexpr, FIXED: tl.constexpr, MAX_LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+                           n_lines, wl_ptr, n_px, start_ptr, count_ptr, per_ptr, tab_ptr, n_tab, dlev_ptr, flag_ptr,
+                           VOIGT: tl.constexpr, FAR: tl.constexpr, LINEAR: tl.constexpr,
+                           CAP: tl.constexpr, FIXED: tl.constexpr, MAX_LEVEL: tl.constexpr, BLOCK: tl.constexpr,
+                           WINDOWS: tl.constexpr = False, STEPS: tl.constexpr = 1, CHECK: tl.constexpr = False,
+                           WHOLE: tl.constexpr = False, CHUNK_PX: tl.constexpr = 256):
         """Per line: η, ∂η/∂σ, ∂η/∂γ, the far-field level and its kernel width b_j, and the window
         [λc − w, λc + w] (as :class:`.plan.WindowPlan` computes them with torch operations).
-        ``par_ptr``: sign, ε, smallest half width, b, r, ln r, top level (float64)."""
+        ``par_ptr``: sign, ε, smallest half width, b, r, ln r, top level (float64).
+
+        With ``WINDOWS``, the window's first pixel and pixel count (a bisection of the grid
+        ``wl_ptr``) and its number of chunks go to ``start_ptr``, ``count_ptr``, ``per_ptr`` instead
+        of its ends to ``lo_ptr``, ``hi_ptr``; with ``CHECK`` also the far-field plan's checks
+        (:meth:`.farfield.FarFieldPlan.violations`; ``tab_ptr``: its (n_tab, 2) table of the
+        centres each level's grid can spread, ``dlev_ptr``: the level summing each line directly),
+        and, unless ``WHOLE``, a line on no level: any of them raises the flag ``flag_ptr``."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n_lines
         c = tl.load(c_ptr + i, mask=mask, other=0.0)
@@ -347,8 +375,50 @@ if HAVE_TRITON:
                     near = tl.maximum(near, 3.0 * b + 6.0 * s + 6.0 * g)
                 near = tl.maximum(near, near * 0.0 + min_hw)
                 hw = tl.where(lvl < 0.0, whole, near)
-        tl.store(lo_ptr + i, c - hw, mask=mask)
-        tl.store(hi_ptr + i, c + hw, mask=mask)
+        if WINDOWS:
+            start = _search(wl_ptr, c - hw, n_px, mask, RIGHT=False, STEPS=STEPS)
+            end = _search(wl_ptr, c + hw, n_px, mask, RIGHT=True, STEPS=STEPS)
+            count = tl.where(end > start, end - start, end * 0)
+            tl.store(start_ptr + i, start, mask=mask)
+            tl.store(count_ptr + i, count, mask=mask)
+            tl.store(per_ptr + i, (count + (CHUNK_PX - 1)) // CHUNK_PX, mask=mask)
+            if FAR:
+                bad = mask & (lvl < -1.0)  # none: a level is at least -1
+                if not WHOLE:
+                    bad = mask & (lvl < 0.0)
+                if CHECK:
+                    top_t = n_tab - 1.0
+                    row = tl.where(lvl < 0.0, lvl * 0.0, tl.where(lvl > top_t, lvl * 0.0 + top_t, lvl)).to(tl.int64)
+                    r0 = tl.load(tab_ptr + 2 * row, mask=mask, other=0.0)
+                    r1 = tl.load(tab_ptr + 2 * row + 1, mask=mask, other=0.0)
+                    off = (c < r0) | (c > r1) | (lvl > top_t)
+                    direct = tl.load(dlev_ptr + i, mask=mask, other=-2) == lvl.to(tl.int64)
+                    bad = bad | (mask & (lvl >= 0.0) & (off != direct))
+                tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
+        else:
+            tl.store(lo_ptr + i, c - hw, mask=mask)
+            tl.store(hi_ptr + i, c + hw, mask=mask)
+
+    @triton.jit
+    def _chunk_slots_kernel(ends_ptr, per_ptr, start_ptr, count_ptr, line_ptr, p0_ptr, p1_ptr, flag_ptr, n_lines,
+                            capacity, STEPS: tl.constexpr, CHUNK_PX: tl.constexpr, BLOCK: tl.constexpr):
+        """Slot k of the chunk table: its line (the first with more than k chunks up to and
+        including it: ``ends_ptr`` holds the running sum of the chunks per line), first and end
+        pixel; slots past the last chunk are empty. Raises the flag when the lines need more
+        chunks than the ``capacity``."""
+        k = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = k < capacity
+        total = tl.load(ends_ptr + n_lines - 1)
+        line = _search(ends_ptr, k.to(tl.int64), n_lines, mask, RIGHT=True, STEPS=STEPS)
+        line = tl.where(line > n_lines - 1, line * 0 + (n_lines - 1), line)
+        before = tl.load(ends_ptr + line, mask=mask, other=0) - tl.load(per_ptr + line, mask=mask, other=0)
+        first = tl.load(start_ptr + line, mask=mask, other=0)
+        p0 = first + (k - before) * CHUNK_PX
+        p1 = tl.where(k < total, first + tl.load(count_ptr + line, mask=mask, other=0), p0)
+        tl.store(line_ptr + k, line, mask=mask)
+        tl.store(p0_ptr + k, p0, mask=mask)
+        tl.store(p1_ptr + k, p1, mask=mask)
+        tl.atomic_max(flag_ptr, (total > capacity).to(tl.int32))
 
 
 if HAVE_TRITON:
@@ -479,9 +549,44 @@ def plan_lines_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tensor
     block = 256
     _plan_lines_kernel[(triton.cdiv(n, block),)](
         c, a, s, g, lo if half_widths is None else half_widths, params, eta, levels, b_line, lo, hi, n,
+        lo, 0, lo, lo, lo, lo, 0, lo, lo,
         VOIGT=profile == "voigt", FAR=bool(far), LINEAR=bool(linear), CAP=bool(cap),
         FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block)
     return lo, hi
+
+
+def plan_windows_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tensor, eta: Tensor, levels: Tensor,
+                        b_line: Tensor, *, wavelength: Tensor, start: Tensor, count: Tensor, per_line: Tensor,
+                        ends: Tensor, chunks: tuple[Tensor, Tensor, Tensor], flag: Tensor, chunk: int,
+                        profile: str, far: bool, linear: bool, cap: bool, max_level: int,
+                        half_widths: Tensor | None = None, spreadable: Tensor | None = None,
+                        direct_level: Tensor | None = None, whole: bool = False) -> None:
+    """A window plan's whole update in three kernels (where the torch operations take about fifty):
+    what :func:`plan_lines_triton` computes, then each window's first pixel and pixel count (into
+    ``start``, ``count``), the chunks per line (``per_line``; their running sum into ``ends``), the
+    chunk table (``chunks``: line, first and end pixel of each slot) and the checks of the plan:
+    ``flag`` (a 0-d int32 tensor) is raised where the lines outgrew it. Nothing is read back.
+
+    ``spreadable`` and ``direct_level``: the far-field plan's table of the centres each level's grid
+    can spread and the level that sums each line directly (:class:`.farfield.FarFieldPlan`), None
+    without far field; ``whole``: the plan evaluates lines that are on no level."""
+    n = c.numel()
+    n_px = wavelength.numel()
+    check = spreadable is not None
+    block = 256
+    _plan_lines_kernel[(triton.cdiv(n, block),)](
+        c, a, s, g, start if half_widths is None else half_widths, params, eta, levels, b_line, start, start, n,
+        wavelength, n_px, start, count, per_line, spreadable if check else wavelength,
+        spreadable.shape[0] if check else 1, direct_level if check else start, flag,
+        VOIGT=profile == "voigt", FAR=bool(far), LINEAR=bool(linear), CAP=bool(cap),
+        FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block,
+        WINDOWS=True, STEPS=max(1, int(n_px).bit_length()), CHECK=check, WHOLE=bool(whole), CHUNK_PX=int(chunk))
+    torch.cumsum(per_line, 0, out=ends)
+    capacity = chunks[0].numel()
+    if capacity:
+        _chunk_slots_kernel[(triton.cdiv(capacity, block),)](
+            ends, per_line, start, count, *chunks, flag, n, capacity, STEPS=max(1, int(n).bit_length()),
+            CHUNK_PX=int(chunk), BLOCK=block)
 
 
 def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -39,7 +39,7 @@ from .engine import window_half_widths
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
 from . import gpu_kernel
-from .gpu_kernel import HAVE_TRITON, plan_lines_triton, windowed_pseudo_voigt_sum_triton
+from .gpu_kernel import HAVE_TRITON, plan_lines_triton, plan_windows_triton, windowed_pseudo_voigt_sum_triton
 
 __all__ = ["WindowPlan"]
 
@@ -51,6 +51,10 @@ TRITON_LINES = True
 #: Evaluate the near field (Triton) on a second CUDA stream, alongside the far field's FFTs. Off:
 #: on an H200 it gained 1-2 % (1.08 against 1.10 ms per graphed epoch), within the machine's spread.
 OVERLAP_STREAMS = False
+#: With :data:`TRITON_LINES`, also find each window's pixels, check the plan and fill the chunk
+#: table in Triton kernels: an update in three kernels instead of about fifty. Off until it has
+#: been timed on a GPU (it is checked against the torch operations under Triton's interpreter).
+TRITON_WINDOWS = False
 
 #: Source of the per-line parameters: () -> (λc, a, σ, γ), each shape (L,).
 LineSource = Callable[[], "tuple[Tensor, Tensor, Tensor, Tensor]"]
@@ -180,7 +184,9 @@ class WindowPlan:
         self.b_line = torch.zeros(n, dtype=a.dtype, device=dev)
         self.eta = torch.zeros((3, n), dtype=a.dtype, device=dev)  # η, ∂η/∂σ, ∂η/∂γ
         self.chunks = tuple(torch.zeros(self.capacity, dtype=torch.long, device=dev) for _ in range(3))
-        self._stale = torch.zeros((), dtype=torch.bool, device=dev)
+        self._per = torch.zeros(n, dtype=torch.long, device=dev)  # chunks per line, and their running sum
+        self._ends = torch.zeros(n, dtype=torch.long, device=dev)
+        self._stale = torch.zeros((), dtype=torch.int32, device=dev)  # > 0: the lines outgrew the plan
         ff = self.far_field
         top = ff.top_level(self._span) if ff is not None else 0
         self._top = top
@@ -198,6 +204,17 @@ class WindowPlan:
         c, a, s, g = (t.detach() for t in (self.source() if lines is None else lines))
         if c.numel() != self.n_lines:
             raise ValueError(f"the plan is for {self.n_lines} lines, the source now gives {c.numel()}")
+        if TRITON_LINES and TRITON_WINDOWS and self.kernel == "triton":
+            # everything in three kernels, straight into the buffers
+            ff = self.ff_plan if self.far_field is not None else None
+            plan_windows_triton(
+                c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
+                self.b_line, wavelength=self.wavelength, start=self.start, count=self.count, per_line=self._per,
+                ends=self._ends, chunks=self.chunks, flag=self._stale, chunk=self.chunk, profile=self.profile,
+                far=ff is not None, linear=self.mode == "linear", cap=self.half_widths is not None,
+                max_level=self._top, half_widths=self.half_widths, spreadable=None if ff is None else ff.spreadable,
+                direct_level=None if ff is None else ff.direct_level, whole=self._whole)
+            return
         if TRITON_LINES and self.kernel == "triton":
             # η, levels and b_j straight into the buffers, and the window ends, in one kernel
             lo, hi = plan_lines_triton(

@@ -249,6 +249,7 @@ SYNC_FREE = textwrap.dedent("""
     import numpy as np
     import torch
     import blase_specutils.core.farfield as farfield
+    import blase_specutils.core.plan as plan_mod
     farfield.HAVE_NUMBA = False  # the GPU code path of the far field, on the CPU
     from blase_specutils.core import LineCloneModel
     from torch.profiler import ProfilerActivity, profile
@@ -256,8 +257,8 @@ SYNC_FREE = textwrap.dedent("""
     wl = torch.as_tensor(data["wl"])
     lines = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
     out = []
-    for spread in (False, True):  # the far field's torch spreading, then the Triton one
-        farfield.TRITON_SPREAD = spread
+    for spread in (False, True):  # the far field's torch spreading and plan update, then the Triton ones
+        farfield.TRITON_SPREAD = plan_mod.TRITON_WINDOWS = spread
         model = LineCloneModel(*lines, wing_tolerance=1e-7)
         plan = model.make_plan(wl, 30.0, kernel="triton")
         f0 = LineCloneModel(*lines, wing_tolerance=1e-7)(wl, 30.0)
@@ -281,7 +282,8 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     no operation of a planned evaluation, its backward pass or the plan's update reads a number
     back from the device (no .item(), nonzero, unique or truth test), and none makes a tensor from
     Python numbers (which a CUDA graph's recording refuses: a copy from host memory). With the
-    torch spreading of the far field and with the Triton one."""
+    torch spreading of the far field and the one-kernel update, and with the Triton spreading and
+    the three-kernel update."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
     wl, (c, a, s, g) = hpf_slice
     keep = (c > 8630) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
@@ -319,22 +321,42 @@ LINES_KERNEL = textwrap.dedent("""
         else:
             plan = model.make_plan(wl, 40.0, kernel="triton")
         res = []
-        for lines in (False, True):
-            plan_mod.TRITON_LINES = lines
+        for lines, windows in ((False, False), (True, False), (True, True)):
+            plan_mod.TRITON_LINES, plan_mod.TRITON_WINDOWS = lines, windows
             plan.update()
             res.append([t.clone().double() for t in (plan.eta, plan.levels, plan.b_line, plan.start, plan.count)]
                        + [t.clone() for t in plan.chunks[:3]])
-        diff = [float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(*res)]
-        diff[0] /= float(res[0][0].abs().max())  # η and its derivatives: relative
-        cases.append(dict(case=str(kw), diff=diff, stale=plan.stale))
+        for other in res[1:]:
+            diff = [float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(res[0], other)]
+            diff[0] /= float(res[0][0].abs().max())  # η and its derivatives: relative
+            cases.append(dict(case=str(kw), diff=diff, stale=plan.stale))
+    # lines that outgrow the chunk table of a plan with no headroom (wider) or leave a far-field grid
+    # (moved past the red end): every way of updating raises the flag
+    for change in ("wider", "moved"):
+        flags = []
+        for lines, windows in ((False, False), (True, False), (True, True)):
+            plan_mod.TRITON_LINES, plan_mod.TRITON_WINDOWS = lines, windows
+            # (wider lines without far field: nothing but the chunk table's capacity is outgrown)
+            model = LineCloneModel(*args, wing_tolerance=1e-7, far_field=change == "moved")
+            plan = model.make_plan(wl, 0.0, kernel="triton", headroom=1.0)
+            with torch.no_grad():
+                if change == "wider":
+                    model.log_gammas += 1.0
+                    model.log_sigmas += 1.0
+                else:
+                    model.lam_centers[-1] = wl[-1] + 80.0
+            plan.update()
+            flags.append(plan.stale)
+        cases.append(dict(case=change, flags=flags))
     print(json.dumps(cases))
 """)
 
 
 def test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations(hpf_slice, tmp_path):
-    """The one-kernel update (η and its derivatives, levels, b_j, windows, interpreted) against the
-    torch operations, for both profiles and modes, emission, without far field, float32 and fixed
-    half widths: the same windows and chunk table, η to rounding."""
+    """The one-kernel update (η and its derivatives, levels, b_j, windows, interpreted), and the
+    three-kernel one (windows, chunk table and checks too), against the torch operations, for both
+    profiles and modes, emission, without far field, float32 and fixed half widths: the same
+    windows and chunk table, η to rounding; lines that outgrow the plan raise the flag each way."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
     wl, (c, a, s, g) = hpf_slice
     path = tmp_path / "lines.npz"
@@ -343,8 +365,10 @@ def test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations(hpf_
                          env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     cases = __import__("json").loads(out.stdout.strip().splitlines()[-1])
-    assert len(cases) == 8
-    for case in cases:
+    assert len(cases) == 2 * 8 + 2
+    for case in cases[-2:]:
+        assert case["flags"] == [True, True, True], case
+    for case in cases[:-2]:
         eta, levels, b_line, *windows = case["diff"]
         tol = 1e-6 if "float32" in case["case"] else 1e-14
         assert eta <= tol and b_line <= tol, case
@@ -360,19 +384,22 @@ def _cuda_lines(hpf_slice):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("headroom, lr", [(1.25, 0.01), (1.0, 0.1)])
-@pytest.mark.parametrize("lines, streams, spread", [(False, False, False), (True, False, False), (False, True, False),
-                                                   (True, True, False), (True, False, True)])
-def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, monkeypatch):
+@pytest.mark.parametrize("lines, streams, spread, windows", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False), (True, True, False, False),
+    (True, False, True, False), (True, False, False, True), (True, False, True, True)])
+def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, windows,
+                                                     monkeypatch):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
     headroom and a large learning rate the lines outgrow the plan at nearly every epoch, and the
     epochs that follow a rebuild run eagerly until the plan holds. With and without the one-kernel
-    update and the second stream for the near field."""
+    update, the second stream for the near field, the Triton spreading and the three-kernel update."""
     import blase_specutils.core.farfield as farfield_module
     import blase_specutils.core.plan as plan_module
 
     monkeypatch.setattr(plan_module, "TRITON_LINES", lines)
     monkeypatch.setattr(plan_module, "OVERLAP_STREAMS", streams)
     monkeypatch.setattr(farfield_module, "TRITON_SPREAD", spread)
+    monkeypatch.setattr(plan_module, "TRITON_WINDOWS", windows)
     wl, args = _cuda_lines(hpf_slice)
     res = {}
     for how in ("plain", "graph"):
