@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .cpu_kernel import HAVE_NUMBA, interpolate_cpu, spread_cpu
-from .gpu_kernel import HAVE_TRITON, spread_triton
+from .gpu_kernel import HAVE_TRITON, far_field_levels_triton, interpolate_triton, spread_triton
 
 __all__ = ["FarFieldSettings", "FarFieldPlan", "far_field", "plan_far_field", "residual_half_widths"]
 
@@ -104,6 +104,11 @@ _KERNEL_CACHE: dict = {}
 #: instead of about fifteen torch operations. Off: checked against the compiled CPU spreading under
 #: Triton's interpreter, not yet compiled and timed on a GPU.
 TRITON_SPREAD = False
+#: With a plan (:class:`FarFieldPlan`) on GPUs, the whole far field in a few Triton kernels and
+#: batched FFTs: every level's spreading in one kernel each way, both of a level's grids in one
+#: real FFT, each interpolation in one kernel each way (about a third of the operations). Off:
+#: checked against the torch operations under Triton's interpreter, not yet timed on a GPU.
+TRITON_FAR = False
 
 #: How each far-field level takes its lines: by gathering them (False), or by zeroing the other
 #: levels' coefficients (True); None (default): masks on GPUs, gathers on CPUs.
@@ -177,6 +182,9 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
         present = sorted(int(v) for v in torch.unique(levels[levels >= 0]).tolist())
     if not present:
         return torch.zeros_like(wavelength)
+    if (plan is not None and plan.triton is not None and levels is not None and TRITON_FAR and HAVE_TRITON
+            and (wavelength.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
+        return _planned_far_field_triton(centers, c, e, levels, plan)
     m = settings.order // 2
     if plan is None:
         ends = wavelength[[0, -1]].tolist()  # one device-to-host copy for all levels
@@ -218,6 +226,16 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
     if val is not None:
         out = out + val.to(out.dtype)
     return -out
+
+
+def _planned_far_field_triton(centers: Tensor, c: Tensor, e: Tensor, levels: Tensor, plan: "FarFieldPlan") -> Tensor:
+    """:func:`far_field` with a plan, in Triton kernels: the levels' convolutions, each coarse one
+    interpolated onto the finest grid, the sum interpolated to the pixels (float64)."""
+    convs = far_field_levels_triton(centers, c, e, levels, plan.triton)
+    base = convs[0]
+    for level, conv in zip(plan.present[1:], convs[1:]):
+        base = interpolate_triton(base, conv, *plan.grids[level])
+    return interpolate_triton(None, base, *plan.pixels, neg=True)
 
 
 def _level_geometry(ends, st: FarFieldSettings) -> tuple[float, float, int]:
@@ -533,6 +551,9 @@ class FarFieldPlan:
     #: when they grow)
     kernels: dict
     grids: dict
+    #: What the Triton far field needs (:class:`TritonLayout`); None where lines are summed
+    #: directly
+    triton: "TritonLayout | None" = None
 
     @torch.no_grad()
     def violations(self, centers: Tensor, levels: Tensor) -> Tensor:
@@ -543,6 +564,35 @@ class FarFieldPlan:
         direct = self.direct_level == levels
         # a line the plan sums directly that is now on its grid would be spread by the engine
         return ((levels >= 0) & (off != direct)).any()
+
+
+@dataclass
+class TritonLayout:
+    """The far-field grids of a plan as the Triton kernels take them: all levels' grids in one
+    buffer of ``total`` float64 values, each level two rows (c and e) of its FFT length.
+
+    Attributes
+    ----------
+    m : int
+        Half the Lagrange stencil (the settings' order / 2).
+    total : int
+        Length of the buffer.
+    geo : Tensor
+        (levels, 2) float64: each level's grid start and spacing (Å); the rows of the levels not
+        evaluated are unused.
+    table : Tensor
+        (levels, 4) int64: grid length n (0 for a level not evaluated), offset in the buffer, row
+        length (the FFT length) and n - 1, where the convolution's output starts in its rows.
+    levels : list
+        For each evaluated level, from the finest: offset, n, FFT length and the (2, n_fft // 2 + 1)
+        spectra of its two kernels.
+    """
+
+    m: int
+    total: int
+    geo: Tensor
+    table: Tensor
+    levels: list
 
 
 @torch.no_grad()
@@ -579,8 +629,24 @@ def plan_far_field(wavelength: Tensor, centers: Tensor, levels: Tensor, settings
     else:
         pixels = (torch.zeros(0, dtype=torch.long, device=wavelength.device),
                   torch.zeros((0, 2 * m), dtype=dtype, device=wavelength.device))
+    layout = None
+    if present and not any(v.numel() for v in outside.values()):
+        rows = spreadable.shape[0]
+        geo = torch.zeros((rows, 2), dtype=torch.float64)
+        geo[:, 1] = 1.0
+        table = torch.zeros((rows, 4), dtype=torch.long)
+        entries, total = [], 0
+        for level in present:
+            lo, dx, n = _level_geometry(ends, settings.at_level(level))
+            nfft = _next_fast_len(2 * n - 1)
+            geo[level] = torch.tensor([lo, dx], dtype=torch.float64)
+            table[level] = torch.tensor([n, total, nfft, n - 1])
+            entries.append((total, n, nfft, torch.stack(kernels[level])))
+            total += 2 * nfft
+        layout = TritonLayout(m=m, total=total, geo=geo.to(wavelength.device), table=table.to(wavelength.device),
+                              levels=entries)
     return FarFieldPlan(present=present, ends=ends, outside=outside, pixels=pixels, spreadable=spreadable,
-                        direct_level=direct_level, kernels=kernels, grids=grids)
+                        direct_level=direct_level, kernels=kernels, grids=grids, triton=layout)
 
 
 def _off_grid(spreadable: Tensor, centers: Tensor, levels: Tensor) -> Tensor:

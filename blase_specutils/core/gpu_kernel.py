@@ -492,6 +492,199 @@ if HAVE_TRITON:
         tl.store(dp_ptr + i, tl.where(inside, dp, dp * 0.0), mask=mask)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _lagrange(f, q: tl.constexpr, M: tl.constexpr):
+        """The Lagrange weight of stencil point q (offset q - (M - 1)) at offset f, and its derivative."""
+        w = f * 0.0 + 1.0
+        dw = f * 0.0
+        den = 1
+        for k in tl.static_range(2 * M):
+            if k != q:
+                dw = dw * (f - (k - (M - 1))) + w
+                w = w * (f - (k - (M - 1)))
+                den = den * (q - k)
+        return w / den, dw / den
+
+    @triton.jit
+    def _level_of(lev_ptr, i, mask, geo_ptr, lay_ptr, n_rows):
+        """The grid of each line's far-field level: whether the line is spread (its level is
+        evaluated), the grid's start and spacing (Å), length, offset in the buffer, row stride and
+        the offset of the convolution's output in the rows of its backward pass."""
+        lvl = tl.load(lev_ptr + i, mask=mask, other=-1)
+        ok = mask & (lvl >= 0) & (lvl < n_rows)
+        row = tl.where(ok, lvl, lvl * 0)
+        lo = tl.load(geo_ptr + 2 * row, mask=ok, other=0.0)
+        dx = tl.load(geo_ptr + 2 * row + 1, mask=ok, other=1.0)
+        n = tl.load(lay_ptr + 4 * row, mask=ok, other=0)
+        off = tl.load(lay_ptr + 4 * row + 1, mask=ok, other=0)
+        stride = tl.load(lay_ptr + 4 * row + 2, mask=ok, other=0)
+        shift = tl.load(lay_ptr + 4 * row + 3, mask=ok, other=0)
+        return ok & (n > 0), lo, dx, n.to(tl.float64), off, stride, shift
+
+    @triton.jit
+    def _spread_levels_kernel(x_ptr, c_ptr, e_ptr, lev_ptr, geo_ptr, lay_ptr, n_rows, buf_ptr, n_lines,
+                              M: tl.constexpr, BLOCK: tl.constexpr):
+        """Every line spreads c_j and e_j onto the two rows of its level's grid (atomic adds)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_lines
+        ok, lo, dx, n, off, stride, _ = _level_of(lev_ptr, i, mask, geo_ptr, lay_ptr, n_rows)
+        x = tl.load(x_ptr + i, mask=mask, other=0.0)
+        c = tl.load(c_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        e = tl.load(e_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        first, f, _ = _stencil((x - lo) / dx, n, M)
+        at = buf_ptr + off + first
+        for q in tl.static_range(2 * M):
+            w, _ = _lagrange(f, q, M)
+            tl.atomic_add(at + q, c * w, mask=ok)
+            tl.atomic_add(at + stride + q, e * w, mask=ok)
+
+    @triton.jit
+    def _spread_levels_backward_kernel(x_ptr, c_ptr, e_ptr, lev_ptr, geo_ptr, lay_ptr, n_rows, grad_ptr, dx_ptr,
+                                       dc_ptr, de_ptr, n_lines, M: tl.constexpr, BLOCK: tl.constexpr):
+        """∂/∂c_j = Σ_q w_q G_c, ∂/∂e_j = Σ_q w_q G_e, ∂/∂λc,j = Σ_q w_q' (c_j G_c + e_j G_e) / Δx (zero
+        where the position was clamped, and for the lines on no evaluated level)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_lines
+        ok, lo, dx, n, off, stride, shift = _level_of(lev_ptr, i, mask, geo_ptr, lay_ptr, n_rows)
+        x = tl.load(x_ptr + i, mask=mask, other=0.0)
+        c = tl.load(c_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        e = tl.load(e_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        first, f, inside = _stencil((x - lo) / dx, n, M)
+        at = grad_ptr + off + shift + first
+        dc = f * 0.0
+        de = f * 0.0
+        dp = f * 0.0
+        for q in tl.static_range(2 * M):
+            gc = tl.load(at + q, mask=ok, other=0.0)
+            ge = tl.load(at + stride + q, mask=ok, other=0.0)
+            w, dw = _lagrange(f, q, M)
+            dc += w * gc
+            de += w * ge
+            dp += dw * (c * gc + e * ge)
+        zero = f * 0.0
+        tl.store(dc_ptr + i, tl.where(ok, dc, zero), mask=mask)
+        tl.store(de_ptr + i, tl.where(ok, de, zero), mask=mask)
+        tl.store(dx_ptr + i, tl.where(ok & inside, dp / dx, zero), mask=mask)
+
+    @triton.jit
+    def _interpolate_kernel(conv_ptr, i0_ptr, w_ptr, base_ptr, out_ptr, n_out, M2: tl.constexpr,
+                            BASE: tl.constexpr, NEG: tl.constexpr, BLOCK: tl.constexpr):
+        """out_p = base_p ± Σ_q w[p, q] conv[i0_p + q]."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_out
+        first = tl.load(i0_ptr + i, mask=mask, other=0)
+        acc = tl.zeros((BLOCK,), dtype=tl.float64)
+        for q in tl.static_range(M2):
+            acc += tl.load(w_ptr + i * M2 + q, mask=mask, other=0.0) * tl.load(conv_ptr + first + q, mask=mask,
+                                                                               other=0.0)
+        if NEG:
+            acc = -acc
+        if BASE:
+            acc = tl.load(base_ptr + i, mask=mask, other=0.0) + acc
+        tl.store(out_ptr + i, acc, mask=mask)
+
+    @triton.jit
+    def _interpolate_backward_kernel(grad_ptr, i0_ptr, w_ptr, gconv_ptr, n_out, M2: tl.constexpr,
+                                     NEG: tl.constexpr, BLOCK: tl.constexpr):
+        """The adjoint: every output point adds ± w[p, q] G_p to conv's gradient (atomic adds)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_out
+        first = tl.load(i0_ptr + i, mask=mask, other=0)
+        g = tl.load(grad_ptr + i, mask=mask, other=0.0)
+        if NEG:
+            g = -g
+        for q in tl.static_range(M2):
+            tl.atomic_add(gconv_ptr + first + q, tl.load(w_ptr + i * M2 + q, mask=mask, other=0.0) * g, mask=mask)
+
+
+class _SpreadConvolveTriton(torch.autograd.Function):
+    """All far-field levels of a plan: the lines spread onto their levels' grids (one kernel) and
+    each grid convolved with its two kernels (one batched real FFT of both rows, the products, one
+    inverse FFT). Returns each level's convolution, shape (n_l,)."""
+
+    @staticmethod
+    def forward(ctx, centers: Tensor, c: Tensor, e: Tensor, levels: Tensor, layout):
+        x = centers.detach().to(torch.float64).contiguous()
+        c_, e_ = (t.detach().to(torch.float64).contiguous() for t in (c, e))
+        lev = levels.contiguous()
+        buf = torch.zeros(layout.total, dtype=torch.float64, device=x.device)
+        if x.numel():
+            _spread_levels_kernel[(triton.cdiv(x.numel(), _SPREAD_BLOCK),)](
+                x, c_, e_, lev, layout.geo, layout.table, layout.geo.shape[0], buf, x.numel(), M=layout.m,
+                BLOCK=_SPREAD_BLOCK)
+        outs = []
+        for off, n, nfft, spectra in layout.levels:
+            z = torch.fft.rfft(buf[off : off + 2 * nfft].view(2, nfft), dim=1)
+            outs.append(torch.fft.irfft((z * spectra).sum(0), nfft)[n - 1 : 2 * n - 1])
+        ctx.save_for_backward(x, c_, e_, lev)
+        ctx.layout, ctx.dtypes = layout, (centers.dtype, c.dtype, e.dtype)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, c_, e_, lev = ctx.saved_tensors
+        layout = ctx.layout
+        buf = torch.empty(layout.total, dtype=torch.float64, device=x.device)
+        for (off, n, nfft, spectra), g in zip(layout.levels, grads):
+            if g is None:
+                buf[off : off + 2 * nfft].zero_()
+                continue
+            spec = torch.fft.rfft(g.to(torch.float64), nfft)
+            torch.fft.irfft(spec * spectra, nfft, dim=1, out=buf[off : off + 2 * nfft].view(2, nfft))
+        out = [torch.empty_like(x) for _ in range(3)]
+        if x.numel():
+            _spread_levels_backward_kernel[(triton.cdiv(x.numel(), _SPREAD_BLOCK),)](
+                x, c_, e_, lev, layout.geo, layout.table, layout.geo.shape[0], buf, *out, x.numel(), M=layout.m,
+                BLOCK=_SPREAD_BLOCK)
+        return (*(t.to(dt) for t, dt in zip(out, ctx.dtypes)), None, None)
+
+
+class _InterpolateTriton(torch.autograd.Function):
+    """base ± Σ_q w[p, q] conv[i0_p + q] (base may be None), one kernel each way."""
+
+    @staticmethod
+    def forward(ctx, base, conv: Tensor, i0: Tensor, w: Tensor, neg: bool):
+        conv_ = conv.detach().contiguous()
+        out = torch.empty(i0.shape[0], dtype=torch.float64, device=conv.device)
+        if out.numel():
+            _interpolate_kernel[(triton.cdiv(out.numel(), _INTERP_BLOCK),)](
+                conv_, i0, w, conv_ if base is None else base.detach().contiguous(), out, out.numel(), M2=w.shape[1],
+                BASE=base is not None, NEG=bool(neg), BLOCK=_INTERP_BLOCK)
+        ctx.save_for_backward(i0, w)
+        ctx.n, ctx.neg, ctx.base = conv.shape[0], bool(neg), base is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        i0, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        gconv = torch.zeros(ctx.n, dtype=torch.float64, device=grad.device)
+        if grad.numel():
+            _interpolate_backward_kernel[(triton.cdiv(grad.numel(), _INTERP_BLOCK),)](
+                grad, i0, w, gconv, grad.numel(), M2=w.shape[1], NEG=ctx.neg, BLOCK=_INTERP_BLOCK)
+        return grad if ctx.base else None, gconv, None, None, None
+
+
+_INTERP_BLOCK = 256
+
+
+def far_field_levels_triton(centers: Tensor, c: Tensor, e: Tensor, levels: Tensor, layout) -> tuple[Tensor, ...]:
+    """Each evaluated level's convolution of the lines' spikes with its kernels (float64): the
+    Triton path of a planned far field (:class:`.farfield.FarFieldPlan`; ``layout``: its
+    ``triton`` attribute). Differentiable in ``centers``, ``c`` and ``e``."""
+    return _SpreadConvolveTriton.apply(centers, c, e, levels, layout)
+
+
+def interpolate_triton(base: Tensor | None, conv: Tensor, i0: Tensor, w: Tensor, neg: bool = False) -> Tensor:
+    """``base`` (or 0) plus (``neg``: minus) the Lagrange interpolation Σ_q w[p, q] conv[i0_p + q],
+    float64, differentiable in ``base`` and ``conv``."""
+    return _InterpolateTriton.apply(base, conv, i0, w, neg)
+
+
 class _SpreadTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pos: Tensor, c: Tensor, e: Tensor, n: int, m: int):

@@ -258,7 +258,7 @@ SYNC_FREE = textwrap.dedent("""
     lines = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
     out = []
     for spread in (False, True):  # the far field's torch spreading and plan update, then the Triton ones
-        farfield.TRITON_SPREAD = plan_mod.TRITON_WINDOWS = spread
+        farfield.TRITON_SPREAD = farfield.TRITON_FAR = plan_mod.TRITON_WINDOWS = spread
         model = LineCloneModel(*lines, wing_tolerance=1e-7)
         plan = model.make_plan(wl, 30.0, kernel="triton")
         f0 = LineCloneModel(*lines, wing_tolerance=1e-7)(wl, 30.0)
@@ -282,8 +282,8 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     no operation of a planned evaluation, its backward pass or the plan's update reads a number
     back from the device (no .item(), nonzero, unique or truth test), and none makes a tensor from
     Python numbers (which a CUDA graph's recording refuses: a copy from host memory). With the
-    torch spreading of the far field and the one-kernel update, and with the Triton spreading and
-    the three-kernel update."""
+    torch far field and the one-kernel update, and with the far field in Triton kernels and the
+    three-kernel update."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
     wl, (c, a, s, g) = hpf_slice
     keep = (c > 8630) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
@@ -376,6 +376,90 @@ def test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations(hpf_
         assert not case["stale"], case
 
 
+PLANNED_FAR = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import torch
+    import blase_specutils.core.farfield as farfield
+    from blase_specutils.core import LineCloneModel
+    dev = os.environ.get("BLASE_TRITON_DEVICE", "cpu")
+    data = np.load(sys.argv[1])
+    wl = torch.as_tensor(data["wl"]).to(dev)
+    args = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
+    out = []
+    for kw in [dict(), dict(mode="log"), dict(emission=True), dict(profile="voigt"), dict(dtype=torch.float32)]:
+        res = []
+        for far in (False, True):
+            farfield.TRITON_FAR = far
+            model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev, **kw)
+            model.lam_centers.requires_grad_(True)
+            rv = torch.tensor(30.0, dtype=torch.float64, device=dev, requires_grad=True)
+            plan = model.make_plan(wl, rv)
+            f = model(wl, rv, plan=plan)
+            (f * torch.linspace(0.0, 1.0, f.numel(), dtype=f.dtype, device=dev)).sum().backward()
+            res.append([f.detach()] + [p.grad for p in model.parameters() if p.grad is not None] + [rv.grad[None]])
+        diff = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(*res)]
+        out.append(dict(case=str(kw), diff=diff, grads=len(res[0]) - 1, levels=list(plan.ff_plan.present)))
+    # gradcheck of the planned far field itself (λc, c_j, e_j) on a few lines and a short grid
+    farfield.TRITON_FAR = True
+    model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev)
+    short = wl[(wl > 8652.0) & (wl < 8658.0)].clone()
+    plan = model.make_plan(short)
+    ff = plan.ff_plan
+    pick = torch.cat([torch.nonzero(plan.levels == k).flatten()[:3] for k in ff.present])
+    gen = torch.Generator().manual_seed(3)
+    coef = [torch.randn(len(args[0]), generator=gen, dtype=torch.float64).to(dev) * 1e-3 for _ in range(2)]
+    def far(x, c, e):
+        cs, cc, ce = (t.detach().clone() for t in (model.lam_centers, *coef))
+        cs[pick], cc[pick], ce[pick] = x, c, e
+        return farfield.far_field(short, cs, cc, ce, plan.far_field, plan.levels, plan=ff)
+    inputs = [t[pick].detach().clone().requires_grad_(True) for t in (model.lam_centers, *coef)]
+    ok = torch.autograd.gradcheck(far, inputs, eps=1e-6, atol=1e-9, fast_mode=True)
+    print(json.dumps(dict(cases=out, gradcheck=bool(ok), picked=int(pick.numel()), levels=list(ff.present),
+                          triton=ff.triton is not None)))
+""")
+
+
+def _planned_far_field(hpf_slice, tmp_path, env: dict) -> dict:
+    wl, (c, a, s, g) = hpf_slice
+    keep = (c > 8630) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
+    sub = (wl > 8640) & (wl < 8660)
+    path = tmp_path / "lines.npz"
+    np.savez(path, wl=wl[sub].numpy(), c=c[keep].numpy(), a=a[keep].numpy(), s=s[keep].numpy(), g=g[keep].numpy())
+    out = subprocess.run([sys.executable, "-c", PLANNED_FAR, str(path)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return __import__("json").loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_planned_far_field(res: dict) -> None:
+    assert len(res["cases"]) == 5 and res["gradcheck"]
+    assert res["triton"] and len(res["levels"]) >= 2 and res["picked"] >= 4, res
+    for case in res["cases"]:
+        assert case["grads"] == 5 and len(case["levels"]) >= 2, case
+        # values to rounding; gradients to 1e-11 of their largest element: they are sums over lines
+        # and pixels, taken in another order (the RV's with cancellations)
+        f32 = "float32" in case["case"]
+        assert case["diff"][0] < (1e-6 if f32 else 1e-13), case
+        assert max(case["diff"][1:]) < (1e-6 if f32 else 1e-11), case
+
+
+def test_triton_far_field_of_a_plan_matches_its_torch_operations(hpf_slice, tmp_path):
+    """The planned far field in Triton kernels (interpreted): spreading of all levels in one
+    kernel, batched FFTs, interpolations in one kernel each way, against the torch operations.
+    Values and gradients (λc, ln a, ln σ, ln γ and the RV) agree to rounding in both modes, for
+    emission, the exact Voigt and float32; gradcheck of the far field in λc, c_j and e_j."""
+    pytest.importorskip("triton", reason="the GPU kernel needs triton")
+    _check_planned_far_field(_planned_far_field(hpf_slice, tmp_path, dict(os.environ, TRITON_INTERPRET="1")))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_triton_far_field_of_a_plan_compiled_on_the_gpu(hpf_slice, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    _check_planned_far_field(_planned_far_field(hpf_slice, tmp_path, dict(env, BLASE_TRITON_DEVICE="cuda")))
+
+
 def _cuda_lines(hpf_slice):
     wl, args = hpf_slice
     return wl.cuda(), args
@@ -384,15 +468,17 @@ def _cuda_lines(hpf_slice):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("headroom, lr", [(1.25, 0.01), (1.0, 0.1)])
-@pytest.mark.parametrize("lines, streams, spread, windows", [
-    (False, False, False, False), (True, False, False, False), (False, True, False, False), (True, True, False, False),
-    (True, False, True, False), (True, False, False, True), (True, False, True, True)])
-def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, windows,
+@pytest.mark.parametrize("lines, streams, spread, windows, far", [
+    (False, False, False, False, False), (True, False, False, False, False), (False, True, False, False, False),
+    (True, True, False, False, False), (True, False, True, False, False), (True, False, False, True, False),
+    (True, False, False, False, True), (True, False, False, True, True)])
+def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, windows, far,
                                                      monkeypatch):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
     headroom and a large learning rate the lines outgrow the plan at nearly every epoch, and the
     epochs that follow a rebuild run eagerly until the plan holds. With and without the one-kernel
-    update, the second stream for the near field, the Triton spreading and the three-kernel update."""
+    update, the second stream for the near field, the Triton spreading, the three-kernel update and
+    the far field in Triton kernels."""
     import blase_specutils.core.farfield as farfield_module
     import blase_specutils.core.plan as plan_module
 
@@ -400,6 +486,7 @@ def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, li
     monkeypatch.setattr(plan_module, "OVERLAP_STREAMS", streams)
     monkeypatch.setattr(farfield_module, "TRITON_SPREAD", spread)
     monkeypatch.setattr(plan_module, "TRITON_WINDOWS", windows)
+    monkeypatch.setattr(farfield_module, "TRITON_FAR", far)
     wl, args = _cuda_lines(hpf_slice)
     res = {}
     for how in ("plain", "graph"):
