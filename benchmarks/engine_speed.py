@@ -61,6 +61,18 @@ CONFIGS = [
          graph=True, spread=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, two streams", dtype="float64", far_field=True, tol=1e-7,
          graph=True, streams=True, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, Triton windows", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, windows=True, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, Triton far field", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, far=True, devices=("cuda",)),
+    dict(name="far-field, float64, plan, CUDA graph, all Triton", dtype="float64", far_field=True, tol=1e-7,
+         graph=True, windows=True, far=True, coefficients=True, devices=("cuda",)),
+    dict(name="far-field, float32, plan, CUDA graph, all Triton", dtype="float32", far_field=True, tol=1e-7,
+         graph=True, windows=True, far=True, coefficients=True, devices=("cuda",)),
+    dict(name="far-field, float64, log mode, plan, CUDA graph, all Triton", dtype="float64", far_field=True,
+         tol=1e-7, mode="log", graph=True, windows=True, far=True, coefficients=True, devices=("cuda",)),
+    dict(name="far-field, float64, RV +500 km/s, plan, CUDA graph, all Triton", dtype="float64", far_field=True,
+         tol=1e-7, rv=500.0, graph=True, windows=True, far=True, coefficients=True, devices=("cuda",)),
 
     dict(name="far-field, float64, plan, CUDA graph, 512-px chunks", dtype="float64", far_field=True, tol=1e-7,
          graph=True, chunk=512, devices=("cuda",)),
@@ -112,13 +124,16 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
 
         gpu_kernel.CHUNK = cfg.get("chunk", gpu_kernel.CHUNK)
         gpu_kernel.NUM_WARPS = cfg.get("warps", gpu_kernel.NUM_WARPS)
-    if "lines" in cfg or "streams" in cfg or "spread" in cfg:
+    if any(k in cfg for k in ("lines", "streams", "spread", "windows", "far", "coefficients")):
         import blase_specutils.core.farfield as farfield_module
         import blase_specutils.core.plan as plan_module
 
         plan_module.TRITON_LINES = cfg.get("lines", plan_module.TRITON_LINES)
         plan_module.OVERLAP_STREAMS = cfg.get("streams", plan_module.OVERLAP_STREAMS)
         farfield_module.TRITON_SPREAD = cfg.get("spread", farfield_module.TRITON_SPREAD)
+        farfield_module.TRITON_FAR = cfg.get("far", farfield_module.TRITON_FAR)
+        plan_module.TRITON_WINDOWS = cfg.get("windows", plan_module.TRITON_WINDOWS)
+        plan_module.TRITON_COEFFICIENTS = cfg.get("coefficients", plan_module.TRITON_COEFFICIENTS)
     sd, wl_np, dense = _problem(data)
     dtype = getattr(torch, cfg["dtype"])
     dev = torch.device(device)

@@ -599,6 +599,93 @@ if HAVE_TRITON:
             tl.atomic_add(gconv_ptr + first + q, tl.load(w_ptr + i * M2 + q, mask=mask, other=0.0) * g, mask=mask)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _coefficients_kernel(a_ptr, s_ptr, g_ptr, eta_ptr, b_ptr, par_ptr, kc_ptr, ke_ptr, ga_ptr, gs_ptr, gg_ptr,
+                             gkc_ptr, gke_ptr, n_lines, VOIGT: tl.constexpr, BACKWARD: tl.constexpr,
+                             BLOCK: tl.constexpr):
+        """c_j = ±a η γ / π and e_j = c_j (b_j² − γ² [+ 3σ² for the exact Voigt]), or (``BACKWARD``)
+        the gradients of a loss in a, σ, γ from those in c_j and e_j. ``eta_ptr``: the rows η,
+        ∂η/∂σ, ∂η/∂γ (unused for the exact Voigt, η = 1); ``par_ptr``: the sign (float64)."""
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < n_lines
+        a = tl.load(a_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        s = tl.load(s_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        g = tl.load(g_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        b = tl.load(b_ptr + i, mask=mask, other=0.0).to(tl.float64)
+        sign = tl.load(par_ptr + 0)
+        if VOIGT:
+            eta = g * 0.0 + 1.0
+            des = g * 0.0
+            deg = g * 0.0
+            q = b * b - g * g + 3.0 * s * s
+        else:
+            eta = tl.load(eta_ptr + i, mask=mask, other=0.0).to(tl.float64)
+            des = tl.load(eta_ptr + n_lines + i, mask=mask, other=0.0).to(tl.float64)
+            deg = tl.load(eta_ptr + 2 * n_lines + i, mask=mask, other=0.0).to(tl.float64)
+            q = b * b - g * g
+        k = sign * 0.3183098861837907
+        kc = k * a * eta * g
+        if BACKWARD:
+            gkc = tl.load(gkc_ptr + i, mask=mask, other=0.0).to(tl.float64)
+            gke = tl.load(gke_ptr + i, mask=mask, other=0.0).to(tl.float64)
+            # ∂e/∂x = q ∂c/∂x + c ∂q/∂x
+            t = gkc + q * gke
+            ds = k * a * g * des
+            dg = k * a * (eta + g * deg)
+            gs = t * ds
+            if VOIGT:
+                gs += gke * kc * 6.0 * s
+            tl.store(ga_ptr + i, t * (k * eta * g), mask=mask)
+            tl.store(gs_ptr + i, gs, mask=mask)
+            tl.store(gg_ptr + i, t * dg - gke * kc * 2.0 * g, mask=mask)
+        else:
+            tl.store(kc_ptr + i, kc, mask=mask)
+            tl.store(ke_ptr + i, kc * q, mask=mask)
+
+
+class _CoefficientsTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a: Tensor, s: Tensor, g: Tensor, eta: Tensor, b: Tensor, params: Tensor, voigt: bool):
+        a_, s_, g_ = (t.detach().contiguous() for t in (a, s, g))
+        kc = torch.empty(a_.shape, dtype=torch.float64, device=a_.device)
+        ke = torch.empty_like(kc)
+        if kc.numel():
+            _coefficients_kernel[(triton.cdiv(kc.numel(), _COEF_BLOCK),)](
+                a_, s_, g_, eta, b, params, kc, ke, kc, kc, kc, kc, kc, kc.numel(), VOIGT=bool(voigt), BACKWARD=False,
+                BLOCK=_COEF_BLOCK)
+        ctx.save_for_backward(a_, s_, g_, eta, b, params)
+        ctx.voigt, ctx.dtype = bool(voigt), a.dtype
+        return kc.to(a.dtype), ke.to(a.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gkc: Tensor, gke: Tensor):
+        a_, s_, g_, eta, b, params = ctx.saved_tensors
+        gkc = torch.zeros_like(a_) if gkc is None else gkc.contiguous()
+        gke = torch.zeros_like(a_) if gke is None else gke.contiguous()
+        out = [torch.empty(a_.shape, dtype=torch.float64, device=a_.device) for _ in range(3)]
+        if a_.numel():
+            _coefficients_kernel[(triton.cdiv(a_.numel(), _COEF_BLOCK),)](
+                a_, s_, g_, eta, b, params, gkc, gkc, *out, gkc, gke, a_.numel(), VOIGT=ctx.voigt, BACKWARD=True,
+                BLOCK=_COEF_BLOCK)
+        return (*(t.to(ctx.dtype) for t in out), None, None, None, None)
+
+
+_COEF_BLOCK = 256
+
+
+def line_coefficients_triton(a: Tensor, s: Tensor, g: Tensor, eta: Tensor, b: Tensor, params: Tensor,
+                             voigt: bool = False) -> tuple[Tensor, Tensor]:
+    r"""The far-field coefficients :math:`c_j = \pm a_j\eta_j\gamma_j/\pi` and
+    :math:`e_j = c_j(b_j^2-\gamma_j^2)` (:math:`+3\sigma_j^2` for the exact Voigt) in one Triton kernel,
+    differentiable in a, σ, γ (one kernel backward). ``eta``: (3, L) rows η, ∂η/∂σ, ∂η/∂γ computed for
+    these σ, γ (a window plan's buffer); ``b``: kernel widths b_j; ``params``: float64 tensor whose
+    first element is the sign (+1 absorption, −1 emission)."""
+    return _CoefficientsTriton.apply(a, s, g, eta, b, params, voigt)
+
+
 class _SpreadConvolveTriton(torch.autograd.Function):
     """All far-field levels of a plan: the lines spread onto their levels' grids (one kernel) and
     each grid convolved with its two kernels (one batched real FFT of both rows, the products, one

@@ -39,7 +39,8 @@ from .engine import window_half_widths
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
 from . import gpu_kernel
-from .gpu_kernel import HAVE_TRITON, plan_lines_triton, plan_windows_triton, windowed_pseudo_voigt_sum_triton
+from .gpu_kernel import (HAVE_TRITON, line_coefficients_triton, plan_lines_triton, plan_windows_triton,
+                         windowed_pseudo_voigt_sum_triton)
 
 __all__ = ["WindowPlan"]
 
@@ -55,6 +56,10 @@ OVERLAP_STREAMS = False
 #: table in Triton kernels: an update in three kernels instead of about fifty. Off until it has
 #: been timed on a GPU (it is checked against the torch operations under Triton's interpreter).
 TRITON_WINDOWS = False
+#: In a frozen plan (:class:`.graphs.GraphedEpoch`) with the Triton kernels, the far-field
+#: coefficients c_j, e_j in one Triton kernel each way instead of about twenty-five torch operations.
+#: Off until it has been timed on a GPU (checked against the torch operations under the interpreter).
+TRITON_COEFFICIENTS = False
 
 #: Source of the per-line parameters: () -> (λc, a, σ, γ), each shape (L,).
 LineSource = Callable[[], "tuple[Tensor, Tensor, Tensor, Tensor]"]
@@ -331,15 +336,21 @@ class WindowPlan:
         kc = ke = None
         b = 0.0
         eta_parts = None
+        # c_j and e_j in one Triton kernel each way (which also takes η's derivatives from the buffers)
+        coefficients = (self.far_field is not None and TRITON_COEFFICIENTS and self.frozen and self.kernel == "triton"
+                        and not self._whole)
         if not voigt:
             if self.frozen:
                 # the plan was updated for exactly these lines (GraphedEpoch): η is in the buffers
-                eta = stored_eta(sigma, gamma, *self.eta)
+                eta = self.eta[0] if coefficients else stored_eta(sigma, gamma, *self.eta)
                 rest = self.eta[1:]
             else:
                 eta, *rest = eta_and_derivatives(sigma, gamma)
             eta_parts = (eta.detach()[:, None], *(x[:, None] for x in rest))
-        if self.far_field is not None:
+        if coefficients:
+            b = b_line
+            kc, ke = line_coefficients_triton(amplitude, sigma, gamma, self.eta, b_line, self._params, voigt=voigt)
+        elif self.far_field is not None:
             b = b_line
             kc = self.sign * amplitude * (1.0 if voigt else eta) * gamma / math.pi
             ke = kc * (b * b - gamma * gamma + (3.0 * sigma * sigma if voigt else 0.0))

@@ -258,7 +258,7 @@ SYNC_FREE = textwrap.dedent("""
     lines = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
     out = []
     for spread in (False, True):  # the far field's torch spreading and plan update, then the Triton ones
-        farfield.TRITON_SPREAD = farfield.TRITON_FAR = plan_mod.TRITON_WINDOWS = spread
+        farfield.TRITON_SPREAD = farfield.TRITON_FAR = plan_mod.TRITON_WINDOWS = plan_mod.TRITON_COEFFICIENTS = spread
         model = LineCloneModel(*lines, wing_tolerance=1e-7)
         plan = model.make_plan(wl, 30.0, kernel="triton")
         f0 = LineCloneModel(*lines, wing_tolerance=1e-7)(wl, 30.0)
@@ -282,8 +282,8 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     no operation of a planned evaluation, its backward pass or the plan's update reads a number
     back from the device (no .item(), nonzero, unique or truth test), and none makes a tensor from
     Python numbers (which a CUDA graph's recording refuses: a copy from host memory). With the
-    torch far field and the one-kernel update, and with the far field in Triton kernels and the
-    three-kernel update."""
+    torch far field and the one-kernel update, and with the far field, its coefficients and the
+    update in Triton kernels."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
     wl, (c, a, s, g) = hpf_slice
     keep = (c > 8630) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
@@ -377,10 +377,13 @@ def test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations(hpf_
 
 
 PLANNED_FAR = textwrap.dedent("""
-    import json, os, sys
+    import json, math, os, sys
     import numpy as np
     import torch
     import blase_specutils.core.farfield as farfield
+    from blase_specutils.core.fused import eta_and_derivatives, stored_eta
+    from blase_specutils.core.gpu_kernel import line_coefficients_triton
+    import blase_specutils.core.plan as plan_mod
     from blase_specutils.core import LineCloneModel
     dev = os.environ.get("BLASE_TRITON_DEVICE", "cpu")
     data = np.load(sys.argv[1])
@@ -389,19 +392,60 @@ PLANNED_FAR = textwrap.dedent("""
     out = []
     for kw in [dict(), dict(mode="log"), dict(emission=True), dict(profile="voigt"), dict(dtype=torch.float32)]:
         res = []
-        for far in (False, True):
-            farfield.TRITON_FAR = far
+        # the torch operations; the Triton far field; with the Triton coefficients too (a frozen
+        # plan with the Triton near field: interpreted on a CPU, slow, so for one case there)
+        variants = [(False, False), (True, False)]
+        if dev == "cuda" or not kw:
+            variants.append((True, True))
+        for far, coefficients in variants:
+            farfield.TRITON_FAR, plan_mod.TRITON_COEFFICIENTS = far, coefficients
             model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev, **kw)
             model.lam_centers.requires_grad_(True)
             rv = torch.tensor(30.0, dtype=torch.float64, device=dev, requires_grad=True)
-            plan = model.make_plan(wl, rv)
+            plan = model.make_plan(wl, rv, kernel="triton" if coefficients or dev == "cuda" else "auto")
+            plan.frozen = coefficients
             f = model(wl, rv, plan=plan)
             (f * torch.linspace(0.0, 1.0, f.numel(), dtype=f.dtype, device=dev)).sum().backward()
             res.append([f.detach()] + [p.grad for p in model.parameters() if p.grad is not None] + [rv.grad[None]])
-        diff = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(*res)]
-        out.append(dict(case=str(kw), diff=diff, grads=len(res[0]) - 1, levels=list(plan.ff_plan.present)))
+        for other in res[1:]:
+            diff = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(other, res[0])]
+            out.append(dict(case=str(kw), diff=diff, grads=len(res[0]) - 1, levels=list(plan.ff_plan.present)))
+    # the coefficients' kernel alone against their torch expressions, values and gradients
+    gen = torch.Generator().manual_seed(5)
+    n = 300
+    a, s, g, b = (torch.rand(n, generator=gen, dtype=torch.float64) * 0.05 + 0.01 for _ in range(4))
+    eta = torch.rand(3, n, generator=gen, dtype=torch.float64)
+    w = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    coef_cases = []
+    for voigt in (False, True):
+        for sign in (1.0, -1.0):
+            for dtype in (torch.float64, torch.float32):
+                xs = [t.to(dev, dtype).requires_grad_(True) for t in (a, s, g)]
+                e_ = eta.to(dev, dtype)
+                bb = b.to(dev, dtype)
+                par = torch.tensor([sign], dtype=torch.float64, device=dev)
+                kc, ke = line_coefficients_triton(*xs, e_, bb, par, voigt=voigt)
+                fast = [kc, ke, *torch.autograd.grad((w[0].to(dev) * kc + w[1].to(dev) * ke).sum(), xs)]
+                ys = [t.to(dev, dtype).requires_grad_(True) for t in (a, s, g)]
+                if voigt:
+                    kc = sign * ys[0] * ys[2] / math.pi
+                    ke = kc * (bb * bb - ys[2] ** 2 + 3.0 * ys[1] ** 2)
+                else:
+                    et = stored_eta(ys[1], ys[2], *e_)
+                    kc = sign * ys[0] * et * ys[2] / math.pi
+                    ke = kc * (bb * bb - ys[2] ** 2)
+                ref = [kc, ke, *torch.autograd.grad((w[0].to(dev) * kc + w[1].to(dev) * ke).sum(), ys)]
+                diff = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(fast, ref)]
+                coef_cases.append(dict(case=[voigt, sign, str(dtype)], diff=diff))
+    xs = [t[:5].to(dev).requires_grad_(True) for t in (a, s, g)]
+    par = torch.tensor([-1.0], dtype=torch.float64, device=dev)
+    # (η and its derivatives recomputed for the perturbed σ, γ, as a plan's update does)
+    coef_check = all(torch.autograd.gradcheck(
+        lambda *x: line_coefficients_triton(*x, torch.stack(eta_and_derivatives(x[1], x[2])).detach(), b[:5].to(dev),
+                                            par, voigt=v), xs)
+        for v in (False, True))
     # gradcheck of the planned far field itself (λc, c_j, e_j) on a few lines and a short grid
-    farfield.TRITON_FAR = True
+    farfield.TRITON_FAR, plan_mod.TRITON_COEFFICIENTS = True, False
     model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev)
     short = wl[(wl > 8652.0) & (wl < 8658.0)].clone()
     plan = model.make_plan(short)
@@ -416,7 +460,8 @@ PLANNED_FAR = textwrap.dedent("""
     inputs = [t[pick].detach().clone().requires_grad_(True) for t in (model.lam_centers, *coef)]
     ok = torch.autograd.gradcheck(far, inputs, eps=1e-6, atol=1e-9, fast_mode=True)
     print(json.dumps(dict(cases=out, gradcheck=bool(ok), picked=int(pick.numel()), levels=list(ff.present),
-                          triton=ff.triton is not None)))
+                          triton=ff.triton is not None, coefficients=coef_cases,
+                          coefficients_gradcheck=bool(coef_check))))
 """)
 
 
@@ -433,7 +478,10 @@ def _planned_far_field(hpf_slice, tmp_path, env: dict) -> dict:
 
 
 def _check_planned_far_field(res: dict) -> None:
-    assert len(res["cases"]) == 5 and res["gradcheck"]
+    assert len(res["cases"]) >= 5 + 1 and res["gradcheck"]
+    assert len(res["coefficients"]) == 8 and res["coefficients_gradcheck"]
+    for case in res["coefficients"]:
+        assert max(case["diff"]) < (1e-6 if "float32" in case["case"][2] else 1e-14), case
     assert res["triton"] and len(res["levels"]) >= 2 and res["picked"] >= 4, res
     for case in res["cases"]:
         assert case["grads"] == 5 and len(case["levels"]) >= 2, case
@@ -446,7 +494,8 @@ def _check_planned_far_field(res: dict) -> None:
 
 def test_triton_far_field_of_a_plan_matches_its_torch_operations(hpf_slice, tmp_path):
     """The planned far field in Triton kernels (interpreted): spreading of all levels in one
-    kernel, batched FFTs, interpolations in one kernel each way, against the torch operations.
+    kernel, batched FFTs, interpolations in one kernel each way, and with it the coefficients c_j,
+    e_j in one kernel each way (in a frozen plan), against the torch operations.
     Values and gradients (λc, ln a, ln σ, ln γ and the RV) agree to rounding in both modes, for
     emission, the exact Voigt and float32; gradcheck of the far field in λc, c_j and e_j."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
@@ -468,17 +517,19 @@ def _cuda_lines(hpf_slice):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("headroom, lr", [(1.25, 0.01), (1.0, 0.1)])
-@pytest.mark.parametrize("lines, streams, spread, windows, far", [
-    (False, False, False, False, False), (True, False, False, False, False), (False, True, False, False, False),
-    (True, True, False, False, False), (True, False, True, False, False), (True, False, False, True, False),
-    (True, False, False, False, True), (True, False, False, True, True)])
+@pytest.mark.parametrize("lines, streams, spread, windows, far, coefficients", [
+    (False, False, False, False, False, False), (True, False, False, False, False, False),
+    (False, True, False, False, False, False), (True, True, False, False, False, False),
+    (True, False, True, False, False, False), (True, False, False, True, False, False),
+    (True, False, False, False, True, False), (True, False, False, False, False, True),
+    (True, False, False, True, True, True)])
 def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, windows, far,
-                                                     monkeypatch):
+                                                     coefficients, monkeypatch):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
     headroom and a large learning rate the lines outgrow the plan at nearly every epoch, and the
     epochs that follow a rebuild run eagerly until the plan holds. With and without the one-kernel
-    update, the second stream for the near field, the Triton spreading, the three-kernel update and
-    the far field in Triton kernels."""
+    update, the second stream for the near field, the Triton spreading, the three-kernel update, the
+    far field in Triton kernels and the coefficients' kernel."""
     import blase_specutils.core.farfield as farfield_module
     import blase_specutils.core.plan as plan_module
 
@@ -487,6 +538,7 @@ def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, li
     monkeypatch.setattr(farfield_module, "TRITON_SPREAD", spread)
     monkeypatch.setattr(plan_module, "TRITON_WINDOWS", windows)
     monkeypatch.setattr(farfield_module, "TRITON_FAR", far)
+    monkeypatch.setattr(plan_module, "TRITON_COEFFICIENTS", coefficients)
     wl, args = _cuda_lines(hpf_slice)
     res = {}
     for how in ("plain", "graph"):
