@@ -267,7 +267,7 @@ if HAVE_TRITON:
     def _search(x_ptr, v, n, mask, RIGHT: tl.constexpr, STEPS: tl.constexpr):
         """torch.searchsorted of the values ``v`` in the sorted array ``x_ptr[:n]`` (``RIGHT``:
         side='right'), by bisection: ``STEPS`` >= n.bit_length() halvings reach the answer."""
-        lo = (v * 0).to(tl.int64)
+        lo = tl.zeros(v.shape, dtype=tl.int64)
         hi = lo + n
         for _ in tl.static_range(STEPS):
             live = lo < hi
@@ -383,12 +383,13 @@ if HAVE_TRITON:
             tl.store(count_ptr + i, count, mask=mask)
             tl.store(per_ptr + i, (count + (CHUNK_PX - 1)) // CHUNK_PX, mask=mask)
             if FAR:
-                bad = mask & (lvl < -1.0)  # none: a level is at least -1
+                bad = mask & (lvl != lvl)  # NaN widths: as the torch checks, which see a negative level
                 if not WHOLE:
-                    bad = mask & (lvl < 0.0)
+                    bad = bad | (mask & (lvl < 0.0))
                 if CHECK:
                     top_t = n_tab - 1.0
-                    row = tl.where(lvl < 0.0, lvl * 0.0, tl.where(lvl > top_t, lvl * 0.0 + top_t, lvl)).to(tl.int64)
+                    row = tl.where(lvl == lvl, lvl, tl.zeros_like(lvl))  # (NaN: flagged above)
+                    row = tl.where(row < 0.0, row * 0.0, tl.where(row > top_t, row * 0.0 + top_t, row)).to(tl.int64)
                     r0 = tl.load(tab_ptr + 2 * row, mask=mask, other=0.0)
                     r1 = tl.load(tab_ptr + 2 * row + 1, mask=mask, other=0.0)
                     off = (c < r0) | (c > r1) | (lvl > top_t)
@@ -427,6 +428,8 @@ if HAVE_TRITON:
     def _stencil(p, n, M: tl.constexpr):
         """First stencil point k0 - (M - 1) and the clamped offset f of positions p (grid units)."""
         k0 = tl.floor(p)
+        # a NaN position (a diverged fit) takes the first stencil, not an index outside the grid
+        k0 = tl.where(p == p, k0, tl.zeros_like(p) + (M - 1.0))
         k0 = tl.where(k0 < M - 1.0, k0 * 0.0 + (M - 1.0), k0)
         k0 = tl.where(k0 > n - M - 1.0, k0 * 0.0 + (n - M - 1.0), k0)
         f = p - k0
@@ -683,7 +686,7 @@ def line_coefficients_triton(a: Tensor, s: Tensor, g: Tensor, eta: Tensor, b: Te
     differentiable in a, σ, γ (one kernel backward). ``eta``: (3, L) rows η, ∂η/∂σ, ∂η/∂γ computed for
     these σ, γ (a window plan's buffer); ``b``: kernel widths b_j; ``params``: float64 tensor whose
     first element is the sign (+1 absorption, −1 emission)."""
-    return _CoefficientsTriton.apply(a, s, g, eta, b, params, voigt)
+    return _CoefficientsTriton.apply(a, s, g, eta.contiguous(), b.contiguous(), params, voigt)
 
 
 class _SpreadConvolveTriton(torch.autograd.Function):
@@ -769,7 +772,7 @@ def far_field_levels_triton(centers: Tensor, c: Tensor, e: Tensor, levels: Tenso
 def interpolate_triton(base: Tensor | None, conv: Tensor, i0: Tensor, w: Tensor, neg: bool = False) -> Tensor:
     """``base`` (or 0) plus (``neg``: minus) the Lagrange interpolation Σ_q w[p, q] conv[i0_p + q],
     float64, differentiable in ``base`` and ``conv``."""
-    return _InterpolateTriton.apply(base, conv, i0, w, neg)
+    return _InterpolateTriton.apply(base, conv, i0.contiguous(), w.contiguous(), neg)
 
 
 class _SpreadTriton(torch.autograd.Function):
@@ -903,10 +906,9 @@ class _WindowedSumTriton(torch.autograd.Function):
                 sign: float, voigt: bool, chunks):
         f64 = [x.detach().reshape(-1).to(torch.float64).contiguous() for x in (c, a, s, g, eta, deta_ds, deta_dg)]
         n = start.numel()
-        zeros = torch.zeros(n, dtype=torch.float64, device=wavelength.device)
         if kc is None:
-            kc_ = ke_ = zeros
-            bb = torch.ones_like(zeros)  # any b > 0: h is then multiplied by c = e = 0
+            kc_ = ke_ = torch.zeros(n, dtype=torch.float64, device=wavelength.device)
+            bb = torch.ones_like(kc_)  # any b > 0: h is then multiplied by c = e = 0
         else:
             kc_, ke_ = (x.detach().reshape(-1).to(torch.float64).contiguous() for x in (kc, ke))
             bb = (b.detach().reshape(-1).to(torch.float64) if isinstance(b, Tensor)

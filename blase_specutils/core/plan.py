@@ -137,6 +137,7 @@ class WindowPlan:
         elif kernel != "numba":
             raise ValueError(f"kernel must be 'auto', 'numba' or 'triton', got {kernel!r}")
         self.wavelength = wavelength
+        self._grid = wavelength.contiguous()  # what the kernels index (the plan checks the caller's grid by identity)
         self.source = source
         self.profile, self.mode, self.sign = profile, mode, float(sign)
         self.tolerance, self.min_half_width = float(tolerance), float(min_half_width)
@@ -214,7 +215,7 @@ class WindowPlan:
             ff = self.ff_plan if self.far_field is not None else None
             plan_windows_triton(
                 c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
-                self.b_line, wavelength=self.wavelength, start=self.start, count=self.count, per_line=self._per,
+                self.b_line, wavelength=self._grid, start=self.start, count=self.count, per_line=self._per,
                 ends=self._ends, chunks=self.chunks, flag=self._stale, chunk=self.chunk, profile=self.profile,
                 far=ff is not None, linear=self.mode == "linear", cap=self.half_widths is not None,
                 max_level=self._top, half_widths=self.half_widths, spreadable=None if ff is None else ff.spreadable,
@@ -323,14 +324,14 @@ class WindowPlan:
         if any(t.shape != (self.n_lines,) for t in lines):
             raise ValueError(f"the plan is for {self.n_lines} lines: λc, a, σ and γ must each have shape "
                              f"({self.n_lines},), got {[tuple(t.shape) for t in lines]}")
-        start, count, chunks, b_line = self.start, self.count, self.chunks, self.b_line
+        start, count, chunks, b_line, levels = self.start, self.count, self.chunks, self.b_line, self.levels
         if not self.frozen:
             self.update(lines)
             if self.stale:
                 self.rebuild(lines)
-            # this evaluation's backward pass keeps its own windows: the next update overwrites the
-            # buffers, and a second evaluation before backward() would otherwise change them
-            start, count, b_line = self.start.clone(), self.count.clone(), self.b_line.clone()
+            # this evaluation's backward pass keeps its own windows and levels: the next update
+            # overwrites the buffers, and a second evaluation before backward() would otherwise change them
+            start, count, b_line, levels = self.start.clone(), self.count.clone(), self.b_line.clone(), self.levels.clone()
             chunks = tuple(t.clone() for t in self.chunks)
         voigt = self.profile == "voigt"
         kc = ke = None
@@ -355,7 +356,7 @@ class WindowPlan:
             kc = self.sign * amplitude * (1.0 if voigt else eta) * gamma / math.pi
             ke = kc * (b * b - gamma * gamma + (3.0 * sigma * sigma if voigt else 0.0))
             if self._whole:
-                whole = self.levels < 0
+                whole = levels < 0
                 kc = torch.where(whole, torch.zeros_like(kc), kc)
                 ke = torch.where(whole, torch.zeros_like(ke), ke)
         args = (self.wavelength, start, count, centers[:, None], amplitude[:, None], sigma[:, None], gamma[:, None])
@@ -368,7 +369,7 @@ class WindowPlan:
             near = functools.partial(windowed_pseudo_voigt_sum_cpu, *args, **kw)
         if self.far_field is None:
             return near()
-        far = functools.partial(far_field, self.wavelength, centers, kc, ke, self.far_field, self.levels,
+        far = functools.partial(far_field, self.wavelength, centers, kc, ke, self.far_field, levels,
                                 plan=self.ff_plan)
         if OVERLAP_STREAMS and self.wavelength.is_cuda:
             # the near field's kernels on a second stream, alongside the far field's many small ones;

@@ -330,6 +330,17 @@ LINES_KERNEL = textwrap.dedent("""
             diff = [float((x - y).abs().max()) if x.numel() else 0.0 for x, y in zip(res[0], other)]
             diff[0] /= float(res[0][0].abs().max())  # η and its derivatives: relative
             cases.append(dict(case=str(kw), diff=diff, stale=plan.stale))
+    # a grid that is not contiguous in memory: the same windows each way
+    strided = torch.stack([wl, wl + 1000.0], 1)[:, 0]
+    model = LineCloneModel(*args, wing_tolerance=1e-7)
+    plan = model.make_plan(strided, 40.0, kernel="triton")
+    res = []
+    for lines, windows in ((False, False), (True, True)):
+        plan_mod.TRITON_LINES, plan_mod.TRITON_WINDOWS = lines, windows
+        plan.update()
+        res.append([t.clone() for t in (plan.start, plan.count, *plan.chunks)])
+    cases.append(dict(case="strided", diff=[0.0, 0, 0.0] + [float((x - y).abs().max()) for x, y in zip(*res)],
+                      stale=plan.stale))
     # lines that outgrow the chunk table of a plan with no headroom (wider) or leave a far-field grid
     # (moved past the red end): every way of updating raises the flag
     for change in ("wider", "moved"):
@@ -365,7 +376,7 @@ def test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations(hpf_
                          env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     cases = __import__("json").loads(out.stdout.strip().splitlines()[-1])
-    assert len(cases) == 2 * 8 + 2
+    assert len(cases) == 2 * 8 + 1 + 2
     for case in cases[-2:]:
         assert case["flags"] == [True, True, True], case
     for case in cases[:-2]:
@@ -410,6 +421,26 @@ PLANNED_FAR = textwrap.dedent("""
         for other in res[1:]:
             diff = [float((x - y).abs().max() / y.abs().max()) for x, y in zip(other, res[0])]
             out.append(dict(case=str(kw), diff=diff, grads=len(res[0]) - 1, levels=list(plan.ff_plan.present)))
+    # an unfrozen plan evaluated twice before backward(), a line moved to another level in between:
+    # the first evaluation's backward pass keeps its own levels
+    farfield.TRITON_FAR, plan_mod.TRITON_COEFFICIENTS = True, False
+    model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev)
+    lines = [model.lam_centers.detach().clone().requires_grad_(True),
+             *(t.detach().exp() for t in (model.log_amplitudes, model.log_sigmas, model.log_gammas))]
+    wide = lines[3].clone()
+    wide[torch.argmax(lines[1])] *= 40.0  # the deepest line onto the next level
+    twice = []
+    for second in (False, True):
+        lines[0].grad = None
+        plan = model.make_plan(wl, kernel="triton" if dev == "cuda" else "auto")
+        f1 = plan.log_flux(*lines)
+        if second:
+            before = plan.levels.clone()
+            plan.log_flux(lines[0], lines[1], lines[2], wide)
+            moved = bool((plan.levels != before).any())
+        (f1 ** 2).sum().backward()
+        twice.append(lines[0].grad.clone())
+    two_evaluations = float((twice[0] - twice[1]).abs().max() / twice[0].abs().max())
     # the coefficients' kernel alone against their torch expressions, values and gradients
     gen = torch.Generator().manual_seed(5)
     n = 300
@@ -461,7 +492,7 @@ PLANNED_FAR = textwrap.dedent("""
     ok = torch.autograd.gradcheck(far, inputs, eps=1e-6, atol=1e-9, fast_mode=True)
     print(json.dumps(dict(cases=out, gradcheck=bool(ok), picked=int(pick.numel()), levels=list(ff.present),
                           triton=ff.triton is not None, coefficients=coef_cases,
-                          coefficients_gradcheck=bool(coef_check))))
+                          coefficients_gradcheck=bool(coef_check), two_evaluations=two_evaluations, moved=moved)))
 """)
 
 
@@ -480,6 +511,7 @@ def _planned_far_field(hpf_slice, tmp_path, env: dict) -> dict:
 def _check_planned_far_field(res: dict) -> None:
     assert len(res["cases"]) >= 5 + 1 and res["gradcheck"]
     assert len(res["coefficients"]) == 8 and res["coefficients_gradcheck"]
+    assert res["moved"] and res["two_evaluations"] < 1e-13, res
     for case in res["coefficients"]:
         assert max(case["diff"]) < (1e-6 if "float32" in case["case"][2] else 1e-14), case
     assert res["triton"] and len(res["levels"]) >= 2 and res["picked"] >= 4, res
