@@ -87,6 +87,13 @@ CONFIGS = [
     dict(name="fixed 6000-px windows (paper), float64, plan, CUDA graph", dtype="float64", far_field=False,
          fixed_px=6000, graph=True, devices=("cuda",)),
 ]
+#: ``--group triton``: the rows that time the Triton paths that are still off against the default
+#: (the plain epoch, the planned and graphed default, each path alone, all of them in four settings)
+for _cfg in CONFIGS:
+    if _cfg["name"] in ("far-field (default), float64", "far-field, float64, plan, CUDA graph") or (
+            _cfg.get("graph") and ("Triton windows" in _cfg["name"] or "Triton far field" in _cfg["name"]
+                                   or "all Triton" in _cfg["name"])):
+        _cfg["group"] = "triton"
 
 
 def _problem(data: Path = SHARED):
@@ -286,6 +293,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED,
                     help="folder holding clones/ and reference/ as in ../shared/data (default: %(default)s)")
     ap.add_argument("--exclude", help="skip configurations whose name contains this text (or one of several)")
+    ap.add_argument("--group", help="only the configurations of this group (\"triton\": the rows that time the "
+                                    "Triton paths against the default, about 3 minutes on a GPU)")
     ap.add_argument("--json", type=Path, help="where the results go (default: benchmarks/engine_speed_DEVICE.json)")
     ap.add_argument("--profile-dir", help="also profile each configuration; operator tables go in this folder")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -306,6 +315,8 @@ def main() -> None:
         if args.only and not any(part in cfg["name"] for part in args.only.split(",")):
             continue
         if args.exclude and any(part in cfg["name"] for part in args.exclude.split(",")):
+            continue
+        if args.group and cfg.get("group") != args.group:
             continue
         if args.device.split(":")[0] not in cfg.get("devices", ("cpu", "cuda")):
             continue
