@@ -275,10 +275,12 @@ if HAVE_TRITON:
             x = tl.load(x_ptr + mid, mask=mask & live, other=0)
             if RIGHT:
                 go = x <= v
+                stay = x > v
             else:
                 go = x < v
+                stay = x >= v
             lo = tl.where(live & go, mid + 1, lo)
-            hi = tl.where(live & (go == 0), mid, hi)
+            hi = tl.where(live & stay, mid, hi)
         return lo
 
     @triton.jit
@@ -532,14 +534,14 @@ if HAVE_TRITON:
         """Every line spreads c_j and e_j onto the two rows of its level's grid (atomic adds)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n_lines
-        ok, lo, dx, n, off, stride, _ = _level_of(lev_ptr, i, mask, geo_ptr, lay_ptr, n_rows)
+        ok, lo, dx, n, off, stride, shift = _level_of(lev_ptr, i, mask, geo_ptr, lay_ptr, n_rows)
         x = tl.load(x_ptr + i, mask=mask, other=0.0)
         c = tl.load(c_ptr + i, mask=mask, other=0.0).to(tl.float64)
         e = tl.load(e_ptr + i, mask=mask, other=0.0).to(tl.float64)
-        first, f, _ = _stencil((x - lo) / dx, n, M)
+        first, f, inside = _stencil((x - lo) / dx, n, M)
         at = buf_ptr + off + first
         for q in tl.static_range(2 * M):
-            w, _ = _lagrange(f, q, M)
+            w, dw = _lagrange(f, q, M)
             tl.atomic_add(at + q, c * w, mask=ok)
             tl.atomic_add(at + stride + q, e * w, mask=ok)
 

@@ -331,7 +331,8 @@ class WindowPlan:
                 self.rebuild(lines)
             # this evaluation's backward pass keeps its own windows and levels: the next update
             # overwrites the buffers, and a second evaluation before backward() would otherwise change them
-            start, count, b_line, levels = self.start.clone(), self.count.clone(), self.b_line.clone(), self.levels.clone()
+            start, count, b_line = self.start.clone(), self.count.clone(), self.b_line.clone()
+            levels = self.levels.clone()
             chunks = tuple(t.clone() for t in self.chunks)
         voigt = self.profile == "voigt"
         kc = ke = None
