@@ -360,7 +360,9 @@ if HAVE_TRITON:
             for k in tl.static_range(MAX_LEVEL):
                 pw = tl.where(lvl > k, pw * ratio, pw)
             b = b0 * pw
-            tl.store(lev_ptr + i, lvl.to(tl.int64), mask=mask)
+            # a NaN width (a diverged fit) on no level, -1, as on the CPU (a GPU would convert NaN to 0)
+            lvl_int = tl.where(lvl == lvl, lvl, tl.zeros_like(lvl) - 1.0).to(tl.int64)
+            tl.store(lev_ptr + i, lvl_int, mask=mask)
             tl.store(b_ptr + i, b, mask=mask)
             if not FIXED:
                 ca = tl.abs(sign * a * eta * g * 0.3183098861837907)
@@ -395,7 +397,7 @@ if HAVE_TRITON:
                     r0 = tl.load(tab_ptr + 2 * row, mask=mask, other=0.0)
                     r1 = tl.load(tab_ptr + 2 * row + 1, mask=mask, other=0.0)
                     off = (c < r0) | (c > r1) | (lvl > top_t)
-                    direct = tl.load(dlev_ptr + i, mask=mask, other=-2) == lvl.to(tl.int64)
+                    direct = tl.load(dlev_ptr + i, mask=mask, other=-2) == lvl_int
                     bad = bad | (mask & (lvl >= 0.0) & (off != direct))
                 tl.atomic_max(flag_ptr, tl.max(bad.to(tl.int32), axis=0))
         else:
@@ -542,8 +544,8 @@ if HAVE_TRITON:
         at = buf_ptr + off + first
         for q in tl.static_range(2 * M):
             w, dw = _lagrange(f, q, M)
-            tl.atomic_add(at + q, c * w, mask=ok)
-            tl.atomic_add(at + stride + q, e * w, mask=ok)
+            tl.atomic_add(at + q, c * w, mask=ok, sem="relaxed")
+            tl.atomic_add(at + stride + q, e * w, mask=ok, sem="relaxed")
 
     @triton.jit
     def _spread_levels_backward_kernel(x_ptr, c_ptr, e_ptr, lev_ptr, geo_ptr, lay_ptr, n_rows, grad_ptr, dx_ptr,
@@ -601,7 +603,8 @@ if HAVE_TRITON:
         if NEG:
             g = -g
         for q in tl.static_range(M2):
-            tl.atomic_add(gconv_ptr + first + q, tl.load(w_ptr + i * M2 + q, mask=mask, other=0.0) * g, mask=mask)
+            w = tl.load(w_ptr + i * M2 + q, mask=mask, other=0.0)
+            tl.atomic_add(gconv_ptr + first + q, w * g, mask=mask, sem="relaxed")
 
 
 if HAVE_TRITON:

@@ -341,21 +341,23 @@ LINES_KERNEL = textwrap.dedent("""
         res.append([t.clone() for t in (plan.start, plan.count, *plan.chunks)])
     cases.append(dict(case="strided", diff=[0.0, 0, 0.0] + [float((x - y).abs().max()) for x, y in zip(*res)],
                       stale=plan.stale))
-    # lines that outgrow the chunk table of a plan with no headroom (wider) or leave a far-field grid
-    # (moved past the red end): every way of updating raises the flag
-    for change in ("wider", "moved"):
+    # lines that outgrow the chunk table of a plan with no headroom (wider), leave a far-field grid
+    # (moved past the red end) or have a NaN width: every way of updating raises the flag
+    for change in ("wider", "moved", "nan"):
         flags = []
         for lines, windows in ((False, False), (True, False), (True, True)):
             plan_mod.TRITON_LINES, plan_mod.TRITON_WINDOWS = lines, windows
             # (wider lines without far field: nothing but the chunk table's capacity is outgrown)
-            model = LineCloneModel(*args, wing_tolerance=1e-7, far_field=change == "moved")
+            model = LineCloneModel(*args, wing_tolerance=1e-7, far_field=change != "wider")
             plan = model.make_plan(wl, 0.0, kernel="triton", headroom=1.0)
             with torch.no_grad():
                 if change == "wider":
                     model.log_gammas += 1.0
                     model.log_sigmas += 1.0
-                else:
+                elif change == "moved":
                     model.lam_centers[-1] = wl[-1] + 80.0
+                else:  # a diverged fit
+                    model.log_gammas[3] = float("nan")
             plan.update()
             flags.append(plan.stale)
         cases.append(dict(case=change, flags=flags))
@@ -376,10 +378,10 @@ def test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations(hpf_
                          env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     cases = __import__("json").loads(out.stdout.strip().splitlines()[-1])
-    assert len(cases) == 2 * 8 + 1 + 2
-    for case in cases[-2:]:
+    assert len(cases) == 2 * 8 + 1 + 3
+    for case in cases[-3:]:
         assert case["flags"] == [True, True, True], case
-    for case in cases[:-2]:
+    for case in cases[:-3]:
         eta, levels, b_line, *windows = case["diff"]
         tol = 1e-6 if "float32" in case["case"] else 1e-14
         assert eta <= tol and b_line <= tol, case
