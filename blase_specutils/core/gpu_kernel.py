@@ -443,6 +443,20 @@ if HAVE_TRITON:
         return k0.to(tl.int64) - (M - 1), f, inside
 
     @triton.jit
+    def _lagrange(f, q: tl.constexpr, M: tl.constexpr):
+        """The Lagrange weight of stencil point q (offset q - (M - 1)) at offset f, and its derivative
+        (the product rule, term by term)."""
+        w = f * 0.0 + 1.0
+        dw = f * 0.0
+        den = 1
+        for k in tl.static_range(2 * M):
+            if k != q:
+                dw = dw * (f - (k - (M - 1))) + w
+                w = w * (f - (k - (M - 1)))
+                den = den * (q - k)
+        return w / den, dw / den
+
+    @triton.jit
     def _spread_kernel(p_ptr, c_ptr, e_ptr, gc_ptr, ge_ptr, n_lines, n, M: tl.constexpr, BLOCK: tl.constexpr):
         """Each line adds c_j w_q and e_j w_q to the 2M grid points of its stencil (atomic adds)."""
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -453,13 +467,7 @@ if HAVE_TRITON:
         first, f, _ = _stencil(p, n, M)
         for q in tl.static_range(2 * M):
             # w_q = Π_{k≠q} (f - o_k) / Π_{k≠q} (o_q - o_k), o_k = k - (M - 1)
-            w = f * 0.0 + 1.0
-            den = 1
-            for k in tl.static_range(2 * M):
-                if k != q:
-                    w = w * (f - (k - (M - 1)))
-                    den = den * (q - k)
-            w = w / den
+            w, dw = _lagrange(f, q, M)
             tl.atomic_add(gc_ptr + first + q, c * w, mask=mask)
             tl.atomic_add(ge_ptr + first + q, e * w, mask=mask)
 
@@ -480,17 +488,7 @@ if HAVE_TRITON:
         for q in tl.static_range(2 * M):
             gc = tl.load(gc_ptr + first + q, mask=mask, other=0.0)
             ge = tl.load(ge_ptr + first + q, mask=mask, other=0.0)
-            w = f * 0.0 + 1.0
-            dw = f * 0.0
-            den = 1
-            for k in tl.static_range(2 * M):
-                if k != q:
-                    # product rule: d/df of Π (f - o_k) term by term
-                    dw = dw * (f - (k - (M - 1))) + w
-                    w = w * (f - (k - (M - 1)))
-                    den = den * (q - k)
-            w = w / den
-            dw = dw / den
+            w, dw = _lagrange(f, q, M)
             dc += w * gc
             de += w * ge
             dp += dw * (c * gc + e * ge)
@@ -500,19 +498,6 @@ if HAVE_TRITON:
 
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _lagrange(f, q: tl.constexpr, M: tl.constexpr):
-        """The Lagrange weight of stencil point q (offset q - (M - 1)) at offset f, and its derivative."""
-        w = f * 0.0 + 1.0
-        dw = f * 0.0
-        den = 1
-        for k in tl.static_range(2 * M):
-            if k != q:
-                dw = dw * (f - (k - (M - 1))) + w
-                w = w * (f - (k - (M - 1)))
-                den = den * (q - k)
-        return w / den, dw / den
 
     @triton.jit
     def _level_of(lev_ptr, i, mask, geo_ptr, lay_ptr, n_rows):
