@@ -73,6 +73,9 @@ CONFIGS = [
          tol=1e-7, mode="log", graph=True, windows=True, far=True, coefficients=True, devices=("cuda",)),
     dict(name="far-field, float64, RV +500 km/s, plan, CUDA graph, all Triton", dtype="float64", far_field=True,
          tol=1e-7, rv=500.0, graph=True, windows=True, far=True, coefficients=True, devices=("cuda",)),
+    dict(name="far-field, float64, train()", dtype="float64", far_field=True, tol=1e-7, train="plain"),
+    dict(name="far-field, float64, train() through a plan (CUDA graph on GPUs)", dtype="float64", far_field=True,
+         tol=1e-7, train="plan"),
 
     dict(name="far-field, float64, plan, CUDA graph, 512-px chunks", dtype="float64", far_field=True, tol=1e-7,
          graph=True, chunk=512, devices=("cuda",)),
@@ -92,7 +95,7 @@ CONFIGS = [
 for _cfg in CONFIGS:
     if _cfg["name"] in ("far-field (default), float64", "far-field, float64, plan, CUDA graph") or (
             _cfg.get("graph") and ("Triton windows" in _cfg["name"] or "Triton far field" in _cfg["name"]
-                                   or "all Triton" in _cfg["name"])):
+                                   or "all Triton" in _cfg["name"])) or "train" in _cfg:
         _cfg["group"] = "triton"
 
 
@@ -177,6 +180,22 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
     start_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = [p for p in model.parameters() if p.requires_grad]
     planned = "graph" in cfg
+    if "train" in cfg:
+        # whole epochs of blase_specutils.core.train (best-parameter tracking, early-stopping checks, one
+        # loss read back per epoch), plain or through a plan; each epoch timed between two callbacks
+        from blase_specutils.core.training import train
+
+        rv = cfg.get("rv")
+        plan = model.make_plan(wl, rv) if cfg["train"] == "plan" else None
+        stamps = [time.perf_counter()]
+        hist = train(model, lambda: ((model(wl, rv, plan=plan) - target) ** 2).sum(), epochs=warmup + epochs,
+                     lr=0.01, patience=None, progress=False, plans=plan,
+                     callback=lambda i, v: stamps.append(time.perf_counter()))
+        times = list(np.diff(stamps)[warmup:])
+        extra = dict(epochs_run=hist.epochs_run) if plan is None else dict(
+            epochs_run=hist.epochs_run, plan_rebuilds=plan.rebuilds)
+        return _result(cfg, device, times, model, start_state, forward, dense, args, kw, wl_np, dev, rss0, None,
+                       extra)
     if planned:
         # a window plan, and (on CUDA, graph=True) the whole epoch as one CUDA graph
         from blase_specutils.core.graphs import GraphedEpoch
@@ -220,6 +239,14 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
     if profile_dir:
         kernels = _profile(cfg["name"], epoch if planned else None, model, target, opt, dev, Path(profile_dir),
                            forward=forward)
+    return _result(cfg, device, times, model, start_state, forward, dense, args, kw, wl_np, dev, rss0, kernels, extra)
+
+
+def _result(cfg, device, times, model, start_state, forward, dense, args, kw, wl_np, dev, rss0, kernels,
+            extra) -> dict:
+    """One row: the epoch times, the peak memory and the accuracy of the starting model."""
+    from blase_specutils.core import LineCloneModel
+
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
         peak_kind = "GPU MiB"
@@ -337,7 +364,8 @@ def main() -> None:
         ms = r["ms_per_epoch"]
         launches = "" if r.get("kernels_per_epoch") is None else f" ({r['kernels_per_epoch']:.0f} kernels)"
         if "plan_rebuilds" in r:
-            launches += f" ({r['plan_rebuilds']} plan rebuilds, {r['graph_recordings']} graph recordings)"
+            launches += f" ({r['plan_rebuilds']} plan rebuilds"
+            launches += f", {r['graph_recordings']} graph recordings)" if "graph_recordings" in r else ")"
         print(f"| {r['name']} | {ms:.3g}{launches} | {r['peak_memory']:.0f} {r['memory_kind']} | "
               f"{r['max_abs_err']:.2e} | {r['rms_err']:.2e} |", flush=True)
         # written after every row, so that an interrupted run keeps what it measured

@@ -18,7 +18,7 @@ from . import __version__ as _version
 from .core.clone import LineCloneModel
 from .core.detection import find_lines
 from .core.profiles import PROFILES, profile_fwhm, pseudo_voigt_eta, pseudo_voigt_fwhm
-from .core.training import TrainingHistory, resolve_device, seed_everything, train
+from .core.training import TrainingHistory, resolve_device, seed_everything, train, use_plans
 from .preprocessing import DEFAULT_BUFFER, _as_band, _buffer_angstrom, divide_blackbody, flatten_continuum, trim
 from .spectra import arrays_to_spectrum, spectrum_to_arrays, wavelength_to_angstrom
 
@@ -474,6 +474,7 @@ def clone_spectrum(
     seed: int | None = 0,
     progress: bool = True,
     likelihood=None,
+    plan: bool | str = "auto",
 ) -> SpectralClone:
     """Clone a precomputed synthetic spectrum into tunable lines (paper Sections 2-3).
 
@@ -543,6 +544,13 @@ def clone_spectrum(
         "length_scale": 10.0}``; ``{"learn_noise_scale": True}`` tunes a factor on the noise,
         which then tends to hand line-scale residuals to the GP). The GP's conditional mean is
         returned as :attr:`SpectralClone.pseudo_continuum`.
+    plan : bool or "auto"
+        Train through a window plan of the clone (``LineCloneModel.make_plan``): on a GPU every
+        epoch is then one replay of a CUDA graph (:func:`~blase_specutils.core.train` with
+        ``plans``; not with a GP likelihood, whose epochs run eagerly). The result is that of
+        training without a plan. ``"auto"``: on CUDA devices when
+        :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set (off until this path has been
+        timed on a GPU); never on CPUs, where a plan brings no speed.
 
     Returns
     -------
@@ -559,6 +567,7 @@ def clone_spectrum(
     if dtype not in (torch.float32, torch.float64):
         raise TypeError("dtype must be torch.float32 or torch.float64")
     dev = resolve_device(device)
+    want_plan = use_plans(plan, dev)
     seed_everything(seed)
     b = _as_band(band) if band is not None else None
     buf = _buffer_angstrom(buffer)
@@ -598,17 +607,19 @@ def clone_spectrum(
     flux_t = torch.as_tensor(np.where(arr.good, arr.flux, 1.0), dtype=dtype, device=dev)
     w_t = torch.as_tensor(arr.good, dtype=dtype, device=dev)
     lik, gp_noise = _clone_likelihood(likelihood, arr, dev)
+    planned = model.make_plan(wl_t) if want_plan else None
 
     def loss_fn():
         if lik is not None:
-            return lik(flux_t - model(wl_t))
-        r = (model(wl_t) - flux_t) * w_t
+            return lik(flux_t - model(wl_t, plan=planned))
+        r = (model(wl_t, plan=planned) - flux_t) * w_t
         return (r * r).sum()
 
     # centres move in Å: a step of lr/10 of the median pixel size, not lr in log units
     dlam = float(np.median(np.diff(arr.wavelength)))
     hist = train(model, loss_fn, epochs=epochs, lr=lr, patience=patience, progress=progress,
-                 desc=f"cloning {len(guess)} lines", lr_overrides={"lam_centers": lr * dlam}, extra=lik)
+                 desc=f"cloning {len(guess)} lines", lr_overrides={"lam_centers": lr * dlam}, extra=lik,
+                 plans=planned, graph=None if lik is None else False)
     model.wing_tolerance = float(wing_tolerance)
     pseudo = None
     gp_meta = {}

@@ -90,8 +90,8 @@ def test_corrupted_clone_files(phoenix_subband_clone, tmp_path):
 
 
 def test_clone_accepts_other_units_and_descending_axes_with_same_result(phoenix_10k):
-    base = trim(phoenix_10k, (10600, 10640) * u.AA, 5 * u.AA)
-    kw = dict(prominence=0.02, epochs=30, progress=False)
+    base = trim(phoenix_10k, (9000, 9050) * u.AA, 5 * u.AA)
+    kw = dict(prominence=0.005, epochs=30, progress=False)
     a = clone_spectrum(base, **kw)
     nm_desc = Spectrum(spectral_axis=base.spectral_axis.to(u.nm)[::-1], flux=base.flux[::-1])
     b = clone_spectrum(nm_desc, **kw)
@@ -155,6 +155,23 @@ def test_bad_inputs(phoenix_10k):
         clone_spectrum(np.ones(10), progress=False)
     with pytest.raises(ValueError, match="mode"):
         clone_spectrum(phoenix_10k[:1000], mode="quadratic", progress=False)
+    with pytest.raises(ValueError, match="plan must be"):
+        clone_spectrum(phoenix_10k[:1000], plan="yes", progress=False)
+
+
+@pytest.mark.skipif(not __import__("blase_specutils.core.cpu_kernel", fromlist=["x"]).HAVE_NUMBA,
+                    reason="plans on CPUs use the compiled numba kernel")
+def test_cloning_through_a_plan_gives_the_same_clone(phoenix_10k):
+    """plan=True (a window plan and, on a GPU, CUDA-graph epochs) with two broad, wing-corrected lines
+    and tuned centres: the same losses and lines as plan=False."""
+    base = trim(phoenix_10k, (9000, 9050) * u.AA, 5 * u.AA)
+    kw = dict(prominence=0.005, epochs=30, n_broad=2, tune=("amplitude", "sigma", "gamma", "center"), progress=False)
+    a = clone_spectrum(base, plan=False, **kw)
+    b = clone_spectrum(base, plan=True, **kw)
+    assert a.model.broad_lines.numel() == 2 and a.n_lines > 5 and a.history.loss[-1] < 0.5 * a.history.loss[0]
+    np.testing.assert_allclose(b.history.loss, a.history.loss, rtol=1e-12)
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        np.testing.assert_allclose(q.detach().numpy(), p.detach().numpy(), rtol=1e-10, atol=1e-12, err_msg=name)
 
 
 def test_warns_when_the_band_edge_cuts_a_broad_wing(phoenix_10k):

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .engine import dense_log_flux, window_half_widths, windowed_log_flux
 from .farfield import FarFieldSettings
-from .plan import WindowPlan
+from .plan import BroadLinePlan, ClonePlan, WindowPlan
 from .profiles import PROFILES, pseudo_voigt_fwhm
 
 __all__ = ["LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE"]
@@ -233,12 +233,12 @@ class LineCloneModel(nn.Module):
 
     def log_flux(
         self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False,
-        plan: WindowPlan | None = None,
+        plan: WindowPlan | ClonePlan | None = None,
     ) -> Tensor:
         r""":math:`\ln S_\mathrm{clone}` on ``wavelength`` (Å, strictly increasing).
 
-        ``plan``: a :class:`~blase_specutils.core.plan.WindowPlan` of this model on this grid
-        (:meth:`make_plan`): the same sums without synchronising with the device.
+        ``plan``: a plan of this model on this grid (:meth:`make_plan`): the same sums without
+        synchronising with the device.
         """
         if plan is not None:
             if dense:
@@ -255,8 +255,11 @@ class LineCloneModel(nn.Module):
                 # a frozen plan's windows were computed for the RV it follows (GraphedEpoch)
                 raise ValueError("this frozen plan follows another radial_velocity; evaluate it with the RV given "
                                  "to make_plan, or make a plan for this one")
-            return plan.log_flux(self.shifted_centers(radial_velocity), self.log_amplitudes.exp(),
-                                 self.log_sigmas.exp(), self.log_gammas.exp())
+            lines = (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
+                     self.log_gammas.exp())
+            if isinstance(plan, ClonePlan):
+                return plan.log_flux(*lines, *self._wing_parameters())
+            return plan.log_flux(*lines)
         wavelength = torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device)
         args = (
             wavelength,
@@ -265,23 +268,56 @@ class LineCloneModel(nn.Module):
             self.log_sigmas.exp(),
             self.log_gammas.exp(),
         )
-        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign, wing=self._wing())
+        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign)
         if dense:
-            return dense_log_flux(*args, **kw)
-        mask = None
-        if self.broad_lines.numel():
-            mask = torch.zeros(self.n_lines, dtype=torch.bool, device=self.broad_lines.device)
-            mask[self.broad_lines] = True
+            return dense_log_flux(*args, wing=self._wing(), **kw)
         ff = self._far_field_settings(wavelength)
-        hw = self.window_half_widths() if ff is None else None
-        return windowed_log_flux(*args, half_widths=hw, tolerance=self.wing_tolerance, wing_mask=mask,
-                                 far_field=ff, **kw)
+        if not self.broad_lines.numel():
+            hw = self.window_half_widths() if ff is None else None
+            return windowed_log_flux(*args, half_widths=hw, tolerance=self.wing_tolerance, far_field=ff, **kw)
+        # the lines with the Appendix C.4 correction are summed whole, in windows that allow for the
+        # stretched wings (area scaled by max(e^alpha, 1)); the others as usual, with the far field
+        plain, broad = self._line_split()
+        alpha, lt, b = self._wing_parameters()
+        c, a, s, g = (t[broad] for t in args[1:])
+        out = windowed_log_flux(
+            wavelength, c, a, s, g, half_widths=self._broad_half_widths(a, s, g, alpha), far_field=None,
+            wing=lambda x, k: 1.0 + torch.expm1(alpha[k])[:, None] * torch.sigmoid((x.abs() - lt[k][:, None])
+                                                                                    / b[k][:, None]), **kw)
+        if plain.numel():
+            out = out + windowed_log_flux(wavelength, *(t[plain] for t in args[1:]), tolerance=self.wing_tolerance,
+                                          far_field=ff, half_widths=None if ff is not None else
+                                          self.window_half_widths()[plain], **kw)
+        return out
+
+    def _line_split(self) -> tuple[Tensor, Tensor]:
+        """Indices of the plain lines and of the broad lines (in the order of ``broad_lines``)."""
+        broad = self.broad_lines
+        cached = getattr(self, "_split", None)
+        # made again when .to(device) replaced the buffer or load_state_dict wrote into it
+        if cached is None or cached[1] is not broad or cached[2] != broad._version:
+            mask = torch.ones(self.n_lines, dtype=torch.bool, device=broad.device)
+            mask[broad] = False
+            self._split = (torch.nonzero(mask).flatten(), broad, broad._version)
+        return self._split[:2]
+
+    def _wing_parameters(self) -> tuple[Tensor, Tensor, Tensor]:
+        r"""α, λ_t and b (Å) of the broad lines' wing corrections."""
+        return self.wing_alpha, self.wing_log_lt.exp(), self.wing_log_b.exp()
+
+    def _broad_half_widths(self, a: Tensor, s: Tensor, g: Tensor, alpha: Tensor) -> Tensor:
+        """Window half widths (Å) of broad lines: their stretched wings may be up to e^α stronger."""
+        with torch.no_grad():
+            return window_half_widths(a * torch.clamp(alpha.exp(), min=1.0), s, g, self.wing_tolerance)
 
     def make_plan(
         self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, headroom: float = 1.25,
         kernel: str = "auto",
-    ) -> WindowPlan:
-        r"""A :class:`~blase_specutils.core.plan.WindowPlan` of this model on ``wavelength``.
+    ) -> WindowPlan | ClonePlan:
+        r"""A :class:`~blase_specutils.core.plan.WindowPlan` of this model on ``wavelength`` (a
+        :class:`~blase_specutils.core.plan.ClonePlan` when some lines have the Appendix C.4 wing
+        correction: those take fixed-size windows of a
+        :class:`~blase_specutils.core.plan.BroadLinePlan`).
 
         Pass it to :meth:`forward` / :meth:`log_flux` (``plan=``): the sums are those of the
         unplanned engine, computed without reading anything back from the device but one flag,
@@ -300,9 +336,6 @@ class LineCloneModel(nn.Module):
         kernel : {"auto", "numba", "triton"}
             The compiled kernel.
         """
-        if self.broad_lines.numel():
-            raise ValueError("window plans do not cover lines with the Appendix C.4 wing correction; "
-                             "evaluate this model without a plan")
         if not torch.is_tensor(wavelength) or wavelength.dtype != torch.float64 or \
                 wavelength.device != self.lam_centers.device:
             raise TypeError("wavelength must be a float64 tensor on the model's device (a plan keeps this grid)")
@@ -311,9 +344,25 @@ class LineCloneModel(nn.Module):
             return (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
                     self.log_gammas.exp())
 
-        plan = WindowPlan(wavelength, source, profile=self.profile, mode=self.mode, sign=self.sign,
-                          tolerance=self.wing_tolerance, far_field=self._far_field_settings(wavelength),
-                          half_widths=None, kernel=kernel, headroom=headroom)
+        settings = dict(profile=self.profile, mode=self.mode, sign=self.sign, tolerance=self.wing_tolerance)
+        if not self.broad_lines.numel():
+            plan = WindowPlan(wavelength, source, far_field=self._far_field_settings(wavelength), half_widths=None,
+                              kernel=kernel, headroom=headroom, **settings)
+        else:
+            plain, broad = self._line_split()
+
+            def broad_source():
+                return (*(t[broad] for t in source()), *self._wing_parameters())
+
+            def plain_source():
+                return tuple(t[plain] for t in source())
+
+            part = None
+            if plain.numel():
+                part = WindowPlan(wavelength, plain_source, far_field=self._far_field_settings(wavelength),
+                                  half_widths=None, kernel=kernel, headroom=headroom, **settings)
+            plan = ClonePlan(wavelength, part, BroadLinePlan(wavelength, broad_source, headroom=headroom, **settings),
+                             plain, broad)
         plan.radial_velocity = radial_velocity  # what a frozen plan must be evaluated at
         plan.model_id = id(self)
         return plan
@@ -341,7 +390,7 @@ class LineCloneModel(nn.Module):
 
     def forward(
         self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False,
-        plan: WindowPlan | None = None,
+        plan: WindowPlan | ClonePlan | None = None,
     ) -> Tensor:
         r"""The clone :math:`S_\mathrm{clone}(\lambda)` (continuum-normalised flux)."""
         return torch.exp(self.log_flux(wavelength, radial_velocity, dense=dense, plan=plan))

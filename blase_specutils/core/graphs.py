@@ -19,7 +19,10 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .plan import WindowPlan
+from .plan import BroadLinePlan, ClonePlan, WindowPlan
+
+#: What ``plans`` may hold.
+PLAN_TYPES = (WindowPlan, ClonePlan, BroadLinePlan)
 
 __all__ = ["GraphedEpoch"]
 
@@ -37,13 +40,16 @@ class GraphedEpoch:
     optimizer : torch.optim.Optimizer
         On CUDA it must be built with ``capturable=True`` (e.g. ``torch.optim.Adam(params, lr,
         capturable=True)``), so that its step counter lives on the GPU.
-    plans : WindowPlan or sequence of WindowPlan
-        The plans ``loss_fn`` evaluates with. They are updated after each optimizer step.
+    plans : WindowPlan, ClonePlan or a sequence of them
+        The plans ``loss_fn`` evaluates with (``LineCloneModel.make_plan``). They are updated after each optimizer step.
     graph : bool, optional
         Record a CUDA graph (default: when the parameters are on a CUDA device).
     warmup : int
         Epochs run eagerly before the first recording (the first evaluations compile kernels and
         make FFT plans, which a recording cannot do).
+    keep_previous : bool
+        Copy the parameters into :attr:`previous` before each optimizer step, so that the caller
+        can keep the parameters that gave a loss (``train`` keeps the best ones).
 
     Notes
     -----
@@ -60,18 +66,19 @@ class GraphedEpoch:
         self,
         loss_fn: Callable[[], Tensor],
         optimizer: torch.optim.Optimizer,
-        plans: WindowPlan | Sequence[WindowPlan],
+        plans: WindowPlan | ClonePlan | Sequence[WindowPlan | ClonePlan],
         *,
         graph: bool | None = None,
         warmup: int = 2,
+        keep_previous: bool = False,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError("loss_fn must be a callable that returns the loss")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError("optimizer must be a torch.optim.Optimizer")
-        self.plans = [plans] if isinstance(plans, WindowPlan) else list(plans)
-        if not self.plans or not all(isinstance(p, WindowPlan) for p in self.plans):
-            raise TypeError("plans must be one WindowPlan or a sequence of them")
+        self.plans = [plans] if isinstance(plans, PLAN_TYPES) else list(plans)
+        if not self.plans or not all(isinstance(p, PLAN_TYPES) for p in self.plans):
+            raise TypeError("plans must be one plan (a WindowPlan or ClonePlan, from make_plan) or a sequence of them")
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         if not self.params:
             raise ValueError("the optimizer has no parameters")
@@ -94,6 +101,9 @@ class GraphedEpoch:
         self._loss = None
         self._eager_left = self.warmup
         self._versions = None
+        #: The parameters before the last epoch's optimizer step (with ``keep_previous``), in the
+        #: optimizer's order: those that gave the loss the last call returned.
+        self.previous = [p.detach().clone() for p in self.params] if keep_previous else None
         for p in self.plans:
             p.frozen = True
 
@@ -102,6 +112,8 @@ class GraphedEpoch:
         if not (torch.is_tensor(loss) and loss.numel() == 1):
             raise TypeError("loss_fn must return a scalar tensor")
         loss.backward()
+        if self.previous is not None:
+            torch._foreach_copy_(self.previous, [p.detach() for p in self.params])
         self.optimizer.step()
         for p in self.plans:
             p.update()

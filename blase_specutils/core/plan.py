@@ -21,7 +21,8 @@ capacity, a line on a level that is not evaluated, or a line too close to a leve
 Reading the flag is the only synchronisation left; a stale plan is rebuilt (:meth:`WindowPlan.rebuild`).
 
 Plans cover the compiled kernels (numba on CPUs, Triton on GPUs) for plain pseudo-Voigt and exact
-Voigt lines; lines with the Appendix C.4 wing correction use the unplanned engine.
+Voigt lines. The few lines with the Appendix C.4 wing correction take a :class:`BroadLinePlan`
+(fixed-size windows in torch operations), and a :class:`ClonePlan` holds the two.
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ import torch
 from torch import Tensor
 
 from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
-from .engine import window_half_widths
+from .engine import _bucket_sizes, line_terms, window_half_widths
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
+from .profiles import PROFILES
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
 from . import gpu_kernel
 from .gpu_kernel import (HAVE_TRITON, line_coefficients_triton, plan_lines_triton, plan_windows_triton,
                          windowed_pseudo_voigt_sum_triton)
 
-__all__ = ["WindowPlan"]
+__all__ = ["WindowPlan", "BroadLinePlan", "ClonePlan"]
 
 #: Compute the per-line quantities of an update (η and its derivatives, levels, kernel widths and
 #: window ends) in one Triton kernel where the plan uses the Triton line kernel, instead of about
@@ -387,3 +389,188 @@ class WindowPlan:
             return out + ff.to(out.dtype)
         out = near()
         return out + far().to(out.dtype)
+
+
+class BroadLinePlan:
+    r"""Windows of fixed size for the few lines with the Appendix C.4 wing correction.
+
+    These lines are evaluated whole (outside the far field), with the corrected profile
+    :math:`\tilde V = V\,[1 + (e^{\alpha_j} - 1)\,\mathcal{S}((|\lambda - \lambda_{c,j}| - \lambda_{t,j})/b_j)]`,
+    in torch operations on a (lines × :attr:`width`) block of pixels. Each line's window is what
+    the unplanned engine evaluates for it: out to where the term falls below ``tolerance`` (with the
+    area scaled by :math:`\max(e^{\alpha_j}, 1)`), padded to the engine's bucket length and centred
+    on the line. The block is as wide as the longest padded window when the plan is made, times
+    ``headroom``; an update raises the flag (:attr:`stale`) when a window no longer fits.
+
+    Parameters
+    ----------
+    wavelength : Tensor
+        The pixel grid (Å), float64, strictly increasing, shape (N,).
+    source : callable
+        ``source()`` returns λc (Å, float64), a, σ, γ (Å), α, λ_t and b (Å) of the lines, each of
+        shape (L,).
+    profile : {"pseudo-voigt", "voigt"}
+    mode : {"linear", "log"}
+    sign : float
+        +1 for absorption, -1 for emission.
+    tolerance : float
+        Truncation tolerance of the windows.
+    headroom : float
+        Width of the block relative to the longest window when the plan is made (>= 1); it grows
+        by half (up to 4) at every rebuild that the lines forced.
+    """
+
+    def __init__(self, wavelength: Tensor, source: Callable, *, profile: str = "pseudo-voigt", mode: str = "linear",
+                 sign: float = 1.0, tolerance: float = 1e-6, headroom: float = 1.25) -> None:
+        if not torch.is_tensor(wavelength) or wavelength.ndim != 1 or wavelength.dtype != torch.float64:
+            raise TypeError("wavelength must be a 1-D float64 tensor (Å)")
+        if wavelength.numel() < 2:
+            raise ValueError("a window plan needs at least two pixels")
+        if profile not in PROFILES:
+            raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
+        if mode not in ("linear", "log"):
+            raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+        if not (tolerance > 0 and headroom >= 1.0):
+            raise ValueError("tolerance must be > 0 and headroom >= 1")
+        self.wavelength = wavelength
+        self._grid = wavelength.contiguous()
+        self.source = source
+        self.profile, self.mode, self.sign = profile, mode, float(sign)
+        self._shape = PROFILES[profile]
+        self.tolerance = float(tolerance)
+        self.headroom = float(headroom)
+        self.frozen = False
+        self._sizes = torch.tensor(_bucket_sizes(wavelength.numel()), device=wavelength.device)
+        self._stale = None
+        self.rebuild()
+        self.rebuilds = 0
+
+    @torch.no_grad()
+    def _windows(self, c: Tensor, a: Tensor, s: Tensor, g: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """First pixel and padded length of every line's window, as the unplanned engine takes them
+        (zero length for a window entirely off the grid)."""
+        n = self._grid.numel()
+        hw = window_half_widths(a * torch.clamp(alpha.exp(), min=1.0), s, g, self.tolerance)
+        lo = torch.searchsorted(self._grid, c - hw)
+        hi = torch.searchsorted(self._grid, c + hw, right=True)
+        npix = hi - lo
+        m = self._sizes[torch.searchsorted(self._sizes, torch.clamp(npix, min=8, max=n))]  # the engine's buckets
+        start = torch.clamp(lo - (m - npix.clamp(max=m)) // 2, min=0)
+        start = torch.minimum(start, n - m)
+        offgrid = (hi <= 0) | (lo >= n)
+        return start, torch.where(offgrid, torch.zeros_like(m), m)
+
+    @torch.no_grad()
+    def rebuild(self, lines: tuple | None = None) -> None:
+        """Size the block again for the current lines (synchronises with the device)."""
+        if self._stale is not None and bool(self._stale):
+            self.headroom = min(4.0, self.headroom * 1.5)
+        c, a, s, g, alpha, lt, b = (t.detach() for t in (self.source() if lines is None else lines))
+        if c.ndim != 1 or c.numel() == 0 or any(t.shape != c.shape for t in (a, s, g, alpha, lt, b)):
+            raise ValueError("a broad-line plan needs at least one line, with its seven parameters of one shape (L,)")
+        start, length = self._windows(c, a, s, g, alpha)
+        n = self._grid.numel()
+        self.n_lines = c.numel()
+        self.width = int(min(n, max(8, math.ceil(int(length.max()) * self.headroom))))
+        self._offsets = torch.arange(self.width, device=c.device)
+        self.start = start.clone()
+        self.length = length.clone()
+        self._stale = torch.zeros((), dtype=torch.int32, device=c.device)
+        self.rebuilds = getattr(self, "rebuilds", 0) + 1
+
+    @torch.no_grad()
+    def update(self, lines: tuple | None = None) -> None:
+        """Recompute the windows on the device, without synchronising; :attr:`stale` tells whether
+        they still fit the block."""
+        c, a, s, g, alpha, _, _ = (t.detach() for t in (self.source() if lines is None else lines))
+        if c.numel() != self.n_lines:
+            raise ValueError(f"the plan is for {self.n_lines} lines, the source now gives {c.numel()}")
+        start, length = self._windows(c, a, s, g, alpha)
+        self.start.copy_(start)
+        self.length.copy_(length)
+        torch.maximum(self._stale, (length > self.width).any().to(torch.int32), out=self._stale)
+
+    @property
+    def stale(self) -> bool:
+        """True when a window outgrew the block at an update since the plan was (re)built."""
+        return bool(self._stale)
+
+    def log_flux(self, centers: Tensor, amplitude: Tensor, sigma: Tensor, gamma: Tensor, alpha: Tensor,
+                 transition: Tensor, scale: Tensor) -> Tensor:
+        r""":math:`\ln S` of these lines on the plan's grid (differentiable in all seven parameters)."""
+        lines = (centers, amplitude, sigma, gamma, alpha, transition, scale)
+        if any(t.shape != (self.n_lines,) for t in lines):
+            raise ValueError(f"the plan is for {self.n_lines} lines: every parameter must have shape ({self.n_lines},)")
+        start, length = self.start, self.length
+        if not self.frozen:
+            self.update(lines)
+            if self.stale:
+                self.rebuild(lines)
+            start, length = self.start.clone(), self.length.clone()
+        n = self._grid.numel()
+        with torch.no_grad():
+            idx = start[:, None] + self._offsets[None, :]
+            inside = self._offsets[None, :] < length[:, None]
+            idx = torch.where(inside, idx, torch.zeros_like(idx)).clamp_(max=n - 1)
+        dtype = amplitude.dtype
+        x = (self._grid[idx] - centers[:, None]).to(dtype)
+        v = self._shape(x, sigma[:, None], gamma[:, None])
+        v = v * (1.0 + torch.expm1(alpha)[:, None] * torch.sigmoid((x.abs() - transition[:, None]) / scale[:, None]))
+        t = line_terms(v, amplitude[:, None], self.mode, self.sign)
+        t = torch.where(inside, t, torch.zeros_like(t))
+        return torch.zeros(n, dtype=dtype, device=self._grid.device).index_add(0, idx.reshape(-1), t.reshape(-1))
+
+
+class ClonePlan:
+    """The plans of a clone with wing-corrected lines: a :class:`WindowPlan` of its plain lines and
+    a :class:`BroadLinePlan` of the others (made by ``LineCloneModel.make_plan``).
+
+    It is updated, rebuilt, frozen and checked as one plan (:class:`.graphs.GraphedEpoch` takes it
+    like a :class:`WindowPlan`).
+    """
+
+    def __init__(self, wavelength: Tensor, plain: WindowPlan | None, broad: BroadLinePlan, plain_lines: Tensor,
+                 broad_lines: Tensor) -> None:
+        self.wavelength = wavelength
+        self.plain, self.broad = plain, broad
+        self.plain_lines, self.broad_lines = plain_lines, broad_lines
+
+    @property
+    def parts(self) -> list:
+        return [p for p in (self.plain, self.broad) if p is not None]
+
+    @property
+    def frozen(self) -> bool:
+        return self.broad.frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        for p in self.parts:
+            p.frozen = bool(value)
+
+    @property
+    def rebuilds(self) -> int:
+        """Rebuilds forced by the lines, of either part."""
+        return sum(p.rebuilds for p in self.parts)
+
+    @property
+    def stale(self) -> bool:
+        return any(p.stale for p in self.parts)
+
+    def update(self) -> None:
+        for p in self.parts:
+            p.update()
+
+    def rebuild(self) -> None:
+        for p in self.parts:
+            p.rebuild()
+
+    def log_flux(self, centers: Tensor, amplitude: Tensor, sigma: Tensor, gamma: Tensor, alpha: Tensor,
+                 transition: Tensor, scale: Tensor) -> Tensor:
+        r""":math:`\ln S_\mathrm{clone}` of all the lines: the plain ones' sums and the broad ones'
+        (``alpha``, ``transition`` λ_t and ``scale`` b: the broad lines' wing parameters)."""
+        lines = (centers, amplitude, sigma, gamma)
+        out = self.broad.log_flux(*(t[self.broad_lines] for t in lines), alpha, transition, scale)
+        if self.plain is not None:
+            out = out + self.plain.log_flux(*(t[self.plain_lines] for t in lines))
+        return out

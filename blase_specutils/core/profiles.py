@@ -110,6 +110,18 @@ _WEIDEMAN_N = 40
 _W_COEFFS, _W_L = _weideman_coefficients(_WEIDEMAN_N)
 
 
+_COEFFS_ON: dict = {}
+
+
+def _coefficients_on(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The expansion's coefficients as a tensor, made once per dtype and device (a copy from host
+    memory at every call would keep the exact Voigt out of CUDA graphs)."""
+    key = (dtype, str(device))
+    if key not in _COEFFS_ON:
+        _COEFFS_ON[key] = torch.as_tensor(_W_COEFFS, dtype=dtype, device=device)
+    return _COEFFS_ON[key]
+
+
 def faddeeva(z: Tensor) -> Tensor:
     r"""The Faddeeva function :math:`w(z) = e^{-z^2}\operatorname{erfc}(-iz)` for Im z ≥ 0.
 
@@ -121,7 +133,7 @@ def faddeeva(z: Tensor) -> Tensor:
     iz = 1j * z
     lmiz = ell - iz
     zz = (ell + iz) / lmiz
-    coeffs = torch.as_tensor(_W_COEFFS, dtype=z.dtype, device=z.device)
+    coeffs = _coefficients_on(z.dtype, z.device)
     p = torch.zeros_like(zz) + coeffs[0]
     for c in coeffs[1:]:
         p = p * zz + c

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TrainingHistory", "train", "seed_everything", "resolve_device", "NonFiniteLossWarning"]
+__all__ = ["TrainingHistory", "train", "seed_everything", "resolve_device", "NonFiniteLossWarning", "use_plans"]
+
+#: Whether ``plan="auto"`` (``clone_spectrum``, ``fit_transfer``) trains through window plans and CUDA
+#: graphs on CUDA devices. Off until that path has been run and timed on a GPU: the graphed epoch
+#: itself was (benchmarks/RESULTS.md), its use inside ``train`` and with wing-corrected lines not yet.
+PLANS_ON_CUDA = False
 
 
 class NonFiniteLossWarning(RuntimeWarning):
@@ -56,6 +61,16 @@ def seed_everything(seed: int | None) -> None:
     np.random.seed(seed % 2**32)
 
 
+def use_plans(plan: bool | str, device: torch.device) -> bool:
+    """Whether to train through window plans: ``plan`` True/False, or ``"auto"`` (on CUDA devices
+    when :data:`PLANS_ON_CUDA` is set; never on CPUs, where a plan brings no speed)."""
+    if plan == "auto":
+        return PLANS_ON_CUDA and torch.device(device).type == "cuda"
+    if not isinstance(plan, bool):
+        raise ValueError(f"plan must be True, False or 'auto', got {plan!r}")
+    return plan
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Turn ``None``/``"auto"``/``"cpu"``/``"cuda"`` into a torch device, with a clear error."""
     if device is None or device == "auto":
@@ -82,6 +97,8 @@ def train(
     callback: Callable[[int, float], None] | None = None,
     lr_overrides: dict[str, float] | None = None,
     extra: nn.Module | None = None,
+    plans=None,
+    graph: bool | None = None,
 ) -> TrainingHistory:
     """Minimise ``loss_fn()`` over the model's trainable parameters with full-batch Adam.
 
@@ -110,6 +127,15 @@ def train(
     extra : nn.Module, optional
         A second module whose trainable parameters are tuned together with the model's (at the
         rate ``lr``) and restored with them, e.g. a likelihood with its own hyperparameters.
+    plans : plan or sequence of plans, optional
+        The window plans through which ``loss_fn`` evaluates every line sum
+        (``LineCloneModel.make_plan``, e.g. ``loss_fn = lambda: ((model(wl, plan=plan) - f)**2).sum()``).
+        Each epoch then runs as a :class:`~blase_specutils.core.graphs.GraphedEpoch`: the plans are
+        updated on the device after each step, and on a GPU the whole epoch is recorded once and
+        replayed as a CUDA graph. The losses and parameters are those of the loop without plans.
+    graph : bool, optional
+        With ``plans``: record the epoch as a CUDA graph (default: when the parameters are on a
+        CUDA device). ``loss_fn`` must then read nothing back from the device.
 
     Returns
     -------
@@ -141,7 +167,40 @@ def train(
         return hist
     groups = [{"params": [p for n, p in named if n not in lr_overrides], "lr": lr}]
     groups += [{"params": [p], "lr": float(lr_overrides[n])} for n, p in named if n in lr_overrides]
-    opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+    epoch_fn = None
+    if plans is not None:
+        from .graphs import GraphedEpoch
+
+        on_cuda = params[0].device.type == "cuda"
+        use_graph = on_cuda if graph is None else bool(graph)
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, capturable=use_graph)
+        epoch_fn = GraphedEpoch(loss_fn, opt, plans, graph=use_graph, keep_previous=True)
+        previous = {id(p): buf for p, buf in zip(epoch_fn.params, epoch_fn.previous)}
+    else:
+        if graph:
+            raise ValueError("graph=True needs plans: the line sums of a CUDA graph go through window plans")
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+    try:
+        return _loop(model, loss_fn, opt, params, hist, best_state, epochs=int(epochs), patience=patience,
+                     min_rel_improvement=min_rel_improvement, progress=progress, desc=desc, callback=callback,
+                     epoch_fn=epoch_fn, previous=previous if epoch_fn is not None else None)
+    finally:
+        if epoch_fn is not None:
+            for p in epoch_fn.plans:
+                p.frozen = False  # evaluations after training update the plans again
+
+
+def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, min_rel_improvement, progress, desc,
+          callback, epoch_fn, previous) -> TrainingHistory:
+    """The epochs of :func:`train`: plain, or through a :class:`.graphs.GraphedEpoch` (``epoch_fn``)
+    that keeps the parameters before each step in ``previous`` (by ``id`` of the parameter)."""
+
+    def snapshot(before_step: bool) -> dict:
+        state = model.state_dict(keep_vars=True)
+        if before_step:  # the epoch already took its step: the loss belongs to the parameters before it
+            return {k: previous.get(id(v), v).detach().clone() for k, v in state.items()}
+        return {k: v.detach().clone() for k, v in state.items()}
+
     last_improvement = 0
     plateau_ref = math.inf
     t0 = time.perf_counter()
@@ -149,26 +208,34 @@ def train(
 
     bar = tqdm(range(int(epochs)), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
     for epoch in bar:
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            hist.stop_reason = "non-finite"
-            break
-        loss.backward()
-        if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
-            hist.stop_reason = "non-finite"
-            hist.loss.append(value)
-            break
+        if epoch_fn is not None:
+            # forward, backward, step and the plans' update; a NaN gradient shows in the next loss
+            value = float(epoch_fn())
+            if not math.isfinite(value):
+                hist.stop_reason = "non-finite"
+                break
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                hist.stop_reason = "non-finite"
+                break
+            loss.backward()
+            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                hist.stop_reason = "non-finite"
+                hist.loss.append(value)
+                break
         hist.loss.append(value)
         if value < hist.best_loss:
             hist.best_loss = value
             hist.best_epoch = epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = snapshot(epoch_fn is not None)
         if value < plateau_ref - min_rel_improvement * abs(plateau_ref) or not math.isfinite(plateau_ref):
             plateau_ref = value
             last_improvement = epoch
-        opt.step()
+        if epoch_fn is None:
+            opt.step()
         hist.epochs_run = epoch + 1
         if progress and (epoch % 10 == 0 or epoch == epochs - 1):
             bar.set_postfix(loss=f"{value:.4g}", best=f"{hist.best_loss:.4g}")
@@ -185,7 +252,7 @@ def train(
         if math.isfinite(final) and final < hist.best_loss:
             hist.best_loss = final
             hist.best_epoch = hist.epochs_run
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = snapshot(False)
     model.load_state_dict(best_state)
     hist.seconds = time.perf_counter() - t0
     if hist.stop_reason == "non-finite":
@@ -194,6 +261,6 @@ def train(
             f"restored the best parameters (epoch {hist.best_epoch}, loss {hist.best_loss:.6g}). "
             "Try a smaller learning rate.",
             NonFiniteLossWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return hist

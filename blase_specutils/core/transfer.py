@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from .clone import SPEED_OF_LIGHT_KMS, LineCloneModel
 from .extrinsic import InstrumentalBroadening, PixelResampler, RotationalBroadening, log_lambda_grid, pixel_edges
-from .training import TrainingHistory, train
+from .training import TrainingHistory, train, use_plans
 
 __all__ = ["TransferModel", "transfer_loss", "fit_transfer", "TransferFit"]
 
@@ -158,6 +158,30 @@ class TransferModel(nn.Module):
         coeffs[:, 0] = 1.0
         self.continuum_coeffs = nn.Parameter(coeffs)
 
+    def make_plans(self, *, headroom: float = 1.25) -> list:
+        """Window plans of the clones on the model grid λ_Z (``LineCloneModel.make_plan``; the
+        stellar one follows the RV parameter). Evaluations go through them until
+        :meth:`clear_plans`: the same sums, with fewer synchronisations with the device.
+
+        Returns
+        -------
+        list
+            The plans, for :func:`~blase_specutils.core.train` (``plans=``).
+        """
+        self._plans = {}
+        if self.stellar is not None:
+            self._plans["stellar"] = self.stellar.make_plan(self.lam_z, self.rv, headroom=headroom)
+        if self.telluric is not None:
+            self._plans["telluric"] = self.telluric.make_plan(self.lam_z, headroom=headroom)
+        return list(self._plans.values())
+
+    def clear_plans(self) -> None:
+        """Evaluate the clones without plans again (after :meth:`make_plans`)."""
+        self._plans = {}
+
+    def _plan(self, name: str):
+        return getattr(self, "_plans", {}).get(name)
+
     @property
     def n_orders(self) -> int:
         return int(self.continuum_coeffs.shape[0])
@@ -184,7 +208,7 @@ class TransferModel(nn.Module):
         without a stellar clone."""
         if self.stellar is None:
             return None
-        s = self.stellar(self.lam_z, self.rv)
+        s = self.stellar(self.lam_z, self.rv, plan=self._plan("stellar"))
         return self.rot(s)
 
     def telluric_transmission(self) -> Tensor | None:
@@ -196,7 +220,7 @@ class TransferModel(nn.Module):
         """
         if self.telluric is None:
             return None
-        return torch.exp(self.telluric_power * self.telluric.log_flux(self.lam_z))
+        return torch.exp(self.telluric_power * self.telluric.log_flux(self.lam_z, plan=self._plan("telluric")))
 
     def joint(self) -> Tensor:
         """M_joint(λ_Z) = S_ext ⊙ T_clone^X (Eq. 9), or T_clone^X alone without a stellar clone."""
@@ -393,6 +417,7 @@ def fit_transfer(
     tune_telluric_power: bool = True,
     telluric_regularization: float | None = 5.0,
     telluric_power_scan: Sequence[float] | None = None,
+    plan: bool | str = "auto",
 ) -> TransferFit:
     """Fit in the order users need: RV scan, then extrinsic + continuum, then lines.
 
@@ -442,6 +467,12 @@ def fit_transfer(
     telluric_power_scan : sequence of float, optional
         Powers X (> 0) for a χ² scan after the RV scan (continuum solved at each); the best one
         starts template matching.
+    plan : bool or "auto"
+        Train both stages through window plans of the clones (:meth:`TransferModel.make_plans`);
+        the result is that of training without them. The epochs run eagerly: the broadening
+        kernels check v sin i and R on the host at every evaluation, which keeps a transfer epoch
+        out of CUDA graphs. ``"auto"``: on CUDA devices when
+        :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
 
     Returns
     -------
@@ -449,6 +480,7 @@ def fit_transfer(
         The model is left holding the fitted parameters; the clones' tuned/frozen state and the
         power's ``requires_grad`` are restored.
     """
+    want_plan = use_plans(plan, model.lam_z.device)
     fit = TransferFit()
     st, tel = model.stellar, model.telluric
     prior = None if st is None else st.log_amplitudes.detach().clone()
@@ -480,10 +512,35 @@ def fit_transfer(
     model.log_telluric_power.requires_grad_(bool(tune_telluric_power) and tel is not None)
     model.inst.log_resolving_power.requires_grad_(bool(tune_resolving_power))
     extra = likelihood if isinstance(likelihood, nn.Module) else None
+    plans = model.make_plans() if want_plan else None
+    try:
+        _fit_stages(model, data, weight, fit, template_epochs=template_epochs, line_epochs=line_epochs, lr=lr,
+                    likelihood=likelihood, overrides=overrides, extra=extra, plans=plans, progress=progress,
+                    tune_lines=tune_lines, tune_telluric=tune_telluric, tune_vsini_with_lines=tune_vsini_with_lines,
+                    patience=patience, prior=prior, wprior=wprior, tprior=tprior, twprior=twprior,
+                    regularization=regularization, width_regularization=width_regularization,
+                    telluric_regularization=telluric_regularization)
+    finally:
+        if plans is not None:
+            model.clear_plans()
+    if st is not None:
+        st.set_tuned(st_before)
+    if tel is not None:
+        tel.set_tuned(tel_before)
+    model.log_telluric_power.requires_grad_(power_before)
+    return fit
+
+
+def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, likelihood, overrides, extra, plans,
+                progress, tune_lines, tune_telluric, tune_vsini_with_lines, patience, prior, wprior, tprior, twprior,
+                regularization, width_regularization, telluric_regularization) -> None:
+    """The two training stages of :func:`fit_transfer` (template matching, then the lines)."""
+    st, tel = model.stellar, model.telluric
     if template_epochs:
         fit.stages["template"] = train(
             model, lambda: transfer_loss(model, data, weight, likelihood=likelihood), epochs=template_epochs, lr=lr,
             patience=50, progress=progress, desc="template matching", lr_overrides=overrides, extra=extra,
+            plans=plans, graph=False,
         )
     fit.chi2["template"] = _chi2(model, data, weight)
     # stage 2: lines, with everything else still free
@@ -503,13 +560,7 @@ def fit_transfer(
                                   likelihood=likelihood, telluric_log_amp_prior=tprior,
                                   telluric_regularization=telluric_regularization, telluric_width_prior=twprior),
             epochs=line_epochs, lr=lr, patience=patience, progress=progress, desc="transfer learning",
-            lr_overrides=overrides, extra=extra,
+            lr_overrides=overrides, extra=extra, plans=plans, graph=False,
         )
         fit.chi2["lines"] = _chi2(model, data, weight)
         model.rot.log_vsini.requires_grad_(vsini_free)
-    if st is not None:
-        st.set_tuned(st_before)
-    if tel is not None:
-        tel.set_tuned(tel_before)
-    model.log_telluric_power.requires_grad_(power_before)
-    return fit

@@ -537,3 +537,52 @@ def test_lagrange_weights_with_gradients_match_the_prefix_products_and_gradcheck
         torch.testing.assert_close(plain.sum(1), torch.ones_like(f), rtol=0, atol=1e-13)
         torch.testing.assert_close(plain @ offsets, f, rtol=0, atol=1e-12)
         assert torch.autograd.gradcheck(lambda x: _lagrange_weights(x, m), (fg,), eps=1e-6, atol=1e-8)
+
+
+def _wing_model(alpha: float, **kw) -> LineCloneModel:
+    """Four lines, the first with the Appendix C.4 wing correction (stretched by e^alpha)."""
+    c = torch.tensor([10030.0, 10050.0, 10052.0, 10070.0], dtype=F64)
+    la = torch.log(torch.tensor([0.002, 0.02, 0.01, 0.03], dtype=F64))
+    ls = torch.log(torch.tensor([0.05, 0.03, 0.04, 0.05], dtype=F64))
+    lg = torch.log(torch.tensor([0.02, 0.02, 0.01, 0.05], dtype=F64))
+    m = LineCloneModel(c, la, ls, lg, broad_lines=[0], **{"wing_tolerance": 1e-7, **kw})
+    with torch.no_grad():
+        m.wing_alpha.fill_(alpha)
+    return m
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(mode="log"), dict(far_field=False), dict(profile="voigt")])
+def test_wing_corrected_lines_are_as_exact_as_the_others(kw):
+    """Stretched wings (e^3 = 20× beyond λ_t) get windows wide enough for them: the windowed clone
+    stays within the truncation tolerance of the dense one, as with no stretch. (Windows sized for
+    the unstretched line were off by 1.7e-6 here.)"""
+    grid = torch.linspace(10000.0, 10100.0, 20001, dtype=F64)
+    errs = []
+    for alpha in (0.0, 3.0):
+        m = _wing_model(alpha, **kw)
+        with torch.no_grad():
+            errs.append(float((m(grid) - m(grid, dense=True)).abs().max()))
+            if alpha:  # a real change of the wings, far above the tolerance
+                assert float((m(grid, dense=True) - _wing_model(0.0, **kw)(grid, dense=True)).abs().max()) > 1e-4
+    assert errs[1] < 3e-7 and errs[1] < 1.5 * errs[0]
+
+
+def test_gradcheck_wing_correction_parameters():
+    grid = torch.arange(5000.0, 5003.0, 0.02, dtype=F64)
+    m = LineCloneModel(torch.tensor([5000.8, 5001.5, 5002.1], dtype=F64),
+                       torch.log(torch.tensor([0.01, 0.03, 0.02], dtype=F64)),
+                       torch.log(torch.tensor([0.03, 0.05, 0.04], dtype=F64)),
+                       torch.log(torch.tensor([0.02, 0.04, 0.03], dtype=F64)), broad_lines=[1, 2],
+                       tune=("amplitude", "sigma", "gamma", "wing"), wing_tolerance=1e-9, far_field=False)
+    names = ["log_amplitudes", "log_sigmas", "log_gammas", "wing_alpha", "wing_log_lt", "wing_log_b"]
+    with torch.no_grad():
+        m.wing_alpha.copy_(torch.tensor([0.4, -0.3], dtype=F64))
+        m.wing_log_lt.copy_(torch.log(torch.tensor([0.1, 0.15], dtype=F64)))
+
+    def f(*values):
+        return torch.func.functional_call(m, dict(zip(names, values)), (grid,))
+
+    # windows stay fixed for these small steps (every window spans the 3 Å grid)
+    assert bool((m.window_half_widths() > 3.0).all())
+    start = tuple(getattr(m, n).detach().clone().requires_grad_(True) for n in names)
+    assert torch.autograd.gradcheck(f, start)

@@ -18,8 +18,10 @@ import torch
 
 from blase_specutils.core import LineCloneModel
 from blase_specutils.core.cpu_kernel import HAVE_NUMBA
+from blase_specutils.core.engine import window_half_widths
 from blase_specutils.core.graphs import GraphedEpoch
-from blase_specutils.core.plan import WindowPlan
+from blase_specutils.core.plan import ClonePlan, WindowPlan
+from blase_specutils.core.training import NonFiniteLossWarning, train
 
 pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="plans on CPUs use the compiled numba kernel")
 
@@ -209,8 +211,7 @@ def test_bad_plan_and_epoch_arguments(hpf_slice):
     model = _model(hpf_slice)
     with pytest.raises(TypeError, match="float64"):
         model.make_plan(wl.float())
-    with pytest.raises(ValueError, match="wing correction"):
-        LineCloneModel(*args, broad_lines=[0]).make_plan(wl)
+    assert isinstance(LineCloneModel(*args, broad_lines=[0]).make_plan(wl), ClonePlan)
     plan = model.make_plan(wl)
     with pytest.raises(ValueError, match="another wavelength grid"):
         model(wl.clone(), plan=plan)
@@ -244,6 +245,122 @@ def test_bad_plan_and_epoch_arguments(hpf_slice):
         epoch()
 
 
+def _broad_model(hpf_slice, **kw) -> LineCloneModel:
+    """The slice's lines, five of them (of middling width: their windows are shorter than the grid)
+    with the Appendix C.4 wing correction, stretched or shrunk."""
+    _, args = hpf_slice
+    hw = window_half_widths(args[1].exp(), args[2].exp(), args[3].exp(), 1e-7)
+    broad = torch.argsort(hw)[5:55:10]  # windows of 7-15 Å at tolerance 1e-7, on a 100 Å grid
+    model = LineCloneModel(*args, **{"wing_tolerance": 1e-7, "broad_lines": broad.tolist(),
+                                     "tune": ("amplitude", "sigma", "gamma", "wing", "center"), **kw})
+    with torch.no_grad():
+        model.wing_alpha.copy_(torch.linspace(-0.5, 1.0, 5, dtype=model.dtype))
+    return model
+
+
+@pytest.mark.parametrize("kw, rv", [
+    (dict(), None),
+    (dict(mode="log"), 120.0),
+    (dict(emission=True, profile="voigt"), -80.0),
+    (dict(far_field=False, wing_tolerance=1e-6), 40.0),
+])
+def test_planned_sums_with_wing_corrected_lines_equal_the_unplanned_engine(hpf_slice, kw, rv):
+    wl, _ = hpf_slice
+    model = _broad_model(hpf_slice, **kw)
+    plan = model.make_plan(wl, rv)
+    assert isinstance(plan, ClonePlan) and plan.broad.width < wl.numel()
+    f0, g0 = _value_and_grads(model, wl, rv)
+    f1, g1 = _value_and_grads(model, wl, rv, plan)
+    assert len(g0) == 7  # λc, ln a, ln σ, ln γ and the three wing parameters
+    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not plan.stale and plan.rebuilds == 0
+
+
+def test_broad_line_plan_flags_wings_that_outgrow_it_and_rebuilds(hpf_slice):
+    wl, _ = hpf_slice
+    model = _broad_model(hpf_slice)
+    plan = model.make_plan(wl)
+    with torch.no_grad():
+        model.wing_alpha += 3.0  # wings 20× stronger: longer windows than the block holds
+    plan.frozen = True
+    plan.update()
+    assert plan.broad.stale and not plan.plain.stale and plan.stale
+    plan.frozen = False
+    f1, g1 = _value_and_grads(model, wl, None, plan)
+    assert plan.rebuilds == 1 and not plan.stale
+    f0, g0 = _value_and_grads(model, wl, None)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_plan_of_a_clone_whose_lines_are_all_broad(hpf_slice):
+    wl, args = hpf_slice
+    model = LineCloneModel(*(t[100:104] for t in args), broad_lines=[0, 1, 2, 3], tune=("amplitude", "wing"))
+    plan = model.make_plan(wl, 25.0)
+    assert plan.plain is None
+    f0, g0 = _value_and_grads(model, wl, 25.0)
+    f1, g1 = _value_and_grads(model, wl, 25.0, plan)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def _train_both_ways(hpf_slice, epochs: int, *, nan_after: int | None = None, **kw):
+    """train() with and without a plan on a clone with wing-corrected lines: histories and parameters."""
+    wl, _ = hpf_slice
+    out = {}
+    for planned in (False, True):
+        model = _broad_model(hpf_slice)
+        with torch.no_grad():
+            target = model(wl) ** 1.1
+        plan = model.make_plan(wl) if planned else None
+        calls = [0]
+
+        def loss_fn():
+            calls[0] += 1
+            loss = ((model(wl, plan=plan) - target) ** 2).sum()
+            return loss * float("nan") if nan_after is not None and calls[0] > nan_after else loss
+
+        hist = train(model, loss_fn, epochs=epochs, progress=False, plans=plan,
+                     lr_overrides={"lam_centers": 1e-4}, **kw)
+        out[planned] = (hist, [p.detach().clone() for p in model.parameters()], plan)
+    return out
+
+
+def test_train_through_plans_gives_the_plain_training(hpf_slice):
+    out = _train_both_ways(hpf_slice, 12, lr=0.03)
+    (h0, p0, _), (h1, p1, plan) = out[False], out[True]
+    assert h1.loss[-1] < 0.5 * h1.loss[0]
+    np.testing.assert_allclose(h1.loss, h0.loss, rtol=1e-12)
+    assert (h1.best_epoch, h1.epochs_run, h1.stop_reason) == (h0.best_epoch, h0.epochs_run, h0.stop_reason)
+    assert h1.best_loss == pytest.approx(h0.best_loss, rel=1e-12)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not plan.frozen  # handed back for evaluations that update it
+
+
+def test_train_through_plans_keeps_the_best_parameters_when_the_loss_turns_nan(hpf_slice):
+    with pytest.warns(NonFiniteLossWarning):
+        out = _train_both_ways(hpf_slice, 12, lr=0.03, nan_after=6)
+    (h0, p0, _), (h1, p1, _) = out[False], out[True]
+    assert h0.stop_reason == h1.stop_reason == "non-finite"
+    assert h1.best_epoch == h0.best_epoch == 5  # the sixth loss, the last finite one
+    for a, b in zip(p1, p0):  # the parameters of that loss, not those after its step
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_train_arguments_with_plans(hpf_slice):
+    wl, _ = hpf_slice
+    model = _model(hpf_slice)
+    with pytest.raises(ValueError, match="needs plans"):
+        train(model, lambda: model(wl).sum(), epochs=2, progress=False, graph=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        train(model, lambda: model(wl).sum(), epochs=2, progress=False, plans=model.make_plan(wl), graph=True)
+
+
 SYNC_FREE = textwrap.dedent("""
     import collections, json, sys
     import numpy as np
@@ -257,11 +374,20 @@ SYNC_FREE = textwrap.dedent("""
     wl = torch.as_tensor(data["wl"])
     lines = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
     out = []
-    for spread in (False, True):  # the far field's torch spreading and plan update, then the Triton ones
+    # the far field's torch spreading and plan update, then the Triton ones; then lines with the
+    # Appendix C.4 wing correction (one broad, one narrow: a ClonePlan), with the exact Voigt
+    for spread, broad, shape in ((False, [], "pseudo-voigt"), (True, [], "pseudo-voigt"), (False, [3, 10], "voigt")):
         farfield.TRITON_SPREAD = farfield.TRITON_FAR = plan_mod.TRITON_WINDOWS = plan_mod.TRITON_COEFFICIENTS = spread
-        model = LineCloneModel(*lines, wing_tolerance=1e-7)
+        kw = dict(wing_tolerance=1e-7, broad_lines=broad, profile=shape)
+        model = LineCloneModel(*lines, **kw)
+        if broad:
+            with torch.no_grad():
+                model.wing_alpha.fill_(0.5)
         plan = model.make_plan(wl, 30.0, kernel="triton")
-        f0 = LineCloneModel(*lines, wing_tolerance=1e-7)(wl, 30.0)
+        ref = LineCloneModel(*lines, **kw)
+        ref.load_state_dict(model.state_dict())
+        f0 = ref(wl, 30.0)
+        model(wl, 30.0, plan=plan)  # a first evaluation caches constants, as GraphedEpoch's warm-up epochs do
         plan.frozen = True
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             f1 = model(wl, 30.0, plan=plan)
@@ -271,8 +397,9 @@ SYNC_FREE = textwrap.dedent("""
         syncs = {k: v for k, v in names.items()
                  if any(s in k for s in ("local_scalar_dense", "nonzero", "aten::item", "is_nonzero", "unique",
                                          "lift_fresh"))}
+        windows = plan if not broad else plan.plain
         out.append(dict(syncs=syncs, diff=float((f1 - f0).abs().max()), stale=plan.stale,
-                        present=list(plan.ff_plan.present)))
+                        present=list(windows.ff_plan.present), broad=len(broad)))
     print(json.dumps(out))
 """)
 
@@ -283,7 +410,7 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     back from the device (no .item(), nonzero, unique or truth test), and none makes a tensor from
     Python numbers (which a CUDA graph's recording refuses: a copy from host memory). With the
     torch far field and the one-kernel update, and with the far field, its coefficients and the
-    update in Triton kernels."""
+    update in Triton kernels. And a clone with wing-corrected lines (a ClonePlan), exact Voigt."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
     wl, (c, a, s, g) = hpf_slice
     keep = (c > 8630) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
@@ -296,7 +423,7 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for res in __import__("json").loads(out.stdout.strip().splitlines()[-1]):
         assert res["syncs"] == {}
-        assert res["diff"] < 1e-14 and not res["stale"]
+        assert res["diff"] < 1e-14 and not res["stale"], res
         assert len(res["present"]) >= 2  # more than one far-field level is exercised
 
 
@@ -594,3 +721,26 @@ def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, li
     assert res["recordings"] >= 1
     if headroom == 1.0:
         assert res["rebuilds"] >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("profile", ["pseudo-voigt", "voigt"])
+def test_cuda_train_through_a_graphed_clone_plan(hpf_slice, profile):
+    """train() with a plan of a clone with wing-corrected lines, replayed as a CUDA graph, against
+    train() without a plan on the same GPU: the same losses, best epoch and parameters."""
+    wl, args = _cuda_lines(hpf_slice)
+    out = {}
+    for planned in (False, True):
+        model = _broad_model((wl.cpu(), args), profile=profile).to("cuda")
+        with torch.no_grad():
+            target = model(wl) ** 1.1
+        plan = model.make_plan(wl) if planned else None
+        hist = train(model, lambda: ((model(wl, plan=plan) - target) ** 2).sum(), epochs=12, lr=0.03,
+                     progress=False, plans=plan, lr_overrides={"lam_centers": 1e-4})
+        out[planned] = (hist, [p.detach().cpu() for p in model.parameters()])
+    (h0, p0), (h1, p1) = out[False], out[True]
+    np.testing.assert_allclose(h1.loss, h0.loss, rtol=1e-10)
+    assert h1.best_epoch == h0.best_epoch and h1.loss[-1] < 0.5 * h1.loss[0]
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

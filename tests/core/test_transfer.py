@@ -163,3 +163,36 @@ def test_telluric_line_pull_and_stage_control(region_clone):
     assert tel.tuned == () and model.log_telluric_power.requires_grad
     assert torch.equal(tel.lam_centers, centers) and float(model.rv) == 0.0
     assert "lines" in fit.stages and fit.chi2["template"] < 1e-2 * fit.chi2["start"] + 1e-6
+
+
+@pytest.mark.skipif(not __import__("blase_specutils.core.cpu_kernel", fromlist=["x"]).HAVE_NUMBA,
+                    reason="plans on CPUs use the compiled numba kernel")
+def test_fit_transfer_through_plans_gives_the_same_fit(region_clone):
+    """Both stages trained through window plans of a stellar clone (two of its lines with the wing
+    correction) and a telluric one: the same losses, χ² and parameters as without plans."""
+    gen = np.random.default_rng(7)
+    perturb = np.log1p(gen.uniform(-0.2, 0.2, region_clone.n_lines))
+    wl, data, w = _simulate(region_clone, perturb, rv=3.0, vsini=2.5, snr=300, seed=3)
+    results = []
+    for plan in (False, True):
+        st = region_clone.subset(torch.arange(region_clone.n_lines))
+        st = LineCloneModel(st.lam_centers.detach(), st.log_amplitudes.detach(), st.log_sigmas.detach(),
+                            st.log_gammas.detach(), broad_lines=[3, 20])
+        tel = _copy(region_clone)
+        with torch.no_grad():
+            tel.log_amplitudes -= 3.0  # weak "telluric" lines
+        model = TransferModel(st, wl, telluric=tel, rv=0.0, vsini=4.0, continuum_degree=1)
+        fit = fit_transfer(model, data, w, rv_scan=np.arange(-10.0, 10.1, 1.0), template_epochs=15, line_epochs=15,
+                           tune_lines=("amplitude", "sigma", "wing"), tune_telluric=("amplitude",), progress=False,
+                           plan=plan)
+        assert getattr(model, "_plans", {}) == {}  # cleared after the fit
+        results.append((fit, [p.detach().clone() for p in model.parameters()]))
+    (f0, p0), (f1, p1) = results
+    assert f1.chi2["lines"] < 0.5 * f1.chi2["start"]
+    for stage in ("template", "lines"):
+        np.testing.assert_allclose(f1.stages[stage].loss, f0.stages[stage].loss, rtol=1e-10)
+        assert f1.chi2[stage] == pytest.approx(f0.chi2[stage], rel=1e-10)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="plan must be"):
+        fit_transfer(model, data, w, template_epochs=1, line_epochs=0, progress=False, plan="always")
