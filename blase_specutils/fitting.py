@@ -115,6 +115,7 @@ def fit_spectrum(
     tune_telluric: Iterable[str] | None = None,
     tune_telluric_power: bool = True,
     telluric_regularization: float | None = 5.0,
+    plan: bool | str = "auto",
 ) -> "TransferResult":
     r"""Fit an observed spectrum with a stellar clone, a telluric clone, or both.
 
@@ -196,6 +197,10 @@ def fit_spectrum(
         at the best of a χ² scan over 0.1-10 and stays free in the line stage). False: X = 1.
     telluric_regularization : float or None
         Λ of the L1 pull of the telluric ln a towards the telluric clone (None: no pull).
+    plan : bool or "auto"
+        Train through window plans (see :func:`~blase_specutils.core.transfer.fit_transfer`): the
+        same fit, with every epoch one CUDA-graph replay on a GPU. ``"auto"``: on CUDA devices when
+        :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
 
     Returns
     -------
@@ -278,7 +283,7 @@ def fit_spectrum(
     prior_centers = {k: m.lam_centers.detach().cpu().numpy().copy() for k, m in (("stellar", st), ("telluric", tel))
                      if m is not None}
     common = dict(tune_resolving_power=tune_resolving_power, lr=lr, progress=progress, likelihood=lik,
-                  tune_telluric_power=tune_power)
+                  tune_telluric_power=tune_power, plan=plan)
     fit = fit_transfer(model, data_t, w_t, rv_scan=scan, template_epochs=template_epochs, line_epochs=0,
                        telluric_power_scan=TELLURIC_POWER_SCAN if tune_power else None, **common)
     n_good = int(good.sum())

@@ -258,6 +258,7 @@ class LineCloneModel(nn.Module):
             lines = (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
                      self.log_gammas.exp())
             if isinstance(plan, ClonePlan):
+                plan.check_lines(self.broad_lines)
                 return plan.log_flux(*lines, *self._wing_parameters())
             return plan.log_flux(*lines)
         wavelength = torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device)

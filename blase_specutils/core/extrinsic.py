@@ -304,8 +304,17 @@ def rotational_kernel(
                 "build the kernel with a larger half_width"
             )
     out = vs.dtype if torch.is_tensor(vsini) and vs.dtype == torch.float32 else torch.float64
+    return _rotational_taps(vs, eps, dv, hw, exact_variance, out)
+
+
+def _rotational_taps(vs: Tensor, eps: Tensor | float, dv: float, hw: float, exact_variance: bool,
+                     out: torch.dtype) -> Tensor:
+    """The taps of :func:`rotational_kernel` for arguments already checked: no value is read back
+    from the device, so that a module with a fixed kernel length can be part of a CUDA graph."""
     wd = _work_dtype(vs.device)
-    vs, eps = vs.to(wd), eps.to(device=vs.device, dtype=wd)
+    vs = vs.to(wd)
+    if torch.is_tensor(eps):
+        eps = eps.to(device=vs.device, dtype=wd)
     n_box = int(math.floor(hw / dv + 0.5))  # the bins |k| <= n_box cover [-hw, hw]
     k = torch.arange(-n_box, n_box + 1, dtype=wd, device=vs.device)
     vs_shape = torch.clamp(vs, min=VSINI_FLOOR_FRACTION * dv)
@@ -411,6 +420,13 @@ def gaussian_lsf_kernel(
                 f"half_width = {half_width} km/s is less than 3 sigma_v = {3.0 * s_val:.6g} km/s "
                 f"(R = {float(r.detach()):.6g}); use a larger half_width"
             )
+    return _gaussian_taps(r, dv, hw)
+
+
+def _gaussian_taps(r: Tensor, dv: float, hw: float) -> Tensor:
+    """The taps of :func:`gaussian_lsf_kernel` for arguments already checked (R > 0, hw >= 3σ_v):
+    no value is read back from the device."""
+    sigma = SPEED_OF_LIGHT_KMS / (FWHM_PER_SIGMA * r)
     out = r.dtype if r.dtype == torch.float32 else torch.float64
     wd = _work_dtype(r.device)
     sigma = sigma.to(wd)
@@ -649,8 +665,11 @@ class RotationalBroadening(nn.Module):
         return self.log_vsini.clamp(max=math.log(self.max_vsini)).exp()
 
     def kernel(self) -> Tensor:
-        """The current kernel ζ (fixed length)."""
-        return rotational_kernel(self.vsini, self.dv, self.limb_darkening, half_width=self.max_vsini)
+        """The current kernel ζ (fixed length). v sin i is held in (0, max_vsini] by the
+        parameterisation, so nothing is checked on the host (a NaN shows in the loss)."""
+        vs = self.vsini
+        return _rotational_taps(vs, self.limb_darkening, self.dv, self.max_vsini, True,
+                                torch.float32 if vs.dtype == torch.float32 else torch.float64)
 
     def forward(self, flux: Tensor) -> Tensor:
         return _convolve_same(flux, self.kernel(), self.method)
@@ -715,8 +734,9 @@ class InstrumentalBroadening(nn.Module):
         return self.log_resolving_power.clamp(min=math.log(self.min_resolving_power)).exp()
 
     def kernel(self) -> Tensor:
-        """The current kernel g(R) (fixed length)."""
-        return gaussian_lsf_kernel(self.resolving_power, self.dv, half_width=self.half_width)
+        """The current kernel g(R) (fixed length). R is held at or above
+        :attr:`min_resolving_power`, so nothing is checked on the host (a NaN shows in the loss)."""
+        return _gaussian_taps(self.resolving_power, self.dv, self.half_width)
 
     def forward(self, flux: Tensor) -> Tensor:
         return _convolve_same(flux, self.kernel(), self.method)

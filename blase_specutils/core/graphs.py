@@ -14,6 +14,7 @@ On CPUs, or with ``graph=False``, the same epoch runs eagerly.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -50,6 +51,9 @@ class GraphedEpoch:
     keep_previous : bool
         Copy the parameters into :attr:`previous` before each optimizer step, so that the caller
         can keep the parameters that gave a loss (``train`` keeps the best ones).
+    check_gradients : bool
+        Set :attr:`gradients_finite` (a 0-d tensor on the device) at each epoch to whether every
+        gradient was finite before the step, without synchronising.
 
     Notes
     -----
@@ -71,6 +75,7 @@ class GraphedEpoch:
         graph: bool | None = None,
         warmup: int = 2,
         keep_previous: bool = False,
+        check_gradients: bool = False,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError("loss_fn must be a callable that returns the loss")
@@ -104,6 +109,9 @@ class GraphedEpoch:
         #: The parameters before the last epoch's optimizer step (with ``keep_previous``), in the
         #: optimizer's order: those that gave the loss the last call returned.
         self.previous = [p.detach().clone() for p in self.params] if keep_previous else None
+        #: Whether the last epoch's gradients were all finite (with ``check_gradients``).
+        self.gradients_finite = torch.ones((), dtype=torch.bool, device=self.params[0].device) \
+            if check_gradients else None
         for p in self.plans:
             p.frozen = True
 
@@ -112,6 +120,12 @@ class GraphedEpoch:
         if not (torch.is_tensor(loss) and loss.numel() == 1):
             raise TypeError("loss_fn must return a scalar tensor")
         loss.backward()
+        if self.gradients_finite is not None:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:  # the largest |gradient| of each parameter (NaN propagates), in one fused operation
+                self.gradients_finite.copy_(torch.isfinite(torch.stack(torch._foreach_norm(grads, math.inf))).all())
+            else:
+                self.gradients_finite.fill_(True)
         if self.previous is not None:
             torch._foreach_copy_(self.previous, [p.detach() for p in self.params])
         self.optimizer.step()

@@ -533,7 +533,19 @@ class ClonePlan:
                  broad_lines: Tensor) -> None:
         self.wavelength = wavelength
         self.plain, self.broad = plain, broad
-        self.plain_lines, self.broad_lines = plain_lines, broad_lines
+        self.plain_lines, self.broad_lines = plain_lines.clone(), broad_lines.clone()
+        self._watched = (broad_lines, broad_lines._version)  # the model's own buffer: see check_lines
+
+    def check_lines(self, broad_lines: Tensor) -> None:
+        """Raise if the model's broad lines are no longer those of the plan (e.g. after a
+        ``load_state_dict`` from another clone); a synchronisation only when the buffer was written."""
+        buffer, version = self._watched
+        if broad_lines is buffer and broad_lines._version == version:
+            return
+        if broad_lines.shape != self.broad_lines.shape or not torch.equal(broad_lines, self.broad_lines):
+            raise ValueError("the model's wing-corrected (broad) lines changed since this plan was made; "
+                             "make a new plan with make_plan")
+        self._watched = (broad_lines, broad_lines._version)
 
     @property
     def parts(self) -> list:
@@ -550,7 +562,7 @@ class ClonePlan:
 
     @property
     def rebuilds(self) -> int:
-        """Rebuilds forced by the lines, of either part."""
+        """Rebuilds of either part since the plan was made."""
         return sum(p.rebuilds for p in self.parts)
 
     @property
@@ -562,7 +574,9 @@ class ClonePlan:
             p.update()
 
     def rebuild(self) -> None:
-        for p in self.parts:
+        """Rebuild the parts that the lines outgrew (every part when none did)."""
+        stale = [p for p in self.parts if p.stale]
+        for p in stale or self.parts:
             p.rebuild()
 
     def log_flux(self, centers: Tensor, amplitude: Tensor, sigma: Tensor, gamma: Tensor, alpha: Tensor,

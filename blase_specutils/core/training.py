@@ -174,7 +174,7 @@ def train(
         on_cuda = params[0].device.type == "cuda"
         use_graph = on_cuda if graph is None else bool(graph)
         opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, capturable=use_graph)
-        epoch_fn = GraphedEpoch(loss_fn, opt, plans, graph=use_graph, keep_previous=True)
+        epoch_fn = GraphedEpoch(loss_fn, opt, plans, graph=use_graph, keep_previous=True, check_gradients=True)
         previous = {id(p): buf for p, buf in zip(epoch_fn.params, epoch_fn.previous)}
     else:
         if graph:
@@ -195,11 +195,18 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
     """The epochs of :func:`train`: plain, or through a :class:`.graphs.GraphedEpoch` (``epoch_fn``)
     that keeps the parameters before each step in ``previous`` (by ``id`` of the parameter)."""
 
-    def snapshot(before_step: bool) -> dict:
-        state = model.state_dict(keep_vars=True)
-        if before_step:  # the epoch already took its step: the loss belongs to the parameters before it
-            return {k: previous.get(id(v), v).detach().clone() for k, v in state.items()}
-        return {k: v.detach().clone() for k, v in state.items()}
+    kept = {}  # with epoch_fn: id(parameter) -> a buffer holding its value at the best loss so far
+
+    def snapshot(before_step: bool) -> dict | None:
+        if before_step:
+            # the epoch already took its step: the loss belongs to the parameters before it, which are
+            # copied on the device in one operation (the state dict is assembled at the end)
+            if not kept:
+                kept.update({k: v.clone() for k, v in previous.items()})
+            else:
+                torch._foreach_copy_(list(kept.values()), [previous[k] for k in kept])
+            return None
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     last_improvement = 0
     plateau_ref = math.inf
@@ -209,10 +216,17 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
     bar = tqdm(range(int(epochs)), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
     for epoch in bar:
         if epoch_fn is not None:
-            # forward, backward, step and the plans' update; a NaN gradient shows in the next loss
-            value = float(epoch_fn())
+            # forward, backward, step and the plans' update, then the loss and whether the gradients
+            # were finite, read back together; a step with non-finite gradients is undone below, as
+            # the best parameters (kept before each step) are restored
+            loss = epoch_fn()
+            value, finite = torch.stack([loss.detach().double(), epoch_fn.gradients_finite.double()]).tolist()
             if not math.isfinite(value):
                 hist.stop_reason = "non-finite"
+                break
+            if not finite:
+                hist.stop_reason = "non-finite"
+                hist.loss.append(value)
                 break
         else:
             opt.zero_grad(set_to_none=True)
@@ -253,6 +267,8 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
             hist.best_loss = final
             hist.best_epoch = hist.epochs_run
             best_state = snapshot(False)
+    if best_state is None:  # the best parameters are in the kept buffers
+        best_state = {k: kept.get(id(v), v).detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
     model.load_state_dict(best_state)
     hist.seconds = time.perf_counter() - t0
     if hist.stop_reason == "non-finite":

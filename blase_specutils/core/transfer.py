@@ -158,10 +158,17 @@ class TransferModel(nn.Module):
         coeffs[:, 0] = 1.0
         self.continuum_coeffs = nn.Parameter(coeffs)
 
-    def make_plans(self, *, headroom: float = 1.25) -> list:
+    def make_plans(self, *, headroom: float = 1.25, kernel: str = "auto") -> list:
         """Window plans of the clones on the model grid λ_Z (``LineCloneModel.make_plan``; the
         stellar one follows the RV parameter). Evaluations go through them until
         :meth:`clear_plans`: the same sums, with fewer synchronisations with the device.
+
+        Parameters
+        ----------
+        headroom : float
+            As in ``LineCloneModel.make_plan``.
+        kernel : {"auto", "numba", "triton"}
+            The compiled kernel of the plans.
 
         Returns
         -------
@@ -170,9 +177,9 @@ class TransferModel(nn.Module):
         """
         self._plans = {}
         if self.stellar is not None:
-            self._plans["stellar"] = self.stellar.make_plan(self.lam_z, self.rv, headroom=headroom)
+            self._plans["stellar"] = self.stellar.make_plan(self.lam_z, self.rv, headroom=headroom, kernel=kernel)
         if self.telluric is not None:
-            self._plans["telluric"] = self.telluric.make_plan(self.lam_z, headroom=headroom)
+            self._plans["telluric"] = self.telluric.make_plan(self.lam_z, headroom=headroom, kernel=kernel)
         return list(self._plans.values())
 
     def clear_plans(self) -> None:
@@ -469,10 +476,9 @@ def fit_transfer(
         starts template matching.
     plan : bool or "auto"
         Train both stages through window plans of the clones (:meth:`TransferModel.make_plans`);
-        the result is that of training without them. The epochs run eagerly: the broadening
-        kernels check v sin i and R on the host at every evaluation, which keeps a transfer epoch
-        out of CUDA graphs. ``"auto"``: on CUDA devices when
-        :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
+        on a GPU each epoch is then one replay of a CUDA graph (not with a ``likelihood``, whose
+        epochs run eagerly). The result is that of training without plans. ``"auto"``: on CUDA
+        devices when :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
 
     Returns
     -------
@@ -536,11 +542,12 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
                 regularization, width_regularization, telluric_regularization) -> None:
     """The two training stages of :func:`fit_transfer` (template matching, then the lines)."""
     st, tel = model.stellar, model.telluric
+    graph = None if likelihood is None else False  # a likelihood (e.g. a GP's Cholesky) may read values back
     if template_epochs:
         fit.stages["template"] = train(
             model, lambda: transfer_loss(model, data, weight, likelihood=likelihood), epochs=template_epochs, lr=lr,
             patience=50, progress=progress, desc="template matching", lr_overrides=overrides, extra=extra,
-            plans=plans, graph=False,
+            plans=plans, graph=graph,
         )
     fit.chi2["template"] = _chi2(model, data, weight)
     # stage 2: lines, with everything else still free
@@ -560,7 +567,7 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
                                   likelihood=likelihood, telluric_log_amp_prior=tprior,
                                   telluric_regularization=telluric_regularization, telluric_width_prior=twprior),
             epochs=line_epochs, lr=lr, patience=patience, progress=progress, desc="transfer learning",
-            lr_overrides=overrides, extra=extra, plans=plans, graph=False,
+            lr_overrides=overrides, extra=extra, plans=plans, graph=graph,
         )
         fit.chi2["lines"] = _chi2(model, data, weight)
         model.rot.log_vsini.requires_grad_(vsini_free)

@@ -296,9 +296,14 @@ def test_broad_line_plan_flags_wings_that_outgrow_it_and_rebuilds(hpf_slice):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_plan_of_a_clone_whose_lines_are_all_broad(hpf_slice):
+@pytest.mark.parametrize("where", [(8650.0, 8652.0), (8690.0, 8703.0)])
+def test_plan_of_a_clone_whose_lines_are_all_broad(hpf_slice, where):
+    """Lines in the middle of the grid, and lines at and beyond its red end (windows held on the grid)."""
     wl, args = hpf_slice
-    model = LineCloneModel(*(t[100:104] for t in args), broad_lines=[0, 1, 2, 3], tune=("amplitude", "wing"))
+    sel = (args[0] > where[0]) & (args[0] < where[1])
+    n = int(sel.sum())
+    assert n >= 3
+    model = LineCloneModel(*(t[sel] for t in args), broad_lines=list(range(n)), tune=("amplitude", "wing"))
     plan = model.make_plan(wl, 25.0)
     assert plan.plain is None
     f0, g0 = _value_and_grads(model, wl, 25.0)
@@ -308,8 +313,11 @@ def test_plan_of_a_clone_whose_lines_are_all_broad(hpf_slice):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def _train_both_ways(hpf_slice, epochs: int, *, nan_after: int | None = None, **kw):
-    """train() with and without a plan on a clone with wing-corrected lines: histories and parameters."""
+def _train_both_ways(hpf_slice, epochs: int, *, nan_after: int | None = None, nan_gradient_after: int | None = None,
+                     **kw):
+    """train() with and without a plan on a clone with wing-corrected lines: histories and parameters.
+    ``nan_after``: the loss turns NaN after that many evaluations; ``nan_gradient_after``: the loss
+    stays finite but its gradient in α turns NaN (d√|x|/dx at 0)."""
     wl, _ = hpf_slice
     out = {}
     for planned in (False, True):
@@ -322,6 +330,8 @@ def _train_both_ways(hpf_slice, epochs: int, *, nan_after: int | None = None, **
         def loss_fn():
             calls[0] += 1
             loss = ((model(wl, plan=plan) - target) ** 2).sum()
+            if nan_gradient_after is not None and calls[0] > nan_gradient_after:
+                loss = loss + torch.sqrt((model.wing_alpha - model.wing_alpha.detach()).abs()).sum()
             return loss * float("nan") if nan_after is not None and calls[0] > nan_after else loss
 
         hist = train(model, loss_fn, epochs=epochs, progress=False, plans=plan,
@@ -350,6 +360,31 @@ def test_train_through_plans_keeps_the_best_parameters_when_the_loss_turns_nan(h
     assert h1.best_epoch == h0.best_epoch == 5  # the sixth loss, the last finite one
     for a, b in zip(p1, p0):  # the parameters of that loss, not those after its step
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_train_through_plans_stops_on_a_nan_gradient_of_a_finite_loss(hpf_slice):
+    """A NaN gradient need not show in the next loss (a NaN width drops its line from every window):
+    the planned epochs check the gradients on the device, and stop where the plain loop stops."""
+    with pytest.warns(NonFiniteLossWarning):
+        out = _train_both_ways(hpf_slice, 12, lr=0.03, nan_gradient_after=5)
+    (h0, p0, _), (h1, p1, _) = out[False], out[True]
+    assert h0.stop_reason == h1.stop_reason == "non-finite"
+    np.testing.assert_allclose(h1.loss, h0.loss, rtol=1e-12)
+    assert len(h1.loss) == 6 and h1.best_epoch == h0.best_epoch
+    for a, b in zip(p1, p0):
+        assert bool(torch.isfinite(a).all())
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_clone_plan_refuses_a_model_whose_broad_lines_changed(hpf_slice):
+    wl, args = hpf_slice
+    model = LineCloneModel(*args, broad_lines=[2])
+    plan = model.make_plan(wl)
+    model.load_state_dict(model.state_dict())  # the same lines written again: the plan still holds
+    torch.testing.assert_close(model(wl, plan=plan), model(wl), rtol=0, atol=1e-14)
+    model.load_state_dict(LineCloneModel(*args, broad_lines=[5]).state_dict())
+    with pytest.raises(ValueError, match="make a new plan"):
+        model(wl, plan=plan)
 
 
 def test_train_arguments_with_plans(hpf_slice):

@@ -196,3 +196,91 @@ def test_fit_transfer_through_plans_gives_the_same_fit(region_clone):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="plan must be"):
         fit_transfer(model, data, w, template_epochs=1, line_epochs=0, progress=False, plan="always")
+
+
+TRANSFER_SYNC_FREE = """
+import collections, json, sys
+import numpy as np
+import torch
+import blase_specutils.core.extrinsic as extrinsic
+import blase_specutils.core.farfield as farfield
+from blase_specutils.core import LineCloneModel
+from blase_specutils.core.transfer import TransferModel, transfer_loss
+from torch.profiler import ProfilerActivity, profile
+farfield.HAVE_NUMBA = extrinsic.HAVE_NUMBA = False  # the GPU code paths of the far field and the convolutions
+d = np.load(sys.argv[1])
+lines = [torch.as_tensor(d[k]) for k in ("c", "a", "s", "g")]
+stellar = LineCloneModel(*lines, broad_lines=[2], tune=("amplitude", "wing"))
+telluric = LineCloneModel(lines[0] + 0.3, lines[1] - 2.0, lines[2], lines[3], tune=("amplitude",))
+model = TransferModel(stellar, d["wl"], telluric=telluric, rv=5.0, vsini=4.0, continuum_degree=1)
+model.rot.log_vsini.requires_grad_(True)
+model.inst.log_resolving_power.requires_grad_(True)
+with torch.no_grad():
+    data = model() * 1.01
+weight = torch.full_like(data, 1e4)
+prior = stellar.log_amplitudes.detach().clone()
+plans = model.make_plans(kernel="triton")
+loss = lambda: transfer_loss(model, data, weight, log_amp_prior=prior)  # noqa: E731
+loss().backward()  # a first epoch compiles kernels and caches constants (GraphedEpoch's warm-up)
+for p in plans:
+    p.frozen = True
+with profile(activities=[ProfilerActivity.CPU]) as prof:
+    loss().backward()
+    for p in plans:
+        p.update()
+names = collections.Counter(e.name for e in prof.events())
+syncs = {k: v for k, v in names.items() if any(s in k for s in ("local_scalar_dense", "nonzero", "aten::item",
+                                                                  "is_nonzero", "unique", "lift_fresh"))}
+print(json.dumps(dict(syncs=syncs, stale=any(p.stale for p in plans), convs=names.get("aten::_fft_r2c", 0)
+                      + names.get("aten::convolution", 0))))
+"""
+
+
+@pytest.mark.skipif(not __import__("blase_specutils.core.cpu_kernel", fromlist=["x"]).HAVE_NUMBA,
+                    reason="plans on CPUs use the compiled numba kernel")
+def test_transfer_epoch_on_the_gpu_code_path_never_synchronises(region_clone, tmp_path):
+    """A whole transfer-learning epoch (stellar clone with a wing-corrected line and its plan, telluric
+    clone, rotation, instrument, resampling, continuum, L1 pull; forward, backward and the plans'
+    update) on the GPU code path, on the CPU: nothing is read back from the device and no tensor is
+    made from host memory, so that train() can record it as a CUDA graph."""
+    pytest.importorskip("triton", reason="the GPU kernel needs triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    c = region_clone.lam_centers.detach()
+    keep = (c > 8712) & (c < 8722)
+    path = tmp_path / "lines.npz"
+    np.savez(path, wl=np.arange(8714.0, 8720.0, 0.064), c=c[keep].numpy(),
+             **{k: getattr(region_clone, n).detach()[keep].numpy()
+                for k, n in (("a", "log_amplitudes"), ("s", "log_sigmas"), ("g", "log_gammas"))})
+    out = subprocess.run([sys.executable, "-c", TRANSFER_SYNC_FREE, str(path)], capture_output=True, text=True,
+                         env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["syncs"] == {} and not res["stale"]
+    assert res["convs"] >= 2  # both broadening kernels were applied
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fit_transfer_through_graphed_plans_gives_the_same_fit(region_clone):
+    """Both stages replayed as CUDA graphs (plan=True) against the plain epochs on the same GPU."""
+    gen = np.random.default_rng(7)
+    perturb = np.log1p(gen.uniform(-0.2, 0.2, region_clone.n_lines))
+    wl, data, w = _simulate(region_clone, perturb, rv=3.0, vsini=2.5, snr=300, seed=3)
+    results = []
+    for plan in (False, True):
+        st = _copy(region_clone)
+        st = LineCloneModel(st.lam_centers.detach(), st.log_amplitudes.detach(), st.log_sigmas.detach(),
+                            st.log_gammas.detach(), broad_lines=[3, 20], device="cuda")
+        model = TransferModel(st, wl, rv=0.0, vsini=4.0, continuum_degree=1)
+        fit = fit_transfer(model, data.cuda(), w.cuda(), rv_scan=np.arange(-10.0, 10.1, 1.0), template_epochs=15,
+                           line_epochs=15, tune_lines=("amplitude", "sigma", "wing"), progress=False, plan=plan)
+        results.append((fit, [p.detach().cpu() for p in model.parameters()]))
+    (f0, p0), (f1, p1) = results
+    for stage in ("template", "lines"):
+        np.testing.assert_allclose(f1.stages[stage].loss, f0.stages[stage].loss, rtol=1e-9)
+    for a, b in zip(p1, p0):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
