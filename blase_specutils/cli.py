@@ -65,6 +65,7 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
         lr=args.lr,
         device=args.device,
         progress=not args.quiet and not args.json,
+        plan=_plan(args),
     )
     seconds = time.perf_counter() - t0
     clone_path = clone.save(out / f"{stem}_clone.fits", overwrite=True)
@@ -112,6 +113,9 @@ def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--mode", choices=("linear", "log"), default="linear", help="clone in linear (Eq. 2) or log (Eq. A2) flux (default: %(default)s)")
     p.add_argument("--profile", choices=("pseudo-voigt", "voigt"), default="pseudo-voigt", help="line shape (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--plan", choices=("auto", "yes", "no"), default="auto",
+                   help="train through window plans, each epoch one CUDA-graph replay on a GPU (default: %(default)s, "
+                        "which does not plan yet)")
     p.add_argument("--band", type=float, nargs=2, metavar=("LO", "HI"), help="band of interest in Å (default: the template's band, or the whole input)")
     p.add_argument("--buffer", type=float, default=defaults.get("buffer", 30.0), help="buffer around the band in Å (default: %(default)s)")
     p.add_argument("--teff", type=float, help="divide by a blackbody of this Teff in K (default: the template's, else none)")
@@ -140,6 +144,9 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template-only", action="store_true", help="template matching only (no line tuning)")
     p.add_argument("--regularization", type=float, default=5.0, help="Λ of the L1 pull of ln a (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: %(default)s)")
+    p.add_argument("--plan", choices=("auto", "yes", "no"), default="auto",
+                   help="train through window plans, each epoch one CUDA-graph replay on a GPU (default: %(default)s, "
+                        "which does not plan yet)")
     p.add_argument("-o", "--output", default=".", help="output folder (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -216,7 +223,13 @@ def _fit_kwargs(args) -> dict:
                 line_epochs=0 if args.template_only else args.epochs, regularization=args.regularization,
                 tune_telluric=("amplitude",) if args.tune_telluric else None,
                 tune_telluric_power=not args.fixed_telluric_power,
-                telluric_regularization=args.telluric_regularization, continuum_degree=args.continuum_degree)
+                telluric_regularization=args.telluric_regularization, continuum_degree=args.continuum_degree,
+                plan=_plan(args))
+
+
+def _plan(args):
+    """``--plan``: "auto", True or False."""
+    return {"auto": "auto", "yes": True, "no": False}[getattr(args, "plan", "auto")]
 
 
 def _fmt(value, spec: str, unit: str = "") -> str:
@@ -363,7 +376,7 @@ def _run_clone_grid(args) -> int:
             item_kwargs=item_kwargs, progress=not (args.quiet or args.json), prominence=args.prominence,
             band=None if args.band is None else tuple(args.band) * u.AA, buffer=args.buffer * u.AA,
             teff=None if args.teff is None else args.teff * u.K, flatten=not args.no_flatten, mode=args.mode,
-            profile=args.profile, epochs=args.epochs, lr=args.lr, device=args.device,
+            profile=args.profile, epochs=args.epochs, lr=args.lr, device=args.device, plan=_plan(args),
             tune=("amplitude", "sigma", "gamma") + (("center",) if args.tune_centers else ()),
         )
     except (ValueError, TypeError, RuntimeError) as err:

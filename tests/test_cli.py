@@ -47,6 +47,22 @@ def test_demo_runs_end_to_end_briefly(tmp_path, capsys):
         assert (tmp_path / summary[key].split("/")[-1]).exists()
 
 
+@pytest.mark.skipif(not __import__("blase_specutils.core.cpu_kernel", fromlist=["x"]).HAVE_NUMBA,
+                    reason="plans on CPUs use the compiled numba kernel")
+def test_clone_through_a_plan_gives_the_same_clone(tmp_path, capsys):
+    summaries = []
+    for plan in ("no", "yes"):
+        rc = main(["clone", "phoenix-10kK-hpf", "--band", "10500", "10650", "--buffer", "10", "--epochs", "15",
+                   "--plan", plan, "-o", str(tmp_path / plan), "--json"])
+        assert rc == 0
+        summaries.append(json.loads(capsys.readouterr().out))
+    a, b = summaries
+    assert a["n_lines"] == b["n_lines"] and a["epochs"] == b["epochs"]
+    assert b["rms_residual"] == pytest.approx(a["rms_residual"], rel=1e-9)
+    with pytest.raises(SystemExit):
+        main(["clone", "phoenix-10kK-hpf", "--plan", "maybe", "-o", str(tmp_path)])
+
+
 def test_bad_arguments(tmp_path, capsys):
     assert main(["clone", "phoenix-10kK-hpf", "--prominence", "1.5", "-o", str(tmp_path)]) == 2
     assert "prominence" in capsys.readouterr().err
