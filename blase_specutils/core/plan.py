@@ -549,10 +549,12 @@ class ClonePlan:
 
     @property
     def parts(self) -> list:
+        """The plans held: the plain lines' (if any) and the broad lines'."""
         return [p for p in (self.plain, self.broad) if p is not None]
 
     @property
     def frozen(self) -> bool:
+        """Evaluate the windows of the last update as they are (set for both parts together)."""
         return self.broad.frozen
 
     @frozen.setter
@@ -567,9 +569,11 @@ class ClonePlan:
 
     @property
     def stale(self) -> bool:
+        """True when the lines outgrew either part (one synchronisation per part)."""
         return any(p.stale for p in self.parts)
 
     def update(self) -> None:
+        """Update both parts from the model's current lines, without synchronising."""
         for p in self.parts:
             p.update()
 
