@@ -410,8 +410,9 @@ SYNC_FREE = textwrap.dedent("""
     lines = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
     out = []
     # the far field's torch spreading and plan update, then the Triton ones; then lines with the
-    # Appendix C.4 wing correction (one broad, one narrow: a ClonePlan), with the exact Voigt
-    for spread, broad, shape in ((False, [], "pseudo-voigt"), (True, [], "pseudo-voigt"), (False, [3, 10], "voigt")):
+    # Appendix C.4 wing correction (one broad, one narrow: a ClonePlan)
+    for spread, broad, shape in ((False, [], "pseudo-voigt"), (True, [], "pseudo-voigt"),
+                                 (False, [3, 10], "pseudo-voigt")):
         farfield.TRITON_SPREAD = farfield.TRITON_FAR = plan_mod.TRITON_WINDOWS = plan_mod.TRITON_COEFFICIENTS = spread
         kw = dict(wing_tolerance=1e-7, broad_lines=broad, profile=shape)
         model = LineCloneModel(*lines, **kw)
@@ -445,7 +446,7 @@ def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     back from the device (no .item(), nonzero, unique or truth test), and none makes a tensor from
     Python numbers (which a CUDA graph's recording refuses: a copy from host memory). With the
     torch far field and the one-kernel update, and with the far field, its coefficients and the
-    update in Triton kernels. And a clone with wing-corrected lines (a ClonePlan), exact Voigt."""
+    update in Triton kernels. And a clone with wing-corrected lines (a ClonePlan)."""
     pytest.importorskip("triton", reason="the GPU kernel needs triton")
     wl, (c, a, s, g) = hpf_slice
     keep = (c > 8630) & (c < 8670)  # with the Ca II line at 8662 Å, on the second far-field level
@@ -703,6 +704,31 @@ def test_triton_far_field_of_a_plan_matches_its_torch_operations(hpf_slice, tmp_
 def test_triton_far_field_of_a_plan_compiled_on_the_gpu(hpf_slice, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     _check_planned_far_field(_planned_far_field(hpf_slice, tmp_path, dict(env, BLASE_TRITON_DEVICE="cuda")))
+
+
+@pytest.mark.parametrize("profile", ["pseudo-voigt", "voigt"])
+def test_broad_line_plan_never_synchronises(hpf_slice, profile):
+    """A frozen plan of wing-corrected lines (torch operations only, on any device): its evaluation,
+    backward pass and update read nothing back and copy nothing from host memory."""
+    import collections
+
+    from torch.profiler import ProfilerActivity, profile as profiler
+
+    wl, args = hpf_slice
+    sel = (args[0] > 8640) & (args[0] < 8660)
+    model = LineCloneModel(*(t[sel] for t in args), broad_lines=list(range(int(sel.sum()))), profile=profile,
+                           tune=("amplitude", "sigma", "gamma", "wing", "center"))
+    plan = model.make_plan(wl, 20.0)
+    model(wl, 20.0, plan=plan).sum().backward()  # a first evaluation caches constants
+    plan.frozen = True
+    with profiler(activities=[ProfilerActivity.CPU]) as prof:
+        model(wl, 20.0, plan=plan).sum().backward()
+        plan.update()
+    names = collections.Counter(e.name for e in prof.events())
+    assert names.get("aten::index_add", 0) >= 1  # the broad lines were summed in the profiled window
+    syncs = {k: v for k, v in names.items() if any(s in k for s in ("local_scalar_dense", "nonzero", "aten::item",
+                                                                      "is_nonzero", "unique", "lift_fresh"))}
+    assert syncs == {} and not plan.stale
 
 
 def _cuda_lines(hpf_slice):
