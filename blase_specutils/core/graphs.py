@@ -42,7 +42,8 @@ class GraphedEpoch:
         On CUDA it must be built with ``capturable=True`` (e.g. ``torch.optim.Adam(params, lr,
         capturable=True)``), so that its step counter lives on the GPU.
     plans : WindowPlan, ClonePlan or a sequence of them
-        The plans ``loss_fn`` evaluates with (``LineCloneModel.make_plan``). They are updated after each optimizer step.
+        The plans ``loss_fn`` evaluates with (``LineCloneModel.make_plan``). They are updated after
+        each optimizer step.
     graph : bool, optional
         Record a CUDA graph (default: when the parameters are on a CUDA device).
     warmup : int
