@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from .engine import dense_log_flux, window_half_widths, windowed_log_flux
 from .farfield import FarFieldSettings
 from .plan import BroadLinePlan, ClonePlan, WindowPlan
-from .profiles import PROFILES, pseudo_voigt_fwhm
+from .profiles import PROFILES, pseudo_voigt_fwhm, wing_factor
 
 __all__ = ["LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE"]
 
@@ -215,7 +215,7 @@ class LineCloneModel(nn.Module):
             if not bool(has.any()):
                 return torch.ones_like(x)
             kk = k.clamp(min=0)
-            g = 1.0 + torch.expm1(alpha[kk])[:, None] * torch.sigmoid((x.abs() - lt[kk][:, None]) / b[kk][:, None])
+            g = wing_factor(x, alpha[kk], lt[kk], b[kk])
             return torch.where(has[:, None], g, torch.ones_like(g))
 
         return wing
@@ -283,8 +283,7 @@ class LineCloneModel(nn.Module):
         c, a, s, g = (t[broad] for t in args[1:])
         out = windowed_log_flux(
             wavelength, c, a, s, g, half_widths=self._broad_half_widths(a, s, g, alpha), far_field=None,
-            wing=lambda x, k: 1.0 + torch.expm1(alpha[k])[:, None] * torch.sigmoid((x.abs() - lt[k][:, None])
-                                                                                    / b[k][:, None]), **kw)
+            wing=lambda x, k: wing_factor(x, alpha[k], lt[k], b[k]), **kw)
         if plain.numel():
             out = out + windowed_log_flux(wavelength, *(t[plain] for t in args[1:]), tolerance=self.wing_tolerance,
                                           far_field=ff, half_widths=None if ff is not None else

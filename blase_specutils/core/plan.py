@@ -38,7 +38,7 @@ from torch import Tensor
 from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
 from .engine import _bucket_sizes, line_terms, window_half_widths
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
-from .profiles import PROFILES
+from .profiles import PROFILES, wing_factor
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
 from . import gpu_kernel
 from .gpu_kernel import (HAVE_TRITON, line_coefficients_triton, plan_lines_triton, plan_windows_triton,
@@ -515,7 +515,7 @@ class BroadLinePlan:
         dtype = amplitude.dtype
         x = (self._grid[idx] - centers[:, None]).to(dtype)
         v = self._shape(x, sigma[:, None], gamma[:, None])
-        v = v * (1.0 + torch.expm1(alpha)[:, None] * torch.sigmoid((x.abs() - transition[:, None]) / scale[:, None]))
+        v = v * wing_factor(x, alpha, transition, scale)
         t = line_terms(v, amplitude[:, None], self.mode, self.sign)
         t = torch.where(inside, t, torch.zeros_like(t))
         return torch.zeros(n, dtype=dtype, device=self._grid.device).index_add(0, idx.reshape(-1), t.reshape(-1))

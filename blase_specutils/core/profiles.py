@@ -23,6 +23,7 @@ __all__ = [
     "faddeeva",
     "voigt",
     "profile_fwhm",
+    "wing_factor",
     "PROFILES",
 ]
 
@@ -182,6 +183,20 @@ def profile_fwhm(sigma: Tensor, gamma: Tensor, profile: str = "pseudo-voigt", it
             lo = torch.where(above, mid, lo)
             hi = torch.where(above, hi, mid)
     return lo + hi
+
+
+def wing_factor(x: Tensor, alpha: Tensor, transition: Tensor, scale: Tensor) -> Tensor:
+    r"""The Appendix C.4 wing correction :math:`1 + (e^{lpha} - 1)\,\mathcal{S}((|x| - \lambda_t)/b)`
+    that multiplies a broad line's profile.
+
+    Parameters
+    ----------
+    x : Tensor
+        Offsets λ − λc (Å), shape (L, M).
+    alpha, transition, scale : Tensor
+        α, λ_t and b (Å) of each row's line, shape (L,).
+    """
+    return 1.0 + torch.expm1(alpha)[:, None] * torch.sigmoid((x.abs() - transition[:, None]) / scale[:, None])
 
 
 #: Profiles by name, as accepted by the clone model's ``profile=`` argument.

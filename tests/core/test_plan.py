@@ -57,6 +57,14 @@ def _plain_epochs(model, wl, target, opt, epochs: int) -> list:
     return losses
 
 
+def _assert_same(planned, plain) -> None:
+    """Values to 1e-14 absolute, gradients to 1e-12 relative: (flux, grads) pairs."""
+    (f1, g1), (f0, g0) = planned, plain
+    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def _value_and_grads(model, wl, rv, plan=None):
     model.zero_grad()
     flux = model(wl, rv, plan=plan)
@@ -75,11 +83,7 @@ def test_planned_sums_equal_the_unplanned_engine(hpf_slice, kw, rv):
     wl, _ = hpf_slice
     model = _model(hpf_slice, **kw)
     plan = model.make_plan(wl, rv)
-    f0, g0 = _value_and_grads(model, wl, rv)
-    f1, g1 = _value_and_grads(model, wl, rv, plan)
-    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same(_value_and_grads(model, wl, rv, plan), _value_and_grads(model, wl, rv))
     assert not plan.stale and plan.rebuilds == 0
 
 
@@ -269,12 +273,10 @@ def test_planned_sums_with_wing_corrected_lines_equal_the_unplanned_engine(hpf_s
     model = _broad_model(hpf_slice, **kw)
     plan = model.make_plan(wl, rv)
     assert isinstance(plan, ClonePlan) and plan.broad.width < wl.numel()
-    f0, g0 = _value_and_grads(model, wl, rv)
-    f1, g1 = _value_and_grads(model, wl, rv, plan)
-    assert len(g0) == 7  # λc, ln a, ln σ, ln γ and the three wing parameters
-    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    plain = _value_and_grads(model, wl, rv)
+    planned = _value_and_grads(model, wl, rv, plan)
+    assert len(plain[1]) == 7  # λc, ln a, ln σ, ln γ and the three wing parameters
+    _assert_same(planned, plain)
     assert not plan.stale and plan.rebuilds == 0
 
 
@@ -288,12 +290,9 @@ def test_broad_line_plan_flags_wings_that_outgrow_it_and_rebuilds(hpf_slice):
     plan.update()
     assert plan.broad.stale and not plan.plain.stale and plan.stale
     plan.frozen = False
-    f1, g1 = _value_and_grads(model, wl, None, plan)
+    planned = _value_and_grads(model, wl, None, plan)
     assert plan.rebuilds == 1 and not plan.stale
-    f0, g0 = _value_and_grads(model, wl, None)
-    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same(planned, _value_and_grads(model, wl, None))
 
 
 @pytest.mark.parametrize("where", [(8650.0, 8652.0), (8690.0, 8703.0)])
@@ -306,11 +305,7 @@ def test_plan_of_a_clone_whose_lines_are_all_broad(hpf_slice, where):
     model = LineCloneModel(*(t[sel] for t in args), broad_lines=list(range(n)), tune=("amplitude", "wing"))
     plan = model.make_plan(wl, 25.0)
     assert plan.plain is None
-    f0, g0 = _value_and_grads(model, wl, 25.0)
-    f1, g1 = _value_and_grads(model, wl, 25.0, plan)
-    torch.testing.assert_close(f1, f0, rtol=0, atol=1e-14)
-    for a, b in zip(g1, g0):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _assert_same(_value_and_grads(model, wl, 25.0, plan), _value_and_grads(model, wl, 25.0))
 
 
 def _train_both_ways(hpf_slice, epochs: int, *, nan_after: int | None = None, nan_gradient_after: int | None = None,
