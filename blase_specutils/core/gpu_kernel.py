@@ -46,6 +46,10 @@ __all__ = ["HAVE_TRITON", "CHUNK", "windowed_pseudo_voigt_sum_triton"]
 CHUNK = 256
 #: Warps per Triton program of the pseudo-Voigt kernels.
 NUM_WARPS = 4
+#: Whether the compiler may fuse a multiplication and an addition into one fused multiply-add
+#: (rounded once; what the GPU measurements so far used). Given at every launch, so that the kernels
+#: do not change with Triton's default, which Triton 3.10 turns off.
+FP_FUSION = True
 
 
 
@@ -85,10 +89,10 @@ if HAVE_TRITON:
 
     @triton.jit
     def _forward_kernel(wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, eta_ptr, kc_ptr, ke_ptr,
-                        b_ptr, out_ptr, sign, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
+                        b_ptr, out_ptr, SIGN: tl.constexpr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
         j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
-        aj = -sign * tl.load(a_ptr + j)
+        aj = -SIGN * tl.load(a_ptr + j)
         sj = tl.load(s_ptr + j)
         gj = tl.load(g_ptr + j)
         ej = tl.load(eta_ptr + j)
@@ -108,11 +112,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _backward_kernel(grad_ptr, wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, eta_ptr,
-                         des_ptr, deg_ptr, kc_ptr, ke_ptr, b_ptr, part_ptr, sign, LINEAR: tl.constexpr,
+                         des_ptr, deg_ptr, kc_ptr, ke_ptr, b_ptr, part_ptr, SIGN: tl.constexpr, LINEAR: tl.constexpr,
                          BLOCK: tl.constexpr):
         j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
-        aj = -sign * tl.load(a_ptr + j)
+        aj = -SIGN * tl.load(a_ptr + j)
         sj = tl.load(s_ptr + j)
         gj = tl.load(g_ptr + j)
         ej = tl.load(eta_ptr + j)
@@ -142,7 +146,7 @@ if HAVE_TRITON:
         d_g = wv * (ej * lor * (1.0 / gj - 2.0 * gj * inv) + deg * lmg)
         h = 1.0 / (x2 + bj * bj)
         d_c += gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
-        _store_partials(part_ptr, mask, d_c, -sign * w * v, d_s, d_g, gt * h, gt * h * h)
+        _store_partials(part_ptr, mask, d_c, -SIGN * w * v, d_s, d_g, gt * h, gt * h * h)
 
     @triton.jit
     def _cmul(ar, ai, br, bi):
@@ -202,12 +206,12 @@ if HAVE_TRITON:
 
     @triton.jit
     def _voigt_forward_kernel(wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, kc_ptr, ke_ptr, b_ptr,
-                              out_ptr, wc_ptr, ac_ptr, ad_ptr, sign, NW: tl.constexpr, NA: tl.constexpr,
+                              out_ptr, wc_ptr, ac_ptr, ad_ptr, SIGN: tl.constexpr, NW: tl.constexpr, NA: tl.constexpr,
                               LINEAR: tl.constexpr, BLOCK: tl.constexpr):
         j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
         inv = 0.7071067811865476 / tl.load(s_ptr + j)  # z = (x + iγ)/(σ√2)
-        amp = tl.load(a_ptr + j) * inv * 0.5641895835477563 * -sign
+        amp = tl.load(a_ptr + j) * inv * 0.5641895835477563 * -SIGN
         kcj = tl.load(kc_ptr + j)
         kej = tl.load(ke_ptr + j)
         bj = tl.load(b_ptr + j)
@@ -223,14 +227,14 @@ if HAVE_TRITON:
 
     @triton.jit
     def _voigt_backward_kernel(grad_ptr, wl_ptr, line_ptr, p0_ptr, p1_ptr, c_ptr, a_ptr, s_ptr, g_ptr, kc_ptr,
-                               ke_ptr, b_ptr, part_ptr, wc_ptr, ac_ptr, ad_ptr, sign, NW: tl.constexpr,
+                               ke_ptr, b_ptr, part_ptr, wc_ptr, ac_ptr, ad_ptr, SIGN: tl.constexpr, NW: tl.constexpr,
                                NA: tl.constexpr, LINEAR: tl.constexpr, BLOCK: tl.constexpr):
         j, offs, mask = _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK)
         cj = tl.load(c_ptr + j)
         sj = tl.load(s_ptr + j)
         inv = 0.7071067811865476 / sj
         norm = inv * 0.5641895835477563  # 1/(σ√(2π))
-        aj = -sign * tl.load(a_ptr + j)
+        aj = -SIGN * tl.load(a_ptr + j)
         kcj = tl.load(kc_ptr + j)
         kej = tl.load(ke_ptr + j)
         bj = tl.load(b_ptr + j)
@@ -251,7 +255,7 @@ if HAVE_TRITON:
         d_c = -wv * norm * dwr * inv + gt * 2.0 * x * h * h * (kcj + 2.0 * kej * h)
         d_g = -wv * norm * dwi * inv
         d_s = wv * (-norm * (dwr * zr - dwi * zi) - v) / sj
-        _store_partials(part_ptr, mask, d_c, -sign * w * v, d_s, d_g, gt * h, gt * h * h)
+        _store_partials(part_ptr, mask, d_c, -SIGN * w * v, d_s, d_g, gt * h, gt * h * h)
 
 
 if HAVE_TRITON:
@@ -391,7 +395,7 @@ if HAVE_TRITON:
                 if not WHOLE:
                     bad = bad | (mask & (lvl < 0.0))
                 if CHECK:
-                    top_t = n_tab - 1.0
+                    top_t = tl.zeros_like(lvl) + n_tab - 1.0  # (float64: see _stencil)
                     row = tl.where(lvl == lvl, lvl, tl.zeros_like(lvl))  # (NaN: flagged above)
                     row = tl.where(row < 0.0, row * 0.0, tl.where(row > top_t, row * 0.0 + top_t, row)).to(tl.int64)
                     r0 = tl.load(tab_ptr + 2 * row, mask=mask, other=0.0)
@@ -435,7 +439,10 @@ if HAVE_TRITON:
         # a NaN position (a diverged fit) takes the first stencil, not an index outside the grid
         k0 = tl.where(p == p, k0, tl.zeros_like(p) + (M - 1.0))
         k0 = tl.where(k0 < M - 1.0, k0 * 0.0 + (M - 1.0), k0)
-        k0 = tl.where(k0 > n - M - 1.0, k0 * 0.0 + (n - M - 1.0), k0)
+        # (an int scalar with a float constant is float32: the last start point is made from a
+        # float64 zero)
+        last = tl.zeros_like(k0) + n - (M + 1.0)
+        k0 = tl.where(k0 > last, last, k0)
         f = p - k0
         inside = (f >= 1.0 - M) & (f <= M * 1.0)
         f = tl.where(f < 1.0 - M, f * 0.0 + (1.0 - M), f)
@@ -647,7 +654,7 @@ class _CoefficientsTriton(torch.autograd.Function):
         if kc.numel():
             _coefficients_kernel[(triton.cdiv(kc.numel(), _COEF_BLOCK),)](
                 a_, s_, g_, eta, b, params, kc, ke, kc, kc, kc, kc, kc, kc.numel(), VOIGT=bool(voigt), BACKWARD=False,
-                BLOCK=_COEF_BLOCK)
+                BLOCK=_COEF_BLOCK, enable_fp_fusion=FP_FUSION)
         ctx.save_for_backward(a_, s_, g_, eta, b, params)
         ctx.voigt, ctx.dtype = bool(voigt), a.dtype
         return kc.to(a.dtype), ke.to(a.dtype)
@@ -662,7 +669,7 @@ class _CoefficientsTriton(torch.autograd.Function):
         if a_.numel():
             _coefficients_kernel[(triton.cdiv(a_.numel(), _COEF_BLOCK),)](
                 a_, s_, g_, eta, b, params, gkc, gkc, *out, gkc, gke, a_.numel(), VOIGT=ctx.voigt, BACKWARD=True,
-                BLOCK=_COEF_BLOCK)
+                BLOCK=_COEF_BLOCK, enable_fp_fusion=FP_FUSION)
         return (*(t.to(ctx.dtype) for t in out), None, None, None, None)
 
 
@@ -693,7 +700,7 @@ class _SpreadConvolveTriton(torch.autograd.Function):
         if x.numel():
             _spread_levels_kernel[(triton.cdiv(x.numel(), _SPREAD_BLOCK),)](
                 x, c_, e_, lev, layout.geo, layout.table, layout.geo.shape[0], buf, x.numel(), M=layout.m,
-                BLOCK=_SPREAD_BLOCK)
+                BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
         outs = []
         for off, n, nfft, spectra in layout.levels:
             z = torch.fft.rfft(buf[off : off + 2 * nfft].view(2, nfft), dim=1)
@@ -718,7 +725,7 @@ class _SpreadConvolveTriton(torch.autograd.Function):
         if x.numel():
             _spread_levels_backward_kernel[(triton.cdiv(x.numel(), _SPREAD_BLOCK),)](
                 x, c_, e_, lev, layout.geo, layout.table, layout.geo.shape[0], buf, *out, x.numel(), M=layout.m,
-                BLOCK=_SPREAD_BLOCK)
+                BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
         return (*(t.to(dt) for t, dt in zip(out, ctx.dtypes)), None, None)
 
 
@@ -732,7 +739,7 @@ class _InterpolateTriton(torch.autograd.Function):
         if out.numel():
             _interpolate_kernel[(triton.cdiv(out.numel(), _INTERP_BLOCK),)](
                 conv_, i0, w, conv_ if base is None else base.detach().contiguous(), out, out.numel(), M2=w.shape[1],
-                BASE=base is not None, NEG=bool(neg), BLOCK=_INTERP_BLOCK)
+                BASE=base is not None, NEG=bool(neg), BLOCK=_INTERP_BLOCK, enable_fp_fusion=FP_FUSION)
         ctx.save_for_backward(i0, w)
         ctx.n, ctx.neg, ctx.base = conv.shape[0], bool(neg), base is not None
         return out
@@ -745,7 +752,8 @@ class _InterpolateTriton(torch.autograd.Function):
         gconv = torch.zeros(ctx.n, dtype=torch.float64, device=grad.device)
         if grad.numel():
             _interpolate_backward_kernel[(triton.cdiv(grad.numel(), _INTERP_BLOCK),)](
-                grad, i0, w, gconv, grad.numel(), M2=w.shape[1], NEG=ctx.neg, BLOCK=_INTERP_BLOCK)
+                grad, i0, w, gconv, grad.numel(), M2=w.shape[1], NEG=ctx.neg, BLOCK=_INTERP_BLOCK,
+                enable_fp_fusion=FP_FUSION)
         return grad if ctx.base else None, gconv, None, None, None
 
 
@@ -773,7 +781,7 @@ class _SpreadTriton(torch.autograd.Function):
         ge = torch.zeros_like(gc)
         if p64.numel():
             _spread_kernel[(triton.cdiv(p64.numel(), _SPREAD_BLOCK),)](p64, c_, e_, gc, ge, p64.numel(), n, M=m,
-                                                                      BLOCK=_SPREAD_BLOCK)
+                                                                      BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
         ctx.save_for_backward(p64, c_, e_)
         ctx.n, ctx.m, ctx.dtypes = n, m, (pos.dtype, c.dtype, e.dtype)
         return gc, ge
@@ -788,7 +796,7 @@ class _SpreadTriton(torch.autograd.Function):
         out = [torch.empty_like(p64) for _ in range(3)]
         if p64.numel():
             _spread_backward_kernel[(triton.cdiv(p64.numel(), _SPREAD_BLOCK),)](
-                p64, c_, e_, gc, ge, *out, p64.numel(), ctx.n, M=ctx.m, BLOCK=_SPREAD_BLOCK)
+                p64, c_, e_, gc, ge, *out, p64.numel(), ctx.n, M=ctx.m, BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
         return (*(g.to(dt) for g, dt in zip(out, ctx.dtypes)), None, None)
 
 
@@ -824,7 +832,7 @@ def plan_lines_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tensor
         c, a, s, g, lo if half_widths is None else half_widths, params, eta, levels, b_line, lo, hi, n,
         lo, 0, lo, lo, lo, lo, 0, lo, lo,
         VOIGT=profile == "voigt", FAR=bool(far), LINEAR=bool(linear), CAP=bool(cap),
-        FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block)
+        FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block, enable_fp_fusion=FP_FUSION)
     return lo, hi
 
 
@@ -853,13 +861,14 @@ def plan_windows_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tens
         spreadable.shape[0] if check else 1, direct_level if check else start, flag,
         VOIGT=profile == "voigt", FAR=bool(far), LINEAR=bool(linear), CAP=bool(cap),
         FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block,
-        WINDOWS=True, STEPS=max(1, int(n_px).bit_length()), CHECK=check, WHOLE=bool(whole), CHUNK_PX=int(chunk))
+        WINDOWS=True, STEPS=max(1, int(n_px).bit_length()), CHECK=check, WHOLE=bool(whole), CHUNK_PX=int(chunk),
+        enable_fp_fusion=FP_FUSION)
     torch.cumsum(per_line, 0, out=ends)
     capacity = chunks[0].numel()
     if capacity:
         _chunk_slots_kernel[(triton.cdiv(capacity, block),)](
             ends, per_line, start, count, *chunks, flag, n, capacity, STEPS=max(1, int(n).bit_length()),
-            CHUNK_PX=int(chunk), BLOCK=block)
+            CHUNK_PX=int(chunk), BLOCK=block, enable_fp_fusion=FP_FUSION)
 
 
 def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -914,11 +923,12 @@ class _WindowedSumTriton(torch.autograd.Function):
         if line.numel():
             grid = (line.numel(),)
             if voigt:
-                _voigt_forward_kernel[grid](wl, line, p0, p1, *f64[:4], kc_, ke_, bb, out, *consts, float(sign),
-                                            **_voigt_sizes(consts), LINEAR=bool(linear), BLOCK=block)
+                _voigt_forward_kernel[grid](wl, line, p0, p1, *f64[:4], kc_, ke_, bb, out, *consts, SIGN=float(sign),
+                                            **_voigt_sizes(consts), LINEAR=bool(linear), BLOCK=block,
+                                            enable_fp_fusion=FP_FUSION)
             else:
-                _forward_kernel[grid](wl, line, p0, p1, *f64[:5], kc_, ke_, bb, out, float(sign),
-                                      LINEAR=bool(linear), BLOCK=block, num_warps=NUM_WARPS)
+                _forward_kernel[grid](wl, line, p0, p1, *f64[:5], kc_, ke_, bb, out, SIGN=float(sign),
+                                      LINEAR=bool(linear), BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
         ctx.save_for_backward(wl, line, p0, p1, *f64, kc_, ke_, bb)
         ctx.linear, ctx.sign, ctx.n, ctx.voigt, ctx.block = bool(linear), float(sign), n, bool(voigt), block
         ctx.dtypes = (c.dtype, a.dtype)
@@ -934,11 +944,13 @@ class _WindowedSumTriton(torch.autograd.Function):
             grid = (line.numel(),)
             if ctx.voigt:
                 consts = _voigt_constants(wl.device)
-                _voigt_backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, kc_, ke_, bb, part, *consts, ctx.sign,
-                                             **_voigt_sizes(consts), LINEAR=ctx.linear, BLOCK=ctx.block)
+                _voigt_backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, kc_, ke_, bb, part, *consts,
+                                             SIGN=ctx.sign, **_voigt_sizes(consts), LINEAR=ctx.linear,
+                                             BLOCK=ctx.block, enable_fp_fusion=FP_FUSION)
             else:
-                _backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, eta, des, deg, kc_, ke_, bb, part, ctx.sign,
-                                       LINEAR=ctx.linear, BLOCK=ctx.block, num_warps=NUM_WARPS)
+                _backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, eta, des, deg, kc_, ke_, bb, part,
+                                       SIGN=ctx.sign, LINEAR=ctx.linear, BLOCK=ctx.block, num_warps=NUM_WARPS,
+                                       enable_fp_fusion=FP_FUSION)
         sums = torch.zeros((ctx.n, 6), dtype=torch.float64, device=wl.device).index_add_(0, line, part)
         return (*compiled_kernel_gradients(ctx.needs_input_grad[:-1], list(sums.unbind(1)), ctx.dtypes), None)
 
