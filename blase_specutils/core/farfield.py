@@ -610,7 +610,7 @@ def plan_far_field(wavelength: Tensor, centers: Tensor, levels: Tensor, settings
     for level in present:
         st = settings.at_level(level)
         lo, dx, n = _level_geometry(ends, st)
-        spreadable[level] = torch.tensor([lo + (m - 1) * dx, lo + (n - m) * dx])
+        spreadable[level] = torch.tensor([lo + (m - 1) * dx, lo + (n - m) * dx], dtype=torch.float64)
         kernels[level] = _kernel_ffts(n, _next_fast_len(2 * n - 1), dx, st.b, torch.float64, wavelength.device)
         if level != present[0]:
             f_lo, f_dx, f_n = _level_geometry(ends, settings.at_level(present[0]))

@@ -701,6 +701,26 @@ def test_triton_far_field_of_a_plan_compiled_on_the_gpu(hpf_slice, tmp_path):
     _check_planned_far_field(_planned_far_field(hpf_slice, tmp_path, dict(env, BLASE_TRITON_DEVICE="cuda")))
 
 
+def test_far_field_plan_checks_centres_against_the_float64_range_of_the_unplanned_far_field(hpf_slice):
+    """The plan's table of the centres each far-field level can spread holds the float64 ends that
+    the unplanned far field tests (a float32 table rounded them by up to 2.4e-4 Å at 8600 Å), so a
+    centre within a hair of an end gets the same verdict both ways."""
+    from blase_specutils.core import farfield
+
+    wl, _ = hpf_slice
+    plan = _model(hpf_slice).make_plan(wl)
+    ff, st = plan.ff_plan, plan.far_field
+    m = st.order // 2
+    assert len(ff.present) >= 2
+    for level in ff.present:
+        lo, dx, n = farfield._level_geometry(ff.ends, st.at_level(level))
+        ends = torch.tensor([lo + (m - 1) * dx, lo + (n - m) * dx], dtype=torch.float64)
+        assert torch.equal(ff.spreadable[level], ends)
+        probe = torch.cat([ends - 1e-7, ends, ends + 1e-7])
+        levels = torch.full(probe.shape, level, dtype=torch.long)
+        assert torch.equal(farfield._off_grid(ff.spreadable, probe, levels), ~farfield._spreadable(probe, lo, dx, n, m))
+
+
 @pytest.mark.parametrize("profile", ["pseudo-voigt", "voigt"])
 def test_broad_line_plan_never_synchronises(hpf_slice, profile):
     """A frozen plan of wing-corrected lines (torch operations only, on any device): its evaluation,
