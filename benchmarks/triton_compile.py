@@ -35,8 +35,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import os
 import re
+import struct
 import subprocess
 import sys
 import tempfile
@@ -48,6 +50,13 @@ from pathlib import Path
 #: comparison or a math function on float32 values, or an integer converted to float32.
 F32_OP = re.compile(r"= (?:arith\.(?:addf|subf|mulf|divf|negf|remf|maximumf|minimumf|maxnumf|minnumf|cmpf"
                     r"|sitofp|uitofp)|math\.\w+)\b[^\n]*?(?:: |to )(?:tensor<[^>]*xf32>|f32)\b")
+#: A float32 constant in Triton's IR, and its value: a literal made float32 (``tl.maximum(t, c)``
+#: with a float64 ``t``, a constant folded from two literals) is rounded to 24 bits.
+F32_CONSTANT = re.compile(r"arith\.constant (?:dense<)?([-+0-9.eEinfa]+)>? : (?:tensor<[^>]*x)?f32\b")
+#: A float64 constant in Triton's IR, and its value.
+F64_CONSTANT = re.compile(r"arith\.constant (?:dense<)?([-+0-9.eEinfa]+)>? : (?:tensor<[^>]*x)?f64\b")
+#: A conversion from float32 to float64 (of a loaded float32 tensor, or of a float32 value).
+F32_TO_F64 = re.compile(r"= arith\.extf [^\n]*f32[^\n]* to [^\n]*f64")
 #: What ``ptxas -v`` reports of a function: its stack frame and spills, then its registers.
 PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
@@ -209,6 +218,30 @@ def _placeholder(desc: list):
     return desc[1]
 
 
+def float32_hazards(ttir: str, float32_inputs: bool) -> list[str]:
+    """The operations of a kernel's IR that compute, or round a constant, in float32: arithmetic
+    (:data:`F32_OP`), float32 constants that are not exact small dyadic numbers (0, ±1, 0.5, ...:
+    the masked loads' fill values of float32 tensors), float64 constants whose value is a float32
+    rounding, and, in a kernel without float32 inputs, any conversion from float32."""
+    found = [m.group(0) for m in F32_OP.finditer(ttir)]
+    for m in F32_CONSTANT.finditer(ttir):
+        value = float(m.group(1))
+        if not (abs(value) < 2.0 ** 20 and (value * 1024.0).is_integer()):
+            found.append(m.group(0))
+    for m in F64_CONSTANT.finditer(ttir):
+        # a float64 constant that is a float32 value with more than 12 significant bits and not an
+        # integer: a literal that went through float32 (Triton 3.6 compares 0.02 as
+        # 0.019999999552965164). Integers cannot be told apart this way: see the source check
+        # in tests/core/test_triton_compile.py.
+        value = float(m.group(1))
+        if math.isfinite(value) and not value.is_integer() and float(struct.unpack("f", struct.pack("f", value))[0]) \
+                == value and (math.frexp(value)[0] * 2.0 ** 12) % 1.0 != 0.0:
+            found.append(m.group(0))
+    if not float32_inputs:
+        found += [m.group(0) for m in F32_TO_F64.finditer(ttir)]
+    return found
+
+
 def _ptxas_report(ptx: str, arch: int) -> dict:
     """Registers, stack frame and spills of a kernel, as ``ptxas -v`` reports them: the ptxas and
     the options Triton assembles the kernel with (the numbers are not kept by Triton)."""
@@ -246,7 +279,7 @@ def _compile_one(launch: dict, arch: int) -> dict:
                 constexprs={k: d[1] for k, d in launch["args"].items() if d[0] == "constexpr"},
                 float_tensors=sorted(floats),
                 float_scalars={k: d[1] for k, d in launch["args"].items() if d[0] == "float"},
-                f32_ops=[m.group(0) for m in F32_OP.finditer(compiled.asm["ttir"])],
+                f32_ops=float32_hazards(compiled.asm["ttir"], "float32" in floats),
                 shared=compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch))
 
 

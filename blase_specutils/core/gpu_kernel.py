@@ -57,17 +57,20 @@ if HAVE_TRITON:
 
     @triton.jit
     def _log1p(t):
-        # ln(1 + t): its series to t^10 where |t| < 0.02 (exact to rounding), the logarithm elsewhere
+        # ln(1 + t): its series to t^10 where |t| < 0.02 (exact to rounding), the logarithm elsewhere.
+        # (Triton 3.6 compiles a float literal compared with a float64 tensor as float32: 0.02 became
+        # 0.019999999552965164. Here and below the literal goes into float64 arithmetic, and the
+        # comparison is with 0.0.)
         s = t * (1.0 + t * (-0.5 + t * (0.3333333333333333 + t * (-0.25 + t * (0.2 + t * (
             -0.16666666666666666 + t * (0.14285714285714285 + t * (-0.125 + t * (0.1111111111111111 - 0.1 * t)))))))))
-        return tl.where((t > -0.02) & (t < 0.02), s, tl.log(1.0 + t))
+        return tl.where(tl.abs(t) - 0.02 < 0.0, s, tl.log(1.0 + t))
 
     @triton.jit
     def _floor(t):
-        # max(t, -1 + 1e-12) as the CPU kernel takes it. Float constants stay inline in binary
-        # operations with float64 tensors: there they are float64, while tl.maximum(t, c) or a
-        # constant folded from two literals (-1.0 + 1e-12) is a float32 -1.0 on the GPU
-        return tl.where(t < -0.999999999999, t * 0.0 - 0.999999999999, t)
+        # max(t, -1 + 1e-12) as the CPU kernel takes it. Float literals in arithmetic with float64
+        # tensors are float64; compared with them (t < -0.999999999999) Triton 3.6 made the literal
+        # float32, -1.0, and tl.maximum(t, c) is not safe from that either
+        return tl.where(t + 0.999999999999 < 0.0, t * 0.0 - 0.999999999999, t)
 
     @triton.jit
     def _chunk(line_ptr, p0_ptr, p1_ptr, BLOCK: tl.constexpr):
@@ -134,7 +137,7 @@ if HAVE_TRITON:
         v = ej * lor + (1.0 - ej) * gau
         if LINEAR:
             arg = aj * v
-            w = tl.where(arg < -0.999999999999, 0.0, gt / (1.0 + arg))
+            w = tl.where(arg + 0.999999999999 < 0.0, 0.0, gt / (1.0 + arg))
         else:
             w = gt
         wv = w * aj  # grad × dt/dV
@@ -246,7 +249,7 @@ if HAVE_TRITON:
         v = norm * wr
         if LINEAR:
             arg = aj * v
-            w = tl.where(arg < -0.999999999999, 0.0, gt / (1.0 + arg))
+            w = tl.where(arg + 0.999999999999 < 0.0, 0.0, gt / (1.0 + arg))
         else:
             w = gt
         wv = w * aj

@@ -7,17 +7,20 @@ code path (interpreted), compiles each for sm_90 with Triton's compiler and the 
 the triton wheel, and inspects the result; this test runs it.
 """
 
+import ast
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("triton", reason="the GPU kernels need triton (pip install '.[gpu]')")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_compile.py"
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "triton_compile.py"
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +77,40 @@ def test_per_pixel_kernels_fit_in_registers(compiled):
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
     for launch in compiled["launches"]:
         assert launch["options"].get("enable_fp_fusion") is True, launch
+
+
+def _float_literal(node: ast.AST) -> float | None:
+    """The value of a float literal, or of minus one; None for anything else."""
+    sign = 1.0
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        node, sign = node.operand, -1.0
+    if isinstance(node, ast.Constant) and isinstance(node.value, float):
+        return sign * node.value
+    return None
+
+
+def test_no_float_literal_that_triton_could_round_to_float32():
+    """Triton 3.6 (the CUDA machines' version so far) compiles a float literal compared with a
+    float64 tensor as float32: ``t < -0.999999999999`` became ``t < -1.0``, and 0.02 became
+    0.019999999552965164 (found by compiling with it for sm_90; Triton 3.9 keeps float64, so the
+    compile check above cannot see it). No comparison in a kernel has a literal that float32 does
+    not hold exactly, nor do ``tl.maximum``, ``tl.minimum``, ``tl.where`` or ``tl.full``."""
+    tree = ast.parse((ROOT / "blase_specutils" / "core" / "gpu_kernel.py").read_text())
+    kernels = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+               and any(ast.unparse(d) == "triton.jit" for d in f.decorator_list)]
+    assert len(kernels) >= 20
+    risky = []
+    for fn in kernels:
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Compare):
+                operands = [node.left, *node.comparators]
+            elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("tl.maximum", "tl.minimum", "tl.where",
+                                                                            "tl.full"):
+                operands = list(node.args)
+            else:
+                continue
+            for op in operands:
+                value = _float_literal(op)
+                if value is not None and float(np.float32(value)) != value:
+                    risky.append(f"{fn.name}, line {node.lineno}: {ast.unparse(node)}")
+    assert risky == []
