@@ -316,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the launches and the compiled kernels' figures here")
     parser.add_argument("--capture", action="store_true", help=argparse.SUPPRESS)  # the child process
     opts = parser.parse_args(argv)
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        parser.error("this needs triton (pip install '.[gpu]'; no GPU is needed)")
+    if opts.arch < 70:
+        parser.error(f"--arch {opts.arch}: give a compute capability times 10 from 70 on (90: H100/H200)")
     if opts.capture:
         print(json.dumps(dict(launches=capture(), defined=sorted(defined_kernels()))))
         return 0
