@@ -19,7 +19,8 @@ asymptotic series beyond).
 Triton is optional (it comes with the CUDA builds of torch). The kernel is used where it is asked
 for (``windowed_log_flux(kernel="triton")``, or :data:`.engine.KERNEL_ON_CUDA`); on a CPU it runs
 only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the test suite checks it
-against the compiled CPU kernel.
+against the compiled CPU kernel. The test suite also compiles every kernel for sm_90 without a GPU
+(``benchmarks/triton_compile.py``) and checks that the compiled code computes in float64.
 """
 
 from __future__ import annotations
