@@ -38,12 +38,13 @@ import json
 import math
 import os
 import re
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
 
 #: Float32 arithmetic in Triton's IR of a kernel (before lowering: what the kernel's own code asks
 #: for, not the range checks inside libdevice's float64 functions): an arithmetic operation, a
@@ -234,8 +235,9 @@ def float32_hazards(ttir: str, float32_inputs: bool) -> list[str]:
         # 0.019999999552965164). Integers cannot be told apart this way: see the source check
         # in tests/core/test_triton_compile.py.
         value = float(m.group(1))
-        if math.isfinite(value) and not value.is_integer() and float(struct.unpack("f", struct.pack("f", value))[0]) \
-                == value and (math.frexp(value)[0] * 2.0 ** 12) % 1.0 != 0.0:
+        through_float32 = abs(value) < 3e38 and float(np.float32(value)) == value
+        short = value.is_integer() or (math.frexp(value)[0] * 2.0 ** 12).is_integer()
+        if through_float32 and not short:
             found.append(m.group(0))
     if not float32_inputs:
         found += [m.group(0) for m in F32_TO_F64.finditer(ttir)]
