@@ -259,7 +259,9 @@ class SpectralClone:
         ax[1].set_ylabel("S − clone")
         ax[1].set_xlabel("wavelength (Å)")
         rms = float(np.sqrt(np.nanmean(((arr.flux - model)[sel & arr.good]) ** 2)))
-        ax[1].text(0.01, 0.92, f"RMS {100 * rms:.3f} %", transform=ax[1].transAxes, fontsize=8, va="top")
+        # over the plotted pixels (rms_residual() defaults to the band of interest, without the buffer)
+        ax[1].text(0.01, 0.92, f"RMS {100 * rms:.3f} % over the plotted range", transform=ax[1].transAxes,
+                   fontsize=8, va="top")
         if title:
             ax[0].set_title(title)
         fig.tight_layout()

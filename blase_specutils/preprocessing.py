@@ -11,6 +11,7 @@ import astropy.units as u
 import numpy as np
 from specutils import Spectrum
 
+from .core.clone import SPEED_OF_LIGHT_KMS
 from .core.continuum import continuum_polynomial, planck
 from .spectra import arrays_to_spectrum, spectrum_to_arrays, wavelength_to_angstrom
 
@@ -47,6 +48,32 @@ def _buffer_angstrom(buffer) -> float:
     if not np.isfinite(b) or b < 0:
         raise ValueError(f"buffer must be finite and >= 0, got {buffer}")
     return b
+
+
+def _velocity_kms(value, name: str, *, nonnegative: bool = False) -> float:
+    """A velocity as a float in km/s: a Quantity in velocity units, or a plain number read as km/s.
+
+    Raises TypeError (not a number), UnitsError (not a velocity) and ValueError (not finite, not
+    slower than light, or negative where ``nonnegative``), each naming ``name``.
+    """
+    if isinstance(value, u.Quantity):
+        try:
+            v = value.to_value(u.km / u.s)
+        except u.UnitConversionError as err:
+            raise u.UnitsError(f"{name} must be a velocity (e.g. 30 * u.km / u.s), got unit {value.unit!r}") from err
+    else:
+        v = value
+    if np.ndim(v) != 0:
+        raise TypeError(f"{name} must be one number (km/s), got an array of shape {np.shape(v)}")
+    try:
+        v = float(v)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a velocity such as 30 * u.km / u.s or a number in km/s, got {value!r}") from err
+    if not np.isfinite(v) or abs(v) >= SPEED_OF_LIGHT_KMS:
+        raise ValueError(f"{name} must be finite and slower than light, got {v} km/s")
+    if nonnegative and v < 0:
+        raise ValueError(f"{name} must be >= 0 km/s, got {v} km/s")
+    return v
 
 
 def _rebuild(spectrum: Spectrum, arrays, flux, flux_unit=None, keep_unc_scale=None) -> Spectrum:
