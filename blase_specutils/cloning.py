@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from pathlib import Path
 from typing import Iterable
@@ -18,8 +19,10 @@ from . import __version__ as _version
 from .core.clone import LineCloneModel
 from .core.detection import find_lines
 from .core.profiles import PROFILES, profile_fwhm, pseudo_voigt_eta, pseudo_voigt_fwhm
-from .core.training import TrainingHistory, resolve_device, seed_everything, train, use_plans
-from .preprocessing import DEFAULT_BUFFER, _as_band, _buffer_angstrom, divide_blackbody, flatten_continuum, trim
+from .core.training import (TrainingHistory, check_integer, check_positive, resolve_device, seed_everything, train,
+                             use_plans)
+from .preprocessing import (DEFAULT_BUFFER, _as_band, _buffer_angstrom, _teff_kelvin, _velocity_kms, divide_blackbody,
+                            flatten_continuum, trim)
 from .spectra import arrays_to_spectrum, spectrum_to_arrays, wavelength_to_angstrom
 
 __all__ = ["CloneFileError", "SpectralClone", "clone_spectrum", "load_blase03", "EdgeWingWarning", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -96,20 +99,22 @@ class SpectralClone:
         return self
 
     # ---------------------------------------------------------------- evaluation
-    def _axis(self, spectral_axis) -> tuple[np.ndarray, Spectrum | None, u.UnitBase]:
+    def _axis(self, spectral_axis) -> tuple[np.ndarray, u.Quantity]:
+        """The evaluation grid in Å, and a copy of the axis as given (its unit and order)."""
         if spectral_axis is None:
             if self.target is None:
                 raise ValueError("this clone has no native grid stored; pass spectral_axis=...")
             spectral_axis = self.target.spectral_axis
-        like = None
         if isinstance(spectral_axis, Spectrum):
-            like = spectral_axis
             spectral_axis = spectral_axis.spectral_axis
-        wl = wavelength_to_angstrom(u.Quantity(spectral_axis) if isinstance(spectral_axis, u.Quantity) else spectral_axis)
-        wl = np.atleast_1d(wl)
-        if not np.all(np.isfinite(wl)):
-            raise ValueError("spectral_axis must be finite")
-        return wl, like, getattr(spectral_axis, "unit", u.AA)
+        if isinstance(spectral_axis, u.Quantity):
+            spectral_axis = np.atleast_1d(u.Quantity(spectral_axis, copy=True))  # not a SpectralAxis
+            if spectral_axis.ndim != 1:
+                raise ValueError(f"spectral_axis must be 1-D, got shape {spectral_axis.shape}; evaluate one row at a time")
+        wl = wavelength_to_angstrom(spectral_axis, "spectral_axis")
+        if not np.all(np.isfinite(wl) & (wl > 0)):
+            raise ValueError("spectral_axis must be finite, positive wavelengths (or frequencies, wavenumbers)")
+        return wl, spectral_axis
 
     def _eval_angstrom(self, wl: np.ndarray, dense: bool, radial_velocity) -> np.ndarray:
         order = np.argsort(wl, kind="stable")
@@ -117,9 +122,7 @@ class SpectralClone:
         if ws.size > 1 and np.any(np.diff(ws) == 0):
             raise ValueError("spectral_axis has duplicated values; remove them first")
         p = self.model.lam_centers
-        rv = None
-        if radial_velocity is not None:
-            rv = float(u.Quantity(radial_velocity, u.km / u.s).value) if isinstance(radial_velocity, u.Quantity) else float(radial_velocity)
+        rv = None if radial_velocity is None else _velocity_kms(radial_velocity, "radial_velocity")
         with torch.no_grad():
             f = self.model(torch.as_tensor(ws, dtype=p.dtype, device=p.device), rv, dense=dense)
         out = np.empty_like(ws)
@@ -138,8 +141,8 @@ class SpectralClone:
         Parameters
         ----------
         spectral_axis : Quantity or Spectrum, optional
-            Where to evaluate: any spectral unit, either order. Default: the native grid of the
-            spectrum it was trained on.
+            Where to evaluate: any spectral unit, either order. Default: the grid of the
+            preprocessed spectrum it was trained on (``target``: Å, ascending).
         dense : bool
             Evaluate every line at every pixel (no windows; slow, exact reference).
         radial_velocity : Quantity or float (km/s), optional
@@ -148,11 +151,21 @@ class SpectralClone:
         Returns
         -------
         Spectrum
-            Dimensionless, continuum-normalised flux, on the axis given (same unit and order).
+            Dimensionless, continuum-normalised flux, on a copy of the axis given (the same values,
+            unit and order, so ``spectrum / clone.evaluate(spectrum)`` works).
+
+        Raises
+        ------
+        TypeError
+            ``spectral_axis`` is not a Quantity or Spectrum, or ``radial_velocity`` not a number.
+        ValueError
+            ``spectral_axis`` is not 1-D or not finite, or has duplicated values;
+            ``radial_velocity`` is not finite or not slower than light.
+        astropy.units.UnitsError
+            ``spectral_axis`` or ``radial_velocity`` has the wrong kind of unit.
         """
-        wl, like, unit = self._axis(spectral_axis)
+        wl, axis = self._axis(spectral_axis)
         flux = self._eval_angstrom(wl, dense, radial_velocity)
-        axis = (wl * u.AA).to(unit, equivalencies=u.spectral()) if unit != u.AA else wl * u.AA
         return Spectrum(spectral_axis=axis, flux=flux * u.dimensionless_unscaled,
                         meta={"blase_specutils": "clone", "n_lines": self.n_lines})
 
@@ -560,8 +573,22 @@ def clone_spectrum(
     """
     if not isinstance(spectrum, Spectrum):
         raise TypeError(f"expected a specutils Spectrum, got {type(spectrum).__name__}")
-    if not (isinstance(prominence, (int, float)) and 0.0 < float(prominence) < 1.0):
+    if not (isinstance(prominence, numbers.Real) and not isinstance(prominence, bool)
+            and 0.0 < float(prominence) < 1.0):
         raise ValueError(f"prominence must be a number in (0, 1), got {prominence!r}")
+    epochs = check_integer(epochs, "epochs", minimum=0)
+    lr = check_positive(lr, "lr")
+    wing_tolerance = check_positive(wing_tolerance, "wing_tolerance")
+    train_tolerance = check_positive(train_tolerance, "train_tolerance")
+    continuum_bins = check_integer(continuum_bins, "continuum_bins", minimum=1)
+    continuum_order = check_integer(continuum_order, "continuum_order", minimum=0)
+    if not (isinstance(n_broad, str) and n_broad == "auto"):
+        try:
+            n_broad = check_integer(n_broad, "n_broad", minimum=0)
+        except TypeError:
+            raise TypeError(f"n_broad must be 'auto' or an integer >= 0, got {n_broad!r}") from None
+    tune = (tune,) if isinstance(tune, str) else tuple(tune)
+    teff_k = _teff_kelvin(teff) if teff is not None else 0.0
     if mode not in ("linear", "log"):
         raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
     if profile not in PROFILES:
@@ -592,11 +619,7 @@ def clone_spectrum(
         cand = np.flatnonzero(guess.fwhm > 25.0 * med)
         broad = cand[np.argsort(guess.fwhm[cand])[::-1][:40]]
     else:
-        k = int(n_broad)
-        if k < 0:
-            raise ValueError("n_broad must be >= 0 or 'auto'")
-        broad = np.argsort(guess.fwhm)[::-1][:k]
-    tune = tuple(tune)
+        broad = np.argsort(guess.fwhm)[::-1][:n_broad]
     if len(broad) and "wing" not in tune:
         tune = tune + ("wing",)
     model = LineCloneModel(
@@ -633,7 +656,7 @@ def clone_spectrum(
         pseudo = arrays_to_spectrum(arr.wavelength, mean, meta={"blase_specutils": "pseudo-continuum"})
     meta = {
         "prom": float(prominence),
-        "teff": float(u.Quantity(teff, u.K).value) if teff is not None else 0.0,
+        "teff": teff_k,
         "buffer": buf,
         "flatten": bool(flatten),
         "epochs": hist.epochs_run,

@@ -66,22 +66,30 @@ def wavelength_to_angstrom(axis: u.Quantity, what: str = "spectral axis") -> np.
 
 
 def _sigma_from(uncertainty, flux_unit) -> np.ndarray | None:
+    """1-σ uncertainties in ``flux_unit`` (an uncertainty may carry its own unit: mJy for a Jy flux)."""
     if uncertainty is None:
         return None
-    arr = np.asarray(uncertainty.array, dtype=np.float64)
-    if isinstance(uncertainty, StdDevUncertainty):
-        sigma = arr
-    elif isinstance(uncertainty, VarianceUncertainty):
-        sigma = np.sqrt(arr)
-    elif isinstance(uncertainty, InverseVariance):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            sigma = 1.0 / np.sqrt(arr)
-    else:
+    kinds = {StdDevUncertainty: 1, VarianceUncertainty: 2, InverseVariance: -2}
+    power = next((p for cls, p in kinds.items() if isinstance(uncertainty, cls)), None)
+    if power is None:
         raise TypeError(
             f"unsupported uncertainty type {type(uncertainty).__name__}; use StdDevUncertainty, "
             "VarianceUncertainty or InverseVariance"
         )
-    return sigma
+    arr = np.asarray(uncertainty.array, dtype=np.float64)
+    unit = uncertainty.unit  # None, or the parent's unit to the power, when none was given
+    if unit is not None:
+        try:
+            arr = arr * float(u.Unit(unit).to(flux_unit**power))
+        except u.UnitConversionError as err:
+            raise u.UnitsError(
+                f"the uncertainty has unit {unit!r}, which does not convert to the flux's unit {flux_unit!r} "
+                f"to the power {power} as a {type(uncertainty).__name__} must; give the uncertainty in flux units"
+            ) from err
+    if power == 1:
+        return arr
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(arr) if power == 2 else 1.0 / np.sqrt(arr)
 
 
 def spectrum_to_arrays(spectrum: Spectrum, *, require_finite: bool = True) -> SpectrumArrays:
@@ -147,21 +155,33 @@ def arrays_to_spectrum(
 ) -> Spectrum:
     """Build a Spectrum from arrays in Å, as the class of ``like`` where that works.
 
-    The spectral axis is returned in the unit of ``like`` (if given and convertible), so a
-    µm input gives a µm output.
+    Where ``wavelength`` is the grid of ``like`` (what :func:`spectrum_to_arrays` made of it), the
+    result has a copy of ``like``'s own spectral axis, in its unit and order, so that arithmetic
+    with ``like`` works and pixels line up; the arrays are reversed to match where that axis
+    descends in wavelength. Otherwise the axis is ``wavelength`` in the unit of ``like`` (if given
+    and convertible), so a µm input gives a µm output.
     """
-    spectral_axis = np.asarray(wavelength, dtype=np.float64) * u.AA
-    if like is not None:
+    wavelength = np.asarray(wavelength, dtype=np.float64)
+    arrays = dict(flux=np.asarray(flux, dtype=np.float64),
+                  uncertainty=None if uncertainty is None else np.asarray(uncertainty, dtype=np.float64),
+                  mask=None if mask is None else np.asarray(mask, dtype=bool))
+    spectral_axis = wavelength * u.AA
+    own = _own_axis(wavelength, like) if like is not None else None
+    if own is not None:
+        spectral_axis, descending = own
+        if descending:
+            arrays = {k: None if v is None else v[::-1].copy() for k, v in arrays.items()}
+    elif like is not None:
         unit = like.spectral_axis.unit
         try:
             spectral_axis = spectral_axis.to(unit, equivalencies=u.spectral())
         except u.UnitConversionError:
             pass
-    kwargs = dict(spectral_axis=spectral_axis, flux=np.asarray(flux, dtype=np.float64) * flux_unit)
-    if uncertainty is not None:
-        kwargs["uncertainty"] = StdDevUncertainty(np.asarray(uncertainty, dtype=np.float64))
-    if mask is not None:
-        kwargs["mask"] = np.asarray(mask, dtype=bool)
+    kwargs = dict(spectral_axis=spectral_axis, flux=arrays["flux"] * flux_unit)
+    if arrays["uncertainty"] is not None:
+        kwargs["uncertainty"] = StdDevUncertainty(arrays["uncertainty"])
+    if arrays["mask"] is not None:
+        kwargs["mask"] = arrays["mask"]
     kwargs["meta"] = dict(meta or {})
     cls = type(like) if like is not None else Spectrum
     if cls is not Spectrum:
@@ -170,3 +190,20 @@ def arrays_to_spectrum(
         except Exception:  # muler subclasses may need extra keywords; fall back to Spectrum
             pass
     return Spectrum(**kwargs)
+
+
+def _own_axis(wavelength: np.ndarray, like: Spectrum) -> tuple[u.Quantity, bool] | None:
+    """A copy of ``like``'s spectral axis, and whether it descends in wavelength, if ``wavelength``
+    (Å, ascending) is exactly that axis converted and sorted; else None."""
+    axis = like.spectral_axis
+    if axis.ndim != 1 or axis.size != wavelength.size:
+        return None
+    try:
+        wl = wavelength_to_angstrom(axis)
+    except (TypeError, u.UnitsError):
+        return None
+    descending = wl.size > 1 and wl[0] > wl[-1]
+    if not np.array_equal(wl[::-1] if descending else wl, wavelength):
+        return None
+    return u.Quantity(axis, copy=True), bool(descending)
+

@@ -21,13 +21,16 @@ def test_clone_evaluates_on_any_spectral_axis(phoenix_subband_clone):
     c = phoenix_subband_clone
     wl = np.linspace(10520.0, 10630.0, 777)
     ref = c.evaluate(wl * u.AA).flux.value
-    in_um = c.evaluate((wl * u.AA).to(u.um))
-    assert in_um.spectral_axis.unit == u.um
-    np.testing.assert_allclose(in_um.flux.value, ref, rtol=1e-11)  # unit round trips move the grid by ~1e-16 relative
+    um = (wl * u.AA).to(u.um)
     wn = (wl * u.AA).to(1 / u.cm, equivalencies=u.spectral())  # descending wavenumbers
-    np.testing.assert_allclose(c.evaluate(wn).flux.value, ref, rtol=1e-11)  # unit round trips move the grid by ~1e-16 relative
-    desc = c.evaluate(wl[::-1] * u.AA)
-    np.testing.assert_allclose(desc.flux.value, ref[::-1], rtol=1e-11)  # unit round trips move the grid by ~1e-16 relative
+    for axis, expected in ((um, ref), (wn, ref), (wl[::-1] * u.AA, ref[::-1]), (wl / 10 * u.nm, ref)):
+        out = c.evaluate(axis)
+        # the axis comes back as given: same values (no round trip through Å), unit and order
+        np.testing.assert_array_equal(out.spectral_axis.value, axis.value)
+        assert out.spectral_axis.unit == axis.unit
+        np.testing.assert_allclose(out.flux.value, expected, rtol=1e-11)  # unit conversions move the grid by ~1e-16
+        data = Spectrum(spectral_axis=axis, flux=np.ones(wl.size) * u.dimensionless_unscaled)
+        np.testing.assert_allclose((data / c.evaluate(data)).flux.value, 1.0 / expected, rtol=1e-11)
     # the native grid by default, as a Spectrum
     native = c.evaluate()
     assert isinstance(native, Spectrum) and native.flux.size == c.target.flux.size
@@ -157,6 +160,42 @@ def test_bad_inputs(phoenix_10k):
         clone_spectrum(phoenix_10k[:1000], mode="quadratic", progress=False)
     with pytest.raises(ValueError, match="plan must be"):
         clone_spectrum(phoenix_10k[:1000], plan="yes", progress=False)
+    # checked before any work: integers are not truncated, names are named
+    for kw, err, match in ((dict(epochs=2.5), TypeError, "epochs must be an integer"),
+                           (dict(n_broad="many"), TypeError, "n_broad must be 'auto' or an integer"),
+                           (dict(n_broad=-1), ValueError, "n_broad must be >= 0"),
+                           (dict(continuum_order=1.5), TypeError, "continuum_order"),
+                           (dict(lr=float("nan")), ValueError, "lr must be")):
+        with pytest.raises(err, match=match):
+            clone_spectrum(phoenix_10k[:1000], progress=False, **kw)
+
+
+def test_numpy_scalars_one_tunable_and_celsius_are_understood(phoenix_10k):
+    base = trim(phoenix_10k, (10600, 10610) * u.AA, 2 * u.AA)
+    ref = clone_spectrum(base, prominence=0.02, teff=10000 * u.K, epochs=3, tune=("amplitude",), progress=False)
+    other = clone_spectrum(base, prominence=np.float32(0.02), teff=(10000 - 273.15) * u.deg_C, epochs=np.int64(3),
+                           tune="amplitude", progress=False)
+    assert other.meta["teff"] == pytest.approx(10000.0)
+    assert not other.model.log_sigmas.requires_grad and other.model.log_amplitudes.requires_grad
+    np.testing.assert_allclose(other.model.log_amplitudes.detach().numpy(), ref.model.log_amplitudes.detach().numpy(),
+                               rtol=1e-6)
+
+
+def test_evaluate_bad_arguments(phoenix_subband_clone):
+    c = phoenix_subband_clone
+    wl = np.linspace(10550.0, 10560.0, 11) * u.AA
+    for rv, err, match in ((np.nan, ValueError, "finite and slower than light"),
+                           (4e5 * u.km / u.s, ValueError, "slower than light"),
+                           (np.array([1.0, 2.0]), TypeError, "one number"),
+                           (3 * u.AA, u.UnitsError, "radial_velocity must be a velocity")):
+        with pytest.raises(err, match=match):
+            c.evaluate(wl, radial_velocity=rv)
+    with pytest.raises(ValueError, match="1-D"):
+        c.evaluate(np.vstack([wl.value, wl.value]) * u.AA)
+    with pytest.raises(ValueError, match="positive"):
+        c.evaluate(-wl)
+    with pytest.raises(TypeError, match="Quantity"):
+        c.evaluate(wl.value)
 
 
 @pytest.mark.skipif(not __import__("blase_specutils.core.cpu_kernel", fromlist=["x"]).HAVE_NUMBA,

@@ -89,3 +89,29 @@ def test_round_trip_to_spectrum_keeps_unit_and_class():
     assert isinstance(out, HPFSpectrum)
     assert out.spectral_axis.unit == u.um
     np.testing.assert_allclose(out.spectral_axis.value, [1.0, 1.1, 1.2])
+
+
+def test_uncertainty_in_its_own_unit_is_converted_to_the_flux_unit():
+    axis = np.arange(4.0) * u.AA + 8660 * u.AA
+    for unc in (StdDevUncertainty(np.full(4, 10.0) * u.mJy), VarianceUncertainty(np.full(4, 100.0) * u.mJy**2),
+                InverseVariance(np.full(4, 0.01) / u.mJy**2)):
+        spec = Spectrum(spectral_axis=axis, flux=np.ones(4) * u.Jy, uncertainty=unc)
+        np.testing.assert_allclose(spectrum_to_arrays(spec).uncertainty, 0.01, rtol=1e-12)  # Jy, as the flux
+
+
+def test_arrays_to_spectrum_keeps_the_axis_of_like_exactly_and_in_its_order():
+    # nm and wavenumber axes whose values do not survive a conversion to Å and back
+    for axis in (np.linspace(1055.0, 1056.0, 2001) * u.nm,
+                 (np.linspace(10550.0, 10560.0, 2001) * u.AA).to(1 / u.cm, equivalencies=u.spectral())[::-1]):
+        like = _spec(axis, flux=np.arange(2001.0))
+        arr = spectrum_to_arrays(like)
+        out = arrays_to_spectrum(arr.wavelength, arr.flux, uncertainty=0.1 * arr.flux, mask=~arr.good, like=like)
+        np.testing.assert_array_equal(out.spectral_axis.value, axis.value)
+        assert out.spectral_axis.unit == axis.unit
+        np.testing.assert_array_equal(out.flux.value, np.arange(2001.0))  # pixels line up with like's
+        np.testing.assert_array_equal(out.uncertainty.array, 0.1 * np.arange(2001.0))
+        assert (like - out).flux.value.max() == 0.0  # arithmetic with the input works
+    # another grid: converted to like's unit
+    out = arrays_to_spectrum(arr.wavelength[:10], arr.flux[:10], like=like)
+    np.testing.assert_allclose(out.spectral_axis.to_value(u.AA, equivalencies=u.spectral()), arr.wavelength[:10],
+                               rtol=1e-14)

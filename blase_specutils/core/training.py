@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
+import operator
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +21,29 @@ __all__ = ["TrainingHistory", "train", "seed_everything", "resolve_device", "Non
 #: graphs on CUDA devices. Off until that path has been run and timed on a GPU: the graphed epoch
 #: itself was (benchmarks/RESULTS.md), its use inside ``train`` and with wing-corrected lines not yet.
 PLANS_ON_CUDA = False
+
+
+def check_integer(value, name: str, *, minimum: int | None = None) -> int:
+    """``value`` as an int: an integer (Python or numpy, not a bool or float) not below ``minimum``.
+
+    Raises TypeError or ValueError naming ``name``, instead of truncating 2.5 to 2.
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r}") from None
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {out}")
+    return out
+
+
+def check_positive(value, name: str) -> float:
+    """``value`` as a float: a finite real number > 0 (raises ValueError naming ``name``)."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 class NonFiniteLossWarning(RuntimeWarning):
@@ -144,10 +169,10 @@ def train(
         gradient becomes NaN/inf, training stops, those best parameters are restored, and a
         :class:`NonFiniteLossWarning` says so.
     """
-    if int(epochs) < 0:
-        raise ValueError(f"epochs must be >= 0, got {epochs}")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    epochs = check_integer(epochs, "epochs", minimum=0)
+    if patience is not None:
+        patience = check_integer(patience, "patience", minimum=1)
+    lr = check_positive(lr, "lr")
     lr_overrides = dict(lr_overrides or {})
     unknown = set(lr_overrides) - {n for n, _ in model.named_parameters()}
     if unknown:

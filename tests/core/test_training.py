@@ -70,6 +70,12 @@ def test_bad_arguments():
         train(m, lambda: m.log_amplitudes.sum(), lr=0.0, progress=False)
     with pytest.raises(ValueError, match="epochs"):
         train(m, lambda: m.log_amplitudes.sum(), epochs=-1, progress=False)
+    with pytest.raises(TypeError, match="epochs must be an integer"):  # not truncated to 2
+        train(m, lambda: m.log_amplitudes.sum(), epochs=2.5, progress=False)
+    with pytest.raises(ValueError, match="patience must be >= 1"):
+        train(m, lambda: m.log_amplitudes.sum(), patience=0, progress=False)
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        train(m, lambda: m.log_amplitudes.sum(), lr=float("inf"), progress=False)
     with pytest.raises(ValueError, match="mode"):
         LineCloneModel([1.0], [0.0], [0.0], [0.0], mode="cubic")
     with pytest.raises(ValueError, match="unknown tunable"):
