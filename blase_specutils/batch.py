@@ -356,8 +356,30 @@ def _atomic_dir(output_dir: str | Path | None) -> Path | None:
     if output_dir is None:
         return None
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output_dir {out} is an existing file, not a folder; give a folder (created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way higher up, no permission, ...
+        raise ValueError(f"cannot create the output folder output_dir={out}: {err}") from err
     return out
+
+
+def _check_keywords(kwargs: dict, target: Callable, *, caller: str, reserved: Iterable[str] = ()) -> None:
+    """TypeError, before any job starts, for keywords that ``target`` does not take (or that the batch sets).
+
+    Without it a misspelt keyword would fail every job, one by one, on the workers.
+    """
+    import inspect
+
+    reserved = set(reserved)
+    params = inspect.signature(target).parameters
+    valid = [k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+             and k not in reserved and p.default is not p.empty]
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown:
+        raise TypeError(f"{caller} got keyword argument(s) {unknown} that {target.__name__} does not take; "
+                        f"check the spelling. Valid keywords: {', '.join(valid)}")
 
 
 def _safe_stem(label: str) -> str:
@@ -527,6 +549,19 @@ def _clone_arg(clone, client):
     return clone
 
 
+def _check_fit_kwargs(fit_kwargs: dict) -> None:
+    """The keywords of :func:`fit_many` meant for fit_spectrum: names and values, checked before any job."""
+    import inspect
+
+    from .fitting import _fit_settings, fit_spectrum
+
+    _check_keywords(fit_kwargs, fit_spectrum, caller="fit_many",
+                    reserved=("data", "stellar", "telluric", "device", "progress"))
+    defaults = {k: p.default for k, p in inspect.signature(fit_spectrum).parameters.items()
+                if p.default is not p.empty}
+    _fit_settings(**dict(defaults, **fit_kwargs))  # bad values fail here, not in every job
+
+
 def fit_many(
     inputs: Sequence,
     stellar=None,
@@ -542,6 +577,9 @@ def fit_many(
     **fit_kwargs,
 ) -> BatchResult:
     """Fit many spectra with the same clones: one :func:`~blase_specutils.fit_spectrum` per input.
+
+    The keywords and settings are checked before any job starts (see Raises); errors of single
+    inputs (an unreadable file, no overlap with a clone) become error records instead.
 
     Parameters
     ----------
@@ -577,13 +615,24 @@ def fit_many(
     -------
     BatchResult
         ``summary`` of each record holds the fit's :meth:`~blase_specutils.TransferResult.summary`.
+
+    Raises
+    ------
+    TypeError
+        A keyword that :func:`~blase_specutils.fit_spectrum` does not take (e.g. a misspelt one), a
+        setting of the wrong type, no clone, or a clone that is neither a SpectralClone nor a path.
+    ValueError, astropy.units.UnitsError
+        A setting :func:`~blase_specutils.fit_spectrum` rejects, or ``output_dir`` names a file.
+    FileNotFoundError
+        A clone path that does not exist.
     """
-    pairs, labels = _prepare(inputs, labels)
-    out = _atomic_dir(output_dir)
-    fit_kwargs = dict(fit_kwargs, device="cuda" if gpu else device, progress=False)
+    _check_fit_kwargs(fit_kwargs)
     if stellar is None and telluric is None:
         raise TypeError("fit_many needs a stellar clone, a telluric clone, or both (SpectralClone objects or "
                         "paths to clone files)")
+    pairs, labels = _prepare(inputs, labels)
+    out = _atomic_dir(output_dir)
+    fit_kwargs = dict(fit_kwargs, device="cuda" if gpu else device, progress=False)
     shared = {"stellar": _clone_arg(stellar, client), "telluric": _clone_arg(telluric, client)}
     job = partial(_fit_job, output_dir=None if out is None else str(out), label_of=labels, fit_kwargs=fit_kwargs)
     return run_batch(job, pairs, labels=labels, client=client, threads_per_task=threads_per_task, shared=shared,
@@ -620,14 +669,28 @@ def clone_many(
     Returns
     -------
     BatchResult
+
+    Raises
+    ------
+    TypeError
+        A keyword (in ``clone_kwargs`` or ``item_kwargs``) that
+        :func:`~blase_specutils.clone_spectrum` does not take, e.g. a misspelt one; raised before
+        any job starts.
+    ValueError
+        No inputs, mismatched ``labels`` or ``item_kwargs``, or ``output_dir`` names a file.
     """
+    from .cloning import clone_spectrum
+
+    _check_keywords(clone_kwargs, clone_spectrum, caller="clone_many", reserved=("spectrum", "device", "progress"))
     pairs, labels = _prepare(inputs, labels)
-    out = _atomic_dir(output_dir)
-    clone_kwargs = dict(clone_kwargs, device="cuda" if gpu else device, progress=False)
     if item_kwargs is not None:
         item_kwargs = [dict(k or {}) for k in item_kwargs]
         if len(item_kwargs) != len(pairs):
             raise ValueError(f"got {len(item_kwargs)} item_kwargs for {len(pairs)} inputs")
+        for extra in item_kwargs:
+            _check_keywords(extra, clone_spectrum, caller="clone_many (item_kwargs)", reserved=("spectrum",))
+    out = _atomic_dir(output_dir)
+    clone_kwargs = dict(clone_kwargs, device="cuda" if gpu else device, progress=False)
     job = partial(_clone_job, output_dir=None if out is None else str(out), label_of=labels,
                   clone_kwargs=clone_kwargs, item_kwargs=item_kwargs)
     res = run_batch(partial(_with_lines, job), pairs, labels=labels, client=client,
@@ -756,6 +819,18 @@ class LineGrid:
         return path
 
 
+def _tolerance(tolerance) -> tuple[float | None, float | None]:
+    """Line matching tolerance as (relative, None) for a velocity or (None, Å) for a wavelength."""
+    tol = u.Quantity(tolerance)
+    if tol.unit.physical_type == "speed":
+        rel, absolute = float(tol.to_value(u.km / u.s)) / 299792.458, None
+    elif tol.unit.physical_type == "length":
+        rel, absolute = None, float(tol.to_value(u.AA))
+    else:
+        raise u.UnitsError(f"tolerance must be a velocity or a wavelength (e.g. 3 * u.km / u.s), got {tolerance!r}")
+    return rel, absolute
+
+
 def match_lines(
     line_tables: Sequence[QTable],
     parameters: Table | Sequence[dict],
@@ -795,12 +870,7 @@ def match_lines(
     if len(set(labels)) != len(labels):
         raise ValueError("grid point labels must be unique")
     tol = u.Quantity(tolerance)
-    if tol.unit.physical_type == "speed":
-        rel, absolute = float(tol.to_value(u.km / u.s)) / 299792.458, None
-    elif tol.unit.physical_type == "length":
-        rel, absolute = None, float(tol.to_value(u.AA))
-    else:
-        raise u.UnitsError(f"tolerance must be a velocity or a wavelength, got {tol.unit}")
+    rel, absolute = _tolerance(tol)
     order = np.lexsort([np.asarray(params[c], dtype=float) for c in reversed(params.colnames)])
     # open tracks: last seen centre and id, kept sorted by centre for the nearest-neighbour search
     track_c = np.empty(0)
@@ -888,11 +958,23 @@ def clone_grid(
     -------
     LineGrid
         Failed grid points are listed in ``LineGrid.batch.failed`` and left out of the matching.
+
+    Raises
+    ------
+    TypeError
+        As in :func:`clone_many` (an unknown keyword), before any cloning.
+    astropy.units.UnitsError
+        ``tolerance`` is neither a velocity nor a wavelength (checked before any cloning).
+    ValueError
+        As in :func:`clone_many`, or the numbers of grid points and inputs differ.
+    RuntimeError
+        Every grid point failed.
     """
     params = Table(rows=list(parameters)) if not isinstance(parameters, Table) else Table(parameters)
     inputs = list(inputs)
     if len(params) != len(inputs):
         raise ValueError(f"got {len(params)} grid points for {len(inputs)} inputs")
+    _tolerance(tolerance)  # before the cloning, not after it
     if labels is None:
         labels = ["_".join(f"{c}{params[c][i]:g}" if np.isscalar(params[c][i]) and not isinstance(params[c][i], str)
                            else f"{c}{params[c][i]}" for c in params.colnames) for i in range(len(params))]

@@ -35,6 +35,21 @@ def _read_input(name: str):
     return spec, {}
 
 
+def _output_folder(path: str, *, create: bool = True) -> Path:
+    """The ``-o/--output`` folder, made when missing; ValueError when a file stands in its way."""
+    out = Path(path)
+    blocker = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ValueError(f"-o/--output {path}: {blocker} is an existing file, not a folder; give a folder "
+                         "(it is created if missing)")
+    if create:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # e.g. no permission
+            raise ValueError(f"-o/--output {path}: cannot create the folder ({err})") from err
+    return out
+
+
 def _run_clone(args, source: str, spectrum, info: dict) -> dict:
     import astropy.units as u
 
@@ -47,8 +62,7 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
         band = tuple(info["band"]) * u.AA
     teff = args.teff if args.teff is not None else info.get("teff")
     flatten = False if args.no_flatten else info.get("kind", "stellar") != "telluric"
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.output)
     stem = args.name or (Path(source).stem if Path(source).exists() else source)
     t0 = time.perf_counter()
     clone = clone_spectrum(
@@ -246,10 +260,9 @@ def _run_fit(args) -> int:
     stellar = _read_clone(args.stellar) if args.stellar else None
     telluric = _read_clone(args.telluric) if args.telluric else None
     data = _read_data(args.data, args.order)
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
+        out = _output_folder(args.output)
         result = fit_spectrum(data, stellar, telluric=telluric, device=args.device,
                               progress=not (args.quiet or args.json), **_fit_kwargs(args))
     except (ValueError, TypeError) as err:
@@ -321,13 +334,18 @@ def _batch_report(res, table: Path, as_json: bool, extra: dict | None = None) ->
 
 
 def _run_fit_many(args) -> int:
-    from .batch import fit_many, hpf_order_jobs
+    from .batch import _check_fit_kwargs, fit_many, hpf_order_jobs
 
     if not args.stellar and not args.telluric:
         raise SystemExit("error: give --stellar CLONE, --telluric CLONE, or both (--telluric alone: telluric-only fits)")
     for f in (args.stellar, args.telluric):
         if f and not Path(f).exists():
             raise SystemExit(f"error: no clone file at {f}")
+    try:
+        _check_fit_kwargs(_fit_kwargs(args))  # before a cluster starts
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     items, labels = hpf_order_jobs(args.files, args.orders)
     out = Path(args.output)
     client, cluster = _client(args)
@@ -335,6 +353,9 @@ def _run_fit_many(args) -> int:
         res = fit_many(items, args.stellar, telluric=args.telluric, client=client, output_dir=out, labels=labels,
                        threads_per_task=args.threads_per_task, device=args.device,
                        progress=not (args.quiet or args.json), **_fit_kwargs(args))
+    except (ValueError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     finally:
         if client is not None:
             client.close()
@@ -395,6 +416,12 @@ def _run_clone_grid(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``blase-specutils`` command."""
     args = build_parser().parse_args(argv)
+    if getattr(args, "output", None) is not None:
+        try:
+            _output_folder(args.output, create=False)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     if args.command == "fit":
         return _run_fit(args)
     if args.command == "fit-many":

@@ -16,9 +16,10 @@ from astropy.table import QTable
 from specutils import Spectrum, SpectrumList
 
 from .cloning import SpectralClone, _equivalent_widths
-from .core.clone import SPEED_OF_LIGHT_KMS, LineCloneModel
-from .core.training import resolve_device
+from .core.clone import SPEED_OF_LIGHT_KMS, TUNABLE, LineCloneModel
+from .core.training import check_integer, resolve_device
 from .core.transfer import TransferFit, TransferModel, fit_transfer
+from .preprocessing import _as_band, _buffer_angstrom, _velocity_kms
 from .spectra import SpectrumArrays, arrays_to_spectrum, spectrum_to_arrays
 
 __all__ = ["fit_spectrum", "TransferResult", "MissingUncertaintyWarning"]
@@ -86,6 +87,64 @@ def _gather(orders: list[Spectrum]):
     return (*out, missing, [p[1] for p in pieces], [p[2] for p in pieces])
 
 
+def _real(value, name: str, *, positive: bool = False, optional: bool = False) -> float | None:
+    """A finite number >= 0 (> 0 if ``positive``) as a float; None stays None when ``optional``."""
+    if value is None and optional:
+        return None
+    what = "one number" + (" or None" if optional else "")
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be {what}, got {value!r}") from err
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
+
+
+def _tunables(value, name: str) -> tuple[str, ...]:
+    """Line parameters to tune: one name (``"amplitude"``) or an iterable of names from ``TUNABLE``."""
+    names = (value,) if isinstance(value, str) else value
+    try:
+        names = tuple(names)
+    except TypeError as err:
+        raise TypeError(f"{name} must be a parameter name or a sequence of them, e.g. ('amplitude', 'sigma'), "
+                        f"got {value!r}") from err
+    bad = [t for t in names if not isinstance(t, str) or t not in TUNABLE]
+    if bad:
+        raise ValueError(f"{name}: unknown tunable parameter(s) {bad}; choose from {TUNABLE}")
+    return names
+
+
+def _fit_settings(*, resolving_power, rv, rv_range, vsini, continuum_degree, tune_lines, regularization,
+                  width_regularization, template_epochs, line_epochs, lr, buffer, tune_telluric,
+                  telluric_regularization, **_) -> dict:
+    """The checked settings of :func:`fit_spectrum` (velocities in km/s, buffer in Å), from its keyword
+    arguments (others are ignored); no data needed, so :func:`~blase_specutils.batch.fit_many` checks
+    them before it starts any job. Raises TypeError, UnitsError or ValueError naming the argument."""
+    rv_range_k = _velocity_kms(rv_range, "rv_range")
+    if rv_range_k <= 0:
+        raise ValueError(f"rv_range must be > 0 km/s (the half width of the RV scan and of the line selection), "
+                         f"got {rv_range_k} km/s")
+    return dict(
+        resolving_power=_real(resolving_power, "resolving_power", positive=True),
+        rv=None if rv is None else _velocity_kms(rv, "rv"),
+        rv_range=rv_range_k,
+        vsini=_velocity_kms(vsini, "vsini", nonnegative=True),
+        continuum_degree=check_integer(continuum_degree, "continuum_degree", minimum=0),
+        tune_lines=_tunables(tune_lines, "tune_lines"),
+        regularization=_real(regularization, "regularization", optional=True),
+        width_regularization=_real(width_regularization, "width_regularization", optional=True),
+        template_epochs=check_integer(template_epochs, "template_epochs", minimum=0),
+        line_epochs=check_integer(line_epochs, "line_epochs", minimum=0),
+        lr=_real(lr, "lr", positive=True),
+        buffer=_buffer_angstrom(buffer),
+        tune_telluric=None if tune_telluric is None else _tunables(tune_telluric, "tune_telluric"),
+        telluric_regularization=_real(telluric_regularization, "telluric_regularization", optional=True),
+    )
+
+
 #: Telluric powers X of the χ² scan that starts template matching when X is tuned.
 TELLURIC_POWER_SCAN = tuple(float(x) for x in np.exp(np.linspace(math.log(0.1), math.log(10.0), 47)))
 
@@ -146,33 +205,37 @@ def fit_spectrum(
     telluric : SpectralClone, optional
         Telluric clone (never Doppler shifted); its lines within the data range ± buffer are used.
     resolving_power : float
-        R (HPF ≈ 55,000; IGRINS ≈ 45,000).
+        R (HPF ≈ 55,000; IGRINS ≈ 45,000), finite and > 0.
     rv : Quantity or float (km/s), optional
-        Starting RV; if None, the best of a χ² scan over ± ``rv_range`` in 1 km/s steps. Ignored
-        by a telluric-only fit.
+        Starting RV (finite, slower than light); if None, the best of a χ² scan over ± ``rv_range``
+        in 1 km/s steps. Ignored by a telluric-only fit.
+    rv_range : Quantity or float (km/s)
+        Half width (> 0) of the RV scan; stellar lines within it (and ``buffer``) of the data are used.
     vsini : Quantity or float (km/s)
-        Starting v sin i (ignored by a telluric-only fit).
+        Starting v sin i, >= 0 (ignored by a telluric-only fit).
     limb_darkening : float
         ε of the rotation kernel.
     continuum_degree : int
-        Degree of the per-order polynomial.
-    tune_lines : iterable of str
-        Stellar line parameters tuned in the line stage (empty: template matching only, unless
+        Degree (an integer >= 0) of the per-order polynomial.
+    tune_lines : str or iterable of str
+        Stellar line parameter(s) tuned in the line stage, from ``"amplitude"``, ``"sigma"``,
+        ``"gamma"``, ``"center"``, ``"wing"`` (empty: template matching only, unless
         telluric lines are tuned). When widths are tuned, v sin i is held at its template-matching
         value during the line stage (widths and v sin i are nearly degenerate); otherwise it stays
         free.
     tune_resolving_power : bool
         Also tune R.
     regularization, width_regularization : float or None
-        Λ of the L1 pulls of ln a and of ln σ, ln γ towards the clone (None: no pull). The width
-        pull acts on tuned telluric widths too.
+        Λ (finite, >= 0) of the L1 pulls of ln a and of ln σ, ln γ towards the clone (None: no
+        pull). The width pull acts on tuned telluric widths too.
     template_epochs, line_epochs : int
-        Largest numbers of Adam epochs of the two stages (both stop early on a plateau;
-        ``line_epochs=0``: pure template matching).
+        Largest numbers (integers >= 0) of Adam epochs of the two stages (both stop early on a
+        plateau; ``line_epochs=0``: pure template matching).
     lr : float
-        Adam learning rate.
+        Adam learning rate (> 0).
     buffer : Quantity
-        Lines within this distance outside the data (plus the RV range) are kept.
+        Lines within this distance (a wavelength >= 0, e.g. ``30 * u.AA``; not a plain number)
+        outside the data (plus the RV range) are kept.
     device : str
         'cpu', 'cuda' or 'auto'.
     progress : bool
@@ -188,15 +251,16 @@ def fit_spectrum(
         "length_scale": 10.0}``); a ready-made likelihood must cover the concatenated, wavelength-
         sorted pixels of the data. The result's :attr:`TransferResult.pseudo_continuum` is the
         GP's conditional mean, the inferred continuum error.
-    tune_telluric : iterable of str or None
-        Telluric line parameters tuned in the line stage (e.g. ``("amplitude",)``), each with its
+    tune_telluric : str, iterable of str or None
+        Telluric line parameter(s) tuned in the line stage (e.g. ``"amplitude"``), each with its
         own L1 pull towards the telluric clone. None (default): ``()`` (telluric lines held as
         cloned) when a stellar clone is present, ``("amplitude",)`` for a telluric-only fit.
     tune_telluric_power : bool
         Tune the Beer's-law exponent X of the telluric transmission T^X (default True; X starts
         at the best of a χ² scan over 0.1-10 and stays free in the line stage). False: X = 1.
     telluric_regularization : float or None
-        Λ of the L1 pull of the telluric ln a towards the telluric clone (None: no pull).
+        Λ (finite, >= 0) of the L1 pull of the telluric ln a towards the telluric clone (None: no
+        pull).
     plan : bool or "auto"
         Train through window plans (see :func:`~blase_specutils.core.transfer.fit_transfer`): the
         same fit, with every epoch one CUDA-graph replay on a GPU. ``"auto"``: on CUDA devices when
@@ -209,9 +273,13 @@ def fit_spectrum(
     Raises
     ------
     ValueError
-        Neither clone given, no overlap between a clone and the data, bad data or settings.
+        Neither clone given, no overlap between a clone and the data, bad data, or a setting out of
+        range (e.g. ``rv_range <= 0``, negative ``vsini`` or Λ, an unknown parameter to tune).
     TypeError
-        A clone that is not a :class:`~blase_specutils.SpectralClone`, or data that are not spectra.
+        A clone that is not a :class:`~blase_specutils.SpectralClone`, data that are not spectra,
+        or a setting of the wrong type (a non-integer epoch count or degree, a plain-number buffer).
+    astropy.units.UnitsError
+        A velocity or the buffer in the wrong units.
     """
     if stellar is None and telluric is None:
         raise ValueError("give a stellar clone, a telluric clone (stellar=None, telluric=...), or both")
@@ -219,6 +287,17 @@ def fit_spectrum(
         raise TypeError("stellar must be a SpectralClone (clone_spectrum, SpectralClone.load or load_blase03) or None")
     if telluric is not None and not isinstance(telluric, SpectralClone):
         raise TypeError("telluric must be a SpectralClone or None")
+    checked = _fit_settings(resolving_power=resolving_power, rv=rv, rv_range=rv_range, vsini=vsini,
+                            continuum_degree=continuum_degree, tune_lines=tune_lines, regularization=regularization,
+                            width_regularization=width_regularization, template_epochs=template_epochs,
+                            line_epochs=line_epochs, lr=lr, buffer=buffer, tune_telluric=tune_telluric,
+                            telluric_regularization=telluric_regularization)
+    rv_k, rv_range_k, vsini_k, buf = (checked[k] for k in ("rv", "rv_range", "vsini", "buffer"))
+    resolving_power, continuum_degree, lr = checked["resolving_power"], checked["continuum_degree"], checked["lr"]
+    template_epochs, line_epochs = checked["template_epochs"], checked["line_epochs"]
+    tune_lines, tune_telluric = checked["tune_lines"], checked["tune_telluric"]
+    regularization, width_regularization, telluric_regularization = (
+        checked[k] for k in ("regularization", "width_regularization", "telluric_regularization"))
     orders = _orders(data)
     wl, flux, sigma, good, oid, missing, order_ids, arrs = _gather(orders)
     if missing:
@@ -228,18 +307,9 @@ def fit_spectrum(
             MissingUncertaintyWarning,
             stacklevel=2,
         )
-    to_kms = lambda q: float(u.Quantity(q, u.km / u.s).value) if isinstance(q, u.Quantity) else float(q)  # noqa: E731
-    rv_range_k = to_kms(rv_range)
-    vsini_k = to_kms(vsini)
-    if not (resolving_power > 0):
-        raise ValueError(f"resolving_power must be > 0, got {resolving_power}")
-    if vsini_k < 0:
-        raise ValueError(f"vsini must be >= 0 km/s, got {vsini_k}")
     if tune_telluric is None:
         tune_telluric = ("amplitude",) if stellar is None else ()
-    tune_telluric = tuple(tune_telluric)
     dev = resolve_device(device)
-    buf = float(u.Quantity(buffer, u.AA).value)
     st = None
     if stellar is not None:
         lo = wl[0] * (1 - rv_range_k / SPEED_OF_LIGHT_KMS) - buf
@@ -263,7 +333,7 @@ def fit_spectrum(
             )
         tel = telluric.model.subset(torch.as_tensor(tsel)).to(dev)
         tel.set_tuned(())
-    model = TransferModel(st, wl, order_index=oid, telluric=tel, rv=0.0 if rv is None or st is None else to_kms(rv),
+    model = TransferModel(st, wl, order_index=oid, telluric=tel, rv=0.0 if rv_k is None or st is None else rv_k,
                           vsini=max(vsini_k, 0.05), resolving_power=resolving_power,
                           limb_darkening=limb_darkening, continuum_degree=continuum_degree,
                           max_vsini=max(2.0 * vsini_k, vsini_k + 20.0), max_rv=rv_range_k).to(dev)
@@ -277,7 +347,7 @@ def fit_spectrum(
         from .gp import build_likelihood  # optional extra: a clear ImportError names it
 
         lik = build_likelihood(likelihood, wl, sigma, good, oid, device=dev)
-    scan = None if (rv is not None or st is None) else np.arange(-rv_range_k, rv_range_k + 0.5, 1.0)
+    scan = None if (rv_k is not None or st is None) else np.arange(-rv_range_k, rv_range_k + 0.5, 1.0)
     prior = {} if st is None else {k: getattr(st, k).detach().clone() for k in _LOG_PARAMS}
     telluric_prior = None if tel is None else {k: getattr(tel, k).detach().clone() for k in _LOG_PARAMS}
     prior_centers = {k: m.lam_centers.detach().cpu().numpy().copy() for k, m in (("stellar", st), ("telluric", tel))
@@ -292,7 +362,6 @@ def fit_spectrum(
                     vsini=None if st is None else float(model.vsini.detach()),
                     resolving_power=float(model.resolving_power.detach()),
                     telluric_power=None if tel is None else float(model.telluric_power.detach()))
-    tune_lines = tuple(tune_lines)
     if line_epochs and ((st is not None and tune_lines) or (tel is not None and tune_telluric)):
         fit2 = fit_transfer(model, data_t, w_t, rv_scan=None, template_epochs=0, line_epochs=line_epochs,
                             tune_lines=tune_lines, regularization=regularization,
@@ -687,13 +756,38 @@ class TransferResult:
     # -------------------------------------------------------------- plot
     def plot(self, *, band=None, title: str | None = None):
         """Data, model and residual (with the GP pseudo-continuum when fitted with one), and the
-        stellar and/or telluric templates, clone and transfer-learned (cf. paper Fig. 9)."""
+        stellar and/or telluric templates, clone and transfer-learned (cf. paper Fig. 9).
+
+        Parameters
+        ----------
+        band : (Quantity, Quantity), optional
+            Spectral range to show, in any spectral unit (e.g. ``(8670, 8680) * u.AA`` or a pair
+            of wavenumbers); default: all the data.
+        title : str, optional
+
+        Returns
+        -------
+        matplotlib.figure.Figure
+
+        Raises
+        ------
+        TypeError
+            ``band`` is not a pair of Quantities (plain numbers have no unit).
+        ValueError
+            ``band`` holds fewer than two data pixels.
+        """
         import matplotlib.pyplot as plt
 
+        w = self.wavelength
+        sel = np.ones(w.size, bool)
+        if band is not None:
+            lo, hi = _as_band(band)
+            sel = (w >= lo) & (w <= hi)
+            if sel.sum() < 2:
+                raise ValueError(f"band {lo:.6g}-{hi:.6g} Å holds {int(sel.sum())} data pixel(s), too few to plot; "
+                                 f"the data cover {w.min():.6g}-{w.max():.6g} Å: choose a band within that range")
         n = 2 + int(self.has_stellar) + int(self.has_telluric)
         fig, ax = plt.subplots(n, 1, figsize=(11, 2.2 * n), sharex=True)
-        w = self.wavelength
-        sel = np.ones(w.size, bool) if band is None else (w >= band[0].to_value(u.AA)) & (w <= band[1].to_value(u.AA))
         lz = self.model.lam_z.cpu().numpy()
         zsel = (lz >= w[sel].min()) & (lz <= w[sel].max())
         axis = lz[zsel] * u.AA

@@ -26,6 +26,32 @@ def _column(table, names):
     return None
 
 
+#: Wavelengths (Å) that a table whose wavelength column has no unit may plausibly hold; the reader
+#: assumes Å, so numbers outside this range are in another unit (µm, m, Hz, ...).
+PLAUSIBLE_ANGSTROM = (100.0, 1e7)
+
+#: Units that wavelength numbers may be in, tried in this order to name the likely one.
+_UNIT_GUESSES = (("µm", u.um), ("nm", u.nm), ("m", u.m), ("cm", u.cm), ("mm", u.mm), ("Hz", u.Hz), ("GHz", u.GHz))
+
+
+def _check_assumed_angstrom(wl: np.ndarray, path) -> None:
+    """ValueError when the numbers of a wavelength column without a unit are implausible as Å."""
+    lo, hi = float(np.nanmin(wl)), float(np.nanmax(wl))
+    low, high = PLAUSIBLE_ANGSTROM
+    if low <= lo and hi <= high:
+        return
+    mid = float(np.nanmedian(wl))
+    looks = [name for name, unit in _UNIT_GUESSES
+             if mid > 0 and 1e3 <= (mid * unit).to_value(u.AA, equivalencies=u.spectral()) <= 1e6]
+    raise ValueError(
+        f"the wavelength column of {Path(path).name} has no unit, so its numbers ({lo:.6g}-{hi:.6g}) are read as "
+        f"Å, which is implausible ({f'below {low:g}' if lo < low else f'above {high:,.0f}'} Å); they look like "
+        f"{' or '.join(looks) or 'another unit'}. State the unit in the file: a unitless column is taken as Å, so "
+        "give the wavelength column its unit in an ECSV file or a FITS table (TUNITn), e.g. "
+        "QTable({'wavelength': wl * u.um, 'flux': flux}).write('spectrum.ecsv')"
+    )
+
+
 def read_spectrum(path: str | Path) -> Spectrum:
     """Read a 1-D spectrum from ``path``.
 
@@ -33,7 +59,8 @@ def read_spectrum(path: str | Path) -> Spectrum:
     the file as a table (FITS binary table, ECSV, CSV, ...) with a wavelength column
     (``wavelength``, ``wave``, ``lambda``…), a flux column (``flux``, ``transmission``) and an
     optional uncertainty column (``uncertainty``, ``error``, ``sigma``). A wavelength column
-    without a unit is taken to be in Å, with a warning.
+    without a unit is taken to be in Å, with a warning; where its numbers cannot be Å (below 100 or
+    above 1e7), a ValueError names the unit they look like and how to state it.
 
     Raises
     ------
@@ -70,8 +97,9 @@ def read_spectrum(path: str | Path) -> Spectrum:
         )
     wave = table[wcol]
     if not isinstance(wave, u.Quantity) or wave.unit is None or wave.unit == u.dimensionless_unscaled:
-        warnings.warn(f"column {wcol!r} of {path.name} has no unit; assuming Å", UserWarning, stacklevel=2)
         wave = np.asarray(wave, dtype=np.float64) * u.AA
+        _check_assumed_angstrom(wave.value, path)
+        warnings.warn(f"column {wcol!r} of {path.name} has no unit; assuming Å", UserWarning, stacklevel=2)
     flux = table[fcol]
     if not isinstance(flux, u.Quantity):
         flux = np.asarray(flux, dtype=np.float64) * u.dimensionless_unscaled

@@ -276,6 +276,50 @@ def test_hpf_order_jobs_and_bad_clone(tmp_path):
         clone_many([], progress=False)
 
 
+class _NoCluster:
+    """Stands in for a Dask client: any use of it means a job was about to be queued."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the batch used its client ({name}) before rejecting its arguments")
+
+
+def test_bad_keywords_and_settings_fail_before_any_job(tmp_path):
+    spec = Spectrum(spectral_axis=np.linspace(8660, 8680, 100) * u.AA, flux=np.ones(100) * u.one)
+    clone = tmp_path / "not_checked_yet.fits"  # a missing clone would raise FileNotFoundError if checked first
+    out = tmp_path / "out"
+    with pytest.raises(TypeError, match=r"fit_many got keyword argument\(s\) \['vsin'\].*Valid keywords: .*vsini"):
+        fit_many([spec, spec], clone, client=_NoCluster(), output_dir=out, vsin=3, progress=False)
+    with pytest.raises(ValueError, match="rv_range must be > 0"):
+        fit_many([spec], clone, client=_NoCluster(), output_dir=out, rv_range=-30, progress=False)
+    with pytest.raises(TypeError, match="continuum_degree must be an integer"):
+        fit_many([spec], clone, client=_NoCluster(), output_dir=out, continuum_degree=2.5, progress=False)
+    with pytest.raises(TypeError, match=r"clone_many got keyword argument\(s\) \['promincence'\]"):
+        clone_many([spec], client=_NoCluster(), output_dir=out, promincence=0.02, progress=False)
+    with pytest.raises(TypeError, match=r"clone_many \(item_kwargs\) got keyword argument\(s\) \['tef'\]"):
+        clone_many([spec], client=_NoCluster(), item_kwargs=[{"tef": 5000 * u.K}], progress=False)
+    with pytest.raises(TypeError, match=r"\['epoch'\] that clone_spectrum does not take"):
+        clone_grid([spec], [{"airmass": 1.0}], client=_NoCluster(), output_dir=out, epoch=10, progress=False)
+    with pytest.raises(u.UnitsError, match="tolerance must be a velocity or a wavelength"):
+        clone_grid([spec], [{"airmass": 1.0}], client=_NoCluster(), tolerance=3 * u.s, progress=False)
+    assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.raises(ValueError, match="output_dir .*afile is an existing file, not a folder"):
+        clone_many([spec], client=_NoCluster(), output_dir=afile, progress=False)
+
+
+def test_table_without_unit_in_micrometres_fails_its_job(tmp_path):
+    """A unitless wavelength column is read as Å; µm numbers fail the job with a clear error, not a 1 Å clone."""
+    wl = np.linspace(1.0540, 1.0560, 200)
+    t = Table()
+    t["wavelength"] = wl  # no unit
+    t["flux"] = 1.0 - 0.1 * np.exp(-(((wl - 1.055) / 2e-5) ** 2))
+    t.write(tmp_path / "um.csv")
+    res = clone_many([tmp_path / "um.csv"], progress=False, prominence=0.02, epochs=1)
+    assert not res.ok and res[0].error.startswith("ValueError: the wavelength column of um.csv has no unit")
+    assert "they look like µm" in res[0].error
+
+
 # ------------------------------------------------------------------------------- command line
 def test_cli_clone_grid(airmass_grid, tmp_path, capsys):
     import json

@@ -74,6 +74,73 @@ def test_bad_arguments(tmp_path, capsys):
         main(["clone", str(bad), "-o", str(tmp_path)])
 
 
+def _tiny_clone_file(path):
+    """A one-line clone file near 8670 Å (nothing is fitted with it)."""
+    import numpy as np
+
+    from blase_specutils.core.clone import LineCloneModel
+
+    model = LineCloneModel(np.array([8670.0]), np.log([0.1]), np.log([0.05]), np.log([0.01]))
+    return SpectralClone(model).save(path)
+
+
+def test_output_that_is_a_file_is_an_argument_error(tmp_path, capsys):
+    """``-o`` naming an existing file (or a path through one): exit code 2 and a message, before any work."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    grid = tmp_path / "grid.csv"
+    grid.write_text("file,teff\nx.ecsv,5000\n")
+    for out in (afile, afile / "sub"):
+        for argv in (["clone", "phoenix-10kK-hpf"], ["demo"], ["fit", "data.fits", "--stellar", "c.fits"],
+                     ["fit-many", "data.fits", "--stellar", "c.fits"], ["clone-grid", str(grid)]):
+            assert main([*argv, "-o", str(out)]) == 2, argv
+            err = capsys.readouterr().err
+            assert f"-o/--output {out}: {afile} is an existing file, not a folder" in err, argv
+    assert afile.read_text() == ""
+
+
+def test_table_in_micrometres_without_a_unit_is_refused(tmp_path, capsys):
+    """A unitless wavelength column is read as Å: numbers like 1.05 (µm) are refused with a way out."""
+    import numpy as np
+
+    wl = np.linspace(1.054, 1.056, 300)
+    flux = 1 - 0.1 * np.exp(-(((wl - 1.055) / 2e-5) ** 2))
+    csv, aa = tmp_path / "um_nounit.csv", tmp_path / "aa_nounit.csv"
+    csv.write_text("wavelength,flux\n" + "".join(f"{w:.7f},{f:.6f}\n" for w, f in zip(wl, flux)))
+    aa.write_text("wavelength,flux\n" + "".join(f"{w:.3f},{f:.6f}\n" for w, f in zip(wl * 1e4, flux)))
+    with pytest.raises(SystemExit, match=r"um_nounit.csv has no unit.*below 100 Å\); they look like µm.*ECSV"):
+        main(["clone", str(csv), "-o", str(tmp_path / "out")])
+    clone = _tiny_clone_file(tmp_path / "clone.fits")
+    with pytest.raises(SystemExit, match="they look like µm"):
+        main(["fit", str(csv), "--stellar", str(clone), "-o", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    # the same spectrum in Å is plausible: read (with the warning) and not refused here
+    with pytest.warns(UserWarning, match="assuming Å"):
+        assert main(["fit", str(aa), "--stellar", str(clone), "--rv-range", "-5", "-o", str(tmp_path / "o")]) == 2
+    assert "rv_range must be > 0" in capsys.readouterr().err
+
+
+def test_fit_settings_are_argument_errors(tmp_path, capsys):
+    """Bad fit settings: exit code 2 and the parameter named, for ``fit`` and ``fit-many`` (no job runs)."""
+    import astropy.units as u
+    import numpy as np
+    from specutils import Spectrum
+
+    clone = _tiny_clone_file(tmp_path / "clone.fits")
+    data = tmp_path / "data.fits"
+    wl = np.linspace(8660, 8680, 200)
+    Spectrum(spectral_axis=wl * u.AA, flux=np.ones(wl.size) * u.one).write(data, format="tabular-fits")
+    for command in ("fit", "fit-many"):
+        for flags, message in ((["--rv-range", "-5"], "rv_range must be > 0"),
+                               (["--vsini", "nan"], "vsini must be finite"),
+                               (["--regularization", "-1"], "regularization must be finite and >= 0"),
+                               (["--continuum-degree", "-1"], "continuum_degree must be >= 0")):
+            out = tmp_path / command / flags[0].strip("-")
+            assert main([command, str(data), "--stellar", str(clone), *flags, "-o", str(out), "-q"]) == 2
+            assert message in capsys.readouterr().err, (command, flags)
+            assert not list(out.glob("*_fit.fits")) and not (out / "summary.ecsv").exists()
+
+
 def test_templates_listing(capsys):
     assert main(["templates"]) == 0
     out = capsys.readouterr().out

@@ -51,6 +51,17 @@ def test_result_products(template_fit, tmp_path):
     assert s["n_lines_changed"] == 0 and s["chi2_reduced"] == pytest.approx(r.chi2_reduced)
     fig = r.plot()
     fig.savefig(tmp_path / "fit.png")
+    import matplotlib.pyplot as plt
+
+    # a band in any spectral unit (here wavenumbers) gives the same panel as in Å
+    in_aa = r.plot(band=(8670, 8680) * u.AA)
+    in_wavenumber = r.plot(band=(1e8 / 8680, 1e8 / 8670) / u.cm)
+    np.testing.assert_allclose(in_wavenumber.axes[0].lines[0].get_xdata(), in_aa.axes[0].lines[0].get_xdata())
+    plt.close("all")
+    with pytest.raises(TypeError, match="band must be a pair of wavelengths with units"):
+        r.plot(band=(8670, 8680))
+    with pytest.raises(ValueError, match=r"band 5000-5010 Å holds 0 data pixel.*the data cover"):
+        r.plot(band=(5000, 5010) * u.AA)
     path = r.save(tmp_path / "fit.fits")
     from blase_specutils import SpectralClone
 
@@ -74,6 +85,90 @@ def test_bad_inputs(wasp69, clone4700):
         fit_spectrum(SpectrumList([wasp69, wasp69]), clone4700, line_epochs=0, template_epochs=1, progress=False)
     with pytest.raises(TypeError, match="SpectralClone"):
         fit_spectrum(wasp69, "clone.fits", progress=False)
+
+
+def _tiny_clone():
+    """A one-line clone near 8670 Å (no training; the settings tests never get that far)."""
+    from blase_specutils import SpectralClone
+    from blase_specutils.core.clone import LineCloneModel
+
+    return SpectralClone(LineCloneModel(np.array([8670.0]), np.log([0.1]), np.log([0.05]), np.log([0.01])))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(rv_range=-30), ValueError, "rv_range must be > 0 km/s"),
+        (dict(rv_range=0), ValueError, "rv_range must be > 0"),
+        (dict(rv_range=[10, 20]), TypeError, "rv_range must be one number"),
+        (dict(rv=np.nan), ValueError, "rv must be finite"),
+        (dict(rv=4e5 * u.km / u.s), ValueError, "rv must be finite and slower than light"),
+        (dict(rv=5 * u.AA), u.UnitsError, "rv must be a velocity"),
+        (dict(vsini=-3), ValueError, "vsini must be >= 0"),
+        (dict(vsini=np.nan), ValueError, "vsini must be finite"),
+        (dict(resolving_power=np.inf), ValueError, "resolving_power must be finite and > 0"),
+        (dict(resolving_power=0), ValueError, "resolving_power must be finite and > 0"),
+        (dict(resolving_power="55000"), TypeError, "resolving_power must be one number"),
+        (dict(regularization=-5), ValueError, "regularization must be finite and >= 0"),
+        (dict(width_regularization=np.nan), ValueError, "width_regularization must be finite"),
+        (dict(telluric_regularization=-1.0), ValueError, "telluric_regularization must be finite and >= 0"),
+        (dict(lr=0), ValueError, "lr must be finite and > 0"),
+        (dict(buffer=-1000 * u.AA), ValueError, "buffer must be finite and >= 0"),
+        (dict(buffer=5 * u.km / u.s), u.UnitsError, "buffer must be a wavelength"),
+        (dict(buffer=30.0), TypeError, "buffer must be a Quantity in wavelength units"),
+        (dict(continuum_degree=2.5), TypeError, "continuum_degree must be an integer"),
+        (dict(continuum_degree=True), TypeError, "continuum_degree must be an integer"),
+        (dict(continuum_degree=-1), ValueError, "continuum_degree must be >= 0"),
+        (dict(template_epochs=-1), ValueError, "template_epochs must be >= 0"),
+        (dict(line_epochs=100.0), TypeError, "line_epochs must be an integer"),
+        (dict(tune_lines=("amp",)), ValueError, r"tune_lines: unknown tunable parameter\(s\) \['amp'\]"),
+        (dict(tune_lines=5), TypeError, "tune_lines must be a parameter name or a sequence"),
+        (dict(tune_telluric="amplitud"), ValueError, r"tune_telluric: unknown tunable parameter\(s\) \['amplitud'\]"),
+    ],
+)
+def test_bad_settings_fail_before_any_work(monkeypatch, kwargs, error, match):
+    """Each bad setting raises a clear error naming it before the data are even read."""
+    import blase_specutils.fitting as fitting
+
+    def no_work(*args, **kw):
+        raise AssertionError("the data were read before the settings were checked")
+
+    monkeypatch.setattr(fitting, "_gather", no_work)
+    data = Spectrum(spectral_axis=np.linspace(8660, 8680, 50) * u.AA, flux=np.ones(50) * u.one)
+    with pytest.raises(error, match=match):
+        fit_spectrum(data, _tiny_clone(), progress=False, **kwargs)
+
+
+def test_one_tune_name_and_numpy_integers_are_accepted():
+    """A bare string is one parameter name (not its letters); numpy integers count as integers."""
+    wl = np.linspace(8660, 8680, 200)
+    flux = 1.0 - 0.3 * np.exp(-0.5 * ((wl - 8670.0) / 0.1) ** 2)
+    data = Spectrum(spectral_axis=wl * u.AA, flux=flux * u.one, uncertainty=StdDevUncertainty(np.full(wl.size, 0.01)))
+    tune = ["amplitude"]
+    r = fit_spectrum(data, _tiny_clone(), rv=0.0, tune_lines="amplitude", continuum_degree=np.int64(1),
+                     template_epochs=np.int32(2), line_epochs=np.int64(2), progress=False)
+    assert r.settings["tune_lines"] == "amplitude" and r.settings["line_epochs"] == 2
+    assert r.model.continuum_coeffs.shape[1] == 2
+    r = fit_spectrum(data, _tiny_clone(), rv=0.0, tune_lines=tune, template_epochs=1, line_epochs=1, progress=False)
+    assert tune == ["amplitude"] and r.settings["tune_lines"] == "amplitude"
+
+
+def test_products_come_back_on_the_users_own_axis_and_uncertainty_units_count():
+    """A descending nm axis (values that do not survive a trip through Å) and an uncertainty in mJy
+    on a flux in Jy: the model and residual have the data's own axis, and σ is in Jy."""
+    wl = np.linspace(8660, 8680, 301)
+    flux = 1.0 - 0.3 * np.exp(-0.5 * ((wl - 8670.0) / 0.1) ** 2)
+    axis = (wl / 10.0)[::-1] * u.nm
+    data = Spectrum(spectral_axis=axis, flux=flux[::-1] * u.Jy,
+                    uncertainty=StdDevUncertainty(np.full(wl.size, 10.0) * u.mJy))
+    r = fit_spectrum(data, _tiny_clone(), rv=0.0, template_epochs=2, line_epochs=0, progress=False)
+    np.testing.assert_allclose(r.sigma, 0.01, rtol=1e-12)
+    for product in (r.model_spectrum, r.residual):
+        np.testing.assert_array_equal(product.spectral_axis.value, axis.value)
+        assert product.spectral_axis.unit == u.nm
+    residual = data - r.model_spectrum  # arithmetic with the data works, pixel by pixel
+    np.testing.assert_allclose(residual.flux.value, r.residual.flux.value, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(r.model_spectrum.flux.value, r.model_flux[::-1], rtol=0, atol=0)
 
 
 def test_missing_uncertainties_and_other_units(wasp69, clone4700):
