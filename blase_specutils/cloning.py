@@ -110,7 +110,8 @@ class SpectralClone:
         if isinstance(spectral_axis, u.Quantity):
             spectral_axis = np.atleast_1d(u.Quantity(spectral_axis, copy=True))  # not a SpectralAxis
             if spectral_axis.ndim != 1:
-                raise ValueError(f"spectral_axis must be 1-D, got shape {spectral_axis.shape}; evaluate one row at a time")
+                raise ValueError(f"spectral_axis must be 1-D, got shape {spectral_axis.shape}; "
+                                 "evaluate one row at a time")
         wl = wavelength_to_angstrom(spectral_axis, "spectral_axis")
         if not np.all(np.isfinite(wl) & (wl > 0)):
             raise ValueError("spectral_axis must be finite, positive wavelengths (or frequencies, wavenumbers)")

@@ -68,7 +68,8 @@ def _velocity_kms(value, name: str, *, nonnegative: bool = False) -> float:
     try:
         v = float(v)
     except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a velocity such as 30 * u.km / u.s or a number in km/s, got {value!r}") from err
+        raise TypeError(f"{name} must be a velocity such as 30 * u.km / u.s or a number in km/s, "
+                        f"got {value!r}") from err
     if not np.isfinite(v) or abs(v) >= SPEED_OF_LIGHT_KMS:
         raise ValueError(f"{name} must be finite and slower than light, got {v} km/s")
     if nonnegative and v < 0:
