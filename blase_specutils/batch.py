@@ -33,6 +33,8 @@ import astropy.units as u
 import numpy as np
 from astropy.table import QTable, Table
 
+from .core.clone import SPEED_OF_LIGHT_KMS
+
 __all__ = [
     "BatchRecord",
     "BatchResult",
@@ -823,7 +825,7 @@ def _tolerance(tolerance) -> tuple[float | None, float | None]:
     """Line matching tolerance as (relative, None) for a velocity or (None, Å) for a wavelength."""
     tol = u.Quantity(tolerance)
     if tol.unit.physical_type == "speed":
-        rel, absolute = float(tol.to_value(u.km / u.s)) / 299792.458, None
+        rel, absolute = float(tol.to_value(u.km / u.s)) / SPEED_OF_LIGHT_KMS, None
     elif tol.unit.physical_type == "length":
         rel, absolute = None, float(tol.to_value(u.AA))
     else:

@@ -19,7 +19,7 @@ from . import __version__ as _version
 from .core.clone import LineCloneModel
 from .core.detection import find_lines
 from .core.profiles import PROFILES, profile_fwhm, pseudo_voigt_eta, pseudo_voigt_fwhm
-from .core.training import (TrainingHistory, check_integer, check_positive, resolve_device, seed_everything, train,
+from .core.training import (TrainingHistory, check_integer, check_real, resolve_device, seed_everything, train,
                              use_plans)
 from .preprocessing import (DEFAULT_BUFFER, _as_band, _buffer_angstrom, _teff_kelvin, _velocity_kms, divide_blackbody,
                             flatten_continuum, trim)
@@ -578,9 +578,9 @@ def clone_spectrum(
             and 0.0 < float(prominence) < 1.0):
         raise ValueError(f"prominence must be a number in (0, 1), got {prominence!r}")
     epochs = check_integer(epochs, "epochs", minimum=0)
-    lr = check_positive(lr, "lr")
-    wing_tolerance = check_positive(wing_tolerance, "wing_tolerance")
-    train_tolerance = check_positive(train_tolerance, "train_tolerance")
+    lr = check_real(lr, "lr", positive=True)
+    wing_tolerance = check_real(wing_tolerance, "wing_tolerance", positive=True)
+    train_tolerance = check_real(train_tolerance, "train_tolerance", positive=True)
     continuum_bins = check_integer(continuum_bins, "continuum_bins", minimum=1)
     continuum_order = check_integer(continuum_order, "continuum_order", minimum=0)
     if not (isinstance(n_broad, str) and n_broad == "auto"):

@@ -17,7 +17,7 @@ from specutils import Spectrum, SpectrumList
 
 from .cloning import SpectralClone, _equivalent_widths
 from .core.clone import SPEED_OF_LIGHT_KMS, TUNABLE, LineCloneModel
-from .core.training import check_integer, resolve_device
+from .core.training import check_integer, check_real, resolve_device
 from .core.transfer import TransferFit, TransferModel, fit_transfer
 from .preprocessing import _as_band, _buffer_angstrom, _velocity_kms
 from .spectra import SpectrumArrays, arrays_to_spectrum, spectrum_to_arrays
@@ -87,22 +87,6 @@ def _gather(orders: list[Spectrum]):
     return (*out, missing, [p[1] for p in pieces], [p[2] for p in pieces])
 
 
-def _real(value, name: str, *, positive: bool = False, optional: bool = False) -> float | None:
-    """A finite number >= 0 (> 0 if ``positive``) as a float; None stays None when ``optional``."""
-    if value is None and optional:
-        return None
-    what = "one number" + (" or None" if optional else "")
-    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
-        raise TypeError(f"{name} must be {what}, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be {what}, got {value!r}") from err
-    if not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value!r}")
-    return v
-
-
 def _tunables(value, name: str) -> tuple[str, ...]:
     """Line parameters to tune: one name (``"amplitude"``) or an iterable of names from ``TUNABLE``."""
     names = (value,) if isinstance(value, str) else value
@@ -128,20 +112,20 @@ def _fit_settings(*, resolving_power, rv, rv_range, vsini, continuum_degree, tun
         raise ValueError(f"rv_range must be > 0 km/s (the half width of the RV scan and of the line selection), "
                          f"got {rv_range_k} km/s")
     return dict(
-        resolving_power=_real(resolving_power, "resolving_power", positive=True),
+        resolving_power=check_real(resolving_power, "resolving_power", positive=True),
         rv=None if rv is None else _velocity_kms(rv, "rv"),
         rv_range=rv_range_k,
         vsini=_velocity_kms(vsini, "vsini", nonnegative=True),
         continuum_degree=check_integer(continuum_degree, "continuum_degree", minimum=0),
         tune_lines=_tunables(tune_lines, "tune_lines"),
-        regularization=_real(regularization, "regularization", optional=True),
-        width_regularization=_real(width_regularization, "width_regularization", optional=True),
+        regularization=check_real(regularization, "regularization", optional=True),
+        width_regularization=check_real(width_regularization, "width_regularization", optional=True),
         template_epochs=check_integer(template_epochs, "template_epochs", minimum=0),
         line_epochs=check_integer(line_epochs, "line_epochs", minimum=0),
-        lr=_real(lr, "lr", positive=True),
+        lr=check_real(lr, "lr", positive=True),
         buffer=_buffer_angstrom(buffer),
         tune_telluric=None if tune_telluric is None else _tunables(tune_telluric, "tune_telluric"),
-        telluric_regularization=_real(telluric_regularization, "telluric_regularization", optional=True),
+        telluric_regularization=check_real(telluric_regularization, "telluric_regularization", optional=True),
     )
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import operator
 import time
 import warnings
@@ -39,11 +38,23 @@ def check_integer(value, name: str, *, minimum: int | None = None) -> int:
     return out
 
 
-def check_positive(value, name: str) -> float:
-    """``value`` as a float: a finite real number > 0 (raises ValueError naming ``name``)."""
-    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+def check_real(value, name: str, *, positive: bool = False, optional: bool = False) -> float | None:
+    """``value`` as a float: one finite number >= 0 (> 0 if ``positive``); None stays None when ``optional``.
+
+    Raises TypeError (not one number) or ValueError (out of range), naming ``name``.
+    """
+    if value is None and optional:
+        return None
+    what = "one number" + (" or None" if optional else "")
+    if isinstance(value, (bool, np.bool_, str, bytes)) or np.ndim(value) != 0:
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be {what}, got {value!r}") from err
+    if not math.isfinite(v) or v < 0 or (positive and v == 0):
+        raise ValueError(f"{name} must be finite and {'> 0' if positive else '>= 0'}, got {value!r}")
+    return v
 
 
 class NonFiniteLossWarning(RuntimeWarning):
@@ -172,7 +183,7 @@ def train(
     epochs = check_integer(epochs, "epochs", minimum=0)
     if patience is not None:
         patience = check_integer(patience, "patience", minimum=1)
-    lr = check_positive(lr, "lr")
+    lr = check_real(lr, "lr", positive=True)
     lr_overrides = dict(lr_overrides or {})
     unknown = set(lr_overrides) - {n for n, _ in model.named_parameters()}
     if unknown:

@@ -74,7 +74,7 @@ def test_bad_arguments():
         train(m, lambda: m.log_amplitudes.sum(), epochs=2.5, progress=False)
     with pytest.raises(ValueError, match="patience must be >= 1"):
         train(m, lambda: m.log_amplitudes.sum(), patience=0, progress=False)
-    with pytest.raises(ValueError, match="lr must be a finite number"):
+    with pytest.raises(ValueError, match="lr must be finite and > 0"):
         train(m, lambda: m.log_amplitudes.sum(), lr=float("inf"), progress=False)
     with pytest.raises(ValueError, match="mode"):
         LineCloneModel([1.0], [0.0], [0.0], [0.0], mode="cubic")
