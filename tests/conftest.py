@@ -77,3 +77,12 @@ def hr4829_water_window():
     w = s.spectral_axis.to_value("AA")
     idx = np.flatnonzero((w > 9070.0) & (w < 9100.0))
     return s[int(idx[0]) : int(idx[-1]) + 1]
+
+
+@pytest.fixture(scope="session")
+def moog4250():
+    """The MOOG/MARCS 4250 K K-dwarf synthesis (vacuum Å, ``wave_vac``, ``flux_norm``) as a dict of arrays."""
+    import numpy as np
+
+    with np.load(_need(SHARED_DATA / "synthetic" / "moog_T4250_g4.5_feh0_vac.npz")) as d:
+        return {"wave_vac": d["wave_vac"], "flux_norm": d["flux_norm"].astype(np.float64)}

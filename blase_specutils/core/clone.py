@@ -196,6 +196,41 @@ class LineCloneModel(nn.Module):
                 getattr(new, name).copy_(getattr(self, name).detach()[keep_broad])
         return new
 
+    def with_lines(self, lam_centers, log_amplitudes, log_sigmas, log_gammas) -> tuple["LineCloneModel", Tensor]:
+        """A new model with the given lines added, all lines sorted by centre, the same settings.
+
+        Parameters are copied (detached); the broad lines keep their wing corrections.
+
+        Returns
+        -------
+        model : LineCloneModel
+        order : Tensor
+            For each line of the new model, its index in the old lines followed by the added
+            ones (``order[k] >= self.n_lines`` marks an added line).
+        """
+        dev = self.lam_centers.device
+        extra = [_as_tensor(x, t.dtype, dev) for x, t in zip(
+            (lam_centers, log_amplitudes, log_sigmas, log_gammas),
+            (self.lam_centers, self.log_amplitudes, self.log_sigmas, self.log_gammas))]
+        if any(x.ndim != 1 or x.shape != extra[0].shape for x in extra):
+            raise ValueError("the added lines' parameters must be 1-D arrays of one length")
+        if not all(bool(torch.isfinite(x).all()) for x in extra):
+            raise ValueError("the added lines' parameters must be finite")
+        joined = [torch.cat([old.detach(), x]) for old, x in zip(
+            (self.lam_centers, self.log_amplitudes, self.log_sigmas, self.log_gammas), extra)]
+        order = torch.argsort(joined[0], stable=True)
+        old_to_new = torch.empty_like(order)
+        old_to_new[order] = torch.arange(order.numel(), device=dev)
+        new = LineCloneModel(
+            *(x[order] for x in joined), mode=self.mode, profile=self.profile, emission=self.emission,
+            tune=self.tuned, wing_tolerance=self.wing_tolerance, far_field=self.far_field,
+            broad_lines=old_to_new[self.broad_lines].tolist(), dtype=self.dtype, device=dev,
+        )
+        with torch.no_grad():
+            for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
+                getattr(new, name).copy_(getattr(self, name).detach())
+        return new, order
+
     # ------------------------------------------------------------------ evaluation
     def _wing(self):
         if self.broad_lines.numel() == 0:

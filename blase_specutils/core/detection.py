@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ from scipy.signal import find_peaks, peak_widths
 
 from .profiles import FWHM_GAUSSIAN_PER_SIGMA, pseudo_voigt
 
-__all__ = ["LineGuess", "find_lines", "initial_widths"]
+__all__ = ["LineGuess", "find_lines", "initial_widths", "residual_lines"]
 
 @dataclass
 class LineGuess:
@@ -143,3 +143,75 @@ def find_lines(
         depth=signal[peaks].copy(),
         fwhm=fwhm,
     )
+
+
+def residual_lines(
+    wavelength: np.ndarray,
+    flux: np.ndarray,
+    model_flux: np.ndarray,
+    prominence: float = 0.01,
+    *,
+    good: np.ndarray | None = None,
+    region: tuple[float, float] | None = None,
+    buffer: float = 0.0,
+    mode: str = "linear",
+    emission: bool = False,
+    max_fwhm: float | None = None,
+) -> LineGuess | None:
+    r"""Lines the clone is missing: a second detection pass on the residual (paper Section 8.4).
+
+    Both modes of the clone multiply line factors (Eq. 2: :math:`\prod_j (1 - a_j V_j)`; Eq. A2:
+    :math:`\prod_j e^{-a_j V_j}`), so a line the clone lacks shows up as the ratio
+    :math:`S / S_\mathrm{clone}` dipping below 1 (rising above it for emission). The ratio is
+    searched with :func:`find_lines` at the same prominence threshold Prom as the first pass, so
+    a missing line is added on the same criterion as any detected one (its dip is at least Prom
+    deep as well as Prom prominent), and a clone that fits to within Prom everywhere gets no new
+    line. Blends that the first pass merged into one minimum,
+    shoulders of strong lines and lines hidden in the wings of others are found this way.
+
+    Parameters
+    ----------
+    wavelength, flux : ndarray
+        The spectrum S the clone is trained on (Å, continuum-normalised).
+    model_flux : ndarray
+        The clone :math:`S_\mathrm{clone}` on the same grid.
+    prominence : float
+        Prom in (0, 1), applied to the ratio.
+    good : ndarray of bool, optional
+        Usable pixels; the others (and pixels where the clone is nearly black, below 5 % of
+        the continuum, where no ratio is meaningful) are set to a ratio of 1.
+    region, buffer, mode, emission
+        As in :func:`find_lines`.
+    max_fwhm : float, optional
+        Widest line added (Å). A dip in the ratio much wider than the clone's lines is the error of
+        a broad line's wing or of the continuum, which lines should not absorb;
+        :func:`~blase_specutils.clone_spectrum` uses the threshold of its broad lines, 25 times
+        the median FWHM of the first detection.
+
+    Returns
+    -------
+    LineGuess or None
+        The new lines with starting parameters for the clone's mode, or None if there are none.
+    """
+    wavelength = np.asarray(wavelength, dtype=np.float64)
+    flux = np.asarray(flux, dtype=np.float64)
+    model_flux = np.asarray(model_flux, dtype=np.float64)
+    if model_flux.shape != flux.shape:
+        raise ValueError("model_flux must have the shape of flux")
+    usable = np.isfinite(flux) & np.isfinite(model_flux) & (model_flux > 0.05)
+    if good is not None:
+        usable &= np.asarray(good, dtype=bool)
+    ratio = np.ones_like(flux)
+    ratio[usable] = flux[usable] / model_flux[usable]
+    try:
+        found = find_lines(wavelength, ratio, prominence, region=region, buffer=buffer, mode=mode, emission=emission)
+    except ValueError:  # no dip reaches the threshold: the clone is complete at this prominence
+        return None
+    # a line dips below the continuum by Prom; a dip between two bumps of the ratio that stays above
+    # 1 - Prom is a wiggle of the fit, and one wider than max_fwhm an error of a wing or continuum
+    keep = found.depth >= prominence
+    if max_fwhm is not None:
+        keep &= found.fwhm <= max_fwhm
+    if not keep.any():
+        return None
+    return LineGuess(**{f.name: getattr(found, f.name)[keep] for f in fields(LineGuess)})
