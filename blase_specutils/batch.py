@@ -520,8 +520,25 @@ def _with_lines(job: Callable, item, **shared) -> dict:
     return out
 
 
+def _as_items(inputs) -> list:
+    """The inputs of a batch as a list: a single path or spectrum is one item (a str is not a
+    sequence of one-character paths, nor a spectrum a sequence of pixels)."""
+    from specutils import Spectrum
+
+    if isinstance(inputs, (bytes, os.PathLike)):
+        inputs = Path(os.fsdecode(inputs))
+    if isinstance(inputs, (str, Path, Spectrum)):
+        return [inputs]
+    if isinstance(inputs, dict):
+        raise TypeError("inputs must be a sequence of spectra, file paths or (path, order) pairs, not a dict")
+    try:
+        return list(inputs)
+    except TypeError:
+        raise TypeError(f"inputs must be a spectrum, a file path, or a sequence of them; got {type(inputs).__name__}") from None
+
+
 def _prepare(inputs, labels):
-    inputs = list(inputs)
+    inputs = _as_items(inputs)
     if not inputs:
         raise ValueError("no inputs: give at least one spectrum or file")
     if labels is None:
@@ -588,7 +605,8 @@ def fit_many(
     inputs : sequence
         Each a ``Spectrum`` (or list of orders fitted jointly), a file path (every order of it, fitted
         jointly), or a ``(path, order)`` pair (see :func:`hpf_order_jobs`). Paths are read on the
-        worker, so a corrupt file fails only its own job.
+        worker, so a corrupt file fails only its own job. A single path (``str`` or ``Path``) or a
+        single ``Spectrum`` is one input.
     stellar, telluric : SpectralClone or path
         The clones (paths are loaded once per worker process). At least one is needed; a telluric
         clone alone gives telluric-only fits (A0V standards; RV and v sin i are NaN).
@@ -660,7 +678,8 @@ def clone_many(
     Parameters
     ----------
     inputs : sequence
-        Each a ``Spectrum`` or a path to a file :func:`~blase_specutils.read_spectrum` reads.
+        Each a ``Spectrum`` or a path to a file :func:`~blase_specutils.read_spectrum` reads; a
+        single path or ``Spectrum`` is one input.
     client, output_dir, labels, threads_per_task, gpu, device, progress
         As in :func:`fit_many`; products are ``<label>_clone.fits``.
     item_kwargs : sequence of dict, optional
@@ -973,7 +992,7 @@ def clone_grid(
         Every grid point failed.
     """
     params = Table(rows=list(parameters)) if not isinstance(parameters, Table) else Table(parameters)
-    inputs = list(inputs)
+    inputs = _as_items(inputs)
     if len(params) != len(inputs):
         raise ValueError(f"got {len(params)} grid points for {len(inputs)} inputs")
     _tolerance(tolerance)  # before the cloning, not after it

@@ -107,6 +107,8 @@ except ImportError as _err:  # pragma: no cover - exercised in a subprocess by t
 from .cloning import _equivalent_widths
 from .core.transfer import TransferModel
 from .fitting import TransferResult
+from .io import (LOG_PARAMETER_LIMIT, SavedFileError, _checked_array, _header_choice, _header_number,
+                 atomic_write)
 from .spectra import arrays_to_spectrum
 
 __all__ = [
@@ -856,6 +858,15 @@ class PosteriorFit:
         HDUs: primary (header: guide, settings, RV/v sin i/R percentiles), ``LINES`` (the line table
         with units), ``SAMPLES`` (one row per draw), ``VALUES`` (the fit's and the clone's line
         parameters), ``DATA`` (λ_D, flux, ε, mask, order), ``PREDICT`` (model draws), ``ELBO``.
+
+        The file is written to a temporary file in the same folder and moved onto ``path`` when
+        complete (:func:`blase_specutils.io.atomic_write`): a write that fails (disk full,
+        Ctrl-C) leaves a previous file at ``path`` as it was.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and ``overwrite`` is False.
         """
         path = Path(path)
         hdr = fits.Header()
@@ -903,36 +914,167 @@ class PosteriorFit:
         ], name="DATA"))
         hdus.append(fits.ImageHDU(np.asarray(self.predictive, dtype=np.float32), name="PREDICT"))
         hdus.append(fits.BinTableHDU.from_columns([fits.Column("elbo", "D", array=self.elbo_history)], name="ELBO"))
-        fits.HDUList(hdus).writeto(path, overwrite=overwrite)
-        return path
+        hdul = fits.HDUList(hdus)
+        return atomic_write(path, lambda tmp: hdul.writeto(tmp), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> PosteriorFit:
-        """Read a file written by :meth:`save` (summaries, samples, model draws; not the torch model)."""
+        """Read a file written by :meth:`save` (summaries, samples, model draws; not the torch model).
+
+        Every field is checked as it is read: the header's guide, line mode, profile, line sign
+        and settings have their types; samples of RV, v sin i and R are finite; line parameters
+        are finite (logs within ±20, :data:`blase_specutils.io.LOG_PARAMETER_LIMIT`) with one
+        value per line in every table; the model draws cover the data's pixels.
+
+        Raises
+        ------
+        FileNotFoundError
+            No such file.
+        blase_specutils.io.SavedFileError
+            (a ValueError) The file is not a readable posterior file (corrupt, truncated, another
+            format, or a field out of range); the message names the file and the field, and
+            ``err.path`` and ``err.field`` hold them.
+        """
         path = Path(path)
-        with fits.open(path) as hdul:
-            hdr = hdul[0].header
-            if hdr.get("FORMAT") != FORMAT_NAME:
-                raise ValueError(f"{path} is not a blase_specutils posterior file (FORMAT={hdr.get('FORMAT')!r})")
-            settings = {k: hdr[key] for k, key in _HEADER_KEYS.items() if key in hdr}
-            st = hdul["SAMPLES"].data
-            samples = {}
-            for name in st.columns.names:
-                samples[name] = np.array(st[name], dtype=np.float64)
-            vt = hdul["VALUES"].data
-            fitv = {k: np.array(vt[f"{k}_fit"]) for k in ("ln_amplitude", "ln_sigma", "ln_gamma")}
-            clov = {k: np.array(vt[f"{k}_clone"]) for k in ("ln_amplitude", "ln_sigma", "ln_gamma")}
-            info = {"center": np.array(vt["center"]), "mode": hdr["LINEMODE"], "profile": hdr["PROFILE"],
-                    "sign": float(hdr["LSIGN"])}
-            dt = hdul["DATA"].data
-            data = {"wavelength": np.array(dt["wavelength"]), "flux": np.array(dt["flux"]),
-                    "sigma": np.array(dt["sigma"]), "good": np.array(dt["good"], dtype=bool),
-                    "order": np.array(dt["order"]), "flux_unit": u.Unit(hdr.get("BUNIT", ""))}
-            pred = np.array(hdul["PREDICT"].data, dtype=np.float64)
-            elbo = np.array(hdul["ELBO"].data["elbo"])
-        lines = QTable.read(path, hdu="LINES")
-        return cls(samples=samples, fit_values=fitv, clone_values=clov, line_info=info, data=data,
-                   predictive=pred, elbo_history=elbo, settings=settings, result=None, lines=lines)
+        if not path.exists():
+            raise FileNotFoundError(f"no posterior file at {path}")
+        try:
+            with fits.open(path, memmap=False) as hdul:
+                hdul.verify("exception")
+                out = _read_posterior(hdul, path)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", u.UnitsWarning)
+                    lines = QTable.read(path, hdu="LINES")
+            except Exception as err:  # astropy raises many types for a damaged table
+                raise SavedFileError(f"{path}: the LINES table cannot be read ({err}); {_DAMAGED}",
+                                     path=path, field="LINES") from err
+            if len(lines) != out["line_info"]["center"].size or "center" not in lines.colnames:
+                raise SavedFileError(f"{path}: the LINES table has {len(lines)} rows (and columns {lines.colnames[:4]}...) "
+                                     f"where VALUES has {out['line_info']['center'].size} lines; {_DAMAGED}",
+                                     path=path, field="LINES")
+            return cls(**out, result=None, lines=lines)
+        except SavedFileError:
+            raise
+        except Exception as err:  # astropy/numpy raise many types for damaged files
+            raise SavedFileError(f"could not read a posterior from {path}: the file is corrupt or not a blase_specutils "
+                                 f"posterior file ({type(err).__name__}: {err})", path=path) from err
+
+
+_DAMAGED = "the file is damaged or was not written by blase_specutils; write it again from the original"
+
+#: settings that are numbers (the others are strings); integers among them.
+_NUMERIC_SETTINGS = {"rank", "num_steps", "num_samples", "lr", "seed", "regularization", "width_regularization",
+                     "noise_scale", "rv_scale", "vsini_scale", "resolving_power_scale", "continuum_scale", "seconds",
+                     "skipped_steps"}
+_INTEGER_SETTINGS = {"rank", "num_steps", "num_samples", "seed", "skipped_steps"}
+
+
+def _read_posterior(hdul, path: Path) -> dict:
+    """The keyword arguments of :class:`PosteriorFit` from an open posterior file, every field checked."""
+    from .core.profiles import PROFILES
+
+    def fail(field: str, problem: str):
+        return SavedFileError(f"{path}: {field} {problem}; {_DAMAGED}", path=path, field=field)
+
+    hdr = hdul[0].header
+    if hdr.get("FORMAT") != FORMAT_NAME:
+        raise SavedFileError(f"{path} is not a blase_specutils posterior file (FORMAT={hdr.get('FORMAT')!r}, "
+                             f"expected {FORMAT_NAME!r})", path=path, field="FORMAT")
+    version = _header_number(hdr, "FMTVER", path, integer=True, default=0)
+    if version > FORMAT_VERSION:
+        raise SavedFileError(f"{path} was written by a newer blase_specutils (posterior format {version}); upgrade "
+                             "blase_specutils to read it", path=path, field="FMTVER")
+    settings = {}
+    for k, key in _HEADER_KEYS.items():
+        if key not in hdr:
+            continue
+        if k in _NUMERIC_SETTINGS:
+            settings[k] = _header_number(hdr, key, path, integer=k in _INTEGER_SETTINGS)
+        else:
+            v = hdr[key]
+            if not isinstance(v, str):
+                raise fail(key, f"must be a string, got {v!r}")
+            settings[k] = v
+    if settings.get("guide") not in set(GUIDES.values()):
+        raise fail("GUIDE", f"must be one of {sorted(set(GUIDES.values()))}, got {hdr.get('GUIDE')!r}")
+    settings.setdefault("tuned", "")
+    mode = _header_choice(hdr, "LINEMODE", path, ("linear", "log"))
+    profile = _header_choice(hdr, "PROFILE", path, tuple(PROFILES))
+    sign = _header_number(hdr, "LSIGN", path)
+    if sign not in (-1.0, 1.0):
+        raise fail("LSIGN", f"must be +1 (absorption) or -1 (emission), got {sign!r}")
+    bunit = hdr.get("BUNIT", "")
+    try:
+        flux_unit = u.Unit(bunit if isinstance(bunit, str) else "?")
+    except ValueError:
+        raise fail("BUNIT", f"is not a unit: {bunit!r}") from None
+
+    def table(ext: str):
+        if ext not in hdul or not isinstance(hdul[ext], fits.BinTableHDU) or hdul[ext].data is None:
+            raise SavedFileError(f"{path}: the {ext} table is missing or empty; {_DAMAGED}", path=path, field=ext)
+        return hdul[ext].data
+
+    def column(data, ext: str, name: str):
+        if name not in data.columns.names:
+            raise SavedFileError(f"{path}: column {ext}.{name} is missing; {_DAMAGED}", path=path, field=f"{ext}.{name}")
+        return data[name]
+
+    vt = table("VALUES")
+    center = _checked_array(column(vt, "VALUES", "center"), path, "VALUES.center", positive=True)
+    n_lines = center.size
+    fitv, clov = {}, {}
+    for src, tag in ((fitv, "fit"), (clov, "clone")):
+        for k in ("ln_amplitude", "ln_sigma", "ln_gamma"):
+            src[k] = _checked_array(column(vt, "VALUES", f"{k}_{tag}"), path, f"VALUES.{k}_{tag}",
+                                    log_limit=LOG_PARAMETER_LIMIT, size=n_lines)
+    st = table("SAMPLES")
+    n_draws = len(st)
+    if n_draws < 1:
+        raise fail("SAMPLES", "holds no draws")
+    samples = {}
+    for name in st.columns.names:
+        raw = np.asarray(st[name])
+        if raw.dtype.kind not in "biuf":
+            raise fail(f"SAMPLES.{name}", f"is not numeric ({raw.dtype})")
+        v = raw.astype(np.float64)
+        if not np.all(np.isfinite(v)):
+            raise fail(f"SAMPLES.{name}", "has non-finite draws (NaN or inf)")
+        if name.startswith("ln_") and v.ndim == 1 and n_lines == 1:
+            v = v[:, None]  # a one-line vector column reads back without its length-1 axis
+        if name.startswith("ln_") and (v.ndim != 2 or v.shape[1] != n_lines):
+            raise fail(f"SAMPLES.{name}", f"must hold one value per line ({n_lines}) per draw, got shape {v.shape}")
+        if name.startswith("ln_") and np.any(np.abs(v) > LOG_PARAMETER_LIMIT):
+            raise fail(f"SAMPLES.{name}", f"is a natural log and must lie within ±{LOG_PARAMETER_LIMIT:g}")
+        samples[name] = v
+    for name in ("rv", "vsini", "resolving_power"):
+        if name not in samples:
+            raise fail(f"SAMPLES.{name}", "is missing")
+        if samples[name].ndim != 1:
+            raise fail(f"SAMPLES.{name}", f"must hold one number per draw, got shape {samples[name].shape}")
+    dt = table("DATA")
+    n_pix = len(dt)
+    good_raw = np.asarray(column(dt, "DATA", "good"))
+    if good_raw.dtype.kind != "b":
+        raise fail("DATA.good", f"must be a logical column (T/F), got {good_raw.dtype}")
+    good = good_raw.astype(bool)
+    data = {"wavelength": _checked_array(column(dt, "DATA", "wavelength"), path, "DATA.wavelength", positive=True),
+            "flux": _checked_array(column(dt, "DATA", "flux"), path, "DATA.flux", finite=False),
+            "sigma": _checked_array(column(dt, "DATA", "sigma"), path, "DATA.sigma", finite=False),
+            "good": good,
+            "order": _checked_array(column(dt, "DATA", "order"), path, "DATA.order", integer=True, minimum=0),
+            "flux_unit": flux_unit}
+    if not np.all(np.isfinite(data["flux"][good])):
+        raise fail("DATA.flux", "is not finite at pixels marked good")
+    if "PREDICT" not in hdul or not isinstance(hdul["PREDICT"], fits.ImageHDU) or hdul["PREDICT"].data is None:
+        raise SavedFileError(f"{path}: the PREDICT image (model draws) is missing; {_DAMAGED}", path=path, field="PREDICT")
+    pred = np.asarray(hdul["PREDICT"].data, dtype=np.float64)
+    if pred.ndim != 2 or pred.shape[1] != n_pix or pred.shape[0] < 1:
+        raise fail("PREDICT", f"must hold model draws × the {n_pix} data pixels, got shape {pred.shape}")
+    elbo = _checked_array(column(table("ELBO"), "ELBO", "elbo"), path, "ELBO.elbo", finite=False)
+    info = {"center": center, "mode": mode, "profile": profile, "sign": sign}
+    return dict(samples=samples, fit_values=fitv, clone_values=clov, line_info=info, data=data, predictive=pred,
+                elbo_history=elbo, settings=settings)
 
 
 #: settings key → FITS header keyword

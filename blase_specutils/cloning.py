@@ -16,14 +16,15 @@ from astropy.table import QTable
 from specutils import Spectrum
 
 from . import __version__ as _version
-from .core.clone import LineCloneModel
+from .core.clone import TUNABLE, LineCloneModel
 from .core.detection import find_lines, residual_lines
 from .core.profiles import PROFILES, profile_fwhm, pseudo_voigt_eta, pseudo_voigt_fwhm
 from .core.training import (TrainingHistory, check_integer, check_real, resolve_device, seed_everything, train,
                              use_plans)
+from .io import LOG_PARAMETER_LIMIT, _checked_array, _header_bool, _header_choice, _header_number, atomic_write
 from .preprocessing import (DEFAULT_BUFFER, _as_band, _buffer_angstrom, _teff_kelvin, _velocity_kms, divide_blackbody,
                             flatten_continuum, trim)
-from .spectra import arrays_to_spectrum, spectrum_to_arrays, wavelength_to_angstrom
+from .spectra import arrays_to_spectrum, spectrum_to_arrays, to_vacuum, wavelength_to_angstrom
 
 __all__ = ["CloneFileError", "SpectralClone", "clone_spectrum", "load_blase03", "EdgeWingWarning", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -421,6 +422,15 @@ class SpectralClone:
         ``line``, ``alpha``, ``log_lt``, ``log_b`` for broad lines; and, optionally, ``TARGET``
         with the preprocessed spectrum (``wavelength`` Å, ``flux``, ``good``). Float64 values
         round-trip exactly.
+
+        The file is written to a temporary file in the same folder and moved onto ``path`` when
+        complete (:func:`blase_specutils.io.atomic_write`): a write that fails (disk full,
+        Ctrl-C) leaves a previous file at ``path`` as it was.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and ``overwrite`` is False.
         """
         path = Path(path)
         m = self.model
@@ -474,54 +484,120 @@ class SpectralClone:
                     name="TARGET",
                 )
             )
-        fits.HDUList(hdus).writeto(path, overwrite=overwrite)
-        return path
+        hdul = fits.HDUList(hdus)
+        return atomic_write(path, lambda tmp: hdul.writeto(tmp), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> "SpectralClone":
-        """Read a clone written by :meth:`save`.
+        """Read a clone written by :meth:`save`, checking every field it reads.
+
+        Header values must have their FITS types (``EMISSION`` and ``FARFIELD`` logicals T/F, not
+        strings; ``MODE``, ``PROFILE`` and ``TUNE`` known names; ``WINGTOL`` in (0, 1)); line
+        centres finite and > 0 Å; ``log_amp``, ``log_sigma``, ``log_gamma`` and the wing's
+        ``alpha``, ``log_lt``, ``log_b`` finite and within ±20 (e^±20, see
+        :data:`blase_specutils.io.LOG_PARAMETER_LIMIT`); residual passes integers >= 0; broad-line
+        indices distinct and in range; the target's wavelengths finite and increasing.
 
         Raises
         ------
         FileNotFoundError
             No such file.
-        ValueError
-            The file is not a readable blase_specutils clone (corrupt, truncated, or another
-            format); the message says what is wrong.
+        CloneFileError
+            (a ValueError) The file is not a readable blase_specutils clone (corrupt, truncated,
+            another format, or a field out of range); the message names the file and the field.
         """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no clone file at {path}")
+        E = CloneFileError
         try:
             with fits.open(path, memmap=False) as hdul:
                 hdul.verify("exception")
                 hdr = hdul[0].header
                 if hdr.get("BLFORMAT") != FORMAT_NAME:
                     raise CloneFileError(f"{path} is a FITS file but not a blase_specutils clone (no BLFORMAT={FORMAT_NAME!r})")
-                if int(hdr.get("BLFMTVER", 0)) > FORMAT_VERSION:
-                    raise CloneFileError(f"{path} was written by a newer blase_specutils (format {hdr['BLFMTVER']})")
+                version = _header_number(hdr, "BLFMTVER", path, error=E, integer=True, default=0)
+                if version > FORMAT_VERSION:
+                    raise CloneFileError(f"{path} was written by a newer blase_specutils (format {version}); "
+                                         "upgrade blase_specutils to read it")
+                for ext in ("LINES", "WING"):
+                    if ext not in hdul or not isinstance(hdul[ext], fits.BinTableHDU):
+                        raise CloneFileError(f"{path}: the {ext} table is missing; the file is damaged or was not "
+                                             "written by blase_specutils; write it again from the original")
+                nlines = _header_number(hdr, "NLINES", path, error=E, integer=True)
+                if nlines < 0:
+                    raise CloneFileError(f"{path}: NLINES must be >= 0, got {nlines}")
                 ld = hdul["LINES"].data
-                cols = [np.array(ld[c], dtype=np.float64) for c in ("lam_center", "log_amp", "log_sigma", "log_gamma")]
-                line_pass = (np.array(ld["residual_pass"], dtype=np.int64) if "residual_pass" in ld.columns.names
-                             else np.zeros(cols[0].size, dtype=np.int64))
+                lnames = [] if ld is None else list(ld.columns.names)
+
+                def column(data, names, ext, name):
+                    if name not in names:
+                        raise CloneFileError(f"{path}: column {ext}.{name} is missing; the file is damaged or was not "
+                                             "written by blase_specutils; write it again from the original")
+                    return data[name]
+
+                said = " (the header's NLINES)"
+                lam = _checked_array(column(ld, lnames, "LINES", "lam_center"), path, "LINES.lam_center", error=E,
+                                     positive=True, size=nlines, size_source=said)
+                logs = [_checked_array(column(ld, lnames, "LINES", c), path, f"LINES.{c}", error=E,
+                                       log_limit=LOG_PARAMETER_LIMIT, size=nlines, size_source=said)
+                        for c in ("log_amp", "log_sigma", "log_gamma")]
+                cols = [lam, *logs]
+                line_pass = (_checked_array(ld["residual_pass"], path, "LINES.residual_pass", error=E, integer=True,
+                                            minimum=0, size=nlines)
+                             if "residual_pass" in lnames else np.zeros(nlines, dtype=np.int64))
                 wd = hdul["WING"].data
-                broad = np.array(wd["line"], dtype=np.int64) if wd is not None else np.zeros(0, np.int64)
-                wing = [np.array(wd[c], dtype=np.float64) if wd is not None else np.zeros(0) for c in ("alpha", "log_lt", "log_b")]
+                wnames = [] if wd is None else list(wd.columns.names)
+                if wd is None or len(wd) == 0:
+                    broad, wing = np.zeros(0, np.int64), [np.zeros(0)] * 3
+                else:
+                    broad = _checked_array(column(wd, wnames, "WING", "line"), path, "WING.line", error=E,
+                                           integer=True, minimum=0)
+                    if broad.size and broad.max() >= nlines:
+                        raise CloneFileError(f"{path}: WING.line holds line index {int(broad.max())}, but the clone has "
+                                             f"{nlines} lines (indices 0-{nlines - 1}); the file is damaged")
+                    if np.unique(broad).size != broad.size:
+                        raise CloneFileError(f"{path}: WING.line lists a line twice; the file is damaged")
+                    wing = [_checked_array(column(wd, wnames, "WING", c), path, f"WING.{c}", error=E,
+                                           log_limit=LOG_PARAMETER_LIMIT, size=broad.size)
+                            for c in ("alpha", "log_lt", "log_b")]
                 target = None
                 if "TARGET" in hdul:
                     td = hdul["TARGET"].data
-                    good = np.array(td["good"], dtype=bool)
-                    target = Spectrum(
-                        spectral_axis=np.array(td["wavelength"], dtype=np.float64) * u.AA,
-                        flux=np.array(td["flux"], dtype=np.float64) * u.dimensionless_unscaled,
-                        mask=~good,
-                    )
-                mode, profile = hdr["MODE"], hdr["PROFILE"]
-                emission, wingtol = bool(hdr["EMISSION"]), float(hdr["WINGTOL"])
-                farfield = bool(hdr.get("FARFIELD", True))
-                tune = [t for t in str(hdr.get("TUNE", "")).split(",") if t]
-                nlines = int(hdr["NLINES"])
-                band = (float(hdr["BANDLO"]), float(hdr["BANDHI"])) if "BANDLO" in hdr else None
+                    tnames = [] if td is None else list(td.columns.names)
+                    good_raw = np.asarray(column(td, tnames, "TARGET", "good"))
+                    if good_raw.dtype.kind != "b":
+                        raise CloneFileError(f"{path}: TARGET.good must be a logical column (T/F), got {good_raw.dtype}")
+                    good = good_raw.astype(bool)
+                    twl = _checked_array(column(td, tnames, "TARGET", "wavelength"), path, "TARGET.wavelength",
+                                         error=E, positive=True, size=good.size)
+                    if twl.size > 1 and not np.all(np.diff(twl) > 0):
+                        raise CloneFileError(f"{path}: TARGET.wavelength must be strictly increasing; the file is damaged")
+                    tflux = _checked_array(column(td, tnames, "TARGET", "flux"), path, "TARGET.flux", error=E,
+                                           finite=False, size=good.size)
+                    if not np.all(np.isfinite(tflux[good])):
+                        raise CloneFileError(f"{path}: TARGET.flux is not finite at pixels marked good; the file is damaged")
+                    target = Spectrum(spectral_axis=twl * u.AA, flux=tflux * u.dimensionless_unscaled, mask=~good)
+                mode = _header_choice(hdr, "MODE", path, ("linear", "log"), error=E)
+                profile = _header_choice(hdr, "PROFILE", path, tuple(PROFILES), error=E)
+                emission = _header_bool(hdr, "EMISSION", path, error=E)
+                wingtol = _header_number(hdr, "WINGTOL", path, error=E, positive=True)
+                if not wingtol < 1.0:
+                    raise CloneFileError(f"{path}: WINGTOL must be in (0, 1), got {wingtol!r}")
+                farfield = _header_bool(hdr, "FARFIELD", path, error=E, default=True)
+                tune_raw = hdr.get("TUNE", "")
+                if not isinstance(tune_raw, str):
+                    raise CloneFileError(f"{path}: TUNE must be a string of names such as 'amplitude,sigma', got {tune_raw!r}")
+                tune = [t for t in tune_raw.split(",") if t]
+                unknown = [t for t in tune if t not in TUNABLE]
+                if unknown:
+                    raise CloneFileError(f"{path}: TUNE names unknown parameters {unknown}; known: {list(TUNABLE)}")
+                band = None
+                if "BANDLO" in hdr or "BANDHI" in hdr:
+                    band = (_header_number(hdr, "BANDLO", path, error=E, positive=True),
+                            _header_number(hdr, "BANDHI", path, error=E, positive=True))
+                    if not band[0] < band[1]:
+                        raise CloneFileError(f"{path}: BANDLO ({band[0]}) must be below BANDHI ({band[1]})")
                 skip = {"SIMPLE", "BITPIX", "NAXIS", "EXTEND", "BLFORMAT", "BLFMTVER", "BLVERSN", "MODE",
                         "PROFILE", "EMISSION", "WINGTOL", "TUNE", "NLINES", "BANDLO", "BANDHI", "FARFIELD"}
                 meta = {k.lower(): hdr[k] for k in hdr if k not in skip and k}
@@ -529,19 +605,17 @@ class SpectralClone:
             raise
         except Exception as err:  # astropy/numpy raise many types for damaged files
             raise CloneFileError(f"could not read a clone from {path}: the file is corrupt or not a clone ({err})") from err
-        if cols[0].size != nlines:
-            raise ValueError(f"{path} is corrupt: header says {nlines} lines, table has {cols[0].size}")
-        if broad.size and (broad.min() < 0 or broad.max() >= nlines):
-            raise ValueError(f"{path} is corrupt: broad-line indices out of range")
-        model = LineCloneModel(*cols, mode=mode, profile=profile, emission=emission, tune=tune,
-                               wing_tolerance=wingtol, far_field=farfield, broad_lines=broad.tolist(),
-                               device=resolve_device(device))
+        dev = resolve_device(device)
+        try:
+            model = LineCloneModel(*cols, mode=mode, profile=profile, emission=emission, tune=tune,
+                                   wing_tolerance=wingtol, far_field=farfield, broad_lines=broad.tolist(),
+                                   device=dev)
+        except ValueError as err:
+            raise CloneFileError(f"{path}: the line parameters do not make a clone ({err}); the file is damaged") from err
         with torch.no_grad():
             model.wing_alpha.copy_(torch.as_tensor(wing[0]))
             model.wing_log_lt.copy_(torch.as_tensor(wing[1]))
             model.wing_log_b.copy_(torch.as_tensor(wing[2]))
-        if np.any(line_pass < 0):
-            raise CloneFileError(f"{path} is corrupt: negative residual_pass in LINES")
         return cls(model, target=target, band=band, meta=meta, line_pass=line_pass)
 
 
@@ -626,6 +700,7 @@ def clone_spectrum(
     likelihood=None,
     plan: bool | str = "auto",
     residual_passes: int = 3,
+    air: bool | None = None,
 ) -> SpectralClone:
     """Clone a precomputed synthetic spectrum into tunable lines (paper Sections 2-3).
 
@@ -721,6 +796,14 @@ def clone_spectrum(
         Prom or when a pass lowers the RMS residual by less than 5 % (that pass is undone). The
         line table's ``residual_pass`` column and :attr:`SpectralClone.passes` record what each
         pass added.
+    air : bool or None
+        Whether the spectrum's wavelengths are in air. None (default): as the spectrum says (a FITS
+        WCS ``CTYPE1 = 'AWAV'``, ``AIRORVAC = 'air'`` in its header or ``meta``, ``meta['air']``;
+        vacuum where nothing says air). True: in air, whatever it says; False: in vacuum. Air
+        wavelengths are converted to vacuum first (:func:`~blase_specutils.spectra.to_vacuum`, the
+        Morton 2000 refractive index of standard air), so the clone's centres are always vacuum
+        wavelengths, like every template and clone of this package. A spectrum already converted
+        by :func:`~blase_specutils.read_spectrum` is not converted twice.
 
     Returns
     -------
@@ -728,6 +811,7 @@ def clone_spectrum(
     """
     if not isinstance(spectrum, Spectrum):
         raise TypeError(f"expected a specutils Spectrum, got {type(spectrum).__name__}")
+    spectrum = to_vacuum(spectrum, air)  # air wavelengths become vacuum once, here (the input is not modified)
     if not (isinstance(prominence, numbers.Real) and not isinstance(prominence, bool)
             and 0.0 < float(prominence) < 1.0):
         raise ValueError(f"prominence must be a number in (0, 1), got {prominence!r}")
@@ -958,26 +1042,48 @@ def load_blase03(
 ) -> SpectralClone:
     """Read a pre-trained clone of the original blasé 0.3 (a PyTorch state dict).
 
-    The file is loaded with ``torch.load(..., weights_only=True)`` (no arbitrary unpickling).
-    It must hold ``lam_centers`` (Å), ``amplitudes`` (ln a), ``sigma_widths`` (ln σ) and
-    ``gamma_widths`` (ln γ); other entries (``a_coeff``…, ``radial_velocity``) are ignored.
+    The file is loaded with ``torch.load(..., weights_only=True)``: no arbitrary unpickling, so a
+    ``.pt`` file carrying a pickle that would run code is refused and runs nothing. It must hold
+    ``lam_centers`` (Å), ``amplitudes`` (ln a), ``sigma_widths`` (ln σ) and ``gamma_widths``
+    (ln γ), each a floating-point tensor with one value per line (the same number for all four);
+    centres must be finite and > 0, the logs finite and within ±20
+    (:data:`blase_specutils.io.LOG_PARAMETER_LIMIT`). Other entries (``a_coeff``…,
+    ``radial_velocity``) are ignored.
 
     Raises
     ------
-    FileNotFoundError, ValueError
-        Missing file, or not a readable blasé 0.3 state dict.
+    FileNotFoundError
+        No such file.
+    ValueError
+        Not a readable blasé 0.3 state dict (corrupt, a refused pickle, missing keys, values that
+        are not tensors, tensors of different lengths, or values out of range); the message names
+        the file and the key.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no blasé 0.3 clone at {path}")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt archives
+    except Exception as err:  # torch raises several types for corrupt archives and refused pickles
         raise ValueError(f"could not read {path} as a PyTorch state dict (corrupt or not a blasé 0.3 clone): {err}") from err
     need = ("lam_centers", "amplitudes", "sigma_widths", "gamma_widths")
     if not isinstance(sd, dict) or any(k not in sd for k in need):
         raise ValueError(f"{path} is not a blasé 0.3 clone: it needs the keys {need}")
-    arrays = [sd[k].detach().to(torch.float64).cpu().numpy().ravel() for k in need]
+    for k in need:
+        v = sd[k]
+        if not torch.is_tensor(v):
+            raise ValueError(f"{path}: {k} must be a tensor (one value per line), got a {type(v).__name__}; "
+                             "the file is not a blasé 0.3 state dict")
+        if not (v.dtype.is_floating_point and not v.is_complex()):
+            raise ValueError(f"{path}: {k} must be a floating-point tensor, got {v.dtype}")
+        if v.ndim != 1:
+            raise ValueError(f"{path}: {k} must be a 1-D tensor (one value per line), got shape {tuple(v.shape)}")
+    sizes = {k: int(sd[k].numel()) for k in need}
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"{path}: the line parameters have different lengths {sizes}; each needs one value per line")
+    raw = [sd[k].detach().to(torch.float64).cpu().numpy() for k in need]
+    arrays = [_checked_array(raw[0], path, "lam_centers", error=ValueError, positive=True)]
+    arrays += [_checked_array(a, path, k, error=ValueError, log_limit=LOG_PARAMETER_LIMIT) for a, k in zip(raw[1:], need[1:])]
     order = np.argsort(arrays[0], kind="stable")
     arrays = [a[order] for a in arrays]
     model = LineCloneModel(*arrays, mode=mode, profile=profile, wing_tolerance=wing_tolerance, far_field=far_field,

@@ -2,20 +2,184 @@
 
 from __future__ import annotations
 
+import os
+import uuid
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import astropy.units as u
 import numpy as np
-from astropy.nddata import StdDevUncertainty
+from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
 from specutils import Spectrum
 
-__all__ = ["read_spectrum", "read_orders", "is_goldilocks", "read_igrins_plp"]
+from .spectra import to_vacuum
+
+__all__ = ["read_spectrum", "read_orders", "is_goldilocks", "read_igrins_plp", "atomic_write", "SavedFileError",
+           "LOG_PARAMETER_LIMIT"]
 
 _WAVE_NAMES = ("wavelength", "wave", "lambda", "wl", "wave_ang", "wavelength_a", "spectral_axis")
 _FLUX_NAMES = ("flux", "transmission", "intensity")
 _UNC_NAMES = ("uncertainty", "error", "err", "sigma", "flux_err", "flux_error")
+_VAR_NAMES = ("variance", "var", "flux_var", "flux_variance")
+_IVAR_NAMES = ("ivar", "inverse_variance", "invvar", "flux_ivar")
+
+
+# ------------------------------------------------------------------------------------ saving
+def atomic_write(path: str | Path, write: Callable[[Path], object], *, overwrite: bool = False) -> Path:
+    """Write a file so that it is either the complete new file or untouched.
+
+    ``write`` writes to a temporary file in the same folder (``.<name>.<random>.tmp<suffix>``),
+    which is then flushed to disk and moved onto ``path`` with :func:`os.replace` (atomic on
+    POSIX and Windows). If ``write`` fails or is interrupted (disk full, file-size limit,
+    Ctrl-C), the temporary file is removed and a previous file at ``path`` is left as it was.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write.
+    write : callable
+        ``write(tmp_path)`` writes the whole file to ``tmp_path`` (which does not exist yet), e.g.
+        ``lambda p: hdul.writeto(p)``.
+    overwrite : bool
+        Replace an existing file at ``path``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+
+    Raises
+    ------
+    FileExistsError
+        ``path`` exists and ``overwrite`` is False (an ``OSError``).
+    FileNotFoundError
+        The folder of ``path`` does not exist.
+    Exception
+        Whatever ``write`` raised (after the temporary file was removed).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no folder {folder} to write {path.name} into; create it first")
+    tmp = folder / f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp{path.suffix}"
+    try:
+        write(tmp)
+        if not tmp.is_file():
+            raise OSError(f"the writer of {path.name} did not write its temporary file {tmp.name}")
+        with open(tmp, "rb+") as fh:  # on disk before it replaces the old file
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------ loading checks
+class SavedFileError(ValueError):
+    """A file written by blase_specutils (a posterior, a fit) that cannot be read: corrupt,
+    truncated, or with a field whose value cannot be right. The message names the file and the
+    field; ``path`` and ``field`` hold them."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, field: str | None = None) -> None:
+        super().__init__(message)
+        self.path = None if path is None else str(path)
+        self.field = field
+
+
+#: Largest |ln x| the loaders accept for line amplitudes (ln a), widths (ln σ, ln γ in Å) and the
+#: wing parameters: e^±20 is 2e-9 to 5e8, beyond anything a line of a real spectrum can have.
+LOG_PARAMETER_LIMIT = 20.0
+
+_REMEDY = "the file is damaged or was not written by blase_specutils; write it again from the original"
+
+
+def _bad(error: type, path, field: str, problem: str):
+    """An ``error`` naming the file and the field (raise it)."""
+    msg = f"{path}: {field} {problem}; {_REMEDY}"
+    try:
+        return error(msg, path=path, field=field)
+    except TypeError:  # an error class without path/field keywords (CloneFileError)
+        return error(msg)
+
+
+def _checked_array(values, path, field: str, *, error: type = SavedFileError, finite: bool = True,
+                   log_limit: float | None = None, positive: bool = False, minimum: float | None = None,
+                   integer: bool = False, size: int | None = None, size_source: str = "") -> np.ndarray:
+    """``values`` as a 1-D float64 (or int64) array, checked; ``error`` naming file and field otherwise."""
+    try:
+        arr = np.asarray(values)
+        if arr.dtype.kind not in "biuf":
+            raise TypeError
+        arr = arr.astype(np.int64 if integer else np.float64).ravel()
+    except (TypeError, ValueError):
+        raise _bad(error, path, field, f"is not numeric (got {type(values).__name__})") from None
+    if size is not None and arr.size != size:
+        raise _bad(error, path, field, f"holds {arr.size} values where {size} are expected{size_source}")
+    if finite and not integer:
+        bad = np.flatnonzero(~np.isfinite(arr))
+        if bad.size:
+            raise _bad(error, path, field, f"has non-finite values (NaN or inf) at {bad.size} entries, first at {int(bad[0])}")
+    if positive:
+        bad = np.flatnonzero(~(arr > 0))
+        if bad.size:
+            raise _bad(error, path, field, f"must be > 0 but has {arr[bad[0]]:.6g} at entry {int(bad[0])}")
+    if minimum is not None:
+        bad = np.flatnonzero(arr < minimum)
+        if bad.size:
+            raise _bad(error, path, field, f"must be >= {minimum:g} but has {arr[bad[0]]:.6g} at entry {int(bad[0])}")
+    if log_limit is not None:
+        bad = np.flatnonzero(np.abs(arr) > log_limit)
+        if bad.size:
+            raise _bad(error, path, field,
+                       f"is a natural log and must lie within ±{log_limit:g} (e^±{log_limit:g}), but has "
+                       f"{arr[bad[0]]:.6g} at entry {int(bad[0])}")
+    return arr
+
+
+def _header_bool(header, key: str, path, *, error: type = SavedFileError, default: bool | None = None) -> bool:
+    """A FITS logical (T/F) keyword; a string such as ``'F'`` or a number is refused."""
+    if key not in header:
+        if default is None:
+            raise _bad(error, path, key, "is missing from the primary header")
+        return default
+    value = header[key]
+    if not isinstance(value, (bool, np.bool_)):
+        raise _bad(error, path, key, f"must be a FITS logical (T or F), got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def _header_number(header, key: str, path, *, error: type = SavedFileError, integer: bool = False,
+                   positive: bool = False, default=None):
+    """A finite numeric FITS keyword (not a logical, not a string)."""
+    if key not in header:
+        if default is None:
+            raise _bad(error, path, key, "is missing from the primary header")
+        return default
+    value = header[key]
+    ok = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, (bool, np.bool_)) or not ok:
+        raise _bad(error, path, key, f"must be {'an integer' if integer else 'a number'}, got {value!r}")
+    value = int(value) if integer else float(value)
+    if not np.isfinite(value) or (positive and value <= 0):
+        raise _bad(error, path, key, f"must be finite{' and > 0' if positive else ''}, got {value!r}")
+    return value
+
+
+def _header_choice(header, key: str, path, choices, *, error: type = SavedFileError) -> str:
+    """A string FITS keyword that must be one of ``choices``."""
+    if key not in header:
+        raise _bad(error, path, key, "is missing from the primary header")
+    value = header[key]
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(error, path, key, f"must be one of {sorted(choices)}, got {value!r}")
+    return value
 
 
 def _column(table, names):
@@ -52,44 +216,123 @@ def _check_assumed_angstrom(wl: np.ndarray, path) -> None:
     )
 
 
-def read_spectrum(path: str | Path) -> Spectrum:
-    """Read a 1-D spectrum from ``path``.
+def read_spectrum(path: str | Path, *, air: bool | None = None) -> Spectrum:
+    """Read a 1-D spectrum from ``path``, with vacuum wavelengths.
 
-    First asks specutils (``Spectrum.read``, all its registered formats). If that fails, reads
-    the file as a table (FITS binary table, ECSV, CSV, ...) with a wavelength column
+    First asks specutils (``Spectrum.read``, all its registered formats). If that fails, or if
+    it left out an uncertainty column the file has (specutils keeps one only in exactly the flux's
+    unit), reads the file as a table (FITS binary table, ECSV, CSV, ...) with a wavelength column
     (``wavelength``, ``wave``, ``lambda``…), a flux column (``flux``, ``transmission``) and an
-    optional uncertainty column (``uncertainty``, ``error``, ``sigma``). A wavelength column
-    without a unit is taken to be in Å, with a warning; where its numbers cannot be Å (below 100 or
-    above 1e7), a ValueError names the unit they look like and how to state it.
+    optional uncertainty column: 1-σ (``uncertainty``, ``error``, ``sigma``…), variance
+    (``variance``, ``var``) or inverse variance (``ivar``, ``inverse_variance``). An uncertainty
+    column in another unit than the flux (mJy for a Jy flux, a variance in Jy²) is converted to
+    the flux's unit; one that does not convert is refused. A wavelength column without a unit is
+    taken to be in Å, with a warning; where its numbers cannot be Å (below 100 or above 1e7), a
+    ValueError names the unit they look like and how to state it.
+
+    Air wavelengths are converted to vacuum once, here, by :func:`~blase_specutils.spectra.to_vacuum`
+    (Morton 2000 refractive index of standard air): where the file says air (a FITS WCS
+    ``CTYPE1 = 'AWAV'``, a header keyword ``AIRORVAC = 'air'`` or logical ``AIR = T``), or where
+    ``air=True``. The result's ``meta['blase_specutils_wavelength_frame']`` says which it was.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    air : bool or None
+        None (default): air or vacuum as the file says (vacuum where it says nothing). True: the
+        file's wavelengths are in air, convert them. False: they are in vacuum, whatever the file
+        says.
 
     Raises
     ------
     FileNotFoundError
         No such file.
     ValueError
-        Nothing could read it as a spectrum.
+        Nothing could read it as a spectrum; a FITS image without a spectral WCS (its pixel
+        numbers would be read as wavelengths); an uncertainty column whose unit does not convert
+        to the flux's; or a file that says both air and vacuum while ``air`` is None.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     errors = []
+    spec = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             spec = Spectrum.read(path)
-        if isinstance(spec, Spectrum) and spec.flux.ndim == 1:
-            return spec
-        errors.append("specutils read it but not as a single 1-D spectrum")
+        if not (isinstance(spec, Spectrum) and spec.flux.ndim == 1):
+            errors.append("specutils read it but not as a single 1-D spectrum")
+            spec = None
     except Exception as err:  # specutils raises many types for formats it does not know
         errors.append(f"specutils: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    if spec is not None:
+        _refuse_pixel_axis(spec, path)
+        if spec.uncertainty is None:  # specutils drops an uncertainty column in another unit than the flux
+            table = _try_table(path)
+            if table is not None and _uncertainty_column(table)[0] is not None \
+                    and _column(table, _WAVE_NAMES) is not None and _column(table, _FLUX_NAMES) is not None:
+                return to_vacuum(_spectrum_from_table(table, path, errors), air)
+        return to_vacuum(spec, air)
     from astropy.table import QTable
 
     try:
-        table = QTable.read(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", u.UnitsWarning)
+            table = QTable.read(path)
     except Exception as err:
         errors.append(f"as a table: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         raise ValueError(f"could not read {path} as a spectrum ({'; '.join(errors)})") from err
-    wcol, fcol, ucol = _column(table, _WAVE_NAMES), _column(table, _FLUX_NAMES), _column(table, _UNC_NAMES)
+    return to_vacuum(_spectrum_from_table(table, path, errors), air)
+
+
+def _try_table(path: Path):
+    """The file as a QTable, or None."""
+    from astropy.table import QTable
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return QTable.read(path)
+    except Exception:  # not a table: specutils' reading stands
+        return None
+
+
+def _refuse_pixel_axis(spec: Spectrum, path: Path) -> None:
+    """ValueError for a spectrum whose spectral axis is its pixel numbers (a FITS image without a
+    spectral WCS, which specutils reads with the pixel numbers as Å)."""
+    axis = spec.spectral_axis
+    vals = np.asarray(axis.value, dtype=np.float64)
+    n = vals.size
+    pixels = axis.unit == u.pix or (n > 1 and any(np.array_equal(vals, np.arange(n) + o) for o in (0, 1)))
+    header = (spec.meta or {}).get("header") if hasattr(spec.meta, "get") else None
+    try:
+        solution = header is not None and any(k in header for k in ("CRVAL1", "CDELT1", "CD1_1"))
+    except Exception:  # a header that cannot be searched: judge by the axis alone
+        solution = False
+    if pixels and not solution:
+        raise ValueError(
+            f"{path.name} has no spectral WCS (no CRVAL1/CDELT1 wavelength solution), so its spectral axis would be "
+            f"the pixel numbers {vals[0]:g}..{vals[-1]:g} read as {axis.unit}. Give the file its wavelength solution "
+            "(FITS keywords CTYPE1 = 'WAVE' for vacuum or 'AWAV' for air, CUNIT1, CRVAL1, CDELT1, CRPIX1), or write "
+            "it as a table with a wavelength column"
+        )
+
+
+def _uncertainty_column(table) -> tuple[str | None, int]:
+    """The uncertainty column and its power of the flux: 1 (σ), 2 (variance), -2 (inverse variance)."""
+    for names, power in ((_UNC_NAMES, 1), (_VAR_NAMES, 2), (_IVAR_NAMES, -2)):
+        col = _column(table, names)
+        if col is not None:
+            return col, power
+    return None, 1
+
+
+def _spectrum_from_table(table, path: Path, errors: list) -> Spectrum:
+    """A Spectrum from a table with named wavelength, flux and (optional) uncertainty columns."""
+    wcol, fcol = _column(table, _WAVE_NAMES), _column(table, _FLUX_NAMES)
+    ucol, power = _uncertainty_column(table)
     if wcol is None or fcol is None:
         raise ValueError(
             f"could not read {path} as a spectrum ({'; '.join(errors)}); as a table it has columns "
@@ -99,16 +342,39 @@ def read_spectrum(path: str | Path) -> Spectrum:
     if not isinstance(wave, u.Quantity) or wave.unit is None or wave.unit == u.dimensionless_unscaled:
         wave = np.asarray(wave, dtype=np.float64) * u.AA
         _check_assumed_angstrom(wave.value, path)
-        warnings.warn(f"column {wcol!r} of {path.name} has no unit; assuming Å", UserWarning, stacklevel=2)
+        warnings.warn(f"column {wcol!r} of {path.name} has no unit; assuming Å", UserWarning, stacklevel=3)
     flux = table[fcol]
     if not isinstance(flux, u.Quantity):
         flux = np.asarray(flux, dtype=np.float64) * u.dimensionless_unscaled
     kw = {}
     if ucol is not None:
-        unc = table[ucol]
-        kw["uncertainty"] = StdDevUncertainty(np.asarray(getattr(unc, "value", unc), dtype=np.float64))
+        kw["uncertainty"] = _uncertainty_in_flux_unit(table[ucol], power, flux.unit, ucol, path)
+    meta = {"file": str(path)}
+    if table.meta:
+        meta["header"] = dict(table.meta)
     return Spectrum(spectral_axis=u.Quantity(wave, dtype=np.float64), flux=u.Quantity(flux, dtype=np.float64),
-                    meta={"file": str(path)}, **kw)
+                    meta=meta, **kw)
+
+
+def _uncertainty_in_flux_unit(column, power: int, flux_unit, name: str, path: Path):
+    """The uncertainty column as an astropy uncertainty in the flux's unit (converted where its
+    own unit differs; a column without a unit is taken to be in the flux's unit)."""
+    cls = {1: StdDevUncertainty, 2: VarianceUncertainty, -2: InverseVariance}[power]
+    values = np.array(getattr(column, "value", column), dtype=np.float64)
+    unit = getattr(column, "unit", None)
+    if unit is not None and unit != u.dimensionless_unscaled:
+        want = u.Unit(flux_unit) ** power
+        try:
+            values = values * float(u.Unit(unit).to(want))
+        except u.UnitConversionError as err:
+            what = {1: "1-σ uncertainty", 2: "variance", -2: "inverse variance"}[power]
+            raise ValueError(
+                f"the {what} column {name!r} of {path.name} is in {unit}, which does not convert to "
+                f"{want if want != u.dimensionless_unscaled else 'the unit of the flux'} (the flux is in "
+                f"{flux_unit if flux_unit != u.dimensionless_unscaled else 'no unit'}); give the column in the flux's "
+                f"unit{'' if power == 1 else ' to the power ' + str(power)}, or give the flux its unit"
+            ) from err
+    return cls(values)
 
 
 def is_goldilocks(path: str | Path) -> bool:
@@ -122,7 +388,8 @@ def is_goldilocks(path: str | Path) -> bool:
         return False
 
 
-def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce: bool = True) -> list[Spectrum]:
+def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce: bool = True,
+                air: bool | None = None) -> list[Spectrum]:
     """Read the échelle orders of a file as a list of spectra.
 
     An HPF Goldilocks file is read with muler (``HPFSpectrumList``) and, with ``reduce=True``,
@@ -137,6 +404,10 @@ def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce
         Indices of the orders to return (default: all), in the order given.
     reduce : bool
         Apply muler's standard reduction chain to Goldilocks orders.
+    air : bool or None
+        Air or vacuum wavelengths, as in :func:`read_spectrum` (None: as the file says; vacuum
+        where it says nothing, as HPF Goldilocks files are). Each order goes through
+        :func:`~blase_specutils.spectra.to_vacuum`, which records the frame in its ``meta``.
 
     Raises
     ------
@@ -166,9 +437,9 @@ def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce
             warnings.simplefilter("ignore")
             for o in picked:
                 s = raw[int(o)]
-                out.append(s.remove_nans().deblaze().normalize() if reduce else s)
+                out.append(to_vacuum(s.remove_nans().deblaze().normalize() if reduce else s, air))
         return out
-    spectra = [read_spectrum(path)]
+    spectra = [read_spectrum(path, air=air)]
     if orders is not None:
         bad = [o for o in orders if int(o) != 0]
         if bad:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 
 import astropy.units as u
@@ -9,7 +11,8 @@ import numpy as np
 from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
 from specutils import Spectrum
 
-__all__ = ["SpectrumArrays", "spectrum_to_arrays", "arrays_to_spectrum", "wavelength_to_angstrom"]
+__all__ = ["SpectrumArrays", "spectrum_to_arrays", "arrays_to_spectrum", "wavelength_to_angstrom", "to_vacuum",
+           "wavelength_frame", "air_to_vacuum_angstrom", "WAVELENGTH_FRAME_KEY"]
 
 
 @dataclass
@@ -92,6 +95,33 @@ def _sigma_from(uncertainty, flux_unit) -> np.ndarray | None:
         return np.sqrt(arr) if power == 2 else 1.0 / np.sqrt(arr)
 
 
+def _pixel_list(idx: np.ndarray, limit: int = 10) -> str:
+    """``"3, 17, 18"`` (and ``"... (42 in all)"`` beyond ``limit``)."""
+    shown = ", ".join(str(int(i)) for i in idx[:limit])
+    return shown + (f", ... ({idx.size} in all)" if idx.size > limit else "")
+
+
+def _refuse_negative_variance(uncertainty, good: np.ndarray) -> None:
+    """ValueError naming the usable pixels whose variance or inverse variance is negative.
+
+    A negative σ is refused where the fit reads it; a negative variance or inverse variance would
+    otherwise become a NaN σ here and silently drop its pixel.
+    """
+    if not isinstance(uncertainty, (VarianceUncertainty, InverseVariance)):
+        return
+    raw = np.asarray(uncertainty.array, dtype=np.float64)
+    if raw.shape != good.shape:
+        return  # the shape error is reported where the arrays meet
+    bad = np.flatnonzero(np.isfinite(raw) & (raw < 0) & good)
+    if bad.size:
+        kind = "variance" if isinstance(uncertainty, VarianceUncertainty) else "inverse variance"
+        raise ValueError(
+            f"the uncertainty ({type(uncertainty).__name__}) has a negative {kind} at {bad.size} usable pixel(s): "
+            f"index {_pixel_list(bad)} (positions along the input's spectral axis); a {kind} cannot be negative. "
+            "Mask those pixels (spectrum.mask True) or give non-negative values"
+        )
+
+
 def spectrum_to_arrays(spectrum: Spectrum, *, require_finite: bool = True) -> SpectrumArrays:
     """Read a 1-D ``Spectrum`` (or ``Spectrum1D``, muler spectra) into plain arrays.
 
@@ -104,7 +134,8 @@ def spectrum_to_arrays(spectrum: Spectrum, *, require_finite: bool = True) -> Sp
     TypeError
         Not a ``Spectrum``.
     ValueError
-        Not 1-D, no usable pixels, or duplicated wavelengths.
+        Not 1-D, no usable pixels, duplicated wavelengths, or a negative variance or inverse
+        variance at a usable pixel (the message names the pixels).
     astropy.units.UnitsError
         Non-spectral axis.
     """
@@ -126,6 +157,7 @@ def spectrum_to_arrays(spectrum: Spectrum, *, require_finite: bool = True) -> Sp
         good &= ~np.asarray(spectrum.mask, dtype=bool)
     if sigma is not None:
         sigma = np.array(sigma, dtype=np.float64)
+        _refuse_negative_variance(spectrum.uncertainty, good)
     rev = wl.size > 1 and wl[0] > wl[-1]
     if rev:
         wl, flux, good = wl[::-1].copy(), flux[::-1].copy(), good[::-1].copy()
@@ -160,6 +192,10 @@ def arrays_to_spectrum(
     with ``like`` works and pixels line up; the arrays are reversed to match where that axis
     descends in wavelength. Otherwise the axis is ``wavelength`` in the unit of ``like`` (if given
     and convertible), so a µm input gives a µm output.
+
+    ``meta``: the result's metadata (a shallow copy). Left out, it is a shallow copy of ``like``'s
+    ``meta`` (so a muler spectrum keeps its FITS header and methods such as ``.astropy_time``
+    keep working), or empty without ``like``.
     """
     wavelength = np.asarray(wavelength, dtype=np.float64)
     arrays = dict(flux=np.asarray(flux, dtype=np.float64),
@@ -182,6 +218,8 @@ def arrays_to_spectrum(
         kwargs["uncertainty"] = StdDevUncertainty(arrays["uncertainty"])
     if arrays["mask"] is not None:
         kwargs["mask"] = arrays["mask"]
+    if meta is None and like is not None:
+        meta = getattr(like, "meta", None)
     kwargs["meta"] = dict(meta or {})
     cls = type(like) if like is not None else Spectrum
     if cls is not Spectrum:
@@ -207,3 +245,268 @@ def _own_axis(wavelength: np.ndarray, like: Spectrum) -> tuple[u.Quantity, bool]
         return None
     return u.Quantity(axis, copy=True), bool(descending)
 
+
+
+# ------------------------------------------------------------------------------ air and vacuum
+#: Key of ``Spectrum.meta`` where :func:`to_vacuum` records the wavelength frame of its result.
+WAVELENGTH_FRAME_KEY = "blase_specutils_wavelength_frame"
+#: Values :func:`to_vacuum` records under :data:`WAVELENGTH_FRAME_KEY` (all start with "vacuum").
+FRAME_CONVERTED = "vacuum (converted from air)"
+FRAME_STATED = "vacuum (the file says vacuum)"
+FRAME_USER = "vacuum (as the user said: air=False)"
+FRAME_ASSUMED = "vacuum (assumed: nothing in the file says air or vacuum)"
+
+#: Air wavelengths exist only above 2000 Å: below it wavelengths are given in vacuum by convention
+#: (and the refractive-index formula has poles in the far UV).
+AIR_MINIMUM_ANGSTROM = 2000.0
+
+
+def air_to_vacuum_angstrom(wavelength: np.ndarray) -> np.ndarray:
+    r"""Vacuum wavelengths (Å) of air wavelengths (Å).
+
+    Uses the refractive index of standard air of Morton (2000, ApJS 130, 403, Eq. 8; the IAU
+    standard as used by VALD), as implemented in ``specutils.utils.wcs_utils.refraction_index``
+    (``method="Morton2000"``):
+
+    .. math::
+
+        n - 1 = 8.34254\times10^{-5} + \frac{2.406147\times10^{-2}}{130 - s^2}
+                + \frac{1.5998\times10^{-4}}{38.9 - s^2},\qquad s = 10^4 / \lambda_\mathrm{vac}\,[Å]
+
+    with :math:`\lambda_\mathrm{air} = \lambda_\mathrm{vac} / n(\lambda_\mathrm{vac})`. Since
+    :math:`n` is a function of the vacuum wavelength, :math:`\lambda_\mathrm{vac} = \lambda_\mathrm{air}\,
+    n(\lambda_\mathrm{vac})` is solved by fixed-point iteration to 1e-10 Å: the exact inverse of
+    ``specutils.utils.wcs_utils.vac_to_air(..., method="Morton2000")`` (its ``air_to_vac`` default,
+    ``scheme="inversion"``, evaluates n at the air wavelength and is off by ~3e-5 Å at 1 µm).
+
+    Parameters
+    ----------
+    wavelength : array_like
+        Air wavelengths in Å, all >= 2000 Å.
+
+    Returns
+    -------
+    ndarray
+        Vacuum wavelengths in Å (float64), same shape.
+
+    Raises
+    ------
+    ValueError
+        Non-finite wavelengths, or wavelengths below 2000 Å (given in vacuum by convention).
+    """
+    from specutils.utils.wcs_utils import refraction_index
+
+    air = np.array(wavelength, dtype=np.float64)
+    if air.size == 0:
+        return air
+    if not np.all(np.isfinite(air)):
+        raise ValueError("air wavelengths must be finite to convert them to vacuum")
+    if float(air.min()) < AIR_MINIMUM_ANGSTROM:
+        raise ValueError(
+            f"air wavelengths start at {AIR_MINIMUM_ANGSTROM:g} Å, got {float(air.min()):.6g} Å: below it wavelengths "
+            "are given in vacuum by convention; say air=False if these are vacuum wavelengths"
+        )
+    vac = air.copy()
+    for _ in range(20):
+        new = air * np.asarray(refraction_index(vac * u.AA, method="Morton2000"), dtype=np.float64)
+        done = float(np.max(np.abs(new - vac))) < 1e-10
+        vac = new
+        if done:
+            break
+    return vac
+
+
+def _frame_code(value) -> str | None:
+    """'air', 'vacuum' or None from a FITS CTYPE (``AWAV``/``WAVE``, with or without ``-ALG``)."""
+    if not isinstance(value, str):
+        return None
+    code = value.strip().upper().split("-")[0]
+    return {"AWAV": "air", "WAVE": "vacuum"}.get(code)
+
+
+def _keyword_statements(mapping, where: str, *, skip_ctype: bool = False) -> list[tuple[str, str]]:
+    """What the keywords of a header or a meta dict say: ``[(keyword, 'air' | 'vacuum'), ...]``."""
+    out = []
+    if mapping is None:
+        return out
+    try:
+        items = list(mapping.items())
+    except Exception:  # not a mapping
+        return out
+    for key, value in items:
+        if not isinstance(key, str):
+            continue
+        k = key.strip().upper()
+        said = None
+        if k == "CTYPE1" and not skip_ctype:
+            said = _frame_code(value)
+        elif k == "AIRORVAC" and isinstance(value, str):
+            v = value.strip().lower()
+            said = "air" if v.startswith("air") else "vacuum" if v.startswith("vac") else None
+        elif k in ("AIR", "VACUUM") and isinstance(value, (bool, np.bool_)):
+            said = "air" if bool(value) == (k == "AIR") else "vacuum"
+        if said is not None:
+            out.append((f"{where}{key}={value!r}", said))
+    return out
+
+
+def _frame_statements(spectrum: Spectrum) -> list[tuple[str, str]]:
+    """Every statement the spectrum carries about air or vacuum: its FITS WCS, header and meta."""
+    out = []
+    wcs = getattr(spectrum, "wcs", None)
+    ctype = getattr(getattr(wcs, "wcs", None), "ctype", None)  # an astropy.wcs.WCS read from a file
+    if ctype is not None:
+        for c in list(ctype):
+            said = _frame_code(c)
+            if said is not None:
+                out.append((f"the WCS CTYPE {c!r}", said))
+    meta = getattr(spectrum, "meta", None) or {}
+    header = meta.get("header") if hasattr(meta, "get") else None
+    # a WCS read from the file already said what the header's CTYPE1 says
+    out += _keyword_statements(header, "header ", skip_ctype=bool(out))
+    out += _keyword_statements({k: v for k, v in meta.items() if k != "header"} if hasattr(meta, "items") else None,
+                               "meta ")
+    return out
+
+
+def wavelength_frame(spectrum: Spectrum) -> str | None:
+    """What a spectrum says about its wavelengths: air, vacuum, or nothing.
+
+    Reads, in this order: the record left by :func:`to_vacuum` (``meta['blase_specutils_wavelength_frame']``,
+    returned as it is, e.g. ``"vacuum (converted from air)"``); a FITS WCS read with the spectrum
+    (``CTYPE1 = 'AWAV'``: air, ``'WAVE'``: vacuum); the FITS header in ``meta['header']`` (``CTYPE1``,
+    ``AIRORVAC = 'air'`` / ``'vac'``, logical ``AIR`` or ``VACUUM``); and the same keywords in
+    ``meta`` itself, in any case (``meta['air'] = True``, ``meta['AIRORVAC'] = 'vac'``).
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+
+    Returns
+    -------
+    str or None
+        The recorded frame, ``"air"``, ``"vacuum"``, or None when nothing says.
+
+    Raises
+    ------
+    ValueError
+        The spectrum says both (e.g. ``CTYPE1 = 'AWAV'`` and ``AIRORVAC = 'vac'``); the message
+        names the keywords and asks for ``air=True`` or ``air=False``.
+    """
+    meta = getattr(spectrum, "meta", None) or {}
+    recorded = meta.get(WAVELENGTH_FRAME_KEY) if hasattr(meta, "get") else None
+    if isinstance(recorded, str) and recorded.startswith("vacuum"):
+        return recorded
+    statements = _frame_statements(spectrum)
+    said = {s for _, s in statements}
+    if len(said) > 1:
+        raise ValueError(
+            "the spectrum says both air and vacuum wavelengths ("
+            + "; ".join(f"{w} says {s}" for w, s in statements)
+            + "); say which with air=True (air wavelengths, converted to vacuum) or air=False (vacuum)"
+        )
+    return said.pop() if said else None
+
+
+def to_vacuum(spectrum: Spectrum, air: bool | None = None) -> Spectrum:
+    """The spectrum with vacuum wavelengths: air wavelengths are converted once, at the boundary.
+
+    Every clone and template of this package is in vacuum wavelengths (PHOENIX, the MOOG
+    synthesis, TelFit, PSG, the HPF and IGRINS pipelines); a spectrum in air wavelengths fitted
+    with them would be off by the air/vacuum offset (~2.7 Å, -82 km/s near 1 µm). Air wavelengths
+    are converted with :func:`air_to_vacuum_angstrom` (the Morton 2000 refractive index of
+    standard air, exactly inverted).
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+        Any 1-D spectrum. Not modified.
+    air : bool or None
+        None (default): decide from what the spectrum says (:func:`wavelength_frame`: a FITS WCS
+        ``CTYPE1 = 'AWAV'``, ``AIRORVAC``, ``meta['air']``, ...); vacuum when nothing says air.
+        True: the wavelengths are in air, whatever the file says. False: they are in vacuum,
+        whatever the file says. Where the user's word contradicts the file, a warning says so.
+
+    Returns
+    -------
+    Spectrum
+        A new spectrum of the input's class (its flux, uncertainty and mask, a shallow copy of its
+        ``meta``), with ``meta['blase_specutils_wavelength_frame']`` saying which it was:
+        ``"vacuum (converted from air)"``, ``"vacuum (the file says vacuum)"``,
+        ``"vacuum (as the user said: air=False)"`` or ``"vacuum (assumed: nothing in the file says
+        air or vacuum)"``. The axis keeps its unit and order. A spectrum that already carries that
+        record is returned as it is (no second conversion).
+
+    Raises
+    ------
+    TypeError
+        Not a ``Spectrum``, or ``air`` is not True, False or None.
+    ValueError
+        ``air=True`` for a spectrum already converted from air; the spectrum says both air and
+        vacuum and ``air`` is None; air wavelengths below 2000 Å; or air wavelengths on a
+        spectral axis that is not a wavelength (frequency, wavenumber or energy do not change
+        with the medium).
+    """
+    if not isinstance(spectrum, Spectrum):
+        raise TypeError(f"expected a specutils Spectrum, got {type(spectrum).__name__}")
+    if air is not None and not isinstance(air, (bool, np.bool_)):
+        raise TypeError(f"air must be True (air wavelengths), False (vacuum) or None (as the file says), got {air!r}")
+    meta = getattr(spectrum, "meta", None) or {}
+    recorded = meta.get(WAVELENGTH_FRAME_KEY) if hasattr(meta, "get") else None
+    if isinstance(recorded, str) and recorded.startswith("vacuum"):
+        if air is None or not air:
+            return spectrum
+        if recorded == FRAME_CONVERTED:
+            raise ValueError(
+                "this spectrum was already converted from air to vacuum wavelengths (meta"
+                f"[{WAVELENGTH_FRAME_KEY!r}] = {recorded!r}); converting again would shift it by the air/vacuum "
+                "offset once more. Leave air out (or air=None) for spectra read with read_spectrum"
+            )
+        if recorded == FRAME_STATED:
+            warnings.warn("the file says vacuum wavelengths but air=True was given: converting from air as told",
+                          UserWarning, stacklevel=2)
+        return _converted(spectrum)
+    if air is None:
+        said = wavelength_frame(spectrum)
+        if said == "air":
+            return _converted(spectrum)
+        return _with_frame(spectrum, FRAME_STATED if said == "vacuum" else FRAME_ASSUMED)
+    statements = _frame_statements(spectrum)
+    against = [w for w, s in statements if (s == "air") != bool(air)]
+    if against:
+        warnings.warn(
+            f"air={bool(air)} was given but {', '.join(against)} says {'vacuum' if air else 'air'}: "
+            f"treating the wavelengths as {'air' if air else 'vacuum'}, as told", UserWarning, stacklevel=2)
+    return _converted(spectrum) if air else _with_frame(spectrum, FRAME_USER)
+
+
+def _with_frame(spectrum: Spectrum, frame: str) -> Spectrum:
+    """A shallow copy of ``spectrum`` (same arrays) whose own ``meta`` records ``frame``."""
+    out = copy.copy(spectrum)
+    out.meta = dict(getattr(spectrum, "meta", None) or {}, **{WAVELENGTH_FRAME_KEY: frame})
+    return out
+
+
+def _converted(spectrum: Spectrum) -> Spectrum:
+    """The spectrum with its air wavelengths replaced by vacuum ones, in the axis' unit and order."""
+    axis = spectrum.spectral_axis
+    unit = u.Unit(axis.unit)
+    if unit.physical_type != "length":
+        raise ValueError(
+            f"the spectral axis is in {unit} (not a wavelength): air and vacuum differ only in wavelength, "
+            "a frequency, wavenumber or energy axis is the same in both. Leave air out or say air=False"
+        )
+    wl = u.Quantity(axis.value, unit).to_value(u.AA)
+    vac = (air_to_vacuum_angstrom(wl) * u.AA).to(unit)
+    kwargs = dict(spectral_axis=vac, flux=spectrum.flux, uncertainty=spectrum.uncertainty, mask=spectrum.mask,
+                  meta=dict(getattr(spectrum, "meta", None) or {}, **{WAVELENGTH_FRAME_KEY: FRAME_CONVERTED}))
+    rv = getattr(axis, "radial_velocity", None)
+    if rv is not None and np.any(u.Quantity(rv).value != 0):
+        kwargs["radial_velocity"] = rv
+    cls = type(spectrum)
+    if cls is not Spectrum:
+        try:
+            return cls(**kwargs)
+        except Exception:  # muler subclasses may need extra keywords; fall back to Spectrum
+            pass
+    return Spectrum(**kwargs)
