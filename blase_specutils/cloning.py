@@ -793,9 +793,9 @@ def clone_spectrum(
         the ratio S / S_clone at the same prominence Prom (blends merged by the first detection,
         shoulders, lines in the wings of others: :func:`~blase_specutils.core.detection.residual_lines`),
         added, and all lines are tuned again. Passes stop when the residual holds no line above
-        Prom or when a pass lowers the RMS residual by less than 5 % (that pass is undone). The
-        line table's ``residual_pass`` column and :attr:`SpectralClone.passes` record what each
-        pass added.
+        Prom or after a pass that lowers the RMS residual by less than 5 % (a pass that does not
+        lower it at all is undone). The line table's ``residual_pass`` column and
+        :attr:`SpectralClone.passes` record what each pass added.
     air : bool or None
         Whether the spectrum's wavelengths are in air. None (default): as the spectrum says (a FITS
         WCS ``CTYPE1 = 'AWAV'``, ``AIRORVAC = 'air'`` in its header or ``meta``, ``meta['air']``;
@@ -939,7 +939,7 @@ class _Stage:
 #: Lines wider than this many times the median FWHM of the first detection are broad: they get the
 #: Appendix C.4 wing correction (``n_broad="auto"``), and residual passes add no line that wide.
 BROAD_FWHM_FACTOR = 25.0
-#: A residual pass is kept only if it lowers the RMS residual by at least this fraction.
+#: Residual passes go on only while each lowers the RMS residual by at least this fraction.
 RESIDUAL_PASS_MIN_GAIN = 0.05
 #: Share of the epoch budget given to the first training stage when residual passes follow.
 FIRST_STAGE_SHARE = 0.25
@@ -957,9 +957,9 @@ def _train_with_residual_passes(model, stage: _Stage, arr, *, epochs: int, resid
     The epoch budget ``epochs`` is shared: the first stage gets :data:`FIRST_STAGE_SHARE` of it,
     but at least :data:`MIN_FIRST_STAGE_EPOCHS` (all of it without passes), each pass an equal part
     of the rest, at least :data:`MIN_PASS_EPOCHS` (fewer passes run if the budget is short), and
-    epochs a stage leaves unused (plateau stop) go to the stages after it. Passes end early when the residual holds no
-    line above Prom, or when a pass lowers the RMS by less than :data:`RESIDUAL_PASS_MIN_GAIN`
-    (that pass is then undone).
+    epochs a stage leaves unused (plateau stop) go to the stages after it. Passes end early when
+    the residual holds no line above Prom, or after a pass that lowers the RMS by less than
+    :data:`RESIDUAL_PASS_MIN_GAIN` (a pass that does not lower it at all is undone).
 
     Returns
     -------
@@ -989,12 +989,15 @@ def _train_with_residual_passes(model, stage: _Stage, arr, *, epochs: int, resid
         h = stage.train(candidate, budget, f"pass {k}: {candidate.n_lines} lines (+{len(guess)})")
         new_rms, new_m = stage.rms(candidate)
         used += h.epochs_run
-        if new_rms > (1.0 - RESIDUAL_PASS_MIN_GAIN) * rms:
+        if not new_rms < rms:  # the pass made the clone no better: undo it
             break
+        paid = new_rms <= (1.0 - RESIDUAL_PASS_MIN_GAIN) * rms
         model, rms, m = candidate, new_rms, new_m
         line_pass = np.concatenate([line_pass, np.full(len(guess), k, dtype=np.int64)])[order.cpu().numpy()]
         histories.append(h)
         passes.append(dict(added=len(guess), lines=model.n_lines, epochs=h.epochs_run, rms=rms))
+        if not paid:
+            break
     return model, _join_histories(histories), line_pass, passes
 
 

@@ -42,7 +42,9 @@ def test_a_cool_star_slice_reaches_the_fidelity_target(hard_slice_clone):
     # the passes ran, were recorded line by line, and each kept pass paid
     assert len(c.passes) >= 2 and (c.line_pass > 0).sum() == sum(p["added"] for p in c.passes[1:])
     rms = [p["rms"] for p in c.passes]
-    assert all(b < 0.95 * a for a, b in zip(rms, rms[1:]))
+    assert all(b < a for a, b in zip(rms, rms[1:]))  # every kept pass lowered the RMS
+    # passes went on only while each paid 5 %: all but the last of those that ran did
+    assert all(b <= 0.95 * a for a, b in zip(rms[:-2], rms[1:-1]))
     assert c.history.epochs_run <= 800 and c.meta["nadded"] == int((c.line_pass > 0).sum())
     t = c.lines
     assert np.array_equal(np.asarray(t["residual_pass"]), c.line_pass)

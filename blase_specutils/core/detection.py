@@ -164,9 +164,8 @@ def residual_lines(
     :math:`\prod_j e^{-a_j V_j}`), so a line the clone lacks shows up as the ratio
     :math:`S / S_\mathrm{clone}` dipping below 1 (rising above it for emission). The ratio is
     searched with :func:`find_lines` at the same prominence threshold Prom as the first pass, so
-    a missing line is added on the same criterion as any detected one (its dip is at least Prom
-    deep as well as Prom prominent), and a clone that fits to within Prom everywhere gets no new
-    line. Blends that the first pass merged into one minimum,
+    a missing line is added on the same criterion as any detected one, and a clone that fits to
+    within Prom everywhere gets no new line. Blends that the first pass merged into one minimum,
     shoulders of strong lines and lines hidden in the wings of others are found this way.
 
     Parameters
@@ -207,11 +206,8 @@ def residual_lines(
         found = find_lines(wavelength, ratio, prominence, region=region, buffer=buffer, mode=mode, emission=emission)
     except ValueError:  # no dip reaches the threshold: the clone is complete at this prominence
         return None
-    # a line dips below the continuum by Prom; a dip between two bumps of the ratio that stays above
-    # 1 - Prom is a wiggle of the fit, and one wider than max_fwhm an error of a wing or continuum
-    keep = found.depth >= prominence
-    if max_fwhm is not None:
-        keep &= found.fwhm <= max_fwhm
+    # a dip wider than max_fwhm is the error of a broad line's wing or of the continuum, not a line
+    keep = np.ones(len(found), dtype=bool) if max_fwhm is None else found.fwhm <= max_fwhm
     if not keep.any():
         return None
     return LineGuess(**{f.name: getattr(found, f.name)[keep] for f in fields(LineGuess)})

@@ -294,6 +294,9 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
         if patience is not None and epoch - last_improvement >= patience:
             hist.stop_reason = "plateau"
             break
+    if hist.epochs_run < epochs:  # an early stop: the bar ends full at the epochs run, not part-way
+        bar.total = hist.epochs_run
+        bar.refresh()
     bar.close()
     # a last evaluation of the final step, so the best parameters really are the best seen
     if hist.stop_reason != "non-finite":
