@@ -74,14 +74,17 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
         flatten=flatten,
         mode=args.mode,
         profile=args.profile,
-        tune=("amplitude", "sigma", "gamma") + (("center",) if args.tune_centers else ()),
+        tune=("amplitude", "sigma", "gamma") + (() if args.fixed_centers else ("center",)),
         epochs=args.epochs,
+        residual_passes=args.residual_passes,
         lr=args.lr,
         device=args.device,
-        progress=not args.quiet and not args.json,
+        progress=not args.quiet,  # tqdm writes to stderr: stdout keeps only the JSON
         plan=_plan(args),
     )
     seconds = time.perf_counter() - t0
+    fidelity = clone.fidelity()
+    weak = clone.worst_windows(5)
     clone_path = clone.save(out / f"{stem}_clone.fits", overwrite=True)
     table_path = out / f"{stem}_lines.ecsv"
     clone.lines.write(table_path, overwrite=True)
@@ -95,6 +98,11 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
         "input": source,
         "n_lines": clone.n_lines,
         "rms_residual": clone.rms_residual(),
+        "fidelity": fidelity,
+        "lines_added_from_residual": int((clone.line_pass > 0).sum()),
+        "residual_passes": len(clone.passes) - 1,
+        "worst_windows": [{"start": float(r["start"].value), "end": float(r["end"].value), "rms": float(r["rms"]),
+                           "max_abs": float(r["max_abs"]), "n_lines": int(r["n_lines"])} for r in weak],
         "epochs": clone.history.epochs_run,
         "stop_reason": clone.history.stop_reason,
         "seconds": round(seconds, 2),
@@ -107,14 +115,27 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
     }
 
 
+#: What each stop reason of the training means, for people.
+_STOP_WORDS = {"max_epochs": "the epoch budget (not converged; --epochs raises it)",
+               "plateau": "a plateau (converged: no 0.01 % gain in the last epochs)",
+               "non-finite": "a NaN/inf loss (the best parameters before it were kept)"}
+
+
 def _report(summary: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
         return
+    fid = summary["fidelity"]
     print(
-        f"cloned {summary['input']}: {summary['n_lines']} lines, RMS residual {100 * summary['rms_residual']:.3f} %, "
-        f"{summary['epochs']} epochs in {summary['seconds']:.1f} s"
+        f"cloned {summary['input']}: {summary['n_lines']} lines ({summary['lines_added_from_residual']} added from the "
+        f"residual in {summary['residual_passes']} passes), {summary['epochs']} epochs in {summary['seconds']:.1f} s, "
+        f"stopped by: {_STOP_WORDS.get(summary['stop_reason'], summary['stop_reason'])}\n"
+        f"  |S - clone| over every pixel of the band: RMS {100 * fid['rms']:.3f} %, p99 {100 * fid['p99']:.2f} %, "
+        f"max {100 * fid['max']:.2f} %"
     )
+    if summary["worst_windows"]:
+        w = summary["worst_windows"][0]
+        print(f"  weakest window: {w['start']:.1f}-{w['end']:.1f} Å, RMS {100 * w['rms']:.2f} %")
     for key in ("clone_file", "line_table", "figure"):
         print(f"  {key.replace('_', ' ')}: {summary[key]}")
 
@@ -122,7 +143,11 @@ def _report(summary: dict, as_json: bool) -> None:
 def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("-o", "--output", default=defaults.get("output", "."), help="output folder (default: %(default)s)")
     p.add_argument("--prominence", type=float, default=defaults.get("prominence", 0.01), help="line prominence threshold in (0, 1) (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=defaults.get("epochs", 1000), help="largest number of Adam epochs (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=defaults.get("epochs", 800),
+                   help="Adam epochs of the whole run, residual passes included (default: %(default)s)")
+    p.add_argument("--residual-passes", type=int, default=defaults.get("residual_passes", 3),
+                   help="largest number of passes that add the lines found in the residual, 0 for none "
+                        "(default: %(default)s)")
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate (default: %(default)s)")
     p.add_argument("--mode", choices=("linear", "log"), default="linear", help="clone in linear (Eq. 2) or log (Eq. A2) flux (default: %(default)s)")
     p.add_argument("--profile", choices=("pseudo-voigt", "voigt"), default="pseudo-voigt", help="line shape (default: %(default)s)")
@@ -134,7 +159,8 @@ def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--buffer", type=float, default=defaults.get("buffer", 30.0), help="buffer around the band in Å (default: %(default)s)")
     p.add_argument("--teff", type=float, help="divide by a blackbody of this Teff in K (default: the template's, else none)")
     p.add_argument("--no-flatten", action="store_true", help="do not divide by a continuum polynomial")
-    p.add_argument("--tune-centers", action="store_true", help="also tune the line centres (helps undersampled models such as PSG)")
+    p.add_argument("--tune-centers", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    p.add_argument("--fixed-centers", action="store_true", help="do not tune the line centres (tuned by default)")
     p.add_argument("--name", help="stem of the output file names")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -152,8 +178,11 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="Λ of the L1 pull of the telluric ln a (default: %(default)s)")
     p.add_argument("--continuum-degree", type=int, default=2, help="degree of the per-order continuum polynomial (default: %(default)s)")
     p.add_argument("--resolving-power", type=float, default=55000.0, help="R (default: %(default)s, HPF)")
-    p.add_argument("--rv-range", type=float, default=150.0, help="RV scan half range in km/s (default: %(default)s)")
-    p.add_argument("--vsini", type=float, default=3.0, help="starting v sin i in km/s (default: %(default)s)")
+    p.add_argument("--rv-range", type=float, default=150.0,
+                   help="RV scan half range and RV bound in km/s (default: %(default)s)")
+    p.add_argument("--vsini", type=float, default=None,
+                   help="starting v sin i in km/s, at most 600 (default: the best of a scan over 2-400 km/s, jointly "
+                        "with the RV scan)")
     p.add_argument("--epochs", type=int, default=4000, help="largest number of epochs of the line stage (default: %(default)s)")
     p.add_argument("--template-only", action="store_true", help="template matching only (no line tuning)")
     p.add_argument("--regularization", type=float, default=5.0, help="Λ of the L1 pull of ln a (default: %(default)s)")
@@ -251,7 +280,9 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 
 
 def _run_fit(args) -> int:
-    from .fitting import fit_spectrum
+    import warnings
+
+    from .fitting import FitFlagWarning, fit_spectrum
 
     if not args.stellar and not args.telluric:
         print("error: give --stellar CLONE, --telluric CLONE, or both (--telluric alone: a telluric-only fit)",
@@ -263,11 +294,16 @@ def _run_fit(args) -> int:
     t0 = time.perf_counter()
     try:
         out = _output_folder(args.output)
-        result = fit_spectrum(data, stellar, telluric=telluric, device=args.device,
-                              progress=not (args.quiet or args.json), **_fit_kwargs(args))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FitFlagWarning)  # reported below, one line per flag
+            result = fit_spectrum(data, stellar, telluric=telluric, device=args.device,
+                                  progress=not (args.quiet or args.json), **_fit_kwargs(args))
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # a flagged fit is still written and exits 0; its flags are in the JSON and on stderr
+    for flag in result.flags:
+        print(f"warning: [{flag.code}] {flag.message}", file=sys.stderr)
     summary = result.summary()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     stem = Path(args.data).stem
@@ -292,6 +328,7 @@ def _run_fit(args) -> int:
         print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {_fmt(summary['rv_kms'], '.3f', ' km/s')}, "
               f"v sin i {_fmt(summary['vsini_kms'], '.2f', ' km/s')}{power}, "
               f"{summary['n_lines_changed']} of {summary['n_lines']} lines changed")
+        print(f"  flags: {summary['flag_codes'] or 'none'}")
         for key in ("result_file", "line_table", "figure"):
             print(f"  {key.replace('_', ' ')}: {summary[key]}")
     return 0
@@ -398,7 +435,8 @@ def _run_clone_grid(args) -> int:
             band=None if args.band is None else tuple(args.band) * u.AA, buffer=args.buffer * u.AA,
             teff=None if args.teff is None else args.teff * u.K, flatten=not args.no_flatten, mode=args.mode,
             profile=args.profile, epochs=args.epochs, lr=args.lr, device=args.device, plan=_plan(args),
-            tune=("amplitude", "sigma", "gamma") + (("center",) if args.tune_centers else ()),
+            tune=("amplitude", "sigma", "gamma") + (() if args.fixed_centers else ("center",)),
+            residual_passes=args.residual_passes,
         )
     except (ValueError, TypeError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

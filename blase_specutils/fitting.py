@@ -18,15 +18,31 @@ from specutils import Spectrum, SpectrumList
 from .cloning import SpectralClone, _equivalent_widths
 from .core.clone import SPEED_OF_LIGHT_KMS, TUNABLE, LineCloneModel
 from .core.training import check_integer, check_real, resolve_device
-from .core.transfer import TransferFit, TransferModel, fit_transfer
+from .core.transfer import (
+    TELLURIC_POWER_SCAN,
+    FitBounds,
+    FitFlag,
+    TransferFit,
+    TransferModel,
+    check_fit,
+    chi2_curvature,
+    fit_transfer,
+)
 from .preprocessing import _as_band, _buffer_angstrom, _velocity_kms
 from .spectra import SpectrumArrays, arrays_to_spectrum, spectrum_to_arrays
 
-__all__ = ["fit_spectrum", "TransferResult", "MissingUncertaintyWarning"]
+__all__ = ["fit_spectrum", "TransferResult", "MissingUncertaintyWarning", "FitFlagWarning", "FitBounds", "FitFlag",
+           "TELLURIC_POWER_SCAN"]
 
 
 class MissingUncertaintyWarning(UserWarning):
     """The data carry no uncertainties; a constant noise level was estimated from the flux."""
+
+
+class FitFlagWarning(UserWarning):
+    """A fit ended with flags (a parameter at a bound, a scan that peaks at its edge, a parameter the
+    data do not constrain, an unsuitable clone): the result is returned, and its
+    :attr:`TransferResult.flags` say what to doubt."""
 
 
 def _orders(data) -> list[Spectrum]:
@@ -103,19 +119,29 @@ def _tunables(value, name: str) -> tuple[str, ...]:
 
 def _fit_settings(*, resolving_power, rv, rv_range, vsini, continuum_degree, tune_lines, regularization,
                   width_regularization, template_epochs, line_epochs, lr, buffer, tune_telluric,
-                  telluric_regularization, **_) -> dict:
+                  telluric_regularization, bounds=None, **_) -> dict:
     """The checked settings of :func:`fit_spectrum` (velocities in km/s, buffer in Å), from its keyword
     arguments (others are ignored); no data needed, so :func:`~blase_specutils.batch.fit_many` checks
     them before it starts any job. Raises TypeError, UnitsError or ValueError naming the argument."""
+    if bounds is not None and not isinstance(bounds, FitBounds):
+        raise TypeError(f"bounds must be a FitBounds or None, got {type(bounds).__name__}")
+    b = FitBounds() if bounds is None else bounds
     rv_range_k = _velocity_kms(rv_range, "rv_range")
     if rv_range_k <= 0:
         raise ValueError(f"rv_range must be > 0 km/s (the half width of the RV scan and of the line selection), "
                          f"got {rv_range_k} km/s")
+    rv_k = None if rv is None else _velocity_kms(rv, "rv")
+    if rv_k is not None and abs(rv_k) > rv_range_k:
+        raise ValueError(f"rv = {rv_k} km/s is outside the RV bound ±rv_range = ±{rv_range_k} km/s; widen rv_range")
+    vsini_k = None if vsini is None else _velocity_kms(vsini, "vsini", nonnegative=True)
+    if vsini_k is not None and vsini_k > b.max_vsini:
+        raise ValueError(f"vsini = {vsini_k} km/s is above the bound max_vsini = {b.max_vsini} km/s (FitBounds)")
     return dict(
         resolving_power=check_real(resolving_power, "resolving_power", positive=True),
-        rv=None if rv is None else _velocity_kms(rv, "rv"),
+        rv=rv_k,
         rv_range=rv_range_k,
-        vsini=_velocity_kms(vsini, "vsini", nonnegative=True),
+        vsini=vsini_k,
+        bounds=b,
         continuum_degree=check_integer(continuum_degree, "continuum_degree", minimum=0),
         tune_lines=_tunables(tune_lines, "tune_lines"),
         regularization=check_real(regularization, "regularization", optional=True),
@@ -129,10 +155,6 @@ def _fit_settings(*, resolving_power, rv, rv_range, vsini, continuum_degree, tun
     )
 
 
-#: Telluric powers X of the χ² scan that starts template matching when X is tuned.
-TELLURIC_POWER_SCAN = tuple(float(x) for x in np.exp(np.linspace(math.log(0.1), math.log(10.0), 47)))
-
-
 def fit_spectrum(
     data,
     stellar: SpectralClone | None = None,
@@ -141,7 +163,7 @@ def fit_spectrum(
     resolving_power: float = 55000.0,
     rv: u.Quantity | float | None = None,
     rv_range: u.Quantity | float = 150.0,
-    vsini: u.Quantity | float = 3.0,
+    vsini: u.Quantity | float | None = None,
     limb_darkening: float = 0.6,
     continuum_degree: int = 2,
     tune_lines: Iterable[str] = ("amplitude", "sigma", "gamma", "center"),
@@ -159,14 +181,30 @@ def fit_spectrum(
     tune_telluric_power: bool = True,
     telluric_regularization: float | None = 5.0,
     plan: bool | str = "auto",
+    bounds: FitBounds | None = None,
 ) -> "TransferResult":
     r"""Fit an observed spectrum with a stellar clone, a telluric clone, or both.
 
     The forward model is Eq. 10: RV-shifted, rotationally broadened clone, times the telluric
     clone raised to a Beer's-law power, :math:`T^X`, convolved with a Gaussian LSF of resolving
     power R, averaged over each data pixel, times a per-order polynomial. Fitting proceeds as users
-    need: a χ² scan in RV (and in X when a telluric clone is present), then template matching (RV,
-    v sin i, continuum, X; R if asked), then the lines with the L1 pull of Eq. 11.
+    need: a χ² scan over RV × v sin i (and then in X when a telluric clone is present), then
+    template matching (RV, v sin i, continuum, X; R if asked), then the lines with the L1 pull of
+    Eq. 11.
+
+    Bounds and flags (numbers in :class:`~blase_specutils.core.transfer.FitBounds`):
+    |RV| ≤ ``rv_range`` (the scan's half width; the RV is projected back after each step);
+    0 < v sin i ≤ 600 km/s; R (when tuned) ≥ 0.375 × its start; X > 0, unbounded. A parameter
+    within 1 % (RV: 1 km/s) of a bound, a scan whose best χ² is at its edge (RV: either end; v sin
+    i: the top, 400 km/s; X: 0.1 or 10), a telluric power that runs away (ends outside 0.1-10 or
+    more than a factor 3 from the scan's best), a parameter whose σ from the curvature of χ²
+    exceeds 30 % of its value (RV: of max(|RV|, 10 km/s)) or that the line stage moved by as
+    much from its template-matching value (the lines and the parameter are then degenerate), a
+    stellar clone that is a telluric one
+    (by its metadata: ``kind`` or ``source`` naming a telluric template) and a clone whose band
+    covers less than 90 % of the good data pixels are listed in :attr:`TransferResult.flags`
+    (also in ``repr``, :meth:`TransferResult.summary` and the command line's ``--json``), and
+    one :class:`FitFlagWarning` names them. The result is returned all the same.
 
     Without a stellar clone (``stellar=None``) the model is
     :math:`P_\mathrm{data}\,\mathrm{resample}[T^X * g(R)]`: a telluric-only fit, for example of
@@ -191,12 +229,17 @@ def fit_spectrum(
     resolving_power : float
         R (HPF ≈ 55,000; IGRINS ≈ 45,000), finite and > 0.
     rv : Quantity or float (km/s), optional
-        Starting RV (finite, slower than light); if None, the best of a χ² scan over ± ``rv_range``
-        in 1 km/s steps. Ignored by a telluric-only fit.
+        Starting RV, within ± ``rv_range``; if None, the best of a χ² scan over ± ``rv_range``
+        in 1 km/s steps (joint with the v sin i scan). Ignored by a telluric-only fit.
     rv_range : Quantity or float (km/s)
-        Half width (> 0) of the RV scan; stellar lines within it (and ``buffer``) of the data are used.
-    vsini : Quantity or float (km/s)
-        Starting v sin i, >= 0 (ignored by a telluric-only fit).
+        Half width (> 0) of the RV scan and the bound of the RV: |RV| ≤ ``rv_range`` (an RV that
+        ends within 1 km/s of it is flagged); stellar lines within it (and ``buffer``) of the data
+        are used.
+    vsini : Quantity or float (km/s), optional
+        Starting v sin i, 0-600 km/s. None (default): found, not assumed: the best of a χ² scan over
+        14 values log-spaced from 2 to 400 km/s, jointly with the RV scan (the clone is evaluated
+        once per RV), starts the optimiser; the bound is 600 km/s (``FitBounds.max_vsini``).
+        Ignored by a telluric-only fit.
     limb_darkening : float
         ε of the rotation kernel.
     continuum_degree : int
@@ -249,10 +292,20 @@ def fit_spectrum(
         Train through window plans (see :func:`~blase_specutils.core.transfer.fit_transfer`): the
         same fit, with every epoch one CUDA-graph replay on a GPU. ``"auto"``: on CUDA devices when
         :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
+    bounds : FitBounds, optional
+        The v sin i bound and scan, the RV scan step and the flag rules (default ``FitBounds()``:
+        the numbers above).
 
     Returns
     -------
     TransferResult
+        With :attr:`~TransferResult.flags` and the σ of RV, v sin i and X from the curvature of χ²
+        (:attr:`~TransferResult.uncertainties`).
+
+    Warns
+    -----
+    FitFlagWarning
+        When the result has flags.
 
     Raises
     ------
@@ -275,8 +328,9 @@ def fit_spectrum(
                             continuum_degree=continuum_degree, tune_lines=tune_lines, regularization=regularization,
                             width_regularization=width_regularization, template_epochs=template_epochs,
                             line_epochs=line_epochs, lr=lr, buffer=buffer, tune_telluric=tune_telluric,
-                            telluric_regularization=telluric_regularization)
+                            telluric_regularization=telluric_regularization, bounds=bounds)
     rv_k, rv_range_k, vsini_k, buf = (checked[k] for k in ("rv", "rv_range", "vsini", "buffer"))
+    bounds = checked["bounds"]
     resolving_power, continuum_degree, lr = checked["resolving_power"], checked["continuum_degree"], checked["lr"]
     template_epochs, line_epochs = checked["template_epochs"], checked["line_epochs"]
     tune_lines, tune_telluric = checked["tune_lines"], checked["tune_telluric"]
@@ -317,10 +371,15 @@ def fit_spectrum(
             )
         tel = telluric.model.subset(torch.as_tensor(tsel)).to(dev)
         tel.set_tuned(())
+    vsini_scan = None if (vsini_k is not None or st is None) else bounds.vsini_scan
+    vsini_start = bounds.vsini_scan[0] if vsini_k is None else max(vsini_k, 0.05)
+    # the rotation kernel: room for the whole v sin i scan, else for the start (it grows when reached)
+    kernel = max(vsini_scan) if vsini_scan is not None else _kernel_room(vsini_start if st is not None else 3.0,
+                                                                         bounds.max_vsini)
     model = TransferModel(st, wl, order_index=oid, telluric=tel, rv=0.0 if rv_k is None or st is None else rv_k,
-                          vsini=max(vsini_k, 0.05), resolving_power=resolving_power,
+                          vsini=vsini_start, resolving_power=resolving_power,
                           limb_darkening=limb_darkening, continuum_degree=continuum_degree,
-                          max_vsini=max(2.0 * vsini_k, vsini_k + 20.0), max_rv=rv_range_k).to(dev)
+                          max_vsini=kernel, max_rv=rv_range_k).to(dev)
     tune_power = bool(tune_telluric_power) and tel is not None
     model.log_telluric_power.requires_grad_(tune_power)
     ref = st if st is not None else tel
@@ -331,15 +390,24 @@ def fit_spectrum(
         from .gp import build_likelihood  # optional extra: a clear ImportError names it
 
         lik = build_likelihood(likelihood, wl, sigma, good, oid, device=dev)
-    scan = None if (rv_k is not None or st is None) else np.arange(-rv_range_k, rv_range_k + 0.5, 1.0)
+    scan = None if (rv_k is not None or st is None) else _rv_grid(rv_range_k, bounds.rv_step)
     prior = {} if st is None else {k: getattr(st, k).detach().clone() for k in _LOG_PARAMS}
     telluric_prior = None if tel is None else {k: getattr(tel, k).detach().clone() for k in _LOG_PARAMS}
     prior_centers = {k: m.lam_centers.detach().cpu().numpy().copy() for k, m in (("stellar", st), ("telluric", tel))
                      if m is not None}
     common = dict(tune_resolving_power=tune_resolving_power, lr=lr, progress=progress, likelihood=lik,
                   tune_telluric_power=tune_power, plan=plan)
-    fit = fit_transfer(model, data_t, w_t, rv_scan=scan, template_epochs=template_epochs, line_epochs=0,
-                       telluric_power_scan=TELLURIC_POWER_SCAN if tune_power else None, **common)
+    power_scan = TELLURIC_POWER_SCAN if tune_power else None
+    if vsini_scan is None:
+        fit = fit_transfer(model, data_t, w_t, rv_scan=scan, template_epochs=template_epochs, line_epochs=0,
+                           telluric_power_scan=power_scan, **common)
+    else:  # scans with room for 400 km/s, then a kernel sized to the v sin i found
+        fit = fit_transfer(model, data_t, w_t, rv_scan=scan, vsini_scan=vsini_scan, template_epochs=0, line_epochs=0,
+                           telluric_power_scan=power_scan, **common)
+        model.set_max_vsini(_kernel_room(float(model.vsini.detach()), bounds.max_vsini))
+        _merge_fits(fit, fit_transfer(model, data_t, w_t, template_epochs=template_epochs, line_epochs=0, **common))
+    _grow_rotation_kernel(model, bounds, lambda: _merge_fits(fit, fit_transfer(
+        model, data_t, w_t, template_epochs=template_epochs, line_epochs=0, **common)))
     n_good = int(good.sum())
     template = dict(chi2=fit.chi2["template"], chi2_reduced=fit.chi2["template"] / max(n_good - 3, 1),
                     rv=None if st is None else float(model.rv.detach()),
@@ -347,12 +415,16 @@ def fit_spectrum(
                     resolving_power=float(model.resolving_power.detach()),
                     telluric_power=None if tel is None else float(model.telluric_power.detach()))
     if line_epochs and ((st is not None and tune_lines) or (tel is not None and tune_telluric)):
-        fit2 = fit_transfer(model, data_t, w_t, rv_scan=None, template_epochs=0, line_epochs=line_epochs,
-                            tune_lines=tune_lines, regularization=regularization,
-                            width_regularization=width_regularization, tune_telluric=tune_telluric,
-                            telluric_regularization=telluric_regularization, **common)
-        fit.stages.update(fit2.stages)
-        fit.chi2["lines"] = fit2.chi2["lines"]
+        def line_stage() -> None:
+            fit2 = fit_transfer(model, data_t, w_t, rv_scan=None, template_epochs=0, line_epochs=line_epochs,
+                                tune_lines=tune_lines, regularization=regularization,
+                                width_regularization=width_regularization, tune_telluric=tune_telluric,
+                                telluric_regularization=telluric_regularization, **common)
+            fit.stages.update(fit2.stages)
+            fit.chi2["lines"] = fit2.chi2["lines"]
+
+        line_stage()
+        _grow_rotation_kernel(model, bounds, line_stage)
     pseudo = None
     with torch.no_grad():
         model_flux = model().cpu().numpy()
@@ -362,12 +434,103 @@ def fit_spectrum(
                     tune_lines=",".join(tune_lines) if st is not None else "", line_epochs=line_epochs,
                     template_epochs=template_epochs, tune_telluric=",".join(tune_telluric) if tel is not None else "",
                     tune_telluric_power=tune_power, telluric_regularization=telluric_regularization)
-    return TransferResult(
+    sigmas = chi2_curvature(model, data_t, w_t)
+    tuned = (("rv", "vsini") if st is not None else ()) + (("resolving_power",) if tune_resolving_power else ()) + \
+        (("telluric_power",) if tune_power else ())
+    flags = check_fit(model, fit, bounds=bounds, sigmas=sigmas, tuned=tuned,
+                      start={"resolving_power": resolving_power},
+                      template=template if "lines" in fit.chi2 and st is not None else None)
+    flags += _clone_flags(stellar, telluric, wl, good, float(model.rv.detach()) if st is not None else 0.0, bounds)
+    result = TransferResult(
         model=model, orders=orders, order_ids=order_ids, arrays=arrs, wavelength=wl, flux=flux, sigma=sigma,
         good=good, order_of_pixel=oid, model_flux=model_flux, prior=prior, template=template, fit=fit,
         settings=settings, stellar_clone=stellar, telluric_clone=telluric, likelihood=lik,
         pseudo_continuum_flux=pseudo, telluric_prior=telluric_prior, prior_centers=prior_centers,
+        flags=flags, uncertainties=sigmas,
     )
+    if flags:
+        warnings.warn(f"fit_spectrum: {len(flags)} flag(s) (TransferResult.flags): "
+                      + " ".join(f"[{f.code}] {f.message}." for f in flags), FitFlagWarning, stacklevel=2)
+    return result
+
+
+def _kernel_room(vsini: float, bound: float) -> float:
+    """Half width (km/s) of the rotation kernel for a fit at ``vsini``: max(2 v sin i, v sin i + 20 km/s),
+    at most the v sin i bound. Not a bound: :func:`_grow_rotation_kernel` enlarges it when reached."""
+    return min(float(bound), max(2.0 * vsini, vsini + 20.0))
+
+
+def _grow_rotation_kernel(model: TransferModel, bounds: FitBounds, rerun, max_rounds: int = 8) -> None:
+    """While v sin i sits at the rotation kernel's half width below the v sin i bound, double the
+    kernel (at most to the bound) and ``rerun()`` the stage from where it stopped: v sin i is found,
+    not capped by the working kernel size (only ``bounds.max_vsini`` bounds it, and is flagged)."""
+    if model.stellar is None or not model.rot.log_vsini.requires_grad:
+        return
+    for _ in range(max_rounds):
+        room = model.rot.max_vsini
+        if room >= bounds.max_vsini or float(model.vsini.detach()) < room * (1.0 - bounds.bound_tolerance):
+            return
+        model.set_max_vsini(min(bounds.max_vsini, 2.0 * room))
+        rerun()
+
+
+def _merge_fits(fit: TransferFit, more: TransferFit) -> None:
+    """Add the stages, χ² and scans of a later :func:`fit_transfer` call to ``fit`` (its "start" χ² is kept)."""
+    fit.stages.update(more.stages)
+    fit.chi2.update({k: v for k, v in more.chi2.items() if k != "start"})
+    for name in ("rv_scan", "vsini_scan", "rv_vsini_scan", "telluric_power_scan"):
+        if getattr(more, name) is not None:
+            setattr(fit, name, getattr(more, name))
+
+
+def _rv_grid(rv_range: float, step: float) -> np.ndarray:
+    """RVs of the scan: from −rv_range to +rv_range in ``step`` km/s, both ends included."""
+    n = int(math.floor(2.0 * rv_range / step + 1e-9))
+    grid = -rv_range + step * np.arange(n + 1)
+    return grid if math.isclose(grid[-1], rv_range) else np.append(grid, rv_range)
+
+
+def _clone_kind(clone: SpectralClone) -> str | None:
+    """``"telluric"`` or ``"stellar"`` when the clone's metadata say so (``kind``, or a ``source``
+    naming an embedded template of that kind or containing the word "telluric"), else None."""
+    from .templates import TEMPLATES
+
+    meta = {str(k).lower(): v for k, v in (clone.meta or {}).items()}
+    kind = str(meta.get("kind", "")).strip().lower()
+    if kind in ("telluric", "stellar"):
+        return kind
+    source = str(meta.get("source", "")).strip()
+    if source in TEMPLATES:
+        return TEMPLATES[source].get("kind")
+    return "telluric" if "telluric" in source.lower() else None
+
+
+def _clone_flags(stellar, telluric, wl: np.ndarray, good: np.ndarray, rv: float, bounds: FitBounds) -> list[FitFlag]:
+    """Flags of the clones themselves: a telluric clone given as the stellar one, and clones whose
+    band covers less than ``bounds.min_coverage`` of the good data pixels."""
+    flags = []
+    if stellar is not None and _clone_kind(stellar) == "telluric":
+        flags.append(FitFlag("stellar_clone_is_telluric", "the stellar clone is a telluric one (its metadata name "
+                             f"{stellar.meta.get('source') or stellar.meta.get('kind')!r}): telluric lines stay in "
+                             "the observatory frame and take no RV or rotation; pass it as telluric=... (command "
+                             "line: --telluric) and give a stellar clone as the stellar one", "stellar"))
+    w = wl[good]
+    for name, clone, shift in (("stellar", stellar, rv), ("telluric", telluric, 0.0)):
+        if clone is None or w.size == 0:
+            continue
+        if clone.band is not None:
+            lo, hi = (float(x) for x in clone.band)
+        else:
+            c = clone.model.lam_centers.detach().cpu().numpy()
+            lo, hi = float(c.min()), float(c.max())
+        doppler = 1.0 + shift / SPEED_OF_LIGHT_KMS
+        frac = float(np.mean((w >= lo * doppler) & (w <= hi * doppler)))
+        if frac < bounds.min_coverage:
+            flags.append(FitFlag(f"{name}_clone_coverage", f"the {name} clone's band ({lo:.1f}-{hi:.1f} Å) covers "
+                                 f"{100 * frac:.0f} % of the good data pixels ({w.min():.1f}-{w.max():.1f} Å), less "
+                                 f"than {100 * bounds.min_coverage:.0f} %: the rest is fitted with no or untrained "
+                                 "lines; clone a band that covers the data", name))
+    return flags
 
 
 #: Names of the per-line log parameters kept as the clone's starting values (the L1 pull's centre).
@@ -476,6 +639,17 @@ def _none_if_nan(v):
     return None if math.isnan(v) else v
 
 
+def _finite_or_none(v) -> float | None:
+    return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def _pm(sigma) -> str:
+    """" ± σ" for the repr ("" without one, " ± inf" where χ² has no minimum)."""
+    if sigma is None:
+        return ""
+    return f" ± {sigma:.2g}" if math.isfinite(sigma) else " ± inf"
+
+
 class TransferResult:
     """The outcome of :func:`fit_spectrum` (or of :meth:`TransferResult.load`).
 
@@ -500,6 +674,15 @@ class TransferResult:
         :meth:`load`).
     pseudo_continuum_flux : ndarray or None
         The GP's conditional mean at the data pixels (see :attr:`pseudo_continuum`).
+    flags : list of FitFlag
+        What to doubt in this fit (empty: nothing flagged): each has a short ``code`` (e.g.
+        ``"vsini_at_bound"``, ``"rv_scan_edge"``, ``"vsini_unconstrained"``; the list is in
+        :class:`~blase_specutils.core.transfer.FitBounds`), a ``message`` with the numbers and the
+        ``parameter`` concerned. Shown by ``repr``, :meth:`summary` and ``fit --json``.
+    uncertainties : dict of float
+        1σ of ``"rv"`` (km/s), ``"vsini"`` (km/s) and ``"telluric_power"`` from the curvature of χ²
+        at the fit (:func:`~blase_specutils.core.transfer.chi2_curvature`: continuum profiled out,
+        lines fixed, scaled by √χ²_red when that exceeds 1); ``inf`` where χ² has no minimum.
 
     Notes
     -----
@@ -511,7 +694,8 @@ class TransferResult:
 
     def __init__(self, *, model, orders, order_ids, arrays, wavelength, flux, sigma, good, order_of_pixel,
                  model_flux, prior, template, fit, settings, stellar_clone, telluric_clone,
-                 likelihood=None, pseudo_continuum_flux=None, telluric_prior=None, prior_centers=None) -> None:
+                 likelihood=None, pseudo_continuum_flux=None, telluric_prior=None, prior_centers=None,
+                 flags=None, uncertainties=None) -> None:
         self.model = model
         self._orders = orders
         self._order_ids = order_ids
@@ -532,6 +716,29 @@ class TransferResult:
         self._telluric_clone = telluric_clone
         self.likelihood = likelihood
         self.pseudo_continuum_flux = pseudo_continuum_flux
+        self.flags: list[FitFlag] = list(flags or [])
+        self.uncertainties: dict[str, float] = dict(uncertainties or {})
+
+    def __repr__(self) -> str:
+        kind = "+".join(k for k, has in (("stellar", self.has_stellar), ("telluric", self.has_telluric)) if has)
+        parts = []
+        if self.has_stellar:
+            parts.append(f"RV {self.rv.value:.3f}{_pm(self.uncertainties.get('rv'))} km/s")
+            parts.append(f"v sin i {self.vsini.value:.2f}{_pm(self.uncertainties.get('vsini'))} km/s")
+        if self.has_telluric:
+            parts.append(f"X {self.telluric_power:.4g}{_pm(self.uncertainties.get('telluric_power'))}")
+        parts.append(f"R {self.resolving_power:.0f}")
+        parts.append(f"chi2_red {self.chi2_reduced:.3f}")
+        head = f"<TransferResult ({kind}, {self.n_pixels} px): " + ", ".join(parts)
+        if not self.flags:
+            return head + "; no flags>"
+        lines = "\n".join(f"  [{f.code}] {f.message}" for f in self.flags)
+        return head + f"; {len(self.flags)} flag(s):\n{lines}>"
+
+    @property
+    def flagged(self) -> bool:
+        """Whether the fit has any flag (see :attr:`flags`)."""
+        return bool(self.flags)
 
     # -------------------------------------------------------------- scalars
     @property
@@ -708,13 +915,20 @@ class TransferResult:
         return t
 
     def summary(self) -> dict:
-        """Numbers for reports and ``--json`` (RV and v sin i are None for a telluric-only fit)."""
+        """Numbers for reports and ``--json`` (RV and v sin i are None for a telluric-only fit).
+
+        Keys include ``rv_kms``, ``vsini_kms`` and their σ ``rv_sigma_kms``, ``vsini_sigma_kms``
+        (and ``telluric_power_sigma``; None where χ² has no minimum or the parameter is absent),
+        ``flags`` (a list of ``{"code", "message", "parameter"}``) and ``flag_codes`` (the codes,
+        comma-separated, "" when none)."""
         lines = self.lines
         out = {
             "components": "+".join(k for k, has in (("stellar", self.has_stellar), ("telluric", self.has_telluric)) if has),
             "template_matching": {k: None if v is None else float(v) for k, v in self.template.items()},
             "rv_kms": float(self.rv.value) if self.has_stellar else None,
             "vsini_kms": float(self.vsini.value) if self.has_stellar else None,
+            "rv_sigma_kms": _finite_or_none(self.uncertainties.get("rv")),
+            "vsini_sigma_kms": _finite_or_none(self.uncertainties.get("vsini")),
             "resolving_power": self.resolving_power,
             "chi2": self.chi2,
             "chi2_reduced": self.chi2_reduced,
@@ -725,8 +939,10 @@ class TransferResult:
         }
         if self.has_telluric:
             tl = lines if not self.has_stellar else self.telluric_lines
-            out |= {"telluric_power": self.telluric_power, "n_telluric_lines": len(tl),
-                    "n_telluric_lines_changed": int(np.sum(tl["changed"]))}
+            out |= {"telluric_power": self.telluric_power,
+                    "telluric_power_sigma": _finite_or_none(self.uncertainties.get("telluric_power")),
+                    "n_telluric_lines": len(tl), "n_telluric_lines_changed": int(np.sum(tl["changed"]))}
+        out |= {"flags": [f.to_dict() for f in self.flags], "flag_codes": ",".join(f.code for f in self.flags)}
         return out | self._gp_summary()
 
     def _gp_summary(self) -> dict:
@@ -830,8 +1046,9 @@ class TransferResult:
         ``pseudo_continuum`` with a GP likelihood); with a telluric clone ``TLINES``, ``TWING``
         and ``TPRIOR`` (the same for the tuned telluric lines); ``CONTINUUM`` (image: the
         per-order polynomial coefficients); ``TRANSFER`` (one row: RV, ln v sin i, ln R, ln X,
-        the fixed settings of the forward model, the template-matching numbers and the stage
-        χ²; the fit settings as JSON in its ``SETTINGS`` keyword); ``ORDERS`` (user order index,
+        the fixed settings of the forward model, the σ of RV, v sin i and X, the template-matching
+        numbers and the stage χ²; the fit settings and the flags as JSON in its ``SETTINGS`` and
+        ``FLAGS`` keywords); ``ORDERS`` (user order index,
         pixels, spectral and flux units per order). The primary header also carries RV (km/s),
         v sin i, R, X (``TELPOWER``) and χ², ``FITKIND = 'transfer'`` and ``TRFMTVER``. With a GP
         likelihood the header holds its kernel (``GPKERNEL``), amplitude (``GPAMP``) and length
@@ -885,6 +1102,7 @@ class TransferResult:
                 "log_telluric_power": float(m.log_telluric_power.detach()),
                 "limb_darkening": m.rot.limb_darkening, "dv": m.rot.dv, "max_vsini": m.rot.max_vsini,
                 "lsf_half_width": m.inst.half_width, "max_rv": m.max_rv,
+                **{f"sigma_{k}": _nan_if_none(self.uncertainties.get(k)) for k in _SIGMA_KEYS},
                 **{f"template_{k}": _nan_if_none(tm.get(k)) for k in _TEMPLATE_KEYS},
                 **{f"chi2_{k}": _nan_if_none(self.fit.chi2.get(k)) for k in ("start", "template", "lines")},
             }
@@ -892,6 +1110,7 @@ class TransferResult:
             cols.append(fits.Column("continuum_degree", "K", array=np.array([m._powers.shape[1] - 1])))
             tab = fits.BinTableHDU.from_columns(cols, name="TRANSFER")
             tab.header["SETTINGS"] = json.dumps(self.settings)
+            tab.header["FLAGS"] = json.dumps([f.to_dict() for f in self.flags])
             hdul.append(tab)
             units = [(k, a.wavelength.size, a.spectral_unit.to_string(), a.flux_unit.to_string())
                      for k, a in zip(self._order_ids, self._arrays)]
@@ -960,6 +1179,9 @@ class TransferResult:
                 tr = hdul["TRANSFER"]
                 row = {k: tr.data[k][0] for k in tr.columns.names}
                 settings = json.loads(tr.header.get("SETTINGS", "{}"))
+                flags = [FitFlag(**f) for f in json.loads(tr.header.get("FLAGS", "[]"))]
+                sigmas = {k: float(row[f"sigma_{k}"]) for k in _SIGMA_KEYS
+                          if f"sigma_{k}" in row and not math.isnan(float(row[f"sigma_{k}"]))}
                 od = hdul["ORDERS"].data
                 order_ids = [int(k) for k in od["order"]]
                 npix = [int(n) for n in od["n_pixels"]]
@@ -973,7 +1195,7 @@ class TransferResult:
             st_model, wl, order_index=oid, telluric=tel_model, rv=float(row["rv"]),
             vsini=min(math.exp(float(row["log_vsini"])), max_vsini), resolving_power=math.exp(float(row["log_resolving_power"])),
             limb_darkening=float(row["limb_darkening"]), continuum_degree=int(row["continuum_degree"]),
-            dv=float(row["dv"]), max_vsini=max_vsini, max_rv=float(row["max_rv"]),
+            dv=float(row["dv"]), max_vsini=max_vsini, max_rv=max(float(row["max_rv"]), abs(float(row["rv"]))),
             lsf_half_width=float(row["lsf_half_width"]),
         ).to(dev)
         with torch.no_grad():
@@ -1013,10 +1235,14 @@ class TransferResult:
         return cls(model=model, orders=orders, order_ids=order_ids, arrays=arrays, wavelength=wl, flux=flux,
                    sigma=sigma, good=good, order_of_pixel=oid, model_flux=model_flux, prior=prior, template=template,
                    fit=fit, settings=settings, stellar_clone=stellar_clone, telluric_clone=telluric_clone,
-                   likelihood=None, pseudo_continuum_flux=pseudo, telluric_prior=tel_prior,
+                   likelihood=None, pseudo_continuum_flux=pseudo, telluric_prior=tel_prior, flags=flags,
+                   uncertainties=sigmas,
                    prior_centers={k: c for k, c in (("stellar", main_centers if has_st else None),
                                                     ("telluric", tel_centers)) if c is not None})
 
+
+#: Keys of :attr:`TransferResult.uncertainties` kept by :meth:`TransferResult.save`.
+_SIGMA_KEYS = ("rv", "vsini", "telluric_power")
 
 #: Keys of :attr:`TransferResult.template`.
 _TEMPLATE_KEYS = ("chi2", "chi2_reduced", "rv", "vsini", "resolving_power", "telluric_power")

@@ -26,7 +26,16 @@ from .graphs import GraphedEpoch
 from .plan import WindowPlan
 from .profiles import PROFILES, faddeeva, gaussian, lorentzian, pseudo_voigt, pseudo_voigt_eta, pseudo_voigt_fwhm, voigt
 from .training import NonFiniteLossWarning, TrainingHistory, resolve_device, seed_everything, train
-from .transfer import TransferFit, TransferModel, fit_transfer, transfer_loss
+from .transfer import (
+    FitBounds,
+    FitFlag,
+    TransferFit,
+    TransferModel,
+    check_fit,
+    chi2_curvature,
+    fit_transfer,
+    transfer_loss,
+)
 
 __all__ = [
     "LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE",
@@ -39,5 +48,6 @@ __all__ = [
     "log_lambda_grid", "rotational_kernel", "rotational_kernel_variance", "rotationally_broaden",
     "resolving_power_to_sigma", "gaussian_lsf_kernel", "instrumental_broaden", "pixel_edges",
     "resample_to_pixels", "RotationalBroadening", "InstrumentalBroadening", "PixelResampler",
-    "TransferModel", "transfer_loss", "fit_transfer", "TransferFit",
+    "TransferModel", "transfer_loss", "fit_transfer", "TransferFit", "FitBounds", "FitFlag", "check_fit",
+    "chi2_curvature",
 ]

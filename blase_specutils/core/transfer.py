@@ -34,16 +34,159 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .clone import SPEED_OF_LIGHT_KMS, LineCloneModel
-from .extrinsic import InstrumentalBroadening, PixelResampler, RotationalBroadening, log_lambda_grid, pixel_edges
+from .extrinsic import (
+    InstrumentalBroadening,
+    PixelResampler,
+    RotationalBroadening,
+    log_lambda_grid,
+    pixel_edges,
+)
 from .training import TrainingHistory, train, use_plans
 
-__all__ = ["TransferModel", "transfer_loss", "fit_transfer", "TransferFit"]
+__all__ = ["TransferModel", "transfer_loss", "fit_transfer", "TransferFit", "FitBounds", "FitFlag", "check_fit",
+           "chi2_curvature", "MAX_VSINI_KMS", "VSINI_SCAN_KMS", "TELLURIC_POWER_SCAN"]
+
+#: Physical upper bound of v sin i (km/s): the fixed half width of the rotation kernel. The fastest
+#: known rotators (early B and Be stars near break-up) reach 400-500 km/s.
+MAX_VSINI_KMS = 600.0
+
+#: v sin i (km/s) of the coarse scan that starts the optimiser: 14 values log-spaced from 2 to
+#: 400 km/s (ratio 1.50), evaluated jointly with the RV scan.
+VSINI_SCAN_KMS = tuple(float(v) for v in np.geomspace(2.0, 400.0, 14))
+
+#: Telluric powers X of the χ² scan that starts template matching when X is tuned: 47 values
+#: log-spaced from 0.1 to 10 (ratio 1.105).
+TELLURIC_POWER_SCAN = tuple(float(x) for x in np.exp(np.linspace(math.log(0.1), math.log(10.0), 47)))
+
+
+@dataclass(frozen=True)
+class FitBounds:
+    r"""The bounds of a transfer-learning fit and the rules that flag a suspect result.
+
+    Bounds (enforced):
+
+    * RV: :math:`|RV| \le` ``max_rv`` of the :class:`TransferModel` (``fit_spectrum`` sets it to
+      its ``rv_range``, the half width of the RV scan): the parameter is projected back after each
+      Adam step, and scans beyond it are refused.
+    * v sin i: :math:`0 < v\sin i \le` ``max_vsini`` (600 km/s); ln v sin i is the parameter.
+      The rotation kernel of a fit is sized to the v sin i found (max(2 v sin i, v sin i + 20
+      km/s), a working size, not a bound: it is doubled and the stage run again whenever v sin i
+      reaches it) and never exceeds ``max_vsini``, where v sin i is held.
+    * R (when tuned): :math:`R \ge` 0.375 × its starting value, the smallest R the fixed
+      instrumental kernel represents (:attr:`~.extrinsic.InstrumentalBroadening.min_resolving_power`).
+    * The telluric power X is not bounded (ln X is the parameter, so X > 0); it is flagged instead
+      (below).
+
+    Flags (:func:`check_fit`), codes in brackets:
+
+    * ``rv_at_bound``: :math:`|RV|` ends within ``rv_edge_tolerance`` (1 km/s) of ``max_rv``.
+    * ``rv_scan_edge``: the best RV of the initial scan is its first or last value.
+    * ``vsini_at_bound``: v sin i ends within ``bound_tolerance`` (1 %) of ``max_vsini``.
+    * ``vsini_scan_edge``: the best v sin i of the scan is its largest value (400 km/s).
+    * ``resolving_power_at_bound``: R (tuned) ends within 1 % of its lower bound;
+      ``resolving_power_runaway``: R (tuned) ends above ``resolving_power_runaway`` (2.5) times its
+      start.
+    * ``telluric_power_grid_edge``: the best X of the scan is its first (0.1) or last (10) value.
+    * ``telluric_power_runaway``: X ends outside the scanned range (0.1-10), or more than a factor
+      ``telluric_power_runaway`` (3) from the best X of the scan (the χ² surface the scan saw and
+      the one the optimiser ended on disagree: the continuum, the lines or the star took over).
+    * ``stellar_clone_is_telluric`` and ``stellar_clone_coverage`` / ``telluric_clone_coverage``
+      (set by ``fit_spectrum``, which sees the clones' metadata): a telluric clone given as the
+      stellar one; a clone whose band covers less than ``min_coverage`` (90 %) of the good data
+      pixels.
+    * ``rv_moved_by_lines``, ``vsini_moved_by_lines``: the line stage moved RV (v sin i, when
+      free) from its template-matching value by more than the same 30 % (RV: of max(|RV|,
+      10 km/s)): the tuned lines (centres, widths) and the parameter are degenerate in this
+      order, so its value is set by the lines, not measured (the σ below are conditional on the
+      lines and do not show it).
+    * ``rv_unconstrained``, ``vsini_unconstrained``, ``telluric_power_unconstrained``: the σ from
+      the curvature of χ² (:func:`chi2_curvature`) exceeds ``unconstrained_fraction`` (30 %) of
+      the value, or χ² has no minimum there (curvature ≤ 0). RV has no natural zero (it depends on
+      the frame), so it is compared with :math:`\max(|RV|, 	ext{rv\_scale\_floor})`: flagged when
+      σ_RV > 0.3 × max(|RV|, 10 km/s), i.e. when it is uncertain by more than 3 km/s near zero.
+
+    Parameters
+    ----------
+    max_vsini : float
+        Upper bound of v sin i, km/s (default :data:`MAX_VSINI_KMS`, 600).
+    vsini_scan : tuple of float
+        v sin i values (km/s) of the coarse scan that starts the optimiser (default
+        :data:`VSINI_SCAN_KMS`: 2-400 km/s, 14 values); each must be in (0, ``max_vsini``].
+    rv_step : float
+        Step (km/s) of the RV scan (default 1).
+    rv_edge_tolerance : float
+        km/s; an RV this close to ``max_rv`` counts as at the bound (default 1).
+    bound_tolerance : float
+        Relative distance to a bound that counts as at it (default 0.01).
+    resolving_power_runaway : float
+        A tuned R above this factor times its start is flagged (default 2.5).
+    telluric_power_runaway : float
+        Factor from the scan's best X beyond which X is flagged as running away (default 3).
+    unconstrained_fraction : float
+        σ / value above which a parameter is flagged as not constrained by the data (default 0.3).
+    rv_scale_floor : float
+        km/s; the RV's σ is compared with ``unconstrained_fraction`` × max(|RV|, this) (default 10).
+    min_coverage : float
+        Smallest fraction (0-1] of the good data pixels a clone's band must cover (default 0.9).
+    """
+
+    max_vsini: float = MAX_VSINI_KMS
+    vsini_scan: tuple = field(default=VSINI_SCAN_KMS)
+    rv_step: float = 1.0
+    rv_edge_tolerance: float = 1.0
+    bound_tolerance: float = 0.01
+    resolving_power_runaway: float = 2.5
+    telluric_power_runaway: float = 3.0
+    unconstrained_fraction: float = 0.3
+    rv_scale_floor: float = 10.0
+    min_coverage: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("max_vsini", "rv_step", "rv_edge_tolerance", "bound_tolerance", "resolving_power_runaway",
+                     "telluric_power_runaway", "unconstrained_fraction", "rv_scale_floor", "min_coverage"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or \
+                    not (math.isfinite(float(v)) and float(v) > 0):
+                raise ValueError(f"FitBounds.{name} must be a finite number > 0, got {v!r}")
+        if self.min_coverage > 1:
+            raise ValueError(f"FitBounds.min_coverage must be in (0, 1], got {self.min_coverage!r}")
+        scan = tuple(float(v) for v in self.vsini_scan)
+        if not scan or any(not (math.isfinite(v) and 0 < v <= self.max_vsini) for v in scan):
+            raise ValueError(f"FitBounds.vsini_scan must hold values in (0, max_vsini = {self.max_vsini}] km/s, "
+                             f"got {self.vsini_scan!r}")
+        object.__setattr__(self, "vsini_scan", tuple(sorted(scan)))
+
+
+@dataclass(frozen=True)
+class FitFlag:
+    """One reason to doubt a fitted number.
+
+    Attributes
+    ----------
+    code : str
+        Short machine-readable code, e.g. ``"vsini_at_bound"`` (see :class:`FitBounds`).
+    message : str
+        One human sentence with the numbers.
+    parameter : str or None
+        The parameter concerned (``"rv"``, ``"vsini"``, ``"resolving_power"``, ``"telluric_power"``,
+        ``"stellar"`` / ``"telluric"`` for a clone), or None.
+    """
+
+    code: str
+    message: str
+    parameter: str | None = None
+
+    def to_dict(self) -> dict:
+        """``{"code", "message", "parameter"}`` (for JSON)."""
+        return {"code": self.code, "message": self.message, "parameter": self.parameter}
 
 
 class TransferModel(nn.Module):
@@ -71,9 +214,15 @@ class TransferModel(nn.Module):
     dv : float
         Velocity step of λ_Z (km/s).
     max_vsini : float, optional
-        Largest v sin i the fixed-length rotation kernel allows.
+        Half width (km/s) of the fixed-length rotation kernel (see
+        :class:`~blase_specutils.core.extrinsic.RotationalBroadening`): the largest v sin i the
+        model represents; v sin i is held at it if pushed beyond, and :meth:`set_max_vsini`
+        resizes it. ``fit_spectrum`` sizes it to the v sin i it finds and doubles it whenever v sin
+        i reaches it, up to the bound :attr:`FitBounds.max_vsini` (600 km/s).
     max_rv : float
-        Largest absolute RV (km/s) the model grid allows for (lines from outside the data move in).
+        Bound of the RV (km/s): :math:`|RV| \le` ``max_rv``. :func:`fit_transfer` projects the RV
+        back into it after each step (:meth:`project_`), the scans refuse RVs beyond it and the
+        initial ``rv`` must lie within it (default 300; ``fit_spectrum`` passes its ``rv_range``).
     telluric_power : float
         Initial Beer's-law exponent X of the telluric transmission (> 0). Its logarithm
         ``log_telluric_power`` is the parameter; it requires grad whenever a telluric clone is
@@ -119,6 +268,10 @@ class TransferModel(nn.Module):
             raise ValueError("data_wavelength must be 1-D, strictly increasing, with at least 2 pixels")
         if int(continuum_degree) < 0:
             raise ValueError("continuum_degree must be >= 0")
+        if not (math.isfinite(float(max_rv)) and float(max_rv) > 0):
+            raise ValueError(f"max_rv must be finite and > 0 km/s, got {max_rv}")
+        if not abs(float(rv)) <= float(max_rv):
+            raise ValueError(f"rv = {rv} km/s is outside the RV bound ±max_rv = ±{float(max_rv)} km/s")
         self.stellar = stellar
         self.telluric = telluric
         dtype = ref.dtype
@@ -126,12 +279,8 @@ class TransferModel(nn.Module):
         self.rot = RotationalBroadening(max(float(vsini), 1e-3), dv, limb_darkening=limb_darkening,
                                         max_vsini=max_vsini, tune=stellar is not None, dtype=dtype, device=device)
         self.inst = InstrumentalBroadening(resolving_power, dv, half_width=lsf_half_width, dtype=dtype, device=device)
-        margin_v = self.rot.max_vsini + self.inst.half_width + 2.0 * dv
-        lo = float(lam[0]) * math.exp(-margin_v / SPEED_OF_LIGHT_KMS) - 1.0
-        hi = float(lam[-1]) * math.exp(margin_v / SPEED_OF_LIGHT_KMS) + 1.0
-        self.register_buffer("lam_z", log_lambda_grid(lo, hi, dv, device=device), persistent=False)
-        self.resampler = PixelResampler(self.lam_z, lam)
         self.register_buffer("lam_d", lam, persistent=False)
+        self._build_grid()
         self.rv = nn.Parameter(torch.tensor(float(rv), dtype=dtype, device=device), requires_grad=stellar is not None)
         self.max_rv = float(max_rv)
         self.log_telluric_power = nn.Parameter(
@@ -157,6 +306,41 @@ class TransferModel(nn.Module):
         coeffs = torch.zeros(n_orders, int(continuum_degree) + 1, dtype=dtype, device=device)
         coeffs[:, 0] = 1.0
         self.continuum_coeffs = nn.Parameter(coeffs)
+
+    def _build_grid(self) -> None:
+        """λ_Z with margins that hold the rotation and instrumental kernels, and the pixel resampler."""
+        lam, dv = self.lam_d, self.rot.dv
+        margin_v = self.rot.max_vsini + self.inst.half_width + 2.0 * dv
+        lo = float(lam[0]) * math.exp(-margin_v / SPEED_OF_LIGHT_KMS) - 1.0
+        hi = float(lam[-1]) * math.exp(margin_v / SPEED_OF_LIGHT_KMS) + 1.0
+        self.register_buffer("lam_z", log_lambda_grid(lo, hi, dv, device=lam.device), persistent=False)
+        self.resampler = PixelResampler(self.lam_z, lam)
+
+    def set_max_vsini(self, max_vsini: float) -> None:
+        """Resize the rotation kernel to the half width ``max_vsini`` (km/s) and rebuild λ_Z, whose
+        margins must hold it (v sin i itself is kept, held at the new ``max_vsini`` if above it).
+
+        The cost of an epoch grows with the kernel (a 600 km/s kernel has 2403 taps), so a fit
+        keeps it as small as the current v sin i allows and enlarges it when v sin i reaches it
+        (``fit_spectrum``). Plans made before must be made again (:meth:`make_plans`).
+        """
+        mv = float(max_vsini)
+        if not (math.isfinite(mv) and mv > 0):
+            raise ValueError(f"max_vsini must be finite and > 0 km/s, got {max_vsini}")
+        self.rot.max_vsini = mv
+        with torch.no_grad():
+            self.rot.log_vsini.clamp_(max=math.log(mv))
+        self._build_grid()
+        self.clear_plans()
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Put the parameters back within their bounds, in place: RV into [−max_rv, max_rv], ln v sin i
+        to at most ln ``max_vsini`` and ln R to at least ln ``min_resolving_power`` (what the model
+        evaluates anyway). :func:`fit_transfer` calls it after every Adam step."""
+        self.rv.clamp_(-self.max_rv, self.max_rv)
+        self.rot.log_vsini.clamp_(max=math.log(self.rot.max_vsini))
+        self.inst.log_resolving_power.clamp_(min=math.log(self.inst.min_resolving_power))
 
     def make_plans(self, *, headroom: float = 1.25, kernel: str = "auto") -> list:
         """Window plans of the clones on the model grid λ_Z (``LineCloneModel.make_plan``; the
@@ -246,18 +430,35 @@ class TransferModel(nn.Module):
         return self.unscaled() * self.continuum()
 
     @torch.no_grad()
+    def _continuum_for(self, base: Tensor, data: Tensor, weight: Tensor) -> Tensor:
+        """Per-order coefficients of P_data by weighted linear least squares for the model ``base``
+        (:meth:`unscaled`); orders with too few good pixels keep their current coefficients."""
+        current = self.continuum_coeffs.detach()
+        n_o, n_p = current.shape
+        oi = self.order_of_pixel
+        a = self._powers * base[:, None]  # pixels × powers
+        wa = a * weight[:, None]
+        zeros = dict(dtype=a.dtype, device=a.device)
+        ata = torch.zeros(n_o, n_p, n_p, **zeros).index_add_(0, oi, wa[:, :, None] * a[:, None, :])
+        atb = torch.zeros(n_o, n_p, **zeros).index_add_(0, oi, wa * data[:, None])
+        n_good = torch.zeros(n_o, **zeros).index_add_(0, oi, (weight > 0).to(a.dtype))
+        ok = n_good > n_p
+        eye = torch.eye(n_p, dtype=a.dtype, device=a.device).expand(n_o, n_p, n_p)
+        # orders with too few good pixels solve I c = c_now, i.e. keep their coefficients (no host sync)
+        sol = torch.linalg.solve(torch.where(ok[:, None, None], ata, eye), torch.where(ok[:, None], atb, current))
+        return sol.to(current.dtype)
+
+    @torch.no_grad()
+    def _profiled_chi2(self, base: Tensor, data: Tensor, weight: Tensor) -> float:
+        """χ² of ``base`` (:meth:`unscaled`) with the continuum solved for it (the model is not changed)."""
+        coeffs = self._continuum_for(base, data, weight)
+        r = data - base * (self._powers * coeffs[self.order_of_pixel]).sum(1)
+        return float((weight * r * r).sum())
+
+    @torch.no_grad()
     def solve_continuum(self, data: Tensor, weight: Tensor) -> None:
         """Set P_data by weighted linear least squares given the current line model."""
-        base = self.unscaled()
-        for k in range(self.n_orders):
-            sel = (self.order_of_pixel == k) & (weight > 0)
-            if int(sel.sum()) <= self._powers.shape[1]:
-                continue
-            a = self._powers[sel] * base[sel, None]
-            w = weight[sel]
-            ata = (a * w[:, None]).T @ a
-            atb = (a * w[:, None]).T @ data[sel]
-            self.continuum_coeffs[k] = torch.linalg.solve(ata, atb)
+        self.continuum_coeffs.copy_(self._continuum_for(self.unscaled(), data, weight))
 
     @torch.no_grad()
     def _scan(self, data: Tensor, weight: Tensor, values: Sequence[float], set_value) -> np.ndarray:
@@ -265,21 +466,96 @@ class TransferModel(nn.Module):
         chi2 = []
         for v in values:
             set_value(v)
-            self.solve_continuum(data, weight)
-            r = data - self()
-            chi2.append(float((weight * r * r).sum()))
+            chi2.append(self._profiled_chi2(self.unscaled(), data, weight))
         return np.asarray(chi2)
+
+    def _check_rvs(self, rvs: Sequence[float]) -> np.ndarray:
+        rvs = np.asarray(rvs, dtype=float).ravel()
+        if rvs.size == 0 or not np.all(np.isfinite(rvs)):
+            raise ValueError("the RV scan needs at least one finite RV")
+        if np.any(np.abs(rvs) > self.max_rv + 1e-9):
+            raise ValueError(f"the RV scan reaches {np.abs(rvs).max():.6g} km/s, beyond the RV bound "
+                             f"±max_rv = ±{self.max_rv:.6g} km/s")
+        return rvs
 
     @torch.no_grad()
     def scan_rv(self, data: Tensor, weight: Tensor, rvs: Sequence[float]) -> tuple[float, np.ndarray]:
         """χ² (with the continuum solved at each step) on a grid of RVs; sets the best one."""
         if self.stellar is None:
             raise ValueError("a telluric-only model has no RV to scan (the RV never applies to telluric lines)")
+        rvs = self._check_rvs(rvs)
         chi2 = self._scan(data, weight, rvs, lambda v: self.rv.fill_(float(v)))
         best = float(rvs[int(np.argmin(chi2))])
         self.rv.fill_(best)
         self.solve_continuum(data, weight)
         return best, chi2
+
+    @torch.no_grad()
+    def scan_rv_vsini(self, data: Tensor, weight: Tensor, rvs: Sequence[float],
+                      vsinis: Sequence[float]) -> tuple[float, float, np.ndarray]:
+        """χ² (continuum solved at each point) on the grid RV × v sin i; sets the best pair.
+
+        The clone is evaluated once per RV and broadened by each v sin i (rotation commutes with
+        the Doppler shift), so the grid costs about one clone evaluation per RV. A line broadened
+        by v sin i needs no finer RV steps than about v sin i / 5: each v sin i is evaluated on
+        every ``max(1, floor(v sin i / (5 ΔRV)))``-th RV of the grid (and its last one), ΔRV the
+        grid's step; the other entries of the χ² grid are NaN.
+
+        Parameters
+        ----------
+        data, weight : Tensor
+            Data flux and 1/σ² (0 where masked).
+        rvs : sequence of float
+            RVs (km/s), within ±``max_rv``.
+        vsinis : sequence of float
+            v sin i values (km/s), in (0, ``max_vsini``].
+
+        Returns
+        -------
+        rv, vsini : float
+            The best pair (now set in the model, with its continuum).
+        chi2 : ndarray
+            χ² of shape (len(rvs), len(vsinis)), NaN where not evaluated.
+        """
+        if self.stellar is None:
+            raise ValueError("a telluric-only model has no RV or v sin i to scan")
+        rvs = self._check_rvs(rvs)
+        vs = np.asarray(vsinis, dtype=float).ravel()
+        if vs.size == 0 or not np.all(np.isfinite(vs) & (vs > 0) & (vs <= self.rot.max_vsini * (1 + 1e-12))):
+            raise ValueError(f"v sin i of the scan must be in (0, max_vsini = {self.rot.max_vsini:.6g}] km/s, got "
+                             f"{vs.tolist()}")
+        kernels = []
+        for v in vs:
+            self.rot.log_vsini.fill_(math.log(float(v)))
+            kernels.append(self.rot.kernel())
+        t = self.telluric_transmission()
+        # the FFT convolution of _convolve_same, with the transforms of the kernels and of each
+        # RV's clone computed once
+        ntap = int(kernels[0].numel())
+        half = (ntap - 1) // 2
+        n_x = int(self.lam_z.numel()) + 2 * half
+        n_fft = 1 << (n_x + ntap - 2).bit_length()
+        k_hat = [torch.fft.rfft(k.to(self.lam_z.dtype), n_fft) for k in kernels]
+        step = float(np.median(np.abs(np.diff(rvs)))) if rvs.size > 1 else 1.0
+        stride = [max(1, int(math.floor(float(v) / (5.0 * step)))) if step > 0 else 1 for v in vs]
+        chi2 = np.full((rvs.size, vs.size), np.nan)
+        for i, rv in enumerate(rvs):
+            todo = [j for j, n in enumerate(stride) if i % n == 0 or i == rvs.size - 1]
+            if not todo:
+                continue
+            self.rv.fill_(float(rv))
+            s = self.stellar(self.lam_z, self.rv)
+            s_hat = torch.fft.rfft(F.pad(s.view(1, 1, -1), (half, half), mode="replicate").view(-1), n_fft)
+            for j in todo:
+                m = torch.fft.irfft(s_hat * k_hat[j], n_fft)[ntap - 1 : n_x].to(s.dtype)
+                if t is not None:
+                    m = m * t
+                chi2[i, j] = self._profiled_chi2(self.resampler(self.inst(m)), data, weight)
+        i, j = np.unravel_index(int(np.nanargmin(chi2)), chi2.shape)
+        self.rv.fill_(float(rvs[i]))
+        self.rot.log_vsini.fill_(math.log(float(vs[j])))
+        self.solve_continuum(data, weight)
+        return float(rvs[i]), float(vs[j]), chi2
 
     @torch.no_grad()
     def scan_telluric_power(self, data: Tensor, weight: Tensor, powers: Sequence[float]) -> tuple[float, np.ndarray]:
@@ -289,7 +565,15 @@ class TransferModel(nn.Module):
         bad = [x for x in powers if not float(x) > 0]
         if bad:
             raise ValueError(f"telluric powers must be > 0, got {bad[0]}")
-        chi2 = self._scan(data, weight, powers, lambda x: self.log_telluric_power.fill_(math.log(float(x))))
+        ext = self.extrinsic()  # the star does not change during this scan
+        log_t = self.telluric.log_flux(self.lam_z, plan=self._plan("telluric"))
+        chi2 = []
+        for x in powers:
+            joint = torch.exp(float(x) * log_t)
+            if ext is not None:
+                joint = ext * joint
+            chi2.append(self._profiled_chi2(self.resampler(self.inst(joint)), data, weight))
+        chi2 = np.asarray(chi2)
         best = float(powers[int(np.argmin(chi2))])
         self.log_telluric_power.fill_(math.log(best))
         self.solve_continuum(data, weight)
@@ -379,7 +663,11 @@ class TransferFit:
     chi2 : dict of float
         χ² at ``"start"``, after ``"template"`` and after ``"lines"``.
     rv_scan : (ndarray, ndarray) or None
-        RVs (km/s) and χ² of the initial RV scan.
+        RVs (km/s) and χ² of the initial RV scan (with a v sin i scan: χ² at the best v sin i).
+    vsini_scan : (ndarray, ndarray) or None
+        v sin i values (km/s) of the initial scan and the lowest χ² over the RVs at each.
+    rv_vsini_scan : (ndarray, ndarray, ndarray) or None
+        RVs, v sin i values and the χ² grid (RVs × v sin i) of a joint scan.
     telluric_power_scan : (ndarray, ndarray) or None
         Powers X and χ² of the initial telluric-power scan.
     """
@@ -388,6 +676,8 @@ class TransferFit:
         self.stages: dict[str, TrainingHistory] = {}
         self.chi2: dict[str, float] = {}
         self.rv_scan: tuple[np.ndarray, np.ndarray] | None = None
+        self.vsini_scan: tuple[np.ndarray, np.ndarray] | None = None
+        self.rv_vsini_scan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.telluric_power_scan: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -409,6 +699,7 @@ def fit_transfer(
     weight: Tensor,
     *,
     rv_scan: Sequence[float] | None = None,
+    vsini_scan: Sequence[float] | None = None,
     template_epochs: int = 200,
     line_epochs: int = 500,
     tune_lines: Sequence[str] = ("amplitude",),
@@ -434,7 +725,11 @@ def fit_transfer(
     data, weight : Tensor
         Data flux at λ_D and 1/σ² (0 where masked).
     rv_scan : sequence of float, optional
-        RVs (km/s) for the initial χ² scan (not for a telluric-only model: ValueError).
+        RVs (km/s) for the initial χ² scan (not for a telluric-only model: ValueError), within
+        ±``model.max_rv``.
+    vsini_scan : sequence of float, optional
+        v sin i values (km/s) scanned jointly with ``rv_scan`` (:meth:`TransferModel.scan_rv_vsini`;
+        at the model's RV when ``rv_scan`` is None); the best pair starts template matching.
     template_epochs : int
         Adam epochs of the template-matching stage (RV, v sin i, continuum, the telluric power X,
         optionally R; all lines frozen).
@@ -484,7 +779,8 @@ def fit_transfer(
     -------
     TransferFit
         The model is left holding the fitted parameters; the clones' tuned/frozen state and the
-        power's ``requires_grad`` are restored.
+        power's ``requires_grad`` are restored. After every Adam step the parameters are put back
+        within their bounds (:meth:`TransferModel.project_`).
     """
     want_plan = use_plans(plan, model.lam_z.device)
     fit = TransferFit()
@@ -493,7 +789,18 @@ def fit_transfer(
     wprior = _widths(st)
     tprior = None if tel is None else tel.log_amplitudes.detach().clone()
     twprior = _widths(tel)
-    if rv_scan is not None:
+    if vsini_scan is not None:
+        rvs = [float(model.rv.detach())] if rv_scan is None else list(rv_scan)
+        _, _, grid = model.scan_rv_vsini(data, weight, rvs, list(vsini_scan))
+        rvs, vs = np.asarray(rvs, dtype=float), np.asarray(vsini_scan, dtype=float)
+        fit.rv_vsini_scan = (rvs, vs, grid)
+        best_per_vsini = np.nanmin(grid, axis=0)
+        fit.vsini_scan = (vs, best_per_vsini)
+        if rv_scan is not None:  # the RV profile at the best v sin i, where it was evaluated
+            col = grid[:, int(np.argmin(best_per_vsini))]
+            done = np.isfinite(col)
+            fit.rv_scan = (rvs[done], col[done])
+    elif rv_scan is not None:
         best, chi2 = model.scan_rv(data, weight, list(rv_scan))
         fit.rv_scan = (np.asarray(rv_scan, dtype=float), chi2)
     else:
@@ -543,11 +850,15 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
     """The two training stages of :func:`fit_transfer` (template matching, then the lines)."""
     st, tel = model.stellar, model.telluric
     graph = None if likelihood is None else False  # a likelihood (e.g. a GP's Cholesky) may read values back
+
+    def bounds(epoch: int, loss: float) -> None:  # after each step: back within the bounds
+        model.project_()
+
     if template_epochs:
         fit.stages["template"] = train(
             model, lambda: transfer_loss(model, data, weight, likelihood=likelihood), epochs=template_epochs, lr=lr,
             patience=50, progress=progress, desc="template matching", lr_overrides=overrides, extra=extra,
-            plans=plans, graph=graph,
+            plans=plans, graph=graph, callback=bounds,
         )
     fit.chi2["template"] = _chi2(model, data, weight)
     # stage 2: lines, with everything else still free
@@ -567,7 +878,218 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
                                   likelihood=likelihood, telluric_log_amp_prior=tprior,
                                   telluric_regularization=telluric_regularization, telluric_width_prior=twprior),
             epochs=line_epochs, lr=lr, patience=patience, progress=progress, desc="transfer learning",
-            lr_overrides=overrides, extra=extra, plans=plans, graph=graph,
+            lr_overrides=overrides, extra=extra, plans=plans, graph=graph, callback=bounds,
         )
         fit.chi2["lines"] = _chi2(model, data, weight)
         model.rot.log_vsini.requires_grad_(vsini_free)
+
+
+# ------------------------------------------------------------------------------ uncertainties and flags
+#: Finite-difference steps of :func:`chi2_curvature`: RV in units of the broadened line width
+#: :math:`w = \sqrt{(c/R)^2 + (v\sin i)^2}`, ln v sin i and ln X in natural-log units.
+_CURVATURE_STEPS = {"rv": 0.05, "vsini": 0.05, "telluric_power": 0.05}
+
+
+@torch.no_grad()
+def chi2_curvature(model: TransferModel, data: Tensor, weight: Tensor, *,
+                   parameters: Sequence[str] = ("rv", "vsini", "telluric_power")) -> dict[str, float]:
+    r"""1σ uncertainties of RV, v sin i and the telluric power X from the curvature of χ².
+
+    χ² is evaluated at the model's current (fitted) values and at finite steps around them (RV:
+    ±0.05 w, with :math:`w = \sqrt{(c/R)^2 + (v\sin i)^2}` the broadened line width; v sin i and
+    X: ±5 % in the logarithm, the parameter the optimiser tunes), with the continuum solved at
+    every point (profiled out) and the lines held fixed. The Hessian :math:`H` of χ² in these
+    parameters (mixed RV-v sin i term included: 9 to 13 evaluations of the model) gives the
+    covariance :math:`2H^{-1}`; when :math:`H` is not positive definite the diagonal alone is used.
+    The σ are scaled by :math:`\max(1, \sqrt{\chi^2_\mathrm{red}})` (a misfit widens them) and
+    conditional on the lines, R and the other parameters not listed. The model is left as it was.
+
+    Parameters
+    ----------
+    model : TransferModel
+    data, weight : Tensor
+        Data flux and 1/σ² (0 where masked).
+    parameters : sequence of str
+        Which of ``"rv"``, ``"vsini"``, ``"telluric_power"`` (those the model lacks are skipped).
+
+    Returns
+    -------
+    dict of float
+        σ of each parameter in its own units (km/s; X dimensionless); ``inf`` where χ² has no
+        minimum there (curvature ≤ 0, e.g. v sin i held at its bound or below the resolution).
+    """
+    names = [p for p in parameters if (p in ("rv", "vsini") and model.stellar is not None)
+             or (p == "telluric_power" and model.telluric is not None)]
+    if not names:
+        return {}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    c = float(SPEED_OF_LIGHT_KMS)
+    vs0 = float(model.vsini.detach())
+    width = math.hypot(c / float(model.resolving_power.detach()), vs0)
+    # each parameter's handle: (the tensor the optimiser tunes, its value now, the finite-difference step)
+    handles = {"rv": (model.rv, float(model.rv.detach()), _CURVATURE_STEPS["rv"] * width),
+               "vsini": (model.rot.log_vsini, math.log(vs0), _CURVATURE_STEPS["vsini"]),
+               "telluric_power": (model.log_telluric_power, float(model.log_telluric_power.detach()),
+                                  _CURVATURE_STEPS["telluric_power"])}
+
+    def chi2_at(shift: dict[str, float]) -> float:
+        for n in names:
+            t, x0, _ = handles[n]
+            t.fill_(x0 + shift.get(n, 0.0))
+        return model._profiled_chi2(model.unscaled(), data, weight)
+
+    try:
+        f0 = chi2_at({})
+        n = len(names)
+        hess = np.zeros((n, n))
+        for i, a in enumerate(names):
+            h = handles[a][2]
+            hess[i, i] = (chi2_at({a: h}) - 2.0 * f0 + chi2_at({a: -h})) / (h * h)
+        if "rv" in names and "vsini" in names:
+            i, j = names.index("rv"), names.index("vsini")
+            hi, hj = handles["rv"][2], handles["vsini"][2]
+            mixed = (chi2_at({"rv": hi, "vsini": hj}) - chi2_at({"rv": hi, "vsini": -hj})
+                     - chi2_at({"rv": -hi, "vsini": hj}) + chi2_at({"rv": -hi, "vsini": -hj})) / (4 * hi * hj)
+            hess[i, j] = hess[j, i] = mixed
+    finally:
+        model.load_state_dict(state)
+    n_good = int((weight > 0).sum())
+    scale = math.sqrt(max(1.0, f0 / max(n_good - 3, 1)))
+    diag = np.diag(hess)
+    var = np.full(len(names), np.inf)
+    if np.all(diag > 0):
+        try:
+            cov = 2.0 * np.linalg.inv(hess)
+            if np.all(np.linalg.eigvalsh(hess) > 0):
+                var = np.diag(cov)
+            else:
+                var = 2.0 / diag
+        except np.linalg.LinAlgError:
+            var = 2.0 / diag
+    else:
+        var = np.where(diag > 0, 2.0 / np.where(diag > 0, diag, 1.0), np.inf)
+    out = {}
+    for k, name in enumerate(names):
+        s_log = math.sqrt(var[k]) * scale if math.isfinite(var[k]) else math.inf
+        if name == "rv":
+            out[name] = s_log
+        else:  # σ of ln x → σ of x
+            x = vs0 if name == "vsini" else float(model.telluric_power.detach())
+            out[name] = x * s_log
+    return out
+
+
+def check_fit(model: TransferModel, fit: TransferFit, *, bounds: FitBounds | None = None,
+              sigmas: dict[str, float] | None = None, tuned: Sequence[str] = (),
+              start: dict[str, float] | None = None, template: dict[str, float] | None = None) -> list[FitFlag]:
+    """The flags of a fitted model: parameters at a bound, scans that peak at an edge, a runaway
+    telluric power, parameters the data do not constrain (the rules of :class:`FitBounds`).
+
+    Parameters
+    ----------
+    model : TransferModel
+        The fitted model.
+    fit : TransferFit
+        Its scans.
+    bounds : FitBounds, optional
+        The rules (default ``FitBounds()``).
+    sigmas : dict, optional
+        σ of ``"rv"``, ``"vsini"``, ``"telluric_power"`` (:func:`chi2_curvature`).
+    tuned : sequence of str
+        The parameters that were free: any of ``"rv"``, ``"vsini"``, ``"resolving_power"``,
+        ``"telluric_power"`` (a parameter held fixed is not flagged at a bound).
+    start : dict, optional
+        Starting values (``"resolving_power"``) for the runaway rules.
+    template : dict, optional
+        ``"rv"`` and ``"vsini"`` after template matching, when a line stage followed (for the
+        ``*_moved_by_lines`` rules).
+
+    Returns
+    -------
+    list of FitFlag
+    """
+    b = FitBounds() if bounds is None else bounds
+    sigmas = sigmas or {}
+    start = start or {}
+    template = template or {}
+    tuned = set(tuned)
+    flags: list[FitFlag] = []
+    frac = b.unconstrained_fraction
+    if model.stellar is not None:
+        rv, vs = float(model.rv.detach()), float(model.vsini.detach())
+        if "rv" in tuned and abs(rv) >= model.max_rv - b.rv_edge_tolerance:
+            flags.append(FitFlag("rv_at_bound", f"RV = {rv:.2f} km/s ended at its bound ±{model.max_rv:.6g} km/s "
+                                 "(the RV range): the star's lines were not found within it; widen rv_range, or "
+                                 "check that the stellar clone is a stellar one of this band", "rv"))
+        if fit.rv_scan is not None and fit.rv_scan[0].size > 2:
+            rvs, chi2 = fit.rv_scan
+            k = int(np.argmin(chi2))
+            if k in (0, rvs.size - 1):
+                flags.append(FitFlag("rv_scan_edge", f"the RV scan ({rvs[0]:.6g} to {rvs[-1]:.6g} km/s) has its "
+                                     f"best χ² at its edge, {rvs[k]:.6g} km/s: no minimum inside the scan (a telluric clone "
+                                     "given as the stellar one, or a star outside the range, does this)", "rv"))
+        if "vsini" in tuned and vs >= model.rot.max_vsini * (1.0 - b.bound_tolerance):
+            flags.append(FitFlag("vsini_at_bound", f"v sin i = {vs:.1f} km/s ended at its upper bound "
+                                 f"{model.rot.max_vsini:.6g} km/s", "vsini"))
+        if fit.vsini_scan is not None and fit.vsini_scan[0].size > 1:
+            v, chi2 = fit.vsini_scan
+            if int(np.argmin(chi2)) == v.size - 1:
+                flags.append(FitFlag("vsini_scan_edge", f"the v sin i scan ({v[0]:.3g}-{v[-1]:.3g} km/s) has its "
+                                     f"best χ² at its largest value, {v[-1]:.3g} km/s", "vsini"))
+        rv_t, vs_t = template.get("rv"), template.get("vsini")
+        if "rv" in tuned and rv_t is not None and abs(rv - rv_t) > frac * max(abs(rv_t), b.rv_scale_floor):
+            flags.append(FitFlag("rv_moved_by_lines", f"the line stage moved the RV from {rv_t:.2f} (template "
+                                 f"matching) to {rv:.2f} km/s: the tuned lines (their centres) and the RV are "
+                                 "degenerate in these data, so the RV is set by the lines, not measured", "rv"))
+        if "vsini" in tuned and vs_t is not None and abs(vs - vs_t) > frac * vs_t:
+            flags.append(FitFlag("vsini_moved_by_lines", f"the line stage moved v sin i from {vs_t:.2f} (template "
+                                 f"matching) to {vs:.2f} km/s: the tuned lines (their widths) and v sin i are "
+                                 "degenerate in these data, so v sin i is set by the lines, not measured", "vsini"))
+        s_rv = sigmas.get("rv")
+        if "rv" in tuned and s_rv is not None and not s_rv <= frac * max(abs(rv), b.rv_scale_floor):
+            flags.append(FitFlag("rv_unconstrained", f"RV = {rv:.2f} km/s is not constrained by the data: its σ from "
+                                 f"the curvature of χ² is {_fmt_sigma(s_rv, ' km/s')}, more than "
+                                 f"{100 * frac:.0f} % of "
+                                 f"max(|RV|, {b.rv_scale_floor:.3g} km/s)", "rv"))
+        s_vs = sigmas.get("vsini")
+        if "vsini" in tuned and s_vs is not None and not s_vs <= frac * vs:
+            flags.append(FitFlag("vsini_unconstrained", f"v sin i = {vs:.2f} km/s is not constrained by the data: its σ "
+                                 f"from the curvature of χ² is {_fmt_sigma(s_vs, ' km/s')}, more than {100 * frac:.0f} % of "
+                                 "its value", "vsini"))
+    if "resolving_power" in tuned:
+        r = float(model.resolving_power.detach())
+        r_min = model.inst.min_resolving_power
+        if r <= r_min * (1.0 + b.bound_tolerance):
+            flags.append(FitFlag("resolving_power_at_bound", f"R = {r:.0f} ended at its lower bound {r_min:.0f} (the "
+                                 "widest instrumental kernel the model holds)", "resolving_power"))
+        r0 = start.get("resolving_power")
+        if r0 is not None and r > b.resolving_power_runaway * r0:
+            flags.append(FitFlag("resolving_power_runaway", f"R ran away to {r:.0f}, more than "
+                                 f"{b.resolving_power_runaway:g} times its start {r0:.0f} (a template already at the "
+                                 "instrument's resolution does this)", "resolving_power"))
+    if model.telluric is not None and "telluric_power" in tuned:
+        x = float(model.telluric_power.detach())
+        if fit.telluric_power_scan is not None and fit.telluric_power_scan[0].size > 1:
+            grid, chi2 = fit.telluric_power_scan
+            k = int(np.argmin(chi2))
+            x_scan = float(grid[k])
+            if k in (0, grid.size - 1):
+                flags.append(FitFlag("telluric_power_grid_edge", f"the telluric power scan ({grid.min():.3g}-"
+                                     f"{grid.max():.3g}) has its best χ² at its edge, X = {x_scan:.3g}",
+                                     "telluric_power"))
+            lo, hi = float(grid.min()), float(grid.max())
+            f = b.telluric_power_runaway
+            if not (lo <= x <= hi) or not (x_scan / f <= x <= x_scan * f):
+                flags.append(FitFlag("telluric_power_runaway", f"the telluric power ran away: X = {x:.4g}, outside the "
+                                     f"scanned range {lo:.3g}-{hi:.3g} or more than a factor {f:g} from the scan's best "
+                                     f"X = {x_scan:.3g}", "telluric_power"))
+        s_x = sigmas.get("telluric_power")
+        if s_x is not None and not s_x <= frac * x:
+            flags.append(FitFlag("telluric_power_unconstrained", f"the telluric power X = {x:.4g} is not constrained by "
+                                 f"the data: its σ from the curvature of χ² is {_fmt_sigma(s_x)}, more than "
+                                 f"{100 * frac:.0f} % of its value", "telluric_power"))
+    return flags
+
+
+def _fmt_sigma(s: float, unit: str = "") -> str:
+    return "infinite (χ² has no minimum there)" if not math.isfinite(s) else f"{s:.3g}{unit}"
