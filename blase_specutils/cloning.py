@@ -494,7 +494,7 @@ class SpectralClone:
         Header values must have their FITS types (``EMISSION`` and ``FARFIELD`` logicals T/F, not
         strings; ``MODE``, ``PROFILE`` and ``TUNE`` known names; ``WINGTOL`` in (0, 1)); line
         centres finite and > 0 Å; ``log_amp``, ``log_sigma``, ``log_gamma`` and the wing's
-        ``alpha``, ``log_lt``, ``log_b`` finite and within ±20 (e^±20, see
+        ``alpha``, ``log_lt``, ``log_b`` finite and within ±45 (e^±45, see
         :data:`blase_specutils.io.LOG_PARAMETER_LIMIT`); residual passes integers >= 0; broad-line
         indices distinct and in range; the target's wavelengths finite and increasing.
 
@@ -1049,7 +1049,7 @@ def load_blase03(
     ``.pt`` file carrying a pickle that would run code is refused and runs nothing. It must hold
     ``lam_centers`` (Å), ``amplitudes`` (ln a), ``sigma_widths`` (ln σ) and ``gamma_widths``
     (ln γ), each a floating-point tensor with one value per line (the same number for all four);
-    centres must be finite and > 0, the logs finite and within ±20
+    centres must be finite and > 0, the logs finite and within ±45
     (:data:`blase_specutils.io.LOG_PARAMETER_LIMIT`). Other entries (``a_coeff``…,
     ``radial_velocity``) are ignored.
 

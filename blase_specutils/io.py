@@ -94,8 +94,8 @@ class SavedFileError(ValueError):
 
 
 #: Largest |ln x| the loaders accept for line amplitudes (ln a), widths (ln σ, ln γ in Å) and the
-#: wing parameters: e^±20 is 2e-9 to 5e8, beyond anything a line of a real spectrum can have.
-LOG_PARAMETER_LIMIT = 20.0
+#: wing parameters: e^±45 is 2e-9 to 5e8, beyond anything a line of a real spectrum can have.
+LOG_PARAMETER_LIMIT = 45.0
 
 _REMEDY = "the file is damaged or was not written by blase_specutils; write it again from the original"
 
