@@ -23,6 +23,8 @@ _LAZY = {
     "spectrum_to_arrays": "spectra",
     "arrays_to_spectrum": "spectra",
     "load_template": "templates",
+    "load_example": "examples",
+    "EXAMPLES": "examples",
     "read_spectrum": "io",
     "fit_spectrum": "fitting",
     "TransferResult": "fitting",

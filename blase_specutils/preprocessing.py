@@ -3,6 +3,10 @@ r"""Preprocessing of a precomputed spectrum before cloning (paper Section 2.2, E
 :math:`S = S_\mathrm{abs} / B / P`: trim to the band ± Δλ_buffer, divide by a blackbody
 :math:`B(T_\mathrm{eff})`, and flatten with a smooth polynomial :math:`P` through continuum
 peaks. Each step takes and returns a ``Spectrum`` and never modifies its input.
+
+The blackbody is astropy's :class:`~astropy.modeling.physical_models.BlackBody` and the noise
+estimate of spectra without uncertainties is specutils' DER_SNR
+(:func:`specutils.analysis.snr_derived`): :func:`blackbody` and :func:`der_snr_noise`.
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ import numpy as np
 from specutils import Spectrum
 
 from .core.clone import SPEED_OF_LIGHT_KMS
-from .core.continuum import continuum_polynomial, planck
+from .core.continuum import continuum_polynomial
 from .spectra import arrays_to_spectrum, spectrum_to_arrays, wavelength_to_angstrom
 
-__all__ = ["trim", "divide_blackbody", "flatten_continuum", "preprocess", "DEFAULT_BUFFER"]
+__all__ = ["trim", "divide_blackbody", "flatten_continuum", "preprocess", "blackbody", "der_snr_noise",
+           "DEFAULT_BUFFER"]
 
 #: Default Δλ_buffer: covers |RV| and v sin i up to 500 km/s in the near-infrared (paper Sect. 2.1).
 DEFAULT_BUFFER = 30 * u.AA
@@ -138,9 +143,76 @@ def divide_blackbody(spectrum: Spectrum, teff: u.Quantity | float) -> Spectrum:
     """
     t = _teff_kelvin(teff)
     arr = spectrum_to_arrays(spectrum)
-    bb = planck(arr.wavelength, t)
+    bb = blackbody(arr.wavelength, t)
     bb = bb / np.median(bb)
     return _rebuild(spectrum, arr, arr.flux / bb, keep_unc_scale=bb)
+
+
+#: Unit of :func:`blackbody`: spectral radiance per unit wavelength.
+_B_LAMBDA_UNIT = u.W / (u.m**2 * u.m * u.sr)
+
+
+def blackbody(wavelength: np.ndarray, teff: float) -> np.ndarray:
+    r"""Blackbody spectral radiance :math:`B_\lambda(T)` in W m⁻² m⁻¹ sr⁻¹ at vacuum wavelengths in Å.
+
+    Astropy's :class:`~astropy.modeling.physical_models.BlackBody` with a per-wavelength scale,
+    :math:`B_\lambda = 2hc^2 \lambda^{-5} / (e^{hc/\lambda k T} - 1)`.
+
+    Parameters
+    ----------
+    wavelength : ndarray
+        Wavelengths in Å.
+    teff : float
+        Temperature in K, finite and > 0.
+
+    Returns
+    -------
+    ndarray
+        :math:`B_\lambda` (float64), same shape as ``wavelength``.
+    """
+    from astropy.modeling.physical_models import BlackBody
+
+    t = _teff_kelvin(teff)
+    model = BlackBody(temperature=t * u.K, scale=1.0 * _B_LAMBDA_UNIT)
+    values = model(np.asarray(wavelength, dtype=np.float64) * u.AA)
+    return np.asarray(values.to_value(_B_LAMBDA_UNIT), dtype=np.float64)
+
+
+def der_snr_noise(flux: np.ndarray) -> float:
+    r"""A constant noise level of a spectrum without uncertainties: the DER_SNR estimate.
+
+    Specutils' :func:`~specutils.analysis.snr_derived` (Stoehr et al. 2008) gives S/N =
+    median(f) / N with :math:`N = 1.482602/\sqrt{6}\;\mathrm{median}|2f_i - f_{i-2} - f_{i+2}|`;
+    this returns N. N does not change when a constant is added to the flux, so a flux whose
+    median is 0 (where the S/N is undefined) is offset by 1 first.
+
+    Parameters
+    ----------
+    flux : ndarray
+        The flux of one order, pixels in wavelength order; non-finite values are left out.
+
+    Returns
+    -------
+    float
+        The noise level, in the unit of ``flux``.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 5 finite pixels.
+    """
+    from specutils.analysis import snr_derived
+
+    f = np.asarray(flux, dtype=np.float64)
+    f = f[np.isfinite(f)]
+    if f.size < 5:
+        raise ValueError("too few finite pixels to estimate the noise; give uncertainties")
+    signal = float(np.median(f))
+    if signal == 0.0:
+        f, signal = f + 1.0, float(np.median(f + 1.0))
+    spectrum = Spectrum(spectral_axis=np.arange(1.0, f.size + 1.0) * u.AA, flux=f * u.dimensionless_unscaled)
+    snr = float(u.Quantity(snr_derived(spectrum)).value)
+    return 0.0 if not np.isfinite(snr) else abs(signal / snr)
 
 
 def _teff_kelvin(teff) -> float:

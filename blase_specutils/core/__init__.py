@@ -4,7 +4,7 @@ Fixed internal units: wavelength in Å (vacuum), velocity in km/s, dimensionless
 """
 
 from .clone import SPEED_OF_LIGHT_KMS, TUNABLE, LineCloneModel
-from .continuum import continuum_polynomial, planck
+from .continuum import continuum_polynomial
 from .detection import LineGuess, find_lines, initial_widths
 from .engine import dense_log_flux, line_terms, window_half_widths, windowed_log_flux
 from .extrinsic import (
@@ -39,7 +39,7 @@ from .transfer import (
 
 __all__ = [
     "LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE",
-    "planck", "continuum_polynomial",
+    "continuum_polynomial",
     "LineGuess", "find_lines", "initial_widths",
     "windowed_log_flux", "dense_log_flux", "window_half_widths", "line_terms",
     "PROFILES", "pseudo_voigt", "pseudo_voigt_eta", "pseudo_voigt_fwhm", "voigt", "faddeeva", "gaussian", "lorentzian",

@@ -1,25 +1,11 @@
-"""Smooth continua for preprocessing (paper Eq. 1): a blackbody B and a polynomial P."""
+"""A smooth continuum for preprocessing (paper Eq. 1): the polynomial P (the blackbody B is astropy's,
+in :mod:`blase_specutils.preprocessing`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["planck", "continuum_polynomial"]
-
-_H = 6.62607015e-34  # J s
-_C = 2.99792458e8  # m / s
-_K = 1.380649e-23  # J / K
-
-
-def planck(wavelength: np.ndarray, teff: float) -> np.ndarray:
-    r"""Blackbody spectral radiance :math:`B_\lambda(T)` in W m⁻² m⁻¹ sr⁻¹ at wavelengths in Å.
-
-    .. math:: B_\lambda = \frac{2hc^2}{\lambda^5}\,\frac{1}{e^{hc/\lambda k T} - 1}
-    """
-    if not np.isfinite(teff) or teff <= 0:
-        raise ValueError(f"Teff must be a positive temperature, got {teff}")
-    lam = np.asarray(wavelength, dtype=np.float64) * 1e-10
-    return 2.0 * _H * _C**2 / lam**5 / np.expm1(_H * _C / (lam * _K * teff))
+__all__ = ["continuum_polynomial"]
 
 
 def continuum_polynomial(
