@@ -8,6 +8,44 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: Tests marked ``medium`` here (besides those marked in their own files): each takes seconds to a
+#: minute on 2 cores (Triton kernels under the interpreter, Dask clusters, notebooks, subprocesses
+#: that import the package afresh, fits of real data). The quick set leaves them out:
+#: ``python -m pytest -m "not slow and not gpu and not medium"`` (under 3 minutes on 2 cores); the
+#: default run, which ``.ci/run`` uses, keeps them. Entries are "file::test name" prefixes, or a file.
+MEDIUM = (
+    "tests/core/test_triton_compile.py::test_every_kernel_compiles",
+    "tests/core/test_triton_compile.py::test_compiled_kernels_do_no_float32_arithmetic",
+    "tests/core/test_triton_compile.py::test_per_pixel_kernels_fit_in_registers",
+    "tests/core/test_plan.py::test_planned_gpu_code_path_never_synchronises",
+    "tests/core/test_plan.py::test_triton_far_field_of_a_plan_matches_its_torch_operations",
+    "tests/core/test_plan.py::test_triton_line_kernel_of_the_plan_update_matches_its_torch_operations",
+    "tests/core/test_gpu_kernel.py::test_triton_kernel_matches_the_compiled_cpu_kernel",
+    "tests/core/test_gpu_kernel.py::test_triton_spreading_matches_the_compiled_cpu_spreading",
+    "tests/core/test_transfer.py::test_transfer_epoch_on_the_gpu_code_path_never_synchronises",
+    "tests/test_batch.py::test_cluster_results_identical_to_serial",
+    "tests/test_batch.py::test_cli_fit_many_local_cluster",
+    "tests/test_batch.py::test_worker_killed_mid_batch",
+    "tests/test_batch.py::test_fit_many_wasp69_on_cluster_equals_serial",
+    "tests/test_batch.py::test_clone_grid_airmass_follows_beers_law",
+    "tests/test_batch.py::test_corrupt_file_fails_only_its_item",
+    "tests/test_notebooks.py::test_notebook_runs",
+    "tests/test_blase03.py::test_dense_evaluation_matches_flux_dense",
+    "tests/test_blase03.py::test_shifted_by_500_kms_is_as_accurate",
+    "tests/test_gp.py::test_clear_import_error_without_gpytorch",
+    "tests/test_bayes.py",
+    "tests/test_boundary_frames.py::test_air_data_fit_to_the_vacuum_rv",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the markers
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests listed in :data:`MEDIUM` with ``medium``."""
+    for item in items:
+        node = item.nodeid.split("[")[0]
+        if any(node == m or node.startswith(m) for m in MEDIUM):
+            item.add_marker(pytest.mark.medium)
 #: The project's shared data: ../shared/data next to the checkout, or where BLASE_SHARED_DATA points
 #: (a GPU machine that has only the files it was sent).
 SHARED_DATA = Path(os.environ.get("BLASE_SHARED_DATA", ROOT.parent / "shared" / "data"))
