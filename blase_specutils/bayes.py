@@ -858,15 +858,13 @@ class PosteriorFit:
         HDUs: primary (header: guide, settings, RV/v sin i/R percentiles), ``LINES`` (the line table
         with units), ``SAMPLES`` (one row per draw), ``VALUES`` (the fit's and the clone's line
         parameters), ``DATA`` (λ_D, flux, ε, mask, order), ``PREDICT`` (model draws), ``ELBO``.
-
-        The file is written to a temporary file in the same folder and moved onto ``path`` when
-        complete (:func:`blase_specutils.io.atomic_write`): a write that fails (disk full,
-        Ctrl-C) leaves a previous file at ``path`` as it was.
+        Saved atomically (:func:`blase_specutils.io.atomic_write`): if the write fails, a previous
+        file at ``path`` stays as it was.
 
         Raises
         ------
         FileExistsError
-            ``path`` exists and ``overwrite`` is False.
+            A file exists at ``path`` and ``overwrite`` is not set.
         """
         path = Path(path)
         hdr = fits.Header()

@@ -15,7 +15,7 @@ from specutils import Spectrum
 
 from .spectra import to_vacuum
 
-__all__ = ["read_spectrum", "read_orders", "is_goldilocks", "read_igrins_plp", "atomic_write", "SavedFileError",
+__all__ = ["read_spectrum", "read_orders", "is_goldilocks", "is_igrins_plp", "read_igrins_plp", "atomic_write", "SavedFileError",
            "LOG_PARAMETER_LIMIT"]
 
 _WAVE_NAMES = ("wavelength", "wave", "lambda", "wl", "wave_ang", "wavelength_a", "spectral_axis")
@@ -216,7 +216,8 @@ def _check_assumed_angstrom(wl: np.ndarray, path) -> None:
     )
 
 
-def read_spectrum(path: str | Path, *, air: bool | None = None) -> Spectrum:
+def read_spectrum(path: str | Path, *, air: bool | None = None, format: str | None = None,
+                  columns: dict | None = None) -> Spectrum:
     """Read a 1-D spectrum from ``path``, with vacuum wavelengths.
 
     First asks specutils (``Spectrum.read``, all its registered formats). If that fails, or if
@@ -243,19 +244,47 @@ def read_spectrum(path: str | Path, *, air: bool | None = None) -> Spectrum:
         None (default): air or vacuum as the file says (vacuum where it says nothing). True: the
         file's wavelengths are in air, convert them. False: they are in vacuum, whatever the file
         says.
+    format : str, optional
+        A specutils reader (e.g. ``"tabular-fits"``, ``"wcs1d-fits"``, ``"SDSS-III/IV spec"``;
+        ``specutils.Spectrum.read.list_formats()`` lists them) passed to ``Spectrum.read`` as
+        ``format=``: that reader alone is used, and its error is the error.
+    columns : dict, optional
+        Column names of a table, for tables whose names the reader does not guess: keys
+        ``"wavelength"``, ``"flux"`` and one of ``"uncertainty"`` (1 σ), ``"variance"``,
+        ``"ivar"``, e.g. ``{"wavelength": "LAMBDA_VAC", "flux": "F"}``. The table is then read
+        with astropy (``QTable.read``, with ``format`` if given) rather than specutils.
 
     Raises
     ------
     FileNotFoundError
         No such file.
     ValueError
-        Nothing could read it as a spectrum; a FITS image without a spectral WCS (its pixel
-        numbers would be read as wavelengths); an uncertainty column whose unit does not convert
-        to the flux's; or a file that says both air and vacuum while ``air`` is None.
+        Nothing could read it as a spectrum; the reader named by ``format`` failed; a column named
+        in ``columns`` is missing; a FITS image without a spectral WCS (its pixel numbers would be
+        read as wavelengths); an IGRINS PLP file (several orders: use :func:`read_orders`); an
+        uncertainty column whose unit does not convert to the flux's; or a file that says both
+        air and vacuum while ``air`` is None.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
+    if columns is not None:
+        return to_vacuum(_spectrum_from_named_columns(path, columns, format), air)
+    if format is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                spec = Spectrum.read(path, format=format)
+        except Exception as err:  # the named reader's own error, whatever its type
+            raise ValueError(f"could not read {path} with the specutils reader format={format!r}: "
+                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        if not (isinstance(spec, Spectrum) and spec.flux.ndim == 1):
+            raise ValueError(f"the specutils reader format={format!r} read {path.name} but not as one 1-D spectrum")
+        _refuse_pixel_axis(spec, path)
+        return to_vacuum(spec, air)
+    if is_igrins_plp(path):
+        raise ValueError(f"{path.name} is an IGRINS PLP file of several orders; read it with read_orders (or "
+                         "read_igrins_plp) and pick orders")
     errors = []
     spec = None
     try:
@@ -329,10 +358,41 @@ def _uncertainty_column(table) -> tuple[str | None, int]:
     return None, 1
 
 
-def _spectrum_from_table(table, path: Path, errors: list) -> Spectrum:
-    """A Spectrum from a table with named wavelength, flux and (optional) uncertainty columns."""
-    wcol, fcol = _column(table, _WAVE_NAMES), _column(table, _FLUX_NAMES)
-    ucol, power = _uncertainty_column(table)
+def _spectrum_from_named_columns(path: Path, columns: dict, format: str | None) -> Spectrum:
+    """A Spectrum from a table whose wavelength, flux and uncertainty columns the user named."""
+    from astropy.table import QTable
+
+    if not isinstance(columns, dict):
+        raise TypeError(f"columns must be a dict such as {{'wavelength': 'WAVE', 'flux': 'FLUX'}}, got "
+                        f"{type(columns).__name__}")
+    known = {"wavelength", "flux", "uncertainty", "variance", "ivar"}
+    unknown = sorted(set(columns) - known)
+    if unknown or not {"wavelength", "flux"} <= set(columns):
+        raise ValueError(f"columns needs 'wavelength' and 'flux' and may have one of 'uncertainty', 'variance', "
+                         f"'ivar'; got keys {sorted(columns)}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", u.UnitsWarning)
+            table = QTable.read(path, **({} if format is None else {"format": format}))
+    except Exception as err:
+        raise ValueError(f"could not read {path} as a table: {str(err).splitlines()[0] if str(err) else err}") from err
+    missing = [c for c in columns.values() if c not in table.colnames]
+    if missing:
+        raise ValueError(f"columns {missing} named in columns= are not in {path.name}; it has {table.colnames}")
+    named = [k for k in ("uncertainty", "variance", "ivar") if k in columns]
+    if len(named) > 1:
+        raise ValueError(f"name one uncertainty column (uncertainty, variance or ivar), got {named}")
+    unc = (columns[named[0]], {"uncertainty": 1, "variance": 2, "ivar": -2}[named[0]]) if named else (None, 1)
+    return _spectrum_from_table(table, path, [], wave=columns["wavelength"], flux=columns["flux"], unc=unc)
+
+
+def _spectrum_from_table(table, path: Path, errors: list, *, wave: str | None = None, flux: str | None = None,
+                         unc: tuple | None = None) -> Spectrum:
+    """A Spectrum from a table with named wavelength, flux and (optional) uncertainty columns
+    (found by their usual names, or as given)."""
+    wcol = wave if wave is not None else _column(table, _WAVE_NAMES)
+    fcol = flux if flux is not None else _column(table, _FLUX_NAMES)
+    ucol, power = unc if unc is not None else _uncertainty_column(table)
     if wcol is None or fcol is None:
         raise ValueError(
             f"could not read {path} as a spectrum ({'; '.join(errors)}); as a table it has columns "
@@ -377,6 +437,19 @@ def _uncertainty_in_flux_unit(column, power: int, flux_unit, name: str, path: Pa
     return cls(values)
 
 
+def is_igrins_plp(path: str | Path) -> bool:
+    """True when ``path`` is an IGRINS PLP ``.spec_a0v.fits`` product (a ``WAVELENGTH`` image and
+    the PLP's spectrum extensions, :data:`IGRINS_PLP_EXTENSIONS`)."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path) as hdul:
+            names = {h.name.upper() for h in hdul}
+    except (OSError, ValueError):
+        return False
+    return "WAVELENGTH" in names and bool(names & set(IGRINS_PLP_EXTENSIONS))
+
+
 def is_goldilocks(path: str | Path) -> bool:
     """True when ``path`` is an HPF Goldilocks-pipeline product (it has a ``SCI FLUX`` extension)."""
     from astropy.io import fits
@@ -389,12 +462,20 @@ def is_goldilocks(path: str | Path) -> bool:
 
 
 def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce: bool = True,
-                air: bool | None = None) -> list[Spectrum]:
+                air: bool | None = None, format: str | None = None, columns: dict | None = None,
+                extension: str = "TGT_SPEC") -> list[Spectrum]:
     """Read the échelle orders of a file as a list of spectra.
 
     An HPF Goldilocks file is read with muler (``HPFSpectrumList``) and, with ``reduce=True``,
-    each order goes through muler's ``remove_nans().deblaze().normalize()``; any other file is
-    read with :func:`read_spectrum` and counts as one order.
+    each order goes through muler's ``remove_nans().deblaze().normalize()``; an IGRINS PLP
+    ``.spec_a0v.fits`` file (the older layout muler cannot read) with :func:`read_igrins_plp`
+    (``extension``; the target's variance from the ``.variance.fits`` beside it, for
+    ``extension="TGT_SPEC"``); any other file is read with :func:`read_spectrum` (``format``,
+    ``columns``) and counts as one order.
+
+    Order numbers are the file's own: rows of the Goldilocks arrays (muler's ``order``) or of the
+    IGRINS images (``meta['order']``), returned in the sequence asked for (all: the file's
+    sequence for Goldilocks, ascending wavelength for IGRINS).
 
     Parameters
     ----------
@@ -406,8 +487,13 @@ def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce
         Apply muler's standard reduction chain to Goldilocks orders.
     air : bool or None
         Air or vacuum wavelengths, as in :func:`read_spectrum` (None: as the file says; vacuum
-        where it says nothing, as HPF Goldilocks files are). Each order goes through
+        where it says nothing, as HPF Goldilocks and IGRINS PLP files are). Each order goes through
         :func:`~blase_specutils.spectra.to_vacuum`, which records the frame in its ``meta``.
+    format, columns
+        For single-spectrum files, passed to :func:`read_spectrum`.
+    extension : str
+        The spectrum of an IGRINS PLP file: ``"TGT_SPEC"`` (default: the target as observed, with
+        its variance), ``"A0V_SPEC"`` (the A0V telluric standard), ``"SPEC_DIVIDE_A0V"``, ...
 
     Raises
     ------
@@ -439,7 +525,15 @@ def read_orders(path: str | Path, orders: Sequence[int] | None = None, *, reduce
                 s = raw[int(o)]
                 out.append(to_vacuum(s.remove_nans().deblaze().normalize() if reduce else s, air))
         return out
-    spectra = [read_spectrum(path, air=air)]
+    if format is None and columns is None and is_igrins_plp(path):
+        var = path.with_name(path.name.replace(".spec_a0v.fits", ".variance.fits"))
+        picked = read_igrins_plp(path, extension=extension, orders=orders,
+                                 variance=var if var != path and var.exists() else None)
+        if orders is not None:  # the sequence asked for, not wavelength order
+            by_row = {s.meta["order"]: s for s in picked}
+            picked = [by_row[int(o)] for o in orders]
+        return [to_vacuum(s, air) for s in picked]
+    spectra = [read_spectrum(path, air=air, format=format, columns=columns)]
     if orders is not None:
         bad = [o for o in orders if int(o) != 0]
         if bad:
@@ -463,7 +557,10 @@ def read_igrins_plp(
     The file holds 28 orders × 2048 pixels in image extensions ``SPEC_DIVIDE_A0V``, ``TGT_SPEC``,
     ``A0V_SPEC`` (the A0V telluric standard), ``VEGA_SPEC`` and ``SPEC_DIVIDE_CONT``, and the
     wavelengths (µm) in ``WAVELENGTH``. Orders come back with ascending wavelength in µm, in
-    ascending wavelength order, with NaN pixels masked.
+    ascending wavelength order, with NaN pixels masked. Their ``meta`` holds the primary FITS
+    header (``meta['header']``: time, target and site for the barycentric correction) and says
+    that they are as recorded (``meta['blase_specutils_frame'] = 'observatory'``), so a fit takes
+    them in the observatory frame by default; the PLP wavelengths are vacuum.
 
     Parameters
     ----------
@@ -484,6 +581,8 @@ def read_igrins_plp(
     from astropy.io import fits
     from astropy.nddata import VarianceUncertainty
 
+    from .frames import FRAME_KEY
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
@@ -497,6 +596,7 @@ def read_igrins_plp(
         flux = np.asarray(hdul[ext].data, dtype=np.float64)
         wave = np.asarray(hdul["WAVELENGTH"].data, dtype=np.float64)
         obj = hdul[0].header.get("OBJECT", "")
+        header = hdul[0].header.copy()
     var = None
     if variance is not None and ext == "TGT_SPEC":
         with fits.open(variance) as hv:
@@ -518,6 +618,7 @@ def read_igrins_plp(
             kw["uncertainty"] = VarianceUncertainty(var[o][srt])
         mask = ~np.isfinite(f[srt]) | (~np.isfinite(var[o][srt]) if var is not None else False)
         out.append(Spectrum(spectral_axis=w[srt] * u.um, flux=np.where(mask, np.nan, f[srt]) * u.dimensionless_unscaled,
-                            mask=mask, meta={"file": str(path), "order": o, "extension": ext, "object": obj}, **kw))
+                            mask=mask, meta={"file": str(path), "order": o, "extension": ext, "object": obj,
+                                             "header": header, FRAME_KEY: "observatory"}, **kw))
     out.sort(key=lambda s: float(s.spectral_axis[0].value))
     return out

@@ -12,7 +12,8 @@ from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertain
 from specutils import Spectrum
 
 __all__ = ["SpectrumArrays", "spectrum_to_arrays", "arrays_to_spectrum", "wavelength_to_angstrom", "to_vacuum",
-           "wavelength_frame", "air_to_vacuum_angstrom", "WAVELENGTH_FRAME_KEY"]
+           "wavelength_frame", "air_to_vacuum_angstrom", "WAVELENGTH_FRAME_KEY", "rebuild_like", "flux_outliers",
+           "refuse_extreme_pixels", "mask_flux_outliers", "FluxOutlierWarning", "region_to_band"]
 
 
 @dataclass
@@ -44,6 +45,32 @@ class SpectrumArrays:
     flux_unit: u.UnitBase
     reversed: bool
     spectral_unit: u.UnitBase
+
+
+def region_to_band(band):
+    """A band given as a specutils ``SpectralRegion`` as its ``(lower, upper)`` Quantity pair;
+    anything else unchanged.
+
+    A region of one subregion is that band. A region of several subregions is refused (a fit or
+    a clone has one band of interest): pass one subregion (``region[k]``), or fit or clone each
+    subregion on its own.
+
+    Raises
+    ------
+    ValueError
+        A region of more than one subregion (the message lists them).
+    """
+    from specutils import SpectralRegion
+
+    if not isinstance(band, SpectralRegion):
+        return band
+    subs = list(band.subregions)
+    if len(subs) != 1:
+        listed = ", ".join(f"{lo:.6g}-{hi:.6g}" for lo, hi in subs[:6]) + (", ..." if len(subs) > 6 else "")
+        raise ValueError(f"the SpectralRegion has {len(subs)} subregions ({listed}); a band is one range: pass one "
+                         "subregion (region[k]) or fit or clone each subregion on its own")
+    lo, hi = subs[0]
+    return (lo, hi)
 
 
 def wavelength_to_angstrom(axis: u.Quantity, what: str = "spectral axis") -> np.ndarray:
@@ -99,6 +126,149 @@ def _pixel_list(idx: np.ndarray, limit: int = 10) -> str:
     """``"3, 17, 18"`` (and ``"... (42 in all)"`` beyond ``limit``)."""
     shown = ", ".join(str(int(i)) for i in idx[:limit])
     return shown + (f", ... ({idx.size} in all)" if idx.size > limit else "")
+
+
+#: Flux outliers: a usable pixel further than this many robust σ from the robust local fit (and
+#: isolated, and at least half the local flux level away from it; see :func:`flux_outliers`).
+OUTLIER_SIGMA = 10.0
+#: Half-width (pixels) of the running median that is the robust local fit of :func:`flux_outliers`.
+OUTLIER_WINDOW = 3
+#: An uncertainty below this fraction of its order's median σ is an outlier too (one such pixel
+#: would outweigh the whole order in χ²).
+SIGMA_FLOOR_FRACTION = 1e-3
+#: Uncertainties must lie within these bounds (their inverse square must be a finite, nonzero float64).
+SIGMA_LIMITS = (1e-150, 1e150)
+
+
+def flux_outliers(flux: np.ndarray, sigma: np.ndarray, good: np.ndarray) -> np.ndarray:
+    r"""Single-pixel flux outliers (cosmic rays, hot or dead pixels) of one order.
+
+    The robust local fit is a running median over 2 × :data:`OUTLIER_WINDOW` + 1 = 7 usable
+    pixels; r is the flux minus it, and the robust σ of the order is 1.4826 × median |r| (the
+    normal-equivalent median absolute deviation). A usable pixel is an outlier when all three hold:
+
+    * |r| > 10 × max(σ_pixel, robust σ) (:data:`OUTLIER_SIGMA`);
+    * |r| > 3 × |r| of each usable neighbour: it stands alone. The instrument's line-spread
+      function spreads every real feature over 2 or more pixels, so a resolved line core is never
+      more than ~2× away from its neighbours' residuals;
+    * |r| > 0.5 × |local fit|: an excursion of at least half the local flux level.
+
+    On the real HPF (WASP 69, HR 4829: 59,000 px) and IGRINS target spectra of the project's
+    data this marks no pixel of the HPF data and ten single-pixel excursions of the IGRINS
+    target (values of -7,000 to 98,000 among tens to thousands). Two adjacent bad pixels are
+    not caught. Pixels whose σ is below :data:`SIGMA_FLOOR_FRACTION` of the order's median σ
+    are outliers too.
+
+    Parameters
+    ----------
+    flux, sigma : ndarray
+        The order's flux and 1-σ uncertainties (same unit), on an ascending wavelength grid.
+    good : ndarray of bool
+        Usable pixels (finite, unmasked); others are never outliers and do not count as neighbours.
+
+    Returns
+    -------
+    ndarray of bool
+        True at the outliers.
+    """
+    from scipy.ndimage import median_filter
+
+    flux = np.asarray(flux, dtype=np.float64)
+    sigma = np.asarray(sigma, dtype=np.float64)
+    out = np.zeros(flux.size, dtype=bool)
+    idx = np.flatnonzero(good)
+    if idx.size < 2 * OUTLIER_WINDOW + 3:
+        return out
+    x, s = flux[idx], sigma[idx]
+    with np.errstate(over="ignore", invalid="ignore"):
+        local = median_filter(x, size=2 * OUTLIER_WINDOW + 1, mode="nearest")
+        r = np.abs(x - local)
+        robust = 1.4826 * float(np.median(r))
+        neighbour = np.maximum(np.r_[0.0, r[:-1]], np.r_[r[1:], 0.0])
+        spike = (r > OUTLIER_SIGMA * np.maximum(s, robust)) & (r > 3.0 * neighbour) & (r > 0.5 * np.abs(local))
+    finite_s = s[np.isfinite(s)]
+    tiny = s < SIGMA_FLOOR_FRACTION * float(np.median(finite_s)) if finite_s.size else np.zeros(s.size, bool)
+    out[idx] = spike | tiny
+    return out
+
+
+class FluxOutlierWarning(UserWarning):
+    """Single-pixel flux outliers were left out of a fit (:func:`flux_outliers`); the result's
+    ``outliers`` lists them."""
+
+
+def mask_flux_outliers(flux: np.ndarray, sigma: np.ndarray, good: np.ndarray, order_of_pixel: np.ndarray,
+                       arrays: list) -> tuple[np.ndarray, dict]:
+    """The outliers of concatenated orders (:func:`flux_outliers`, order by order) and a report.
+
+    Parameters
+    ----------
+    flux, sigma, good, order_of_pixel : ndarray
+        Concatenated orders on their ascending wavelength grids, and each pixel's (user's) order.
+    arrays : list of SpectrumArrays
+        The orders' arrays in the concatenated sequence (their ``reversed`` says how to count
+        pixels along the user's own axis).
+
+    Returns
+    -------
+    (ndarray of bool, dict)
+        The outlier mask, and ``{"count", "threshold_sigma", "pixels"}`` where ``pixels`` maps
+        each order with outliers (its index, as a string) to the positions along that order's
+        own spectral axis.
+    """
+    mask = np.zeros(np.asarray(flux).size, dtype=bool)
+    pixels: dict[str, list[int]] = {}
+    start = 0
+    for arr in arrays:
+        n = arr.wavelength.size
+        sl = slice(start, start + n)
+        start += n
+        out = flux_outliers(flux[sl], sigma[sl], good[sl])
+        mask[sl] = out
+        if out.any():
+            j = np.flatnonzero(out)
+            k = int(order_of_pixel[sl][0])
+            pixels[str(k)] = sorted(int(i) for i in ((n - 1 - j) if arr.reversed else j))
+    return mask, {"count": int(mask.sum()), "threshold_sigma": OUTLIER_SIGMA, "pixels": pixels}
+
+
+def refuse_extreme_pixels(spectrum: Spectrum, order: int = 0) -> None:
+    """ValueError naming the pixels of one order that no fit can use.
+
+    Refused: ±inf flux at an unmasked pixel (NaN marks a missing pixel and is left out, as
+    specutils and muler do), and at unmasked pixels with finite flux a σ <= 0 or outside
+    :data:`SIGMA_LIMITS` (1e-150 to 1e150: its inverse square, the χ² weight, must be a finite,
+    nonzero float64). Indices are positions along the spectrum's own spectral axis.
+
+    Parameters
+    ----------
+    spectrum : Spectrum
+        One order.
+    order : int
+        Its index, for the message.
+    """
+    f = np.asarray(spectrum.flux.value, dtype=np.float64)
+    unmasked = np.ones(f.size, bool) if spectrum.mask is None else ~np.asarray(spectrum.mask, dtype=bool).ravel()
+    inf = np.flatnonzero(np.isinf(f) & unmasked)
+    if inf.size:
+        raise ValueError(f"order {order} has infinite flux at {inf.size} unmasked pixel(s): index {_pixel_list(inf)} "
+                         "(positions along its spectral axis); mask them (spectrum.mask True) or set them to NaN")
+    s = _sigma_from(spectrum.uncertainty, spectrum.flux.unit)
+    if s is None:
+        return
+    s = np.asarray(s, dtype=np.float64)
+    usable = unmasked & np.isfinite(f)
+    bad = np.flatnonzero(np.isfinite(s) & (s <= 0) & usable)
+    if bad.size:
+        raise ValueError(f"order {order} has {bad.size} pixel(s) with zero or negative uncertainty: index "
+                         f"{_pixel_list(bad)} (positions along its spectral axis); mask them or give positive "
+                         "1-sigma uncertainties")
+    lo, hi = SIGMA_LIMITS
+    bad = np.flatnonzero(np.isfinite(s) & ((s < lo) | (s > hi)) & usable)
+    if bad.size:
+        raise ValueError(f"order {order} has {bad.size} uncertainty value(s) outside {lo:g}-{hi:g} (their inverse "
+                         f"square, the χ² weight, is not a finite nonzero number): index {_pixel_list(bad)}, e.g. "
+                         f"σ = {s[bad[0]]:.3g}; mask them, or rescale the flux and its uncertainties")
 
 
 def _refuse_negative_variance(uncertainty, good: np.ndarray) -> None:
@@ -195,7 +365,8 @@ def arrays_to_spectrum(
 
     ``meta``: the result's metadata (a shallow copy). Left out, it is a shallow copy of ``like``'s
     ``meta`` (so a muler spectrum keeps its FITS header and methods such as ``.astropy_time``
-    keep working), or empty without ``like``.
+    keep working), or empty without ``like``. A velocity tagged on ``like``'s spectral axis
+    (``radial_velocity``/``redshift``) is kept on the result's (:func:`rebuild_like`).
     """
     wavelength = np.asarray(wavelength, dtype=np.float64)
     arrays = dict(flux=np.asarray(flux, dtype=np.float64),
@@ -221,6 +392,22 @@ def arrays_to_spectrum(
     if meta is None and like is not None:
         meta = getattr(like, "meta", None)
     kwargs["meta"] = dict(meta or {})
+    return rebuild_like(like, **kwargs)
+
+
+def rebuild_like(like: Spectrum | None, **kwargs) -> Spectrum:
+    """A new spectrum of ``like``'s class from ``Spectrum`` keywords, tagged with ``like``'s velocity.
+
+    ``like``'s class (e.g. muler's ``HPFSpectrum``) is used where its constructor takes the
+    keywords, else a plain ``Spectrum``. A radial velocity (or redshift) tagged on ``like``'s
+    spectral axis is set on the result's axis too, unless ``kwargs`` set one: outputs carry the
+    input's tag (specutils: the velocity of the target relative to the observer for the axis as
+    given). The keywords are passed as they are (not copied).
+    """
+    if like is not None and "radial_velocity" not in kwargs and "redshift" not in kwargs:
+        rv = getattr(like.spectral_axis, "radial_velocity", None)
+        if rv is not None and np.any(u.Quantity(rv).value != 0):
+            kwargs["radial_velocity"] = rv
     cls = type(like) if like is not None else Spectrum
     if cls is not Spectrum:
         try:
@@ -498,15 +685,6 @@ def _converted(spectrum: Spectrum) -> Spectrum:
         )
     wl = u.Quantity(axis.value, unit).to_value(u.AA)
     vac = (air_to_vacuum_angstrom(wl) * u.AA).to(unit)
-    kwargs = dict(spectral_axis=vac, flux=spectrum.flux, uncertainty=spectrum.uncertainty, mask=spectrum.mask,
-                  meta=dict(getattr(spectrum, "meta", None) or {}, **{WAVELENGTH_FRAME_KEY: FRAME_CONVERTED}))
-    rv = getattr(axis, "radial_velocity", None)
-    if rv is not None and np.any(u.Quantity(rv).value != 0):
-        kwargs["radial_velocity"] = rv
-    cls = type(spectrum)
-    if cls is not Spectrum:
-        try:
-            return cls(**kwargs)
-        except Exception:  # muler subclasses may need extra keywords; fall back to Spectrum
-            pass
-    return Spectrum(**kwargs)
+    return rebuild_like(spectrum, spectral_axis=vac, flux=spectrum.flux, uncertainty=spectrum.uncertainty,
+                        mask=spectrum.mask,
+                        meta=dict(getattr(spectrum, "meta", None) or {}, **{WAVELENGTH_FRAME_KEY: FRAME_CONVERTED}))
