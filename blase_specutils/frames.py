@@ -7,6 +7,22 @@ star moves by its measured radial velocity. Everything that comes in another fra
 that one here, once, before any fitting, and what was done is recorded in a :class:`FitFrames`
 that the result reports (``TransferResult.frames``, its ``summary()`` and ``fit --json``).
 
+What each template and reader assumes
+-------------------------------------
+* Templates (:func:`~blase_specutils.load_template`): the PHOENIX 10 kK HPF model, the TelFit HPF
+  and PSG IGRINS transmissions and the MOOG 4250 K synthesis are in vacuum wavelengths; the
+  stellar models are at rest, the telluric ones at rest in the observatory frame.
+* :func:`~blase_specutils.io.read_orders` on an HPF Goldilocks file (muler's ``HPFSpectrum``):
+  vacuum, observatory frame (the frame a fit assumes by default), the FITS header in ``meta``.
+* :func:`~blase_specutils.io.read_igrins_plp` and ``read_orders`` on an IGRINS PLP
+  ``.spec_a0v.fits``: vacuum, observatory frame (``meta['blase_specutils_frame']``), the primary
+  header in ``meta``; order numbers are the file's rows (``meta['order']``).
+* :func:`~blase_specutils.io.read_spectrum`: air where the file says so (``CTYPE1 = 'AWAV'``,
+  ``AIRORVAC``, ``AIR``), else vacuum; the frame is unstated unless the user gives ``frame``
+  (the WASP 69 HPF stack, a stack of exposures, appears to be barycentric already: its fitted RV,
+  -10.4 km/s, is WASP 69's systemic velocity, -9.6 km/s, whereas adding its header's correction,
+  -27.5 km/s, the correction of one exposure of the stack, would give -37.9 km/s).
+
 Velocity conventions
 --------------------
 * The fitted RV follows the optical convention of the forward model: a line at rest wavelength
