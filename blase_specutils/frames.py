@@ -60,7 +60,7 @@ from specutils import Spectrum
 from .core.clone import SPEED_OF_LIGHT_KMS
 from .spectra import WAVELENGTH_FRAME_KEY, rebuild_like, to_vacuum, wavelength_to_angstrom
 
-__all__ = ["FitFrames", "FRAMES", "UNSTATED", "default_frame", "telluric_frame_flags", "OBSERVATORIES", "MAX_BARYCENTRIC_CORRECTION_KMS", "prepare_orders",
+__all__ = ["FitFrames", "FRAMES", "UNSTATED", "default_frame", "telluric_frame_flags", "check_frame_settings", "OBSERVATORIES", "MAX_BARYCENTRIC_CORRECTION_KMS", "prepare_orders",
            "barycentric_correction", "to_observatory", "velocity_tag", "barycentric_rv"]
 
 #: The frames the data may be given in: ``"observatory"`` (as recorded by the spectrograph: telluric
@@ -381,6 +381,20 @@ def default_frame(orders: Sequence[Spectrum]) -> str:
     return "observatory" if orders and all(recorded(s) for s in orders) else UNSTATED
 
 
+def check_frame_settings(*, air=None, frame=None, barycentric_correction=None) -> None:
+    """Check the frame settings of a fit before any data are read (as :func:`prepare_orders` would
+    refuse them): ``air`` True, False or None; ``frame`` one of :data:`FRAMES` or None;
+    ``barycentric_correction`` a velocity within ±31 km/s or None. Raises TypeError, ValueError
+    or UnitsError naming the setting."""
+    if air is not None and not isinstance(air, (bool, np.bool_)):
+        raise TypeError(f"air must be True (air wavelengths), False (vacuum) or None (as the file says), got {air!r}")
+    if frame is not None and (not isinstance(frame, str) or frame not in FRAMES):
+        raise ValueError(f"frame must be one of {FRAMES} (the frame the data are in) or None (observatory for "
+                         f"HPF/IGRINS pipeline spectra, else unstated), got {frame!r}")
+    if barycentric_correction is not None:
+        _given_correction(barycentric_correction)
+
+
 def prepare_orders(orders: Sequence[Spectrum], *, air: bool | None = None, frame: str | None = None,
                    barycentric_correction=None) -> tuple[list[Spectrum], FitFrames]:
     """Bring the user's orders into the fit's frame: vacuum wavelengths, on the observatory's axis.
@@ -417,9 +431,7 @@ def prepare_orders(orders: Sequence[Spectrum], *, air: bool | None = None, frame
     TypeError, astropy.units.UnitsError
         ``barycentric_correction`` of the wrong type or unit.
     """
-    if frame is not None and (not isinstance(frame, str) or frame not in FRAMES):
-        raise ValueError(f"frame must be one of {FRAMES} (the frame the data are in) or None (observatory for "
-                         f"HPF/IGRINS pipeline spectra, else unstated), got {frame!r}")
+    check_frame_settings(air=air, frame=frame, barycentric_correction=barycentric_correction)
     given = None if barycentric_correction is None else _given_correction(barycentric_correction)
     vacuum = [to_vacuum(s, air) for s in orders]
     frames = FitFrames(frame=default_frame(orders) if frame is None else frame,

@@ -43,3 +43,14 @@ def test_clone_many_takes_one_path_or_one_spectrum_as_one_job(tmp_path):
 def test_a_dict_of_inputs_is_refused_clearly(tiny_clone):
     with pytest.raises(TypeError, match="not a dict"):
         fit_many({"a": Path("x.fits")}, tiny_clone, progress=False)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(frame="heliocentric"), ValueError, "frame must be one of"),
+    (dict(air="yes"), TypeError, "air must be True"),
+    (dict(barycentric_correction=-21900.0), ValueError, "was it in m/s"),
+    (dict(resolving_power=5), ValueError, "resolving_power must be >= 1000"),
+])
+def test_fit_many_checks_frame_settings_before_any_job(tiny_clone, tmp_path, kw, error, match):
+    with pytest.raises(error, match=match):
+        fit_many([str(tmp_path / "a.fits"), str(tmp_path / "b.fits")], tiny_clone, progress=False, **kw)
