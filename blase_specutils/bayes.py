@@ -600,7 +600,9 @@ class PosteriorFit:
 
     @property
     def rv(self) -> u.Quantity:
-        """Posterior median of the radial velocity."""
+        """Posterior median of the radial velocity: the forward model's, the measured RV on the
+        data's axis (a velocity tagged on that axis included, as
+        :attr:`TransferResult.rv_total`, not :attr:`TransferResult.rv`)."""
         return self.measurement("rv").value
 
     @property
