@@ -1,15 +1,17 @@
 """Sphinx configuration of the blase_specutils documentation.
 
 Build with ``python -m sphinx -b html docs docs/_build/html``. The tutorial notebooks live in
-``../notebooks`` and are copied into ``tutorials/`` at build time. They are rendered as stored
-(without outputs) unless ``BLASE_DOCS_EXECUTE=1`` is set, which executes them during the build.
+``../notebooks``; ``tutorials/`` holds links to them (committed), so the build reads them where
+they are and writes nothing into the source tree. They are executed during the build by default,
+so that their figures are in the pages (myst-nb's cache, in ``docs/_build/.jupyter_cache``, skips
+notebooks that have not changed); ``BLASE_DOCS_EXECUTE=0`` renders them as stored, without
+outputs. Executing them needs the project's ``../shared/data`` next to the checkout.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -27,10 +29,11 @@ release = blase_specutils.__version__
 version = release
 
 # ---------------------------------------------------------------- notebooks
-TUTORIALS = DOCS / "tutorials"
-TUTORIALS.mkdir(exist_ok=True)
-for _nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
-    shutil.copy2(_nb, TUTORIALS / _nb.name)
+# docs/tutorials/*.ipynb are symbolic links to ../notebooks/*.ipynb (nothing is copied at build time)
+_missing = [nb.name for nb in sorted((ROOT / "notebooks").glob("*.ipynb")) if not (DOCS / "tutorials" / nb.name).exists()]
+if _missing:
+    raise RuntimeError(f"docs/tutorials has no link to the notebooks {_missing}; add one with "
+                       "ln -s ../../notebooks/NAME.ipynb docs/tutorials/NAME.ipynb")
 
 # ---------------------------------------------------------------- extensions
 extensions = [
@@ -50,8 +53,9 @@ numpydoc_class_members_toctree = False
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 
-_execute = os.environ.get("BLASE_DOCS_EXECUTE", "0").strip().lower() in {"1", "true", "yes"}
-nb_execution_mode = "force" if _execute else "off"
+_execute = os.environ.get("BLASE_DOCS_EXECUTE", "1").strip().lower() not in {"0", "false", "no"}
+nb_execution_mode = "cache" if _execute else "off"
+nb_execution_cache_path = str(DOCS / "_build" / ".jupyter_cache")
 nb_execution_timeout = 600
 nb_execution_raise_on_error = True
 nb_kernel_rgx_aliases = {".*": "python3"}

@@ -124,3 +124,14 @@ def test_markdown_examples_run(path: Path, tmp_path, monkeypatch, capsys):
     unsaid = sorted(c for c in codes if c not in text)
     assert not unsaid, f"{_rel(path)}: an example's fit is flagged {unsaid} but the text does not say so"
     assert os.getcwd() == str(tmp_path)
+
+
+def test_docs_tutorials_are_links_to_the_notebooks():
+    """The docs read the notebooks where they are (links), so a docs build writes nothing into the source."""
+    notebooks = sorted((ROOT / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for nb in notebooks:
+        link = ROOT / "docs" / "tutorials" / nb.name
+        assert link.is_symlink() and link.resolve() == nb.resolve(), f"docs/tutorials/{nb.name} is not a link to {nb}"
+    conf = (ROOT / "docs" / "conf.py").read_text(encoding="utf-8")
+    assert "shutil.copy" not in conf and 'nb_execution_cache_path = str(DOCS / "_build"' in conf
