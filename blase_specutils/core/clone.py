@@ -231,6 +231,47 @@ class LineCloneModel(nn.Module):
                 getattr(new, name).copy_(getattr(self, name).detach())
         return new, order
 
+    @staticmethod
+    def concatenate(models: Sequence["LineCloneModel"]) -> tuple["LineCloneModel", Tensor]:
+        """One model holding the lines of several (e.g. one clone per molecule), sorted by centre.
+
+        The models must share mode, profile and emission; the first one's wing tolerance, far-field
+        setting and tuned groups are kept. Parameters are copied (detached); broad lines keep their
+        wing corrections.
+
+        Returns
+        -------
+        model : LineCloneModel
+        component : Tensor of int
+            For each line of the new model, the index of the model it came from.
+        """
+        models = list(models)
+        if not models:
+            raise ValueError("concatenate needs at least one model")
+        first = models[0]
+        for m in models[1:]:
+            if (m.mode, m.profile, m.emission) != (first.mode, first.profile, first.emission):
+                raise ValueError("models to concatenate must share mode, profile and emission; got "
+                                 f"{(first.mode, first.profile, first.emission)} and {(m.mode, m.profile, m.emission)}")
+        dev = first.lam_centers.device
+        cat = lambda name: torch.cat([getattr(m, name).detach().to(dev, first.dtype if name != "lam_centers"  # noqa: E731
+                                                                       else torch.float64) for m in models])
+        centers, amps, sigmas, gammas = (cat(n) for n in ("lam_centers", "log_amplitudes", "log_sigmas", "log_gammas"))
+        component = torch.cat([torch.full((m.n_lines,), k, dtype=torch.long, device=dev) for k, m in enumerate(models)])
+        offsets = np.cumsum([0] + [m.n_lines for m in models[:-1]])
+        broad = torch.cat([m.broad_lines.to(dev) + int(o) for m, o in zip(models, offsets)])
+        order = torch.argsort(centers, stable=True)
+        old_to_new = torch.empty_like(order)
+        old_to_new[order] = torch.arange(order.numel(), device=dev)
+        new = LineCloneModel(centers[order], amps[order], sigmas[order], gammas[order], mode=first.mode,
+                             profile=first.profile, emission=first.emission, tune=first.tuned,
+                             wing_tolerance=first.wing_tolerance, far_field=first.far_field,
+                             broad_lines=old_to_new[broad].tolist(), dtype=first.dtype, device=dev)
+        with torch.no_grad():
+            for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
+                getattr(new, name).copy_(torch.cat([getattr(m, name).detach().to(dev) for m in models]))
+        return new, component[order]
+
     # ------------------------------------------------------------------ evaluation
     def _wing(self):
         if self.broad_lines.numel() == 0:
@@ -268,13 +309,20 @@ class LineCloneModel(nn.Module):
 
     def log_flux(
         self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, dense: bool = False,
-        plan: WindowPlan | ClonePlan | None = None,
+        plan: WindowPlan | ClonePlan | None = None, lines: Tensor | None = None,
     ) -> Tensor:
         r""":math:`\ln S_\mathrm{clone}` on ``wavelength`` (Å, strictly increasing).
 
         ``plan``: a plan of this model on this grid (:meth:`make_plan`): the same sums without
-        synchronising with the device.
+        synchronising with the device. ``lines``: a boolean mask of the lines to sum (the others
+        are left out; gradients still reach this model's parameters), e.g. one molecule of a
+        telluric clone made of several; not with a plan or ``dense``.
         """
+        if lines is not None:
+            if plan is not None or dense:
+                raise ValueError("lines= selects lines of the windowed engine: it takes no plan and no dense=True")
+            return self._log_flux_of(torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device),
+                                     radial_velocity, lines)
         if plan is not None:
             if dense:
                 raise ValueError("dense=True evaluates every line at every pixel: it takes no plan")
@@ -323,6 +371,32 @@ class LineCloneModel(nn.Module):
             out = out + windowed_log_flux(wavelength, *(t[plain] for t in args[1:]), tolerance=self.wing_tolerance,
                                           far_field=ff, half_widths=None if ff is not None else
                                           self.window_half_widths()[plain], **kw)
+        return out
+
+    def _log_flux_of(self, wavelength: Tensor, radial_velocity, lines: Tensor) -> Tensor:
+        """The windowed sum over the lines of the boolean mask ``lines`` only."""
+        lines = torch.as_tensor(lines, device=self.lam_centers.device)
+        if lines.dtype != torch.bool or lines.shape != (self.n_lines,):
+            raise ValueError(f"lines must be a boolean mask of the {self.n_lines} lines")
+        params = (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
+                  self.log_gammas.exp())
+        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign)
+        ff = self._far_field_settings(wavelength)
+        plain, broad = self._line_split()
+        plain = plain[lines[plain]]
+        out = torch.zeros_like(wavelength, dtype=self.dtype)
+        if broad.numel():
+            keep = lines[broad]
+            if bool(keep.any()):
+                alpha, lt, b = (t[keep] for t in self._wing_parameters())
+                c, a, s, g = (t[broad[keep]] for t in params)
+                out = out + windowed_log_flux(
+                    wavelength, c, a, s, g, half_widths=self._broad_half_widths(a, s, g, alpha), far_field=None,
+                    wing=lambda x, k: wing_factor(x, alpha[k], lt[k], b[k]), **kw)
+        if plain.numel():
+            hw = None if ff is not None else self.window_half_widths()[plain]
+            out = out + windowed_log_flux(wavelength, *(t[plain] for t in params), tolerance=self.wing_tolerance,
+                                          far_field=ff, half_widths=hw, **kw)
         return out
 
     def _line_split(self) -> tuple[Tensor, Tensor]:

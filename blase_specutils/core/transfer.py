@@ -189,6 +189,27 @@ class FitFlag:
         return {"code": self.code, "message": self.message, "parameter": self.parameter}
 
 
+def _components(telluric, components, names) -> tuple[list[Tensor] | None, tuple[str, ...]]:
+    """Boolean line masks of the telluric components and their names (None, ("",) for one power)."""
+    if components is None:
+        if names is not None and len(names) != 1:
+            raise ValueError("telluric_names needs telluric_components (one name per component)")
+        return None, tuple(names or ("",))
+    if telluric is None:
+        raise ValueError("telluric_components needs a telluric clone")
+    comp = torch.as_tensor(np.asarray(components), device=telluric.lam_centers.device).long()
+    if comp.shape != (telluric.n_lines,):
+        raise ValueError(f"telluric_components must hold one index per telluric line ({telluric.n_lines}), "
+                         f"got shape {tuple(comp.shape)}")
+    n = int(comp.max()) + 1 if comp.numel() else 1
+    if comp.numel() and int(comp.min()) < 0:
+        raise ValueError("telluric_components must be indices >= 0")
+    names = tuple(str(k) for k in range(n)) if names is None else tuple(str(x) for x in names)
+    if len(names) != n or len(set(names)) != n:
+        raise ValueError(f"telluric_names must be {n} distinct names, one per component, got {list(names)}")
+    return [comp == k for k in range(n)], names
+
+
 class TransferModel(nn.Module):
     r"""The full forward model M(λ_D) of Eq. 10 for one or more échelle orders.
 
@@ -231,6 +252,32 @@ class TransferModel(nn.Module):
         Fixed half width (km/s) of the instrumental kernel; default 6 σ_v at 0.75 × the initial R
         (see :class:`~blase_specutils.core.extrinsic.InstrumentalBroadening`). Give it to rebuild
         a saved model exactly.
+    telluric_instrumental : bool
+        The telluric clone already carries the instrument's line-spread function (a template
+        computed at, or smoothed to, the instrument's resolution, such as muler's TelFit HPF file):
+        its transmission multiplies *after* the instrumental kernel,
+        :math:`\mathrm{resample}[(S_\mathrm{ext} * g(R)) \odot T^X]`, so that its lines are not
+        broadened twice. This is an approximation (the LSF of a product is not the product of the
+        LSFs); exact for lines much narrower or much broader than the LSF. Default False: the
+        physical order of Eq. 9, the telluric clone at native resolution multiplies before.
+    calibration_degree : int or None
+        Degree of a smooth per-order wavelength correction δv(x) = Σ_k c_k x^k (km/s, x in [−1, 1]
+        across each order, paper Section 8.8), shared by the star and the tellurics: the model at
+        pixel λ is evaluated at λ (1 + δv/c), to first order in δv. Its coefficients
+        ``calibration_coeffs`` start at 0 and are frozen (``requires_grad=False``) until a fit
+        tunes them. None (default): no correction.
+    telluric_components : array_like of int, optional
+        Per line of the telluric clone, the index of its component (e.g. its molecule, from
+        :meth:`LineCloneModel.concatenate`): each component k gets its own Beer's-law power,
+        :math:`T = \exp(\sum_k X_k \ln T_k)` (water varies with the weather, the well-mixed gases
+        with airmass). ``log_telluric_power`` is then a vector, one entry per component (all start
+        at ``telluric_power``). None (default): one power for the whole clone.
+    telluric_names : sequence of str, optional
+        Names of the components (default ``"0"``, ``"1"``, …).
+    calibration_prior : float
+        Width (km/s) of the Gaussian pull of each coefficient towards 0 when tuned: a term
+        :math:`\sum_k (c_k / \sigma_\mathrm{cal})^2` in the loss (default 1 km/s: weak against the
+        telluric lines of one order, enough to hold an order without them at 0).
 
     Raises
     ------
@@ -256,6 +303,11 @@ class TransferModel(nn.Module):
         max_rv: float = 300.0,
         telluric_power: float = 1.0,
         lsf_half_width: float | None = None,
+        telluric_instrumental: bool = False,
+        calibration_degree: int | None = None,
+        calibration_prior: float = 1.0,
+        telluric_components=None,
+        telluric_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if stellar is None and telluric is None:
@@ -283,8 +335,11 @@ class TransferModel(nn.Module):
         self._build_grid()
         self.rv = nn.Parameter(torch.tensor(float(rv), dtype=dtype, device=device), requires_grad=stellar is not None)
         self.max_rv = float(max_rv)
+        self.telluric_masks, self.telluric_names = _components(telluric, telluric_components, telluric_names)
+        n_power = () if self.telluric_masks is None else (len(self.telluric_masks),)
         self.log_telluric_power = nn.Parameter(
-            torch.tensor(math.log(float(telluric_power)), dtype=dtype, device=device), requires_grad=telluric is not None
+            torch.full(n_power, math.log(float(telluric_power)), dtype=dtype, device=device),
+            requires_grad=telluric is not None,
         )
         if order_index is None:
             lo_e, hi_e = pixel_edges(lam)
@@ -306,6 +361,18 @@ class TransferModel(nn.Module):
         coeffs = torch.zeros(n_orders, int(continuum_degree) + 1, dtype=dtype, device=device)
         coeffs[:, 0] = 1.0
         self.continuum_coeffs = nn.Parameter(coeffs)
+        self.telluric_instrumental = bool(telluric_instrumental)
+        if calibration_degree is not None and int(calibration_degree) < 0:
+            raise ValueError("calibration_degree must be None or an integer >= 0")
+        self.calibration_degree = None if calibration_degree is None else int(calibration_degree)
+        n_cal = 0 if calibration_degree is None else int(calibration_degree) + 1
+        cal_powers = torch.stack([x**d for d in range(n_cal)], dim=1) if n_cal else x[:, None][:, :0]
+        self.register_buffer("_cal_powers", cal_powers.to(dtype), persistent=False)
+        self.calibration_coeffs = nn.Parameter(torch.zeros(n_orders, n_cal, dtype=dtype, device=device),
+                                               requires_grad=False)
+        if not (math.isfinite(float(calibration_prior)) and float(calibration_prior) > 0):
+            raise ValueError(f"calibration_prior must be finite and > 0 km/s, got {calibration_prior}")
+        self.calibration_prior = float(calibration_prior)
 
     def _build_grid(self) -> None:
         """λ_Z with margins that hold the rotation and instrumental kernels, and the pixel resampler."""
@@ -362,7 +429,7 @@ class TransferModel(nn.Module):
         self._plans = {}
         if self.stellar is not None:
             self._plans["stellar"] = self.stellar.make_plan(self.lam_z, self.rv, headroom=headroom, kernel=kernel)
-        if self.telluric is not None:
+        if self.telluric is not None and self.telluric_masks is None:  # components are evaluated without plans
             self._plans["telluric"] = self.telluric.make_plan(self.lam_z, headroom=headroom, kernel=kernel)
         return list(self._plans.values())
 
@@ -411,7 +478,11 @@ class TransferModel(nn.Module):
         """
         if self.telluric is None:
             return None
-        return torch.exp(self.telluric_power * self.telluric.log_flux(self.lam_z, plan=self._plan("telluric")))
+        if self.telluric_masks is None:
+            return torch.exp(self.telluric_power * self.telluric.log_flux(self.lam_z, plan=self._plan("telluric")))
+        x = self.telluric_power
+        log_t = sum(x[k] * self.telluric.log_flux(self.lam_z, lines=m) for k, m in enumerate(self.telluric_masks))
+        return torch.exp(log_t)
 
     def joint(self) -> Tensor:
         """M_joint(λ_Z) = S_ext ⊙ T_clone^X (Eq. 9), or T_clone^X alone without a stellar clone."""
@@ -421,9 +492,48 @@ class TransferModel(nn.Module):
             return t
         return m if t is None else m * t
 
+    def _to_pixels(self, ext: Tensor | None, trans: Tensor | None) -> Tensor:
+        """The model at the data pixels, before the continuum polynomial, from S_ext and T^X on λ_Z:
+        resample[(S_ext ⊙ T^X) * g(R)] (Eq. 10), or resample[(S_ext * g(R)) ⊙ T^X] for a telluric
+        clone at the instrument's resolution (``telluric_instrumental``); with the wavelength
+        correction δv applied to first order."""
+        m = self._observed(ext, trans)
+        out = self.resampler(m)
+        dv = self.velocity_correction()
+        if dv is not None:  # M(λ (1 + δv/c)) ≈ M(λ) + δv dM/dv
+            out = out + dv * self.resampler(self._velocity_derivative(m))
+        return out
+
+    def _observed(self, ext: Tensor | None, trans: Tensor | None) -> Tensor:
+        """The model on λ_Z after the instrument: (S_ext ⊙ T^X) * g(R), or (S_ext * g(R)) ⊙ T^X."""
+        if self.telluric_instrumental:
+            return trans if ext is None else (self.inst(ext) if trans is None else self.inst(ext) * trans)
+        return self.inst(ext if trans is None else (trans if ext is None else ext * trans))
+
+    def _velocity_derivative(self, m: Tensor) -> Tensor:
+        """dm/dv (per km/s) on the log grid λ_Z, by central differences (one-sided at the ends)."""
+        grad = torch.empty_like(m)
+        grad[1:-1] = (m[2:] - m[:-2]) / (2.0 * self.rot.dv)
+        grad[0] = (m[1] - m[0]) / self.rot.dv
+        grad[-1] = (m[-1] - m[-2]) / self.rot.dv
+        return grad
+
+    def velocity_correction(self) -> Tensor | None:
+        """δv (km/s) of the wavelength correction at each data pixel, or None without one."""
+        if self.calibration_degree is None:
+            return None
+        return (self._cal_powers * self.calibration_coeffs[self.order_of_pixel]).sum(1)
+
     def unscaled(self) -> Tensor:
         """resample[M_joint * g(R)] at the data pixels, before the continuum polynomial."""
-        return self.resampler(self.inst(self.joint()))
+        return self._to_pixels(self.extrinsic(), self.telluric_transmission())
+
+    def transmission_at_pixels(self) -> Tensor | None:
+        """The telluric transmission T^X at the data's resolution and sampling: resample[T^X * g(R)]
+        (resample[T^X] for a clone at the instrument's resolution), with the wavelength correction;
+        None without a telluric clone."""
+        t = self.telluric_transmission()
+        return None if t is None else self._to_pixels(None, t)
 
     def forward(self) -> Tensor:
         """M(λ_D) (Eq. 10 times P_data)."""
@@ -447,6 +557,34 @@ class TransferModel(nn.Module):
         # orders with too few good pixels solve I c = c_now, i.e. keep their coefficients (no host sync)
         sol = torch.linalg.solve(torch.where(ok[:, None, None], ata, eye), torch.where(ok[:, None], atb, current))
         return sol.to(current.dtype)
+
+    def calibration_penalty(self) -> Tensor | None:
+        """Σ (c_k / σ_cal)² of the wavelength correction when it is tuned, else None."""
+        if self.calibration_degree is None or not self.calibration_coeffs.requires_grad:
+            return None
+        return (self.calibration_coeffs / self.calibration_prior).square().sum()
+
+    @torch.no_grad()
+    def solve_calibration(self, data: Tensor, weight: Tensor) -> None:
+        """Set the wavelength-correction coefficients by weighted linear least squares, with their
+        Gaussian pull, for the current lines and continuum: the model is linear in δv (to the first
+        order it is evaluated at), so one solve is exact; Adam's steps cannot resolve m/s."""
+        if self.calibration_degree is None:
+            return
+        saved = self.calibration_coeffs.detach().clone()
+        self.calibration_coeffs.zero_()
+        base = self.forward()
+        m = self._observed(self.extrinsic(), self.telluric_transmission())
+        g = self.resampler(self._velocity_derivative(m)) * self.continuum()  # dM/dδv at each pixel
+        a = self._cal_powers * g[:, None]
+        n_o, n_c = self.calibration_coeffs.shape
+        oi = self.order_of_pixel
+        wa = a * weight[:, None]
+        ata = torch.zeros(n_o, n_c, n_c, dtype=a.dtype, device=a.device).index_add_(0, oi, wa[:, :, None] * a[:, None, :])
+        ata = ata + torch.eye(n_c, dtype=a.dtype, device=a.device) / self.calibration_prior**2
+        atb = torch.zeros(n_o, n_c, dtype=a.dtype, device=a.device).index_add_(0, oi, wa * (data - base)[:, None])
+        sol = torch.linalg.solve(ata, atb)
+        self.calibration_coeffs.copy_(torch.where(torch.isfinite(sol), sol, saved))
 
     @torch.no_grad()
     def _profiled_chi2(self, base: Tensor, data: Tensor, weight: Tensor) -> float:
@@ -548,9 +686,7 @@ class TransferModel(nn.Module):
             s_hat = torch.fft.rfft(F.pad(s.view(1, 1, -1), (half, half), mode="replicate").view(-1), n_fft)
             for j in todo:
                 m = torch.fft.irfft(s_hat * k_hat[j], n_fft)[ntap - 1 : n_x].to(s.dtype)
-                if t is not None:
-                    m = m * t
-                chi2[i, j] = self._profiled_chi2(self.resampler(self.inst(m)), data, weight)
+                chi2[i, j] = self._profiled_chi2(self._to_pixels(m, t), data, weight)
         i, j = np.unravel_index(int(np.nanargmin(chi2)), chi2.shape)
         self.rv.fill_(float(rvs[i]))
         self.rot.log_vsini.fill_(math.log(float(vs[j])))
@@ -566,13 +702,11 @@ class TransferModel(nn.Module):
         if bad:
             raise ValueError(f"telluric powers must be > 0, got {bad[0]}")
         ext = self.extrinsic()  # the star does not change during this scan
+        # with several components, one power common to all is scanned (a start for Adam)
         log_t = self.telluric.log_flux(self.lam_z, plan=self._plan("telluric"))
         chi2 = []
         for x in powers:
-            joint = torch.exp(float(x) * log_t)
-            if ext is not None:
-                joint = ext * joint
-            chi2.append(self._profiled_chi2(self.resampler(self.inst(joint)), data, weight))
+            chi2.append(self._profiled_chi2(self._to_pixels(ext, torch.exp(float(x) * log_t)), data, weight))
         chi2 = np.asarray(chi2)
         best = float(powers[int(np.argmin(chi2))])
         self.log_telluric_power.fill_(math.log(best))
@@ -647,6 +781,7 @@ def transfer_loss(
         if telluric_width_prior is not None:
             terms.append(_l1_pull(tel.log_sigmas, telluric_width_prior[0], width_regularization))
             terms.append(_l1_pull(tel.log_gammas, telluric_width_prior[1], width_regularization))
+    terms.append(model.calibration_penalty())
     for t in terms:
         if t is not None:
             loss = loss + t
@@ -716,6 +851,7 @@ def fit_transfer(
     telluric_regularization: float | None = 5.0,
     telluric_power_scan: Sequence[float] | None = None,
     plan: bool | str = "auto",
+    tune_calibration: bool = False,
 ) -> TransferFit:
     """Fit in the order users need: RV scan, then extrinsic + continuum, then lines.
 
@@ -774,6 +910,10 @@ def fit_transfer(
         on a GPU each epoch is then one replay of a CUDA graph (not with a ``likelihood``, whose
         epochs run eagerly). The result is that of training without plans. ``"auto"``: on CUDA
         devices when :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
+    tune_calibration : bool
+        Tune the model's wavelength correction (``calibration_degree`` not None) in both stages:
+        Adam with the rest, then a linear least-squares solve (:meth:`TransferModel.solve_calibration`)
+        and the continuum solved again at the end of each stage (not with a ``likelihood``).
 
     Returns
     -------
@@ -810,7 +950,7 @@ def fit_transfer(
         fit.telluric_power_scan = (np.asarray(telluric_power_scan, dtype=float), chi2)
     fit.chi2["start"] = _chi2(model, data, weight)
     # RV moves in km/s, centres in Å, continuum coefficients in flux units: their own step sizes
-    overrides = {"rv": lr * 5.0, "continuum_coeffs": lr / 20.0}
+    overrides = {"rv": lr * 5.0, "continuum_coeffs": lr / 20.0, "calibration_coeffs": lr / 3.0}
     if st is not None:
         overrides["stellar.lam_centers"] = lr / 30.0
     if tel is not None:
@@ -824,6 +964,8 @@ def fit_transfer(
             clone.set_tuned(())
     model.log_telluric_power.requires_grad_(bool(tune_telluric_power) and tel is not None)
     model.inst.log_resolving_power.requires_grad_(bool(tune_resolving_power))
+    calibrate = bool(tune_calibration) and model.calibration_degree is not None
+    model.calibration_coeffs.requires_grad_(calibrate)
     extra = likelihood if isinstance(likelihood, nn.Module) else None
     plans = model.make_plans() if want_plan else None
     try:
@@ -832,8 +974,9 @@ def fit_transfer(
                     tune_lines=tune_lines, tune_telluric=tune_telluric, tune_vsini_with_lines=tune_vsini_with_lines,
                     patience=patience, prior=prior, wprior=wprior, tprior=tprior, twprior=twprior,
                     regularization=regularization, width_regularization=width_regularization,
-                    telluric_regularization=telluric_regularization)
+                    telluric_regularization=telluric_regularization, calibrate=calibrate)
     finally:
+        model.calibration_coeffs.requires_grad_(False)
         if plans is not None:
             model.clear_plans()
     if st is not None:
@@ -846,10 +989,16 @@ def fit_transfer(
 
 def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, likelihood, overrides, extra, plans,
                 progress, tune_lines, tune_telluric, tune_vsini_with_lines, patience, prior, wprior, tprior, twprior,
-                regularization, width_regularization, telluric_regularization) -> None:
+                regularization, width_regularization, telluric_regularization, calibrate=False) -> None:
     """The two training stages of :func:`fit_transfer` (template matching, then the lines)."""
     st, tel = model.stellar, model.telluric
     graph = None if likelihood is None else False  # a likelihood (e.g. a GP's Cholesky) may read values back
+
+    def polish() -> None:  # the wavelength correction and the continuum by linear least squares
+        if calibrate and likelihood is None:
+            for _ in range(2):
+                model.solve_calibration(data, weight)
+                model.solve_continuum(data, weight)
 
     def bounds(epoch: int, loss: float) -> None:  # after each step: back within the bounds
         model.project_()
@@ -860,6 +1009,7 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
             patience=50, progress=progress, desc="template matching", lr_overrides=overrides, extra=extra,
             plans=plans, graph=graph, callback=bounds,
         )
+    polish()
     fit.chi2["template"] = _chi2(model, data, weight)
     # stage 2: lines, with everything else still free
     if line_epochs:
@@ -880,6 +1030,7 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
             epochs=line_epochs, lr=lr, patience=patience, progress=progress, desc="transfer learning",
             lr_overrides=overrides, extra=extra, plans=plans, graph=graph, callback=bounds,
         )
+        polish()
         fit.chi2["lines"] = _chi2(model, data, weight)
         model.rot.log_vsini.requires_grad_(vsini_free)
 
@@ -927,15 +1078,24 @@ def chi2_curvature(model: TransferModel, data: Tensor, weight: Tensor, *,
     vs0 = float(model.vsini.detach())
     width = math.hypot(c / float(model.resolving_power.detach()), vs0)
     # each parameter's handle: (the tensor the optimiser tunes, its value now, the finite-difference step)
-    handles = {"rv": (model.rv, float(model.rv.detach()), _CURVATURE_STEPS["rv"] * width),
-               "vsini": (model.rot.log_vsini, math.log(vs0), _CURVATURE_STEPS["vsini"]),
-               "telluric_power": (model.log_telluric_power, float(model.log_telluric_power.detach()),
-                                  _CURVATURE_STEPS["telluric_power"])}
+    handles = {"rv": (model.rv, None, float(model.rv.detach()), _CURVATURE_STEPS["rv"] * width),
+               "vsini": (model.rot.log_vsini, None, math.log(vs0), _CURVATURE_STEPS["vsini"])}
+    powers = {}  # name of each power's σ -> (its index in log_telluric_power or None, X)
+    if "telluric_power" in names:
+        names.remove("telluric_power")
+        log_x = model.log_telluric_power.detach()
+        keys = ([("telluric_power", None)] if log_x.ndim == 0 else
+                [(f"telluric_power_{n}", k) for k, n in enumerate(model.telluric_names)])
+        for key, k in keys:
+            x0 = float(log_x if k is None else log_x[k])
+            handles[key] = (model.log_telluric_power, k, x0, _CURVATURE_STEPS["telluric_power"])
+            powers[key] = math.exp(x0)
+            names.append(key)
 
     def chi2_at(shift: dict[str, float]) -> float:
         for n in names:
-            t, x0, _ = handles[n]
-            t.fill_(x0 + shift.get(n, 0.0))
+            t, k, x0, _ = handles[n]
+            (t if k is None else t[k]).fill_(x0 + shift.get(n, 0.0))
         return model._profiled_chi2(model.unscaled(), data, weight)
 
     try:
@@ -943,11 +1103,11 @@ def chi2_curvature(model: TransferModel, data: Tensor, weight: Tensor, *,
         n = len(names)
         hess = np.zeros((n, n))
         for i, a in enumerate(names):
-            h = handles[a][2]
+            h = handles[a][3]
             hess[i, i] = (chi2_at({a: h}) - 2.0 * f0 + chi2_at({a: -h})) / (h * h)
         if "rv" in names and "vsini" in names:
             i, j = names.index("rv"), names.index("vsini")
-            hi, hj = handles["rv"][2], handles["vsini"][2]
+            hi, hj = handles["rv"][3], handles["vsini"][3]
             mixed = (chi2_at({"rv": hi, "vsini": hj}) - chi2_at({"rv": hi, "vsini": -hj})
                      - chi2_at({"rv": -hi, "vsini": hj}) + chi2_at({"rv": -hi, "vsini": -hj})) / (4 * hi * hj)
             hess[i, j] = hess[j, i] = mixed
@@ -974,8 +1134,7 @@ def chi2_curvature(model: TransferModel, data: Tensor, weight: Tensor, *,
         if name == "rv":
             out[name] = s_log
         else:  # σ of ln x → σ of x
-            x = vs0 if name == "vsini" else float(model.telluric_power.detach())
-            out[name] = x * s_log
+            out[name] = (vs0 if name == "vsini" else powers[name]) * s_log
     return out
 
 
@@ -1068,26 +1227,39 @@ def check_fit(model: TransferModel, fit: TransferFit, *, bounds: FitBounds | Non
                                  f"{b.resolving_power_runaway:g} times its start {r0:.0f} (a template already at the "
                                  "instrument's resolution does this)", "resolving_power"))
     if model.telluric is not None and "telluric_power" in tuned:
-        x = float(model.telluric_power.detach())
-        if fit.telluric_power_scan is not None and fit.telluric_power_scan[0].size > 1:
-            grid, chi2 = fit.telluric_power_scan
-            k = int(np.argmin(chi2))
-            x_scan = float(grid[k])
-            if k in (0, grid.size - 1):
-                flags.append(FitFlag("telluric_power_grid_edge", f"the telluric power scan ({grid.min():.3g}-"
-                                     f"{grid.max():.3g}) has its best χ² at its edge, X = {x_scan:.3g}",
-                                     "telluric_power"))
-            lo, hi = float(grid.min()), float(grid.max())
-            f = b.telluric_power_runaway
-            if not (lo <= x <= hi) or not (x_scan / f <= x <= x_scan * f):
-                flags.append(FitFlag("telluric_power_runaway", f"the telluric power ran away: X = {x:.4g}, outside the "
-                                     f"scanned range {lo:.3g}-{hi:.3g} or more than a factor {f:g} from the scan's best "
-                                     f"X = {x_scan:.3g}", "telluric_power"))
-        s_x = sigmas.get("telluric_power")
+        flags += _power_flags(model, fit, b, sigmas)
+    return flags
+
+
+def _power_flags(model: TransferModel, fit: TransferFit, b: FitBounds, sigmas: dict[str, float]) -> list[FitFlag]:
+    """The flags of the telluric power(s): scan edge, runaway, unconstrained (one set per component)."""
+    flags: list[FitFlag] = []
+    log_x = model.log_telluric_power.detach().cpu()
+    if log_x.ndim == 0:
+        entries = [("telluric_power", "X", math.exp(float(log_x)))]
+    else:
+        entries = [(f"telluric_power_{n}", f"X({n})", math.exp(float(v))) for n, v in zip(model.telluric_names, log_x)]
+    x_scan = None
+    if fit.telluric_power_scan is not None and fit.telluric_power_scan[0].size > 1:
+        grid, chi2 = fit.telluric_power_scan
+        k = int(np.argmin(chi2))
+        x_scan = float(grid[k])
+        lo, hi = float(grid.min()), float(grid.max())
+        if k in (0, grid.size - 1):
+            flags.append(FitFlag("telluric_power_grid_edge", f"the telluric power scan ({lo:.3g}-{hi:.3g}) has its "
+                                 f"best χ² at its edge, X = {x_scan:.3g}", "telluric_power"))
+    f = b.telluric_power_runaway
+    frac = b.unconstrained_fraction
+    for key, label, x in entries:
+        if x_scan is not None and (not (lo <= x <= hi) or not (x_scan / f <= x <= x_scan * f)):
+            flags.append(FitFlag("telluric_power_runaway", f"the telluric power ran away: {label} = {x:.4g}, outside "
+                                 f"the scanned range {lo:.3g}-{hi:.3g} or more than a factor {f:g} from the scan's best "
+                                 f"X = {x_scan:.3g}", key))
+        s_x = sigmas.get(key)
         if s_x is not None and not s_x <= frac * x:
-            flags.append(FitFlag("telluric_power_unconstrained", f"the telluric power X = {x:.4g} is not constrained by "
-                                 f"the data: its σ from the curvature of χ² is {_fmt_sigma(s_x)}, more than "
-                                 f"{100 * frac:.0f} % of its value", "telluric_power"))
+            flags.append(FitFlag("telluric_power_unconstrained", f"the telluric power {label} = {x:.4g} is not "
+                                 f"constrained by the data: its σ from the curvature of χ² is {_fmt_sigma(s_x)}, more "
+                                 f"than {100 * frac:.0f} % of its value", key))
     return flags
 
 
