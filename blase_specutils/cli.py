@@ -10,29 +10,73 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["main", "EXIT_OK", "EXIT_JOBS_FAILED", "EXIT_USAGE", "EXIT_DATA", "EXIT_FAILED", "CommandError"]
 
-#: Settings of the demo: the embedded PHOENIX 10 kK HPF model, the paper's prominence.
-DEMO = dict(template="phoenix-10kK-hpf", prominence=0.01, epochs=200, buffer=40.0)
+#: Exit status: success; a fit whose result carries flags (they are printed and in the JSON) exits 0 too.
+EXIT_OK = 0
+#: Exit status of ``fit-many`` and ``clone-grid`` when some of their jobs failed (the others are written).
+EXIT_JOBS_FAILED = 1
+#: Exit status of a usage error: unknown or bad options, settings out of range (argparse's own code).
+EXIT_USAGE = 2
+#: Exit status when the input cannot be read or used: no such file, an unreadable or damaged
+#: spectrum, clone or grid table, an order that does not exist.
+EXIT_DATA = 3
+#: Exit status when the work itself failed: a clone or fit that raised while running, a Dask
+#: scheduler that cannot be reached.
+EXIT_FAILED = 4
+
+#: The table of exit codes, as ``--help`` prints it (the same for every command).
+EXIT_CODES = f"""exit codes (every command):
+  {EXIT_OK}  success (a fit whose result carries flags too: they are printed and in --json)
+  {EXIT_JOBS_FAILED}  fit-many / clone-grid: some jobs failed (the others were written)
+  {EXIT_USAGE}  usage error: unknown or bad options, settings out of range
+  {EXIT_DATA}  bad input: no such file, unreadable or damaged data, clone or table, no such order
+  {EXIT_FAILED}  the clone or fit failed while running, or the Dask scheduler cannot be reached"""
 
 
-def _read_input(name: str):
+class CommandError(SystemExit):
+    """A command-line error with its exit status (:data:`EXIT_DATA`, :data:`EXIT_USAGE`, ...).
+
+    It is a ``SystemExit`` whose ``code`` is the status; ``str()`` gives the message, which
+    :func:`main` prints on stderr as ``error: MESSAGE`` before it propagates.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+#: Settings of the demo: 150 Å of the embedded PHOENIX 10 kK HPF model between Paschen δ and γ (the
+#: band of the shipped HR 4829 order, so that ``demo --fit`` can fit it), the paper's prominence,
+#: and an epoch budget in which the last training stage stops on its plateau rule.
+DEMO = dict(template="phoenix-10kK-hpf", band=(10440.0, 10590.0), prominence=0.01, epochs=2000, buffer=30.0,
+            example="hr4829-hpf")
+
+
+def _read_input(name: str, order: int | None = None):
     from .templates import TEMPLATES, load_template
 
     if name in TEMPLATES:
+        if order is not None:
+            raise CommandError(EXIT_USAGE, f"--order is for files with échelle orders, not the template {name!r}")
         return load_template(name), TEMPLATES[name]
     path = Path(name)
     if not path.exists():
-        raise SystemExit(
-            f"error: {name!r} is neither a file nor an embedded template (choose from {', '.join(sorted(TEMPLATES))})"
-        )
-    from .io import read_spectrum
+        raise CommandError(EXIT_DATA,
+                           f"{name!r} is neither a file nor an embedded template (choose from {', '.join(sorted(TEMPLATES))})")
+    from .io import read_orders
 
     try:
-        spec = read_spectrum(path)
+        spectra = read_orders(path, None if order is None else [order])
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
-    return spec, {}
+        raise CommandError(EXIT_DATA, str(err)) from err
+    if len(spectra) > 1:
+        raise CommandError(EXIT_USAGE, f"{path.name} holds {len(spectra)} échelle orders (0-{len(spectra) - 1}); "
+                                       "choose the one to clone with --order N")
+    return spectra[0], {}
 
 
 def _output_folder(path: str, *, create: bool = True) -> Path:
@@ -47,6 +91,14 @@ def _output_folder(path: str, *, create: bool = True) -> Path:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as err:  # e.g. no permission
             raise ValueError(f"-o/--output {path}: cannot create the folder ({err})") from err
+        import tempfile
+
+        try:  # a folder that exists may still refuse files (permissions, a read-only or special file system)
+            with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+                pass
+        except OSError as err:
+            raise ValueError(f"-o/--output {path}: cannot write files into this folder ({err.strerror or err}); "
+                             "give a folder you can write to") from err
     return out
 
 
@@ -64,6 +116,8 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
     flatten = False if args.no_flatten else info.get("kind", "stellar") != "telluric"
     out = _output_folder(args.output)
     stem = args.name or (Path(source).stem if Path(source).exists() else source)
+    if getattr(args, "order", None) is not None and not args.name:
+        stem = f"{stem}_order{args.order:02d}"
     t0 = time.perf_counter()
     clone = clone_spectrum(
         spectrum,
@@ -138,6 +192,13 @@ def _report(summary: dict, as_json: bool) -> None:
         print(f"  weakest window: {w['start']:.1f}-{w['end']:.1f} Å, RMS {100 * w['rms']:.2f} %")
     for key in ("clone_file", "line_table", "figure"):
         print(f"  {key.replace('_', ' ')}: {summary[key]}")
+    fit = summary.get("fit")
+    if fit:
+        rv = "n/a" if fit["rv_kms"] is None else f"{fit['rv_kms']:.2f} ± {fit['rv_sigma_kms'] or float('nan'):.2f} km/s"
+        vs = "n/a" if fit["vsini_kms"] is None else f"{fit['vsini_kms']:.1f} ± {fit['vsini_sigma_kms'] or float('nan'):.1f} km/s"
+        print(f"fitted {fit['data']} with the clone in {fit['seconds']:.1f} s: RV {rv}, v sin i {vs}, "
+              f"chi2_red {fit['chi2_reduced']:.2f}, flags: {', '.join(fit['flag_codes']) or 'none'}\n"
+              f"  fit file: {fit['result_file']}\n  fit figure: {fit['figure']}")
 
 
 def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
@@ -155,21 +216,26 @@ def _add_clone_options(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--plan", choices=("auto", "yes", "no"), default="auto",
                    help="train through window plans, each epoch one CUDA-graph replay on a GPU (default: %(default)s, "
                         "which does not plan yet)")
-    p.add_argument("--band", type=float, nargs=2, metavar=("LO", "HI"), help="band of interest in Å (default: the template's band, or the whole input)")
+    p.add_argument("--band", type=float, nargs=2, metavar=("LO", "HI"), default=defaults.get("band"),
+                   help="band of interest in Å (default: " + ("%(default)s" if defaults.get("band") else
+                                                            "the template's band, or the whole input") + ")")
     p.add_argument("--buffer", type=float, default=defaults.get("buffer", 30.0), help="buffer around the band in Å (default: %(default)s)")
     p.add_argument("--teff", type=float, help="divide by a blackbody of this Teff in K (default: the template's, else none)")
     p.add_argument("--no-flatten", action="store_true", help="do not divide by a continuum polynomial")
     p.add_argument("--tune-centers", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.add_argument("--fixed-centers", action="store_true", help="do not tune the line centres (tuned by default)")
     p.add_argument("--name", help="stem of the output file names")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.add_argument("--json", action="store_true",
+                   help="print a machine-readable summary on stdout (the progress bar stays on stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def _add_fit_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stellar", help="stellar clone: a blase_specutils clone file or a blasé 0.3 .pt file "
-                                     "(optional with --telluric: a telluric-only fit)")
-    p.add_argument("--telluric", help="telluric clone file (optional)")
+    p.add_argument("--stellar", help="stellar clone: a blase_specutils clone file, a blasé 0.3 .pt file, or the "
+                                     "name of an embedded template (see 'templates'), cloned over the data's range "
+                                     "once and cached (optional with --telluric: a telluric-only fit)")
+    p.add_argument("--telluric", help="telluric clone: a clone file or an embedded template's name, e.g. telfit-hpf "
+                                      "(cloned once and cached; optional)")
     p.add_argument("--tune-telluric", action="store_true",
                    help="tune the telluric line amplitudes in the line stage (always on for a telluric-only fit)")
     p.add_argument("--fixed-telluric-power", action="store_true",
@@ -177,7 +243,21 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telluric-regularization", type=float, default=5.0,
                    help="Λ of the L1 pull of the telluric ln a (default: %(default)s)")
     p.add_argument("--continuum-degree", type=int, default=2, help="degree of the per-order continuum polynomial (default: %(default)s)")
+    p.add_argument("--calibration-degree", type=int, default=None,
+                   help="fit a per-order wavelength correction, a polynomial of this degree in velocity, with the "
+                        "telluric lines as calibrators (reported in m/s; default: none)")
+    p.add_argument("--corrected", action="store_true",
+                   help="with --telluric: also write the telluric-corrected spectrum (data / fitted transmission, "
+                        "pixels below 20 %% transmission masked) to STEM_corrected.fits")
     p.add_argument("--resolving-power", type=float, default=55000.0, help="R (default: %(default)s, HPF)")
+    p.add_argument("--air", choices=("auto", "yes", "no"), default="auto",
+                   help="wavelengths in air (converted to vacuum, Morton 2000) or vacuum (default: %(default)s, as the "
+                        "file says; vacuum where it says nothing)")
+    p.add_argument("--frame", choices=("observatory", "barycentric"), default=None,
+                   help="frame of the data's axis (default: observatory for HPF/IGRINS pipeline files, else unstated: "
+                        "no barycentric RV); barycentric data are shifted back so the tellurics are at rest")
+    p.add_argument("--barycentric-correction", type=float, default=None, metavar="KMS",
+                   help="barycentric correction in km/s (default: from the file's time, target and site)")
     p.add_argument("--rv-range", type=float, default=150.0,
                    help="RV scan half range and RV bound in km/s (default: %(default)s)")
     p.add_argument("--vsini", type=float, default=None,
@@ -191,7 +271,8 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
                    help="train through window plans, each epoch one CUDA-graph replay on a GPU (default: %(default)s, "
                         "which does not plan yet)")
     p.add_argument("-o", "--output", default=".", help="output folder (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    p.add_argument("--json", action="store_true",
+                   help="print a machine-readable summary on stdout (progress bars stay on stderr)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -208,14 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blase-specutils",
         description="Clone precomputed stellar and telluric spectra into tunable lines (the blasé method).",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     pc = sub.add_parser("clone", help="clone a spectrum file or an embedded template")
     pc.add_argument("input", help="a file specutils can read, or a template: phoenix-10kK-hpf, telfit-hpf, psg-igrins")
+    pc.add_argument("--order", type=int, help="the échelle order to clone, for files that hold several (an HPF "
+                                               "Goldilocks file: 0-27), as in fit --order")
     _add_clone_options(pc, {})
-    pd = sub.add_parser("demo", help="clone the embedded PHOENIX 10 kK HPF model end to end (a few minutes on 2 CPU cores)")
-    _add_clone_options(pd, {"output": "blase_demo", "prominence": DEMO["prominence"], "epochs": DEMO["epochs"], "buffer": DEMO["buffer"]})
+    pd = sub.add_parser("demo", help="clone 150 Å of the embedded PHOENIX 10 kK HPF model end to end (about half a "
+                                     "minute on 2 CPU cores); --fit: then fit the shipped HR 4829 HPF order with it",
+                        epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_clone_options(pd, {"output": "blase_demo", "prominence": DEMO["prominence"], "epochs": DEMO["epochs"],
+                            "buffer": DEMO["buffer"], "band": DEMO["band"]})
+    pd.add_argument("--fit", action="store_true",
+                    help="then fit the shipped HPF order of HR 4829 (blase_specutils.load_example('hr4829-hpf')) with "
+                         "the fresh clone and write the fit, its line table and its figure")
     pf = sub.add_parser("fit", help="transfer-learn a clone against an observed spectrum")
     pf.add_argument("data", help="a file specutils or muler reads (an HPF Goldilocks file, a wavelength/flux table)")
     pf.add_argument("--order", type=int, nargs="+", help="échelle orders to fit jointly (indices into the file's orders)")
@@ -232,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_clone_options(pg, {"output": "blase_grid"})
     _add_scheduler_options(pg)
     sub.add_parser("templates", help="list the embedded templates")
+    for command in sub.choices.values():  # one table of exit codes, in every command's --help
+        command.epilog = EXIT_CODES
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -240,11 +334,32 @@ def _read_clone(path: str):
 
     p = Path(path)
     if not p.exists():
-        raise SystemExit(f"error: no clone file at {p}")
+        raise CommandError(EXIT_DATA, f"no clone file at {p}")
     try:
         return load_blase03(p) if p.suffix in (".pt", ".pth") else SpectralClone.load(p)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+        raise CommandError(EXIT_DATA, str(err)) from err
+
+
+def _clone_arg(arg: str, data, progress: bool):
+    """A clone file, or an embedded template's name: its clone over the data's range, from the cache
+    (:mod:`blase_specutils.template_cache`) or made now."""
+    from .templates import TEMPLATES
+
+    if arg in TEMPLATES and not Path(arg).exists():
+        from .spectra import wavelength_to_angstrom
+        from .template_cache import cache_folder, template_clone
+
+        orders = data if isinstance(data, list) else list(data) if not hasattr(data, "spectral_axis") else [data]
+        w = [wavelength_to_angstrom(s.spectral_axis) for s in orders]
+        lo, hi = min(float(x.min()) for x in w), max(float(x.max()) for x in w)
+        if progress:
+            print(f"clone of the template {arg!r} over {lo:.0f}-{hi:.0f} Å (cached in {cache_folder()})", file=sys.stderr)
+        try:
+            return template_clone(arg, (lo, hi), progress=progress)
+        except ValueError as err:
+            raise CommandError(EXIT_DATA, str(err)) from err
+    return _read_clone(arg)
 
 
 def _read_data(path: str, orders):
@@ -252,11 +367,11 @@ def _read_data(path: str, orders):
 
     p = Path(path)
     if not p.exists():
-        raise SystemExit(f"error: no data file at {p}")
+        raise CommandError(EXIT_DATA, f"no data file at {p}")
     try:
         spectra = read_orders(p, orders)
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from err
+        raise CommandError(EXIT_DATA, str(err)) from err
     return spectra[0] if len(spectra) == 1 else spectra
 
 
@@ -267,7 +382,9 @@ def _fit_kwargs(args) -> dict:
                 tune_telluric=("amplitude",) if args.tune_telluric else None,
                 tune_telluric_power=not args.fixed_telluric_power,
                 telluric_regularization=args.telluric_regularization, continuum_degree=args.continuum_degree,
-                plan=_plan(args))
+                plan=_plan(args), calibration_degree=args.calibration_degree,
+                air={"auto": None, "yes": True, "no": False}[getattr(args, "air", "auto")],
+                frame=getattr(args, "frame", None), barycentric_correction=getattr(args, "barycentric_correction", None))
 
 
 def _plan(args):
@@ -288,19 +405,32 @@ def _run_fit(args) -> int:
         print("error: give --stellar CLONE, --telluric CLONE, or both (--telluric alone: a telluric-only fit)",
               file=sys.stderr)
         return 2
-    stellar = _read_clone(args.stellar) if args.stellar else None
-    telluric = _read_clone(args.telluric) if args.telluric else None
+    if getattr(args, "corrected", False) and not args.telluric:
+        print("error: --corrected needs a telluric clone (--telluric CLONE): it divides by the fitted transmission",
+              file=sys.stderr)
+        return 2
+    from .templates import TEMPLATES
+
+    for arg in (args.stellar, args.telluric):  # a missing clone file is named before any data are read
+        if arg and arg not in TEMPLATES and not Path(arg).exists():
+            raise CommandError(EXIT_DATA, f"no clone file at {Path(arg)} (nor an embedded template of that name: "
+                                          f"{', '.join(sorted(TEMPLATES))})")
     data = _read_data(args.data, args.order)
+    stellar = _clone_arg(args.stellar, data, not args.quiet) if args.stellar else None
+    telluric = _clone_arg(args.telluric, data, not args.quiet) if args.telluric else None
     t0 = time.perf_counter()
     try:
         out = _output_folder(args.output)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FitFlagWarning)  # reported below, one line per flag
             result = fit_spectrum(data, stellar, telluric=telluric, device=args.device,
-                                  progress=not (args.quiet or args.json), **_fit_kwargs(args))
+                                  progress=not args.quiet, **_fit_kwargs(args))
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (RuntimeError, FloatingPointError) as err:
+        print(f"error: the fit failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
     # a flagged fit is still written and exits 0; its flags are in the JSON and on stderr
     for flag in result.flags:
         print(f"warning: [{flag.code}] {flag.message}", file=sys.stderr)
@@ -311,6 +441,8 @@ def _run_fit(args) -> int:
     table = out / f"{stem}_fit_lines.ecsv"
     result.lines.write(table, overwrite=True)
     summary["line_table"] = str(table)
+    if getattr(args, "corrected", False):
+        summary["corrected_file"] = str(result.save_corrected(out / f"{stem}_corrected.fits", overwrite=True))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -328,9 +460,15 @@ def _run_fit(args) -> int:
         print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {_fmt(summary['rv_kms'], '.3f', ' km/s')}, "
               f"v sin i {_fmt(summary['vsini_kms'], '.2f', ' km/s')}{power}, "
               f"{summary['n_lines_changed']} of {summary['n_lines']} lines changed")
+        if summary["rv_kms"] is not None:
+            print(f"  RV: measured (observatory) {_fmt(summary['rv_observatory_kms'], '.3f', ' km/s')}, barycentric "
+                  f"{_fmt(summary['rv_barycentric_kms'], '.3f', ' km/s')} (correction "
+                  f"{_fmt(summary['barycentric_correction_kms'], '+.3f', ' km/s')}); {summary['frame']} frame, "
+                  f"{summary['wavelength_frame']}")
         print(f"  flags: {summary['flag_codes'] or 'none'}")
-        for key in ("result_file", "line_table", "figure"):
-            print(f"  {key.replace('_', ' ')}: {summary[key]}")
+        for key in ("result_file", "line_table", "corrected_file", "figure"):
+            if key in summary:
+                print(f"  {key.replace('_', ' ')}: {summary[key]}")
     return 0
 
 
@@ -342,7 +480,7 @@ def _client(args):
 
     if args.scheduler == "local":
         if args.workers < 1:
-            raise SystemExit("error: --workers must be >= 1")
+            raise CommandError(EXIT_USAGE, "--workers must be >= 1")
         import logging
 
         cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
@@ -351,7 +489,7 @@ def _client(args):
     try:
         return Client(args.scheduler, timeout="20s"), None
     except OSError as err:
-        raise SystemExit(f"error: cannot reach the Dask scheduler at {args.scheduler}: {err}") from err
+        raise CommandError(EXIT_FAILED, f"cannot reach the Dask scheduler at {args.scheduler}: {err}") from err
 
 
 def _batch_report(res, table: Path, as_json: bool, extra: dict | None = None) -> int:
@@ -374,10 +512,11 @@ def _run_fit_many(args) -> int:
     from .batch import _check_fit_kwargs, fit_many, hpf_order_jobs
 
     if not args.stellar and not args.telluric:
-        raise SystemExit("error: give --stellar CLONE, --telluric CLONE, or both (--telluric alone: telluric-only fits)")
+        raise CommandError(EXIT_USAGE, "give --stellar CLONE, --telluric CLONE, or both (--telluric alone: "
+                                       "telluric-only fits)")
     for f in (args.stellar, args.telluric):
         if f and not Path(f).exists():
-            raise SystemExit(f"error: no clone file at {f}")
+            raise CommandError(EXIT_DATA, f"no clone file at {f}")
     try:
         _check_fit_kwargs(_fit_kwargs(args))  # before a cluster starts
     except (ValueError, TypeError) as err:
@@ -389,7 +528,7 @@ def _run_fit_many(args) -> int:
     try:
         res = fit_many(items, args.stellar, telluric=args.telluric, client=client, output_dir=out, labels=labels,
                        threads_per_task=args.threads_per_task, device=args.device,
-                       progress=not (args.quiet or args.json), **_fit_kwargs(args))
+                       progress=not args.quiet, **_fit_kwargs(args))
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -409,29 +548,29 @@ def _run_clone_grid(args) -> int:
 
     grid_path = Path(args.grid)
     if not grid_path.exists():
-        raise SystemExit(f"error: no grid table at {grid_path}")
+        raise CommandError(EXIT_DATA, f"no grid table at {grid_path}")
     try:
         table = Table.read(grid_path, format="ascii.ecsv" if grid_path.suffix == ".ecsv" else None)
     except Exception as err:  # astropy raises many kinds for an unreadable table
-        raise SystemExit(f"error: cannot read the grid table {grid_path}: {err}") from err
+        raise CommandError(EXIT_DATA, f"cannot read the grid table {grid_path}: {err}") from err
     if "file" not in table.colnames:
-        raise SystemExit(f"error: the grid table needs a 'file' column; it has {table.colnames}")
+        raise CommandError(EXIT_DATA, f"the grid table needs a 'file' column; it has {table.colnames}")
     params = [c for c in table.colnames if c != "file"]
     if not params:
-        raise SystemExit("error: the grid table needs at least one parameter column besides 'file'")
+        raise CommandError(EXIT_DATA, "the grid table needs at least one parameter column besides 'file'")
     files = [str((grid_path.parent / str(f)).resolve()) if not Path(str(f)).is_absolute() else str(f)
              for f in table["file"]]
     item_kwargs = None
     if args.blackbody_from:
         if args.blackbody_from not in params:
-            raise SystemExit(f"error: --blackbody-from {args.blackbody_from!r} is not a column of the grid table")
+            raise CommandError(EXIT_USAGE, f"--blackbody-from {args.blackbody_from!r} is not a column of the grid table")
         item_kwargs = [{"teff": float(t) * u.K} for t in table[args.blackbody_from]]
     out = Path(args.output)
     client, cluster = _client(args)
     try:
         grid = clone_grid(
             files, table[params], tolerance=args.tolerance * u.km / u.s, client=client, output_dir=out,
-            item_kwargs=item_kwargs, progress=not (args.quiet or args.json), prominence=args.prominence,
+            item_kwargs=item_kwargs, progress=not args.quiet, prominence=args.prominence,
             band=None if args.band is None else tuple(args.band) * u.AA, buffer=args.buffer * u.AA,
             teff=None if args.teff is None else args.teff * u.K, flatten=not args.no_flatten, mode=args.mode,
             profile=args.profile, epochs=args.epochs, lr=args.lr, device=args.device, plan=_plan(args),
@@ -452,7 +591,21 @@ def _run_clone_grid(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``blase-specutils`` command."""
+    """Entry point of the ``blase-specutils`` command.
+
+    Returns the exit status (:data:`EXIT_CODES`: 0 success, flagged fits included; 1 some batch
+    jobs failed; 2 usage error; 4 the clone or fit failed). Input that cannot be read or used
+    raises :class:`CommandError` (a ``SystemExit`` with status 3, :data:`EXIT_DATA`) after printing
+    ``error: MESSAGE`` on stderr; argparse's own usage errors raise ``SystemExit(2)``.
+    """
+    try:
+        return _main(argv)
+    except CommandError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "output", None) is not None:
         try:
@@ -479,14 +632,54 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --epochs must be >= 0", file=sys.stderr)
         return 2
     source = DEMO["template"] if args.command == "demo" else args.input
-    spectrum, info = _read_input(source)
+    spectrum, info = _read_input(source, getattr(args, "order", None))
     try:
         summary = _run_clone(args, source, spectrum, info)
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except (RuntimeError, FloatingPointError) as err:
+        print(f"error: the clone failed: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.command == "demo" and args.fit:
+        try:
+            summary["fit"] = _demo_fit(args, summary)
+        except (RuntimeError, FloatingPointError, ValueError) as err:
+            print(f"error: the demo fit failed: {err}", file=sys.stderr)
+            return EXIT_FAILED
     _report(summary, args.json)
-    return 0
+    return EXIT_OK
+
+
+def _demo_fit(args, summary: dict) -> dict:
+    """``demo --fit``: fit the shipped HR 4829 HPF order with the demo's clone (library defaults)."""
+    import matplotlib
+
+    from .cloning import SpectralClone
+    from .examples import load_example
+    from .fitting import fit_spectrum
+
+    matplotlib.use("Agg")
+    data = load_example(DEMO["example"])
+    clone = SpectralClone.load(summary["clone_file"])
+    t0 = time.perf_counter()
+    result = fit_spectrum(data, clone, resolving_power=data.meta["resolving_power"], device=args.device,
+                          progress=not args.quiet)
+    out = Path(args.output)
+    stem = DEMO["example"]
+    fit = {"data": f"load_example({DEMO['example']!r})", "rv_kms": _finite(result.rv.value),
+           "rv_sigma_kms": _finite(result.summary().get("rv_sigma_kms")),
+           "vsini_kms": _finite(result.vsini.value), "vsini_sigma_kms": _finite(result.summary().get("vsini_sigma_kms")),
+           "chi2_reduced": float(result.chi2_reduced), "flag_codes": [f.code for f in result.flags],
+           "seconds": round(time.perf_counter() - t0, 2)}
+    fit["result_file"] = str(result.save(out / f"{stem}_fit.fits", overwrite=True))
+    fit["figure"] = str(out / f"{stem}_fit.png")
+    result.plot(title=f"HR 4829, HPF order 17, fitted with the demo's clone").savefig(fit["figure"], dpi=110)
+    return fit
+
+
+def _finite(value) -> float | None:
+    return None if value is None or not (float(value) == float(value)) else float(value)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,7 +6,7 @@ import math
 import numbers
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import astropy.units as u
 import numpy as np
@@ -92,6 +92,44 @@ class SpectralClone:
         self.meta = dict(meta or {})
         self.pseudo_continuum = pseudo_continuum
 
+    @classmethod
+    def from_table(cls, table, *, mode: str | None = None, profile: str | None = None, emission: bool | None = None,
+                   tune=("amplitude", "sigma", "gamma"), band=None, meta: dict | None = None,
+                   device: str = "cpu") -> "SpectralClone":
+        """A clone from a line table: the inverse of :attr:`lines`, and a start from a native line
+        list (paper Appendix C.5).
+
+        Parameters
+        ----------
+        table : astropy.table.QTable
+            Columns ``center`` (any spectral unit), ``amplitude`` a (the line area, Å, in linear
+            mode; a in Å⁻¹·Å of the log mode's optical depth), ``sigma`` and ``gamma`` (Å), all
+            finite and > 0 within e^±45; optional ``broad`` (bool: the lines that get the Appendix
+            C.4 wing correction, with its default parameters, which the table does not hold) and
+            ``residual_pass``. Other columns (``fwhm``, ``depth``, ``equivalent_width``, ...) are
+            derived and ignored. Rows need not be sorted.
+        mode, profile, emission
+            Default: the table's ``meta`` (as :attr:`lines` writes it), else ``"linear"``,
+            ``"pseudo-voigt"``, absorption.
+        tune : iterable of str
+            Parameters to tune when the clone is trained further.
+        band : (Quantity, Quantity), optional
+            The band of interest.
+        meta : dict, optional
+            Metadata (``source`` defaults to ``"line table"``).
+        device : str
+
+        Raises
+        ------
+        TypeError, ValueError, astropy.units.UnitsError
+            Not a table, a missing column, a column without a (convertible) unit, or a value that is
+            not finite, not > 0 or beyond e^±45; the message names the column and the row.
+        """
+        from .line_tables import clone_from_table
+
+        return clone_from_table(cls, table, mode=mode, profile=profile, emission=emission, tune=tune, band=band,
+                                meta=meta, device=device)
+
     # ---------------------------------------------------------------- basic facts
     @property
     def n_lines(self) -> int:
@@ -100,6 +138,15 @@ class SpectralClone:
 
     def __len__(self) -> int:
         return self.n_lines
+
+    @property
+    def instrument_resolution(self) -> bool:
+        """True when the cloned spectrum already carried an instrument's line-spread function
+        (``meta["lsf"] == "instrument"``, from the input spectrum's ``meta["lsf"]``; muler's TelFit
+        HPF template is one): a fit then multiplies this clone in after the instrumental kernel
+        instead of broadening its lines a second time. False: lines at the model's native
+        resolution (the default, ``meta["lsf"] == "native"``)."""
+        return str(self.meta.get("lsf", "native")).strip().lower() == "instrument"
 
     def __repr__(self) -> str:
         band = "" if self.band is None else f", band={self.band[0]:.1f}-{self.band[1]:.1f} Å"
@@ -357,16 +404,30 @@ class SpectralClone:
         return t
 
     # ---------------------------------------------------------------- plotting
-    def plot(self, *, band=None, ax=None, title: str | None = None):
-        """Native spectrum and clone (top) with residuals (bottom); the five weakest windows of
-        :meth:`worst_windows` inside the plotted range are shaded.
+    def plot(self, *, band=None, ax=None, fig=None, title: str | None = None, n_zoom: int = 3,
+             zoom_width: u.Quantity = 20 * u.AA):
+        """The whole band as a strip (spectrum, clone, residual) above zoomed panels of at most
+        ``zoom_width`` on the weakest windows of :meth:`worst_windows` and on a typical one.
+
+        The overview shades the five weakest windows (of the band of interest, or of ``band``) and the
+        typical one; each zoom panel shows the
+        native spectrum, the clone with its line centres ticked, and S − clone below, with the RMS
+        of the window. Masked pixels (left out of the clone's loss) are marked in grey.
 
         Parameters
         ----------
         band : (Quantity, Quantity), optional
             Wavelength range to show (default: everything).
         ax : sequence of two matplotlib Axes, optional
+            Draw only the overview (spectrum and clone, residual) into these two axes.
+        fig : matplotlib.figure.Figure, optional
+            Draw the overview and the zoom panels into this figure (cleared first); default: a new one.
         title : str, optional
+        n_zoom : int
+            Number of zoom panels (>= 0): the ``n_zoom - 1`` weakest windows and the median one
+            (only the weakest when ``n_zoom`` is 1; none when 0).
+        zoom_width : Quantity
+            Width of each zoom panel (at most 20 Å; default 20 Å).
 
         Returns
         -------
@@ -374,41 +435,114 @@ class SpectralClone:
         """
         import matplotlib.pyplot as plt
 
+        n_zoom = check_integer(n_zoom, "n_zoom", minimum=0)
+        width = _buffer_angstrom(zoom_width)
+        if not 0 < width <= 20.0:
+            raise ValueError(f"zoom_width must be > 0 and at most 20 Å, got {zoom_width}")
         arr = self._target_arrays()
         model = self._eval_angstrom(arr.wavelength, False, None)
         sel = np.ones(arr.wavelength.size, dtype=bool)
         if band is not None:
             lo, hi = _as_band(band)
             sel = (arr.wavelength >= lo) & (arr.wavelength <= hi)
+        w = arr.wavelength[sel]
+        zooms = self._zoom_windows(band, n_zoom, width) if ax is None and w.size > 1 else []
         if ax is None:
-            fig, ax = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1.3]})
+            if fig is None:
+                fig = plt.figure(figsize=(12, 7.5 if zooms else 5.5))
+            else:
+                fig.clear()
+            outer = fig.add_gridspec(2 if zooms else 1, 1, height_ratios=[1.0, 1.05] if zooms else [1.0],
+                                     hspace=0.35)
+            top = outer[0].subgridspec(2, 1, height_ratios=[3, 1.3], hspace=0.05)
+            ax = [fig.add_subplot(top[0])]
+            ax.append(fig.add_subplot(top[1], sharex=ax[0]))
         else:
             fig = ax[0].figure
-        w = arr.wavelength[sel]
+        resid = arr.flux - model
         ax[0].plot(w, arr.flux[sel], lw=0.6, color="k", label="native S")
         ax[0].plot(w, model[sel], lw=0.6, color="C1", label=f"clone ({self.n_lines} lines)")
         ax[0].set_ylabel("normalised flux")
-        ax[1].plot(w, (arr.flux - model)[sel], lw=0.5, color="C0")
+        ax[0].tick_params(labelbottom=False)
+        ax[1].plot(w, resid[sel], lw=0.5, color="C0")
         ax[1].axhline(0, color="0.5", lw=0.5)
         ax[1].set_ylabel("S − clone")
         ax[1].set_xlabel("wavelength (Å)")
-        rms = float(np.sqrt(np.nanmean(((arr.flux - model)[sel & arr.good]) ** 2)))
+        bad = sel & ~arr.good
+        if bad.any():
+            ax[0].plot(arr.wavelength[bad], arr.flux[bad], "|", color="0.6", ms=4, label="masked")
+        rms = float(np.sqrt(np.nanmean((resid[sel & arr.good]) ** 2)))
         # over the plotted pixels (rms_residual() defaults to the band of interest, without the buffer)
         ax[1].text(0.01, 0.92, f"RMS {100 * rms:.3f} % over the plotted range", transform=ax[1].transAxes,
                    fontsize=8, va="top")
         try:  # shade the weakest windows (clone.worst_windows) inside the plotted range
-            weak = self.worst_windows(5, band=(w[0], w[-1]) * u.AA) if w.size > 1 else []
+            weak = self.worst_windows(5, band=band) if w.size > 1 else []  # tiled as the zoom panels
         except ValueError:
             weak = []
         for k, row in enumerate(weak):
             for a in ax:
                 a.axvspan(row["start"].value, row["end"].value, color="C3", alpha=0.12, lw=0,
                           label="weakest windows" if (k == 0 and a is ax[0]) else None)
+        for lo_z, hi_z, label in zooms:
+            if label == "typical":
+                for a in ax:
+                    a.axvspan(lo_z, hi_z, color="C2", alpha=0.12, lw=0,
+                              label="typical window" if a is ax[0] else None)
         ax[0].legend(loc="lower left", fontsize=8)
         if title:
             ax[0].set_title(title)
-        fig.tight_layout()
+        if zooms:
+            self._draw_zooms(fig, outer[1], zooms, arr, model)
+        else:
+            fig.tight_layout()
         return fig
+
+    def _zoom_windows(self, band, n_zoom: int, width: float) -> list[tuple[float, float, str]]:
+        """(start, end, label) of the zoom panels inside ``band`` (default: the band of interest, without
+        the buffer): the weakest windows and a typical (median) one."""
+        if n_zoom == 0:
+            return []
+        try:
+            table = self.worst_windows(10_000, width=width * u.AA, band=band)
+        except ValueError:
+            return []
+        rows = [(float(r["start"].value), float(r["end"].value)) for r in table]
+        n_worst = n_zoom if n_zoom == 1 or len(rows) <= n_zoom else n_zoom - 1
+        out = [(lo, hi, f"weakest {k + 1}") for k, (lo, hi) in enumerate(rows[:n_worst])]
+        if n_worst < n_zoom and len(rows) > n_worst:
+            lo, hi = rows[n_worst + (len(rows) - n_worst) // 2]
+            out.append((lo, hi, "typical"))
+        return out
+
+    def _draw_zooms(self, fig, spec, zooms, arr, model) -> None:
+        """Zoom panels (spectrum and clone over S − clone) in the gridspec cell ``spec``."""
+        grid = spec.subgridspec(2, len(zooms), height_ratios=[3, 1.3], hspace=0.05, wspace=0.28)
+        centres = self.model.lam_centers.detach().cpu().numpy()
+        resid = arr.flux - model
+        for k, (lo, hi, label) in enumerate(zooms):
+            sel = (arr.wavelength >= lo) & (arr.wavelength <= hi)
+            top = fig.add_subplot(grid[0, k])
+            bottom = fig.add_subplot(grid[1, k], sharex=top)
+            top.plot(arr.wavelength[sel], arr.flux[sel], lw=0.8, color="k")
+            top.plot(arr.wavelength[sel], model[sel], lw=0.8, color="C1")
+            inside = centres[(centres >= lo) & (centres <= hi)]
+            if inside.size:
+                ymin, ymax = top.get_ylim()
+                top.vlines(inside, ymax - 0.06 * (ymax - ymin), ymax, color="C1", lw=0.6)
+            bad = sel & ~arr.good
+            if bad.any():
+                top.plot(arr.wavelength[bad], arr.flux[bad], "|", color="0.6", ms=4)
+            good = sel & arr.good
+            rms = float(np.sqrt(np.mean(resid[good] ** 2))) if good.any() else float("nan")
+            top.set_title(f"{label}: {lo:.0f}-{hi:.0f} Å, RMS {100 * rms:.2f} %, {inside.size} lines", fontsize=8)
+            top.tick_params(labelbottom=False, labelsize=7)
+            bottom.plot(arr.wavelength[sel], resid[sel], lw=0.6, color="C0")
+            bottom.axhline(0, color="0.5", lw=0.5)
+            bottom.tick_params(labelsize=7)
+            bottom.set_xlabel("wavelength (Å)", fontsize=8)
+            if k == 0:
+                top.set_ylabel("flux", fontsize=8)
+                bottom.set_ylabel("S − clone", fontsize=8)
 
     # ---------------------------------------------------------------- saving
     def save(self, path: str | Path, *, overwrite: bool = False, include_target: bool = True) -> Path:
@@ -672,6 +806,16 @@ def _fill_gaps(wl: np.ndarray, flux: np.ndarray, good: np.ndarray) -> np.ndarray
     return np.interp(wl, wl[good], flux[good])
 
 
+def _lsf_kind(spectrum: Spectrum) -> str:
+    """``"instrument"`` when the spectrum's ``meta["lsf"]`` says its lines carry an instrument's
+    line-spread function, else ``"native"``; any other value is refused."""
+    value = str((getattr(spectrum, "meta", None) or {}).get("lsf", "native")).strip().lower()
+    if value not in ("native", "instrument"):
+        raise ValueError(f"meta['lsf'] must be 'native' (lines at the model's own resolution) or 'instrument' "
+                         f"(lines already broadened by an instrument's line-spread function), got {value!r}")
+    return value
+
+
 def clone_spectrum(
     spectrum: Spectrum,
     *,
@@ -701,6 +845,7 @@ def clone_spectrum(
     plan: bool | str = "auto",
     residual_passes: int = 3,
     air: bool | None = None,
+    powers: Sequence[float] | None = None,
 ) -> SpectralClone:
     """Clone a precomputed synthetic spectrum into tunable lines (paper Sections 2-3).
 
@@ -804,6 +949,16 @@ def clone_spectrum(
         Morton 2000 refractive index of standard air), so the clone's centres are always vacuum
         wavelengths, like every template and clone of this package. A spectrum already converted
         by :func:`~blase_specutils.read_spectrum` is not converted twice.
+    powers : sequence of float, optional
+        Train the clone for :math:`S^X` at each of these powers X > 0 (Beer's law): the loss is
+        :math:`\\sum_X \\sum_i (S_i^X - S_{\\mathrm{clone},i}^X)^2`. For telluric templates that a fit
+        raises to a power (:func:`~blase_specutils.fit_spectrum` fits X): a clone trained on S alone
+        is blind inside saturated bands, where S ≈ 0 whatever its depth, and the error shows when
+        X ≪ 1 (a drier night than the template). On the PSG water column near 1.77 µm, the RMS error
+        of :math:`S_\\mathrm{clone}^{0.04}` was 0.110 trained on S and 0.015 with
+        ``powers=(0.02, 0.05, 0.15, 0.4, 1.0)``, at the same 0.0016 for X = 1. Log mode only (then
+        :math:`S^X` of the clone is exactly a clone with X times the amplitudes). None (default):
+        the loss on S alone. The line search and the residual passes still look at S.
 
     Returns
     -------
@@ -831,6 +986,15 @@ def clone_spectrum(
     teff_k = _teff_kelvin(teff) if teff is not None else 0.0
     if mode not in ("linear", "log"):
         raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+    if powers is not None:
+        powers = tuple(check_real(x, "powers", positive=True) for x in
+                       ((powers,) if isinstance(powers, numbers.Real) else powers))
+        if not powers:
+            raise ValueError("powers must hold at least one power X > 0 (or be None)")
+        if mode != "log":
+            raise ValueError("powers= trains S^X, which is Beer's law only for a log-mode clone: pass mode='log'")
+        if likelihood is not None:
+            raise ValueError("powers= and likelihood= cannot be combined: the likelihood replaces the loss")
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     if dtype not in (torch.float32, torch.float64):
@@ -875,7 +1039,7 @@ def clone_spectrum(
     # centres move in Å: a step of lr/10 of the median pixel size, not lr in log units
     dlam = float(np.median(np.diff(arr.wavelength)))
     stage = _Stage(wl_t, flux_t, w_t, lik, want_plan, dict(lr=lr, patience=patience, progress=progress,
-                                                            lr_overrides={"lam_centers": lr * dlam}))
+                                                            lr_overrides={"lam_centers": lr * dlam}), powers=powers)
     model, hist, line_pass, passes = _train_with_residual_passes(
         model, stage, arr, epochs=epochs, residual_passes=residual_passes, prominence=float(prominence),
         region=b, buffer=buf, max_fwhm=broad_fwhm)
@@ -900,6 +1064,8 @@ def clone_spectrum(
         "npasses": len(passes) - 1,
         "nadded": int(np.count_nonzero(line_pass)),
         "source": str(spectrum.meta.get("template", "")) if hasattr(spectrum, "meta") and spectrum.meta else "",
+        "lsf": _lsf_kind(spectrum),
+        **({"powers": ",".join(f"{x:g}" for x in powers)} if powers is not None else {}),
     } | gp_meta
     return SpectralClone(model, target=target, band=b, history=hist, meta=meta, pseudo_continuum=pseudo,
                          line_pass=line_pass, passes=passes)
@@ -908,10 +1074,14 @@ def clone_spectrum(
 class _Stage:
     """What every training stage of a cloning run shares: the data, the likelihood and the Adam settings."""
 
-    def __init__(self, wl_t, flux_t, w_t, lik, want_plan: bool, train_kwargs: dict) -> None:
+    def __init__(self, wl_t, flux_t, w_t, lik, want_plan: bool, train_kwargs: dict, powers=None) -> None:
         self.wl_t, self.flux_t, self.w_t, self.lik = wl_t, flux_t, w_t, lik
         self.want_plan = want_plan
         self.train_kwargs = train_kwargs
+        self.powers = None if powers is None else tuple(float(x) for x in powers)
+        if self.powers is not None:  # the targets S^X, from ln S (S = 0 counts as e^-690)
+            log_s = torch.log(torch.clamp(flux_t, min=1e-300))
+            self.power_targets = [torch.exp(x * log_s) for x in self.powers]
 
     def train(self, model: LineCloneModel, epochs: int, desc: str) -> TrainingHistory:
         """Tune ``model`` for at most ``epochs`` epochs (plateau rule as in :func:`clone_spectrum`)."""
@@ -921,6 +1091,10 @@ class _Stage:
         def loss_fn():
             if lik is not None:
                 return lik(flux_t - model(wl_t, plan=planned))
+            if self.powers is not None:
+                log_c = model.log_flux(wl_t, plan=planned)
+                return sum((((torch.exp(x * log_c) - target) * w_t) ** 2).sum()
+                           for x, target in zip(self.powers, self.power_targets))
             r = (model(wl_t, plan=planned) - flux_t) * w_t
             return (r * r).sum()
 

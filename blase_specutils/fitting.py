@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import astropy.units as u
 import numpy as np
@@ -18,18 +17,13 @@ from specutils import Spectrum, SpectrumList
 from .cloning import SpectralClone, _equivalent_widths
 from .core.clone import SPEED_OF_LIGHT_KMS, TUNABLE, LineCloneModel
 from .core.training import check_integer, check_real, resolve_device
-from .core.transfer import (
-    TELLURIC_POWER_SCAN,
-    FitBounds,
-    FitFlag,
-    TransferFit,
-    TransferModel,
-    check_fit,
-    chi2_curvature,
-    fit_transfer,
-)
+from .core.transfer import (TELLURIC_POWER_SCAN, FitBounds, FitFlag, TransferFit, TransferModel, check_fit,
+                             chi2_curvature, fit_transfer)
+from .frames import FitFrames, check_frame_settings, prepare_orders, telluric_frame_flags
 from .preprocessing import _as_band, _buffer_angstrom, _velocity_kms
-from .spectra import SpectrumArrays, arrays_to_spectrum, spectrum_to_arrays
+from .results_file import RESULT_FORMAT_VERSION  # noqa: F401 (the file layout's version, for users)
+from .spectra import (FluxOutlierWarning, SpectrumArrays, arrays_to_spectrum, mask_flux_outliers,
+                      refuse_extreme_pixels, spectrum_to_arrays, wavelength_to_angstrom)
 
 __all__ = ["fit_spectrum", "TransferResult", "MissingUncertaintyWarning", "FitFlagWarning", "FitBounds", "FitFlag",
            "TELLURIC_POWER_SCAN"]
@@ -59,17 +53,18 @@ def _orders(data) -> list[Spectrum]:
 
 
 def _noise_from_flux(flux: np.ndarray) -> float:
-    """DER_SNR noise estimate (Stoehr et al. 2008): 1.482602/√6 · median|2f_i − f_(i−2) − f_(i+2)|."""
-    f = flux[np.isfinite(flux)]
-    if f.size < 5:
-        raise ValueError("too few finite pixels to estimate the noise; give uncertainties")
-    return float(1.482602 / math.sqrt(6.0) * np.median(np.abs(2.0 * f[2:-2] - f[:-4] - f[4:])))
+    """DER_SNR noise estimate (Stoehr et al. 2008), specutils' ``snr_derived``: see
+    :func:`blase_specutils.preprocessing.der_snr_noise`."""
+    from .preprocessing import der_snr_noise
+
+    return der_snr_noise(flux)
 
 
 def _gather(orders: list[Spectrum]):
     """Concatenate orders (sorted by wavelength) into arrays; returns arrays and bookkeeping."""
     pieces = []
     for k, spec in enumerate(orders):
+        refuse_extreme_pixels(spec, k)
         arr = spectrum_to_arrays(spec, require_finite=False)
         pieces.append((arr.wavelength[0], k, arr))
     pieces.sort(key=lambda p: p[0])
@@ -117,19 +112,39 @@ def _tunables(value, name: str) -> tuple[str, ...]:
     return names
 
 
+#: Lowest resolving power a fit accepts: the cost of the LSF convolution grows as 1/R² and the
+#: method needs resolved lines; R = 1000 is already a low-resolution spectrograph.
+MIN_RESOLVING_POWER = 1000.0
+#: Largest ``rv_range`` (km/s): the fastest stars known move at ~1,000 km/s; a larger known velocity
+#: is tagged on the spectral axis (``radial_velocity``), around which the scan is centred.
+MAX_RV_RANGE_KMS = 1000.0
+
+
+def _resolving_power(value) -> float:
+    """R, checked: finite, > 0 and >= :data:`MIN_RESOLVING_POWER`."""
+    r = check_real(value, "resolving_power", positive=True)
+    if r < MIN_RESOLVING_POWER:
+        raise ValueError(f"resolving_power must be >= {MIN_RESOLVING_POWER:g} (the LSF kernel grows as 1/R, the cost as "
+                         f"1/R²; the method needs resolved lines), got {r:g}")
+    return r
+
+
 def _fit_settings(*, resolving_power, rv, rv_range, vsini, continuum_degree, tune_lines, regularization,
                   width_regularization, template_epochs, line_epochs, lr, buffer, tune_telluric,
-                  telluric_regularization, bounds=None, **_) -> dict:
+                  telluric_regularization, bounds=None, air=None, frame=None, barycentric_correction=None,
+                  **_) -> dict:
     """The checked settings of :func:`fit_spectrum` (velocities in km/s, buffer in Å), from its keyword
     arguments (others are ignored); no data needed, so :func:`~blase_specutils.batch.fit_many` checks
     them before it starts any job. Raises TypeError, UnitsError or ValueError naming the argument."""
     if bounds is not None and not isinstance(bounds, FitBounds):
         raise TypeError(f"bounds must be a FitBounds or None, got {type(bounds).__name__}")
     b = FitBounds() if bounds is None else bounds
+    check_frame_settings(air=air, frame=frame, barycentric_correction=barycentric_correction)
     rv_range_k = _velocity_kms(rv_range, "rv_range")
-    if rv_range_k <= 0:
-        raise ValueError(f"rv_range must be > 0 km/s (the half width of the RV scan and of the line selection), "
-                         f"got {rv_range_k} km/s")
+    if not 0 < rv_range_k <= MAX_RV_RANGE_KMS:
+        raise ValueError(f"rv_range must be > 0 km/s and at most {MAX_RV_RANGE_KMS:g} km/s (the half width of the RV scan and "
+                         f"of the line selection; stars move slower: tag a larger known velocity on the spectral axis "
+                         f"with spectrum.set_radial_velocity_to), got {rv_range_k} km/s")
     rv_k = None if rv is None else _velocity_kms(rv, "rv")
     if rv_k is not None and abs(rv_k) > rv_range_k:
         raise ValueError(f"rv = {rv_k} km/s is outside the RV bound ±rv_range = ±{rv_range_k} km/s; widen rv_range")
@@ -137,7 +152,7 @@ def _fit_settings(*, resolving_power, rv, rv_range, vsini, continuum_degree, tun
     if vsini_k is not None and vsini_k > b.max_vsini:
         raise ValueError(f"vsini = {vsini_k} km/s is above the bound max_vsini = {b.max_vsini} km/s (FitBounds)")
     return dict(
-        resolving_power=check_real(resolving_power, "resolving_power", positive=True),
+        resolving_power=_resolving_power(resolving_power),
         rv=rv_k,
         rv_range=rv_range_k,
         vsini=vsini_k,
@@ -182,6 +197,10 @@ def fit_spectrum(
     telluric_regularization: float | None = 5.0,
     plan: bool | str = "auto",
     bounds: FitBounds | None = None,
+    calibration_degree: int | None = None,
+    air: bool | None = None,
+    frame: str | None = None,
+    barycentric_correction: u.Quantity | float | None = None,
 ) -> "TransferResult":
     r"""Fit an observed spectrum with a stellar clone, a telluric clone, or both.
 
@@ -227,14 +246,16 @@ def fit_spectrum(
     telluric : SpectralClone, optional
         Telluric clone (never Doppler shifted); its lines within the data range ± buffer are used.
     resolving_power : float
-        R (HPF ≈ 55,000; IGRINS ≈ 45,000), finite and > 0.
+        R (HPF ≈ 55,000; IGRINS ≈ 45,000), finite and >= 1,000 (:data:`MIN_RESOLVING_POWER`: the
+        cost grows as 1/R² and the method needs resolved lines).
     rv : Quantity or float (km/s), optional
         Starting RV, within ± ``rv_range``; if None, the best of a χ² scan over ± ``rv_range``
         in 1 km/s steps (joint with the v sin i scan). Ignored by a telluric-only fit.
     rv_range : Quantity or float (km/s)
-        Half width (> 0) of the RV scan and the bound of the RV: |RV| ≤ ``rv_range`` (an RV that
-        ends within 1 km/s of it is flagged); stellar lines within it (and ``buffer``) of the data
-        are used.
+        Half width of the RV scan and the bound of the RV, 0 < ``rv_range`` <= 1,000 km/s
+        (:data:`MAX_RV_RANGE_KMS`): |RV| ≤ ``rv_range`` (an RV that ends within 1 km/s of it is
+        flagged); stellar lines within it (and ``buffer``) of the data are used. A star known to
+        move faster: tag its velocity on the spectral axis (see ``frame`` below).
     vsini : Quantity or float (km/s), optional
         Starting v sin i, 0-600 km/s. None (default): found, not assumed: the best of a χ² scan over
         14 values log-spaced from 2 to 400 km/s, jointly with the RV scan (the clone is evaluated
@@ -295,6 +316,47 @@ def fit_spectrum(
     bounds : FitBounds, optional
         The v sin i bound and scan, the RV scan step and the flag rules (default ``FitBounds()``:
         the numbers above).
+    air : bool or None
+        Whether the data's wavelengths are in air. None (default): as the data say (a FITS WCS
+        ``CTYPE1 = 'AWAV'``, ``AIRORVAC``, ``meta['air']``; see
+        :func:`~blase_specutils.spectra.wavelength_frame`), vacuum where they say nothing. Air
+        wavelengths are converted to vacuum (Morton 2000, :func:`~blase_specutils.spectra.to_vacuum`)
+        before the fit: every clone and template is in vacuum, and air data fitted as vacuum are
+        off by the air/vacuum offset (−82 km/s near 8700 Å). The result says which it was
+        (:attr:`TransferResult.frames`, ``summary()["wavelength_frame"]``); its spectra come back
+        on the user's own axis.
+    frame : {"observatory", "barycentric"} or None
+        The frame of the data's axis. The fit keeps telluric lines at rest in the observatory's
+        frame, where the star moves by the measured RV; ``"barycentric"`` data (shifted by muler's
+        ``barycentric_correct``/``rv_shift``) are shifted back first, which needs the barycentric
+        correction. None (default): ``"observatory"`` for HPF and IGRINS pipeline spectra (muler's
+        ``HPFSpectrum``/``IGRINSSpectrum``, :func:`~blase_specutils.io.read_igrins_plp`); for
+        other data ``"unstated"``: fitted on the axis as given and no barycentric RV reported (a
+        stack of exposures, such as the WASP 69 HPF stack, is usually barycentric already).
+    barycentric_correction : Quantity or float (km/s), optional
+        The barycentric correction (|v| <= 31 km/s). None: from the first order's FITS header
+        (time, target, site; :func:`blase_specutils.frames.barycentric_correction`) where it has
+        them. The result reports the measured (observatory) RV :attr:`TransferResult.rv_total`,
+        the barycentric RV :attr:`TransferResult.rv_barycentric` and the correction used.
+
+    A radial velocity (or redshift) tagged on the data's spectral axis has the specutils meaning:
+    the velocity of the target relative to the observer for the axis as given. It is taken as the
+    known part of the star's RV: the scan, the RV bound (|RV_total| <= |tag| + ``rv_range``) and
+    the line selection are centred on it, ``rv`` is fitted relative to it, and the result reports
+    both, :attr:`TransferResult.rv_tagged` + :attr:`TransferResult.rv` =
+    :attr:`TransferResult.rv_total`; output spectra keep the tag.
+    calibration_degree : int or None
+        Degree of a smooth per-order wavelength correction δv(x) = Σ_k c_k x^k (paper Section 8.8;
+        km/s, x from −1 to 1 across each order), shared by the star and the tellurics, tuned in
+        both stages with a Gaussian pull of 1 km/s per coefficient towards 0, and reported in m/s
+        (:attr:`TransferResult.wavelength_correction`). The telluric lines are its calibrators:
+        with a stellar clone alone, a per-order shift and the RV are degenerate within one order.
+        None (default): no correction.
+
+    A telluric clone whose lines already carry the instrument's line-spread function
+    (:attr:`SpectralClone.instrument_resolution`, e.g. a clone of muler's TelFit HPF template)
+    multiplies *after* the instrumental kernel, so that it is not broadened twice (an
+    approximation; see :class:`~blase_specutils.core.transfer.TransferModel`).
 
     Returns
     -------
@@ -306,12 +368,19 @@ def fit_spectrum(
     -----
     FitFlagWarning
         When the result has flags.
+    ~blase_specutils.spectra.FluxOutlierWarning
+        When single-pixel flux outliers were left out of χ² (> 10 robust σ from a running median
+        of 7 pixels, alone, and half the local flux level away; or a σ below 1e-3 of its order's
+        median): their count and indices are in :attr:`TransferResult.outliers`.
 
     Raises
     ------
     ValueError
         Neither clone given, no overlap between a clone and the data, bad data, or a setting out of
-        range (e.g. ``rv_range <= 0``, negative ``vsini`` or Λ, an unknown parameter to tune).
+        range (e.g. ``rv_range <= 0`` or above 1,000 km/s, ``resolving_power`` below 1,000,
+        negative ``vsini`` or Λ, an unknown parameter to tune, an unknown ``frame``,
+        ``frame="barycentric"`` with no correction); ±inf flux, σ <= 0 or σ outside 1e-150-1e150
+        at an unmasked pixel (the message gives the pixel indices).
     TypeError
         A clone that is not a :class:`~blase_specutils.SpectralClone`, data that are not spectra,
         or a setting of the wrong type (a non-integer epoch count or degree, a plain-number buffer).
@@ -322,22 +391,34 @@ def fit_spectrum(
         raise ValueError("give a stellar clone, a telluric clone (stellar=None, telluric=...), or both")
     if stellar is not None and not isinstance(stellar, SpectralClone):
         raise TypeError("stellar must be a SpectralClone (clone_spectrum, SpectralClone.load or load_blase03) or None")
-    if telluric is not None and not isinstance(telluric, SpectralClone):
-        raise TypeError("telluric must be a SpectralClone or None")
+    if telluric is not None and not isinstance(telluric, (SpectralClone, Mapping, list, tuple)):
+        raise TypeError("telluric must be a SpectralClone, a dict of named SpectralClones (one per molecule), or None")
     checked = _fit_settings(resolving_power=resolving_power, rv=rv, rv_range=rv_range, vsini=vsini,
                             continuum_degree=continuum_degree, tune_lines=tune_lines, regularization=regularization,
                             width_regularization=width_regularization, template_epochs=template_epochs,
                             line_epochs=line_epochs, lr=lr, buffer=buffer, tune_telluric=tune_telluric,
-                            telluric_regularization=telluric_regularization, bounds=bounds)
+                            telluric_regularization=telluric_regularization, bounds=bounds, air=air, frame=frame,
+                            barycentric_correction=barycentric_correction)
     rv_k, rv_range_k, vsini_k, buf = (checked[k] for k in ("rv", "rv_range", "vsini", "buffer"))
+    if calibration_degree is not None:
+        calibration_degree = check_integer(calibration_degree, "calibration_degree", minimum=0)
     bounds = checked["bounds"]
     resolving_power, continuum_degree, lr = checked["resolving_power"], checked["continuum_degree"], checked["lr"]
     template_epochs, line_epochs = checked["template_epochs"], checked["line_epochs"]
     tune_lines, tune_telluric = checked["tune_lines"], checked["tune_telluric"]
     regularization, width_regularization, telluric_regularization = (
         checked[k] for k in ("regularization", "width_regularization", "telluric_regularization"))
-    orders = _orders(data)
+    user_orders = _orders(data)  # outputs come back on these (axis, class, meta, velocity tag)
+    orders, frames = prepare_orders(user_orders, air=air, frame=frame, barycentric_correction=barycentric_correction)
+    tag = frames.rv_tagged  # the RV scan, its bound and the line selection are centred on a tagged velocity
     wl, flux, sigma, good, oid, missing, order_ids, arrs = _gather(orders)
+    outlier, outliers = mask_flux_outliers(flux, sigma, good, oid, arrs)  # single-pixel spikes, out of χ²
+    good = good & ~outlier
+    if outliers["count"]:
+        warnings.warn(f"{outliers['count']} flux outlier pixel(s) left out of the fit (> {outliers['threshold_sigma']:g} "
+                      "robust σ from the running median, alone, and half the local flux level away): "
+                      + "; ".join(f"order {k}: index {', '.join(map(str, v[:10]))}" for k, v in outliers["pixels"].items())
+                      + " (TransferResult.outliers)", FluxOutlierWarning, stacklevel=2)
     if missing:
         warnings.warn(
             "the data have no uncertainties: using a constant noise level per order from the DER_SNR "
@@ -350,8 +431,8 @@ def fit_spectrum(
     dev = resolve_device(device)
     st = None
     if stellar is not None:
-        lo = wl[0] * (1 - rv_range_k / SPEED_OF_LIGHT_KMS) - buf
-        hi = wl[-1] * (1 + rv_range_k / SPEED_OF_LIGHT_KMS) + buf
+        lo = wl[0] * (1 - (rv_range_k + tag) / SPEED_OF_LIGHT_KMS) - buf
+        hi = wl[-1] * (1 + (rv_range_k - tag) / SPEED_OF_LIGHT_KMS) + buf
         centers = stellar.model.lam_centers.detach().cpu().numpy()
         sel = (centers > lo) & (centers < hi)
         if not sel.any():
@@ -361,7 +442,9 @@ def fit_spectrum(
             )
         st = stellar.model.subset(torch.as_tensor(sel)).to(dev)
     tel = None
+    components = None
     if telluric is not None:
+        telluric, components, component_names = _merge_telluric(telluric)
         tc = telluric.model.lam_centers.detach().cpu().numpy()
         tsel = (tc > wl[0] - buf) & (tc < wl[-1] + buf)
         if stellar is None and not tsel.any():
@@ -371,15 +454,23 @@ def fit_spectrum(
             )
         tel = telluric.model.subset(torch.as_tensor(tsel)).to(dev)
         tel.set_tuned(())
+        if components is not None:  # components without a line near the data get no power
+            present, components = np.unique(components[tsel], return_inverse=True)
+            component_names = tuple(component_names[k] for k in present)
+            if not present.size:
+                components = None
     vsini_scan = None if (vsini_k is not None or st is None) else bounds.vsini_scan
     vsini_start = bounds.vsini_scan[0] if vsini_k is None else max(vsini_k, 0.05)
     # the rotation kernel: room for the whole v sin i scan, else for the start (it grows when reached)
     kernel = max(vsini_scan) if vsini_scan is not None else _kernel_room(vsini_start if st is not None else 3.0,
                                                                          bounds.max_vsini)
-    model = TransferModel(st, wl, order_index=oid, telluric=tel, rv=0.0 if rv_k is None or st is None else rv_k,
+    model = TransferModel(st, wl, order_index=oid, telluric=tel, rv=tag + (0.0 if rv_k is None or st is None else rv_k),
                           vsini=vsini_start, resolving_power=resolving_power,
                           limb_darkening=limb_darkening, continuum_degree=continuum_degree,
-                          max_vsini=kernel, max_rv=rv_range_k).to(dev)
+                          max_vsini=kernel, max_rv=rv_range_k + abs(tag),
+                          telluric_instrumental=telluric is not None and telluric.instrument_resolution,
+                          calibration_degree=calibration_degree, telluric_components=components,
+                          telluric_names=None if components is None else component_names).to(dev)
     tune_power = bool(tune_telluric_power) and tel is not None
     model.log_telluric_power.requires_grad_(tune_power)
     ref = st if st is not None else tel
@@ -390,13 +481,13 @@ def fit_spectrum(
         from .gp import build_likelihood  # optional extra: a clear ImportError names it
 
         lik = build_likelihood(likelihood, wl, sigma, good, oid, device=dev)
-    scan = None if (rv_k is not None or st is None) else _rv_grid(rv_range_k, bounds.rv_step)
+    scan = None if (rv_k is not None or st is None) else tag + _rv_grid(rv_range_k, bounds.rv_step)
     prior = {} if st is None else {k: getattr(st, k).detach().clone() for k in _LOG_PARAMS}
     telluric_prior = None if tel is None else {k: getattr(tel, k).detach().clone() for k in _LOG_PARAMS}
     prior_centers = {k: m.lam_centers.detach().cpu().numpy().copy() for k, m in (("stellar", st), ("telluric", tel))
                      if m is not None}
     common = dict(tune_resolving_power=tune_resolving_power, lr=lr, progress=progress, likelihood=lik,
-                  tune_telluric_power=tune_power, plan=plan)
+                  tune_telluric_power=tune_power, plan=plan, tune_calibration=calibration_degree is not None)
     power_scan = TELLURIC_POWER_SCAN if tune_power else None
     if vsini_scan is None:
         fit = fit_transfer(model, data_t, w_t, rv_scan=scan, template_epochs=template_epochs, line_epochs=0,
@@ -410,10 +501,10 @@ def fit_spectrum(
         model, data_t, w_t, template_epochs=template_epochs, line_epochs=0, **common)))
     n_good = int(good.sum())
     template = dict(chi2=fit.chi2["template"], chi2_reduced=fit.chi2["template"] / max(n_good - 3, 1),
-                    rv=None if st is None else float(model.rv.detach()),
+                    rv=None if st is None else float(model.rv.detach()) - tag,
                     vsini=None if st is None else float(model.vsini.detach()),
                     resolving_power=float(model.resolving_power.detach()),
-                    telluric_power=None if tel is None else float(model.telluric_power.detach()))
+                    telluric_power=None if tel is None else _power_value(model))
     if line_epochs and ((st is not None and tune_lines) or (tel is not None and tune_telluric)):
         def line_stage() -> None:
             fit2 = fit_transfer(model, data_t, w_t, rv_scan=None, template_epochs=0, line_epochs=line_epochs,
@@ -439,19 +530,64 @@ def fit_spectrum(
         (("telluric_power",) if tune_power else ())
     flags = check_fit(model, fit, bounds=bounds, sigmas=sigmas, tuned=tuned,
                       start={"resolving_power": resolving_power},
-                      template=template if "lines" in fit.chi2 and st is not None else None)
+                      template=dict(template, rv=tag + template["rv"]) if "lines" in fit.chi2 and st is not None else None)
     flags += _clone_flags(stellar, telluric, wl, good, float(model.rv.detach()) if st is not None else 0.0, bounds)
+    flags += telluric_frame_flags(model, wl, flux, sigma, good, model_flux, frames)  # tellurics vs the stated frame
     result = TransferResult(
-        model=model, orders=orders, order_ids=order_ids, arrays=arrs, wavelength=wl, flux=flux, sigma=sigma,
+        model=model, orders=user_orders, order_ids=order_ids, arrays=arrs, wavelength=wl, flux=flux, sigma=sigma,
         good=good, order_of_pixel=oid, model_flux=model_flux, prior=prior, template=template, fit=fit,
         settings=settings, stellar_clone=stellar, telluric_clone=telluric, likelihood=lik,
         pseudo_continuum_flux=pseudo, telluric_prior=telluric_prior, prior_centers=prior_centers,
-        flags=flags, uncertainties=sigmas,
+        flags=flags, uncertainties=sigmas, frames=frames, outlier_mask=outlier, outliers=outliers,
+        list_class=type(data) if isinstance(data, (SpectrumList, list, tuple)) else None,
     )
     if flags:
         warnings.warn(f"fit_spectrum: {len(flags)} flag(s) (TransferResult.flags): "
                       + " ".join(f"[{f.code}] {f.message}." for f in flags), FitFlagWarning, stacklevel=2)
     return result
+
+
+def _power_value(model: TransferModel) -> float | dict[str, float]:
+    """The fitted Beer's-law power X, or a dict of the powers X_k by component name."""
+    x = model.telluric_power.detach().cpu()
+    if x.ndim == 0:
+        return float(x)
+    return {n: float(v) for n, v in zip(model.telluric_names, x)}
+
+
+def _merge_telluric(telluric) -> tuple[SpectralClone, np.ndarray | None, tuple[str, ...]]:
+    """One telluric clone, and per line the index of its component, from a clone or several.
+
+    ``telluric``: a SpectralClone (one power: components None), a dict name → SpectralClone, or a
+    list/tuple of clones (named by ``meta["molecule"]``, else their position). The merged clone
+    carries all lines (:meth:`LineCloneModel.concatenate`), the union of the bands and
+    ``meta["components"]``; the clones must agree on ``instrument_resolution``."""
+    if isinstance(telluric, SpectralClone):
+        return telluric, None, ("",)
+    if isinstance(telluric, Mapping):
+        names, clones = [str(k) for k in telluric], list(telluric.values())
+    else:
+        clones = list(telluric)
+        names = [str((getattr(c, "meta", None) or {}).get("molecule", k)) for k, c in enumerate(clones)]
+    if not clones:
+        raise ValueError("telluric= got no clones: give a SpectralClone or a dict of them")
+    for name, c in zip(names, clones):
+        if not isinstance(c, SpectralClone):
+            raise TypeError(f"telluric component {name!r} must be a SpectralClone, got {type(c).__name__}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"telluric components need distinct names, got {names}")
+    if len({c.instrument_resolution for c in clones}) > 1:
+        raise ValueError("the telluric components mix clones at the instrument's resolution and at native "
+                         "resolution (meta['lsf']); clone them all from templates of one kind")
+    if len(clones) == 1:
+        return clones[0], None, tuple(names)
+    model, comp = LineCloneModel.concatenate([c.model for c in clones])
+    bands = [c.band for c in clones]
+    band = None if any(b is None for b in bands) else (min(b[0] for b in bands), max(b[1] for b in bands))
+    meta = {"kind": "telluric", "lsf": "instrument" if clones[0].instrument_resolution else "native",
+            "components": ",".join(names),
+            "source": "+".join(str(c.meta.get("source", "")) for c in clones)}
+    return SpectralClone(model, band=band, meta=meta), comp.cpu().numpy(), tuple(names)
 
 
 def _kernel_room(vsini: float, bound: float) -> float:
@@ -626,21 +762,39 @@ def _prior_from_hdu(hdu, device) -> tuple[dict, np.ndarray | None]:
     return prior, centers
 
 
-#: Layout version of the transfer-result file (``TRFMTVER``); 1 was the layout without ``TRANSFER``.
-RESULT_FORMAT_VERSION = 2
-
-
-def _nan_if_none(v) -> float:
-    return float("nan") if v is None else float(v)
-
-
-def _none_if_nan(v):
-    v = float(v)
-    return None if math.isnan(v) else v
-
-
 def _finite_or_none(v) -> float | None:
     return None if v is None or not math.isfinite(float(v)) else float(v)
+
+
+def _user_axis(arr: SpectrumArrays, spec: Spectrum) -> np.ndarray:
+    """The wavelengths (Å, ascending) that ``spec``, the user's order, had before the boundary
+    moved them (air to vacuum, barycentric to observatory), so that outputs come back on the
+    user's own axis; ``arr.wavelength`` where ``spec`` is not that order's spectrum."""
+    axis = spec.spectral_axis
+    if axis.ndim != 1 or axis.size != arr.wavelength.size:
+        return arr.wavelength
+    try:
+        wl = wavelength_to_angstrom(axis)
+    except (TypeError, u.UnitsError):
+        return arr.wavelength
+    return wl[::-1] if wl.size > 1 and wl[0] > wl[-1] else wl
+
+
+def _as_list_class(out: list, list_class: type | None):
+    """The outputs of the orders as the input came: a ``SpectrumList`` of the user's class in, the
+    same class out, whatever the number of orders (muler's ``HPFSpectrumList`` and
+    ``EchelleSpectrumList`` keep ``.stitch()``; a plain ``SpectrumList`` where that class cannot be
+    built from a list); a Spectrum, or a plain list or tuple of one order: that order's spectrum;
+    a plain list or tuple of several: a ``SpectrumList``."""
+    is_list_class = isinstance(list_class, type) and issubclass(list_class, SpectrumList)
+    if not is_list_class and len(out) == 1:
+        return out[0]
+    if is_list_class and list_class is not SpectrumList:
+        try:
+            return list_class(out)
+        except Exception:  # a list class that needs other arguments: the plain one
+            pass
+    return SpectrumList(out)
 
 
 def _pm(sigma) -> str:
@@ -683,6 +837,17 @@ class TransferResult:
         1σ of ``"rv"`` (km/s), ``"vsini"`` (km/s) and ``"telluric_power"`` from the curvature of χ²
         at the fit (:func:`~blase_specutils.core.transfer.chi2_curvature`: continuum profiled out,
         lines fixed, scaled by √χ²_red when that exceeds 1); ``inf`` where χ² has no minimum.
+    frames : blase_specutils.frames.FitFrames
+        The frames of the data (``"observatory"``, ``"barycentric"`` or ``"unstated"``), how
+        their wavelengths became vacuum ones, the tagged velocity and the barycentric correction
+        with its source: :attr:`rv_tagged`, :attr:`rv_total`, :attr:`rv_barycentric` and
+        :attr:`barycentric_correction` read it. Spectra out come back on the user's own axis, in
+        the user's class and list class, with its ``meta`` and velocity tag.
+    outlier_mask : ndarray of bool
+        Pixels (of :attr:`wavelength`) left out of χ² as flux outliers.
+    outliers : dict or None
+        ``{"count", "threshold_sigma", "pixels"}``: ``pixels`` maps each order with outliers to
+        their positions along that order's own spectral axis.
 
     Notes
     -----
@@ -695,7 +860,9 @@ class TransferResult:
     def __init__(self, *, model, orders, order_ids, arrays, wavelength, flux, sigma, good, order_of_pixel,
                  model_flux, prior, template, fit, settings, stellar_clone, telluric_clone,
                  likelihood=None, pseudo_continuum_flux=None, telluric_prior=None, prior_centers=None,
-                 flags=None, uncertainties=None) -> None:
+                 flags=None, uncertainties=None, frames: FitFrames | None = None,
+                 list_class: type | None = None, outlier_mask: np.ndarray | None = None,
+                 outliers: dict | None = None) -> None:
         self.model = model
         self._orders = orders
         self._order_ids = order_ids
@@ -718,17 +885,31 @@ class TransferResult:
         self.pseudo_continuum_flux = pseudo_continuum_flux
         self.flags: list[FitFlag] = list(flags or [])
         self.uncertainties: dict[str, float] = dict(uncertainties or {})
+        self.frames: FitFrames = frames if frames is not None else FitFrames()
+        self._list_class = list_class
+        #: Pixels left out of χ² as flux outliers (see fit_spectrum), and their record (None: no check ran).
+        self.outlier_mask = np.zeros(np.asarray(good).size, dtype=bool) if outlier_mask is None else \
+            np.asarray(outlier_mask, dtype=bool)
+        self.outliers: dict | None = outliers
 
     def __repr__(self) -> str:
         kind = "+".join(k for k, has in (("stellar", self.has_stellar), ("telluric", self.has_telluric)) if has)
         parts = []
         if self.has_stellar:
             parts.append(f"RV {self.rv.value:.3f}{_pm(self.uncertainties.get('rv'))} km/s")
+            if self.frames.rv_tagged:
+                parts.append(f"+ tagged {self.rv_tagged.value:.3f} = total {self.rv_total.value:.3f} km/s")
+            if self.rv_barycentric is not None:
+                parts.append(f"barycentric RV {self.rv_barycentric.value:.3f} km/s "
+                             f"(correction {self.frames.barycentric_correction:+.3f})")
             parts.append(f"v sin i {self.vsini.value:.2f}{_pm(self.uncertainties.get('vsini'))} km/s")
         if self.has_telluric:
-            parts.append(f"X {self.telluric_power:.4g}{_pm(self.uncertainties.get('telluric_power'))}")
+            parts.append(self._power_text())
         parts.append(f"R {self.resolving_power:.0f}")
         parts.append(f"chi2_red {self.chi2_reduced:.3f}")
+        parts.append(f"{self.frames.frame} frame, {self.frames.wavelength_frame}")
+        if self.outliers and self.outliers.get("count"):
+            parts.append(f"{self.outliers['count']} flux outlier(s) masked")
         head = f"<TransferResult ({kind}, {self.n_pixels} px): " + ", ".join(parts)
         if not self.flags:
             return head + "; no flags>"
@@ -753,10 +934,44 @@ class TransferResult:
 
     @property
     def rv(self) -> u.Quantity:
-        """Radial velocity (NaN km/s for a telluric-only fit, which fits none)."""
+        """The fitted radial velocity: the star's velocity relative to the observer of the data's
+        axis, less a velocity tagged on that axis (:attr:`rv_tagged`; without a tag this is the
+        whole measured RV, :attr:`rv_total`). NaN km/s for a telluric-only fit, which fits none."""
         if not self.has_stellar:
             return np.nan * u.km / u.s
-        return float(self.model.rv.detach()) * u.km / u.s
+        return (float(self.model.rv.detach()) - self.frames.rv_tagged) * u.km / u.s
+
+    @property
+    def rv_tagged(self) -> u.Quantity:
+        """c z (km/s) of the velocity tagged on the input's spectral axis (specutils'
+        ``radial_velocity``/``redshift``: the velocity of the target relative to the observer for
+        the axis as given); 0 km/s without a tag. :attr:`rv` + this = :attr:`rv_total`."""
+        return self.frames.rv_tagged * u.km / u.s
+
+    @property
+    def rv_total(self) -> u.Quantity:
+        """The measured RV: :attr:`rv_tagged` + :attr:`rv`, the star's velocity relative to the
+        observatory (the fit's frame; data given in the barycentric frame were shifted back to it).
+        NaN km/s for a telluric-only fit."""
+        if not self.has_stellar:
+            return np.nan * u.km / u.s
+        return self.frames.rv_total(self.rv.value) * u.km / u.s
+
+    @property
+    def rv_barycentric(self) -> u.Quantity | None:
+        """The barycentric RV, :math:`v + v_\\mathrm{corr} + v\\,v_\\mathrm{corr}/c` of the measured RV v
+        (:attr:`rv_total`) and :attr:`barycentric_correction`; None without a correction (a file
+        without time, target or site, and none given) or for a telluric-only fit."""
+        bary = self.frames.rv_barycentric(self.rv.value) if self.has_stellar else None
+        return None if bary is None else bary * u.km / u.s
+
+    @property
+    def barycentric_correction(self) -> u.Quantity | None:
+        """The barycentric correction used (km/s; add it to a measured RV), from the file's time,
+        target and site (:func:`blase_specutils.frames.barycentric_correction`) or given by the
+        user; None where neither was available (``frames.barycentric_source`` says why)."""
+        bc = self.frames.barycentric_correction
+        return None if bc is None else bc * u.km / u.s
 
     @property
     def vsini(self) -> u.Quantity:
@@ -771,11 +986,20 @@ class TransferResult:
         return float(self.model.resolving_power.detach())
 
     @property
-    def telluric_power(self) -> float | None:
-        """Beer's-law exponent X of the telluric transmission T^X (None without a telluric clone)."""
+    def telluric_power(self) -> float | dict[str, float] | None:
+        """Beer's-law exponent X of the telluric transmission T^X (None without a telluric clone);
+        with several telluric components (``telluric={"H2O": ..., "CO2": ...}``) a dict of the
+        powers X_k by component name."""
         if not self.has_telluric:
             return None
-        return float(self.model.telluric_power.detach())
+        return _power_value(self.model)
+
+    def _power_text(self, spec: str = ".4g") -> str:
+        """X, or "X(H2O) 0.81, X(CO2) 1.02" with components, with σ where known."""
+        x = self.telluric_power
+        if not isinstance(x, dict):
+            return f"X {x:{spec}}{_pm(self.uncertainties.get('telluric_power'))}"
+        return ", ".join(f"X({n}) {v:{spec}}{_pm(self.uncertainties.get(f'telluric_power_{n}'))}" for n, v in x.items())
 
     @property
     def n_pixels(self) -> int:
@@ -800,18 +1024,21 @@ class TransferResult:
         return float(np.sqrt(np.mean(r * r)))
 
     # -------------------------------------------------------------- spectra
-    def _per_order(self, values: np.ndarray):
+    def _per_order(self, values: np.ndarray, *, uncertainty: np.ndarray | None = None,
+                   mask: np.ndarray | None = None):
         out = []
         start = 0
         for arr, spec in zip(self._arrays, [self._orders[i] for i in self._order_ids]):
             n = arr.wavelength.size
-            v = values[start : start + n]
+            sl = slice(start, start + n)
             start += n
-            out.append(arrays_to_spectrum(arr.wavelength, v, flux_unit=arr.flux_unit, mask=~arr.good, like=spec))
+            bad = ~arr.good if mask is None else (~arr.good | mask[sl])
+            out.append(arrays_to_spectrum(_user_axis(arr, spec), values[sl], flux_unit=arr.flux_unit, mask=bad, like=spec,
+                                          uncertainty=None if uncertainty is None else uncertainty[sl]))
         # back to the user's order sequence
         inv = np.argsort(self._order_ids)
         out = [out[i] for i in inv]
-        return out[0] if len(out) == 1 else SpectrumList(out)
+        return _as_list_class(out, self._list_class)
 
     @property
     def model_spectrum(self):
@@ -823,6 +1050,103 @@ class TransferResult:
     def residual(self):
         """Data − model, like :attr:`model_spectrum`."""
         return self._per_order(self.flux - self.model_flux)
+
+    @property
+    def wavelength_correction(self) -> QTable | None:
+        """The fitted per-order wavelength correction (``calibration_degree``), or None without one.
+
+        A table with one row per order: ``order`` (the user's order index), ``coefficients``
+        c_0 … c_K of δv(x) = Σ_k c_k x^k in m/s (x from −1 at the order's blue end to 1 at its red
+        end), ``mean`` and ``max_abs`` of δv over the order's pixels (m/s). The model at pixel λ
+        is evaluated at λ (1 + δv/c): a positive δv means the pixel's true wavelength is redder
+        than its label."""
+        m = self.model
+        if m.calibration_degree is None:
+            return None
+        coeffs = m.calibration_coeffs.detach().cpu().numpy() * 1000.0
+        with torch.no_grad():
+            dv = m.velocity_correction().cpu().numpy() * 1000.0
+        oid = np.asarray(self.order_of_pixel)
+        mean = np.array([dv[oid == k].mean() for k in range(coeffs.shape[0])])
+        peak = np.array([np.abs(dv[oid == k]).max() for k in range(coeffs.shape[0])])
+        return QTable({"order": np.arange(coeffs.shape[0], dtype=np.int64), "coefficients": coeffs * (u.m / u.s),
+                       "mean": mean * (u.m / u.s), "max_abs": peak * (u.m / u.s)})
+
+    def telluric_transmission(self) -> np.ndarray | None:
+        """The fitted telluric transmission T^X at the data pixels and the data's resolution
+        (resample[T^X * g(R)], or resample[T^X] for a clone at the instrument's resolution), with
+        the wavelength correction; None without a telluric clone."""
+        if not self.has_telluric:
+            return None
+        with torch.no_grad():
+            return self.model.transmission_at_pixels().cpu().numpy()
+
+    def telluric_corrected(self, *, min_transmission: float = 0.2):
+        r"""The data divided by the fitted telluric transmission: the telluric-corrected spectrum.
+
+        :math:`F / T_\mathrm{fit}`, with :math:`T_\mathrm{fit}` the transmission at the data's
+        resolution (:meth:`telluric_transmission`) and uncertainties :math:`\sigma / T_\mathrm{fit}`
+        (the transmission's own error is not propagated). Pixels where :math:`T_\mathrm{fit}` is
+        below ``min_transmission`` are masked: division there amplifies the noise and any error of
+        the telluric model. The continuum polynomial and the star stay in, so an A0V standard comes
+        back as its own stellar spectrum and a science target as the star alone.
+
+        Dividing by a transmission convolved with the LSF is exact only where the star is smooth
+        across a telluric line (the usual assumption of telluric correction); the residual of a
+        fit with a stellar clone shows where it is not.
+
+        Parameters
+        ----------
+        min_transmission : float
+            Pixels with a fitted transmission below this (0-1, default 0.2) are masked.
+
+        Returns
+        -------
+        Spectrum or SpectrumList
+            Like :attr:`model_spectrum`: the input's own class per order, with its ``meta``, units,
+            the propagated uncertainty and the mask (the input's mask or'ed with the low-transmission
+            pixels).
+
+        Raises
+        ------
+        ValueError
+            The fit has no telluric clone, or ``min_transmission`` is not within [0, 1).
+        """
+        if not self.has_telluric:
+            raise ValueError("this fit has no telluric clone: there is no transmission to divide by "
+                             "(fit with telluric=...)")
+        t_min = check_real(min_transmission, "min_transmission")
+        if not 0.0 <= t_min < 1.0:
+            raise ValueError(f"min_transmission must be within [0, 1), got {min_transmission}")
+        trans = self.telluric_transmission()
+        low = ~(trans >= t_min)  # NaN counts as low
+        safe = np.where(low, 1.0, trans)
+        return self._per_order(self.flux / safe, uncertainty=self.sigma / safe, mask=low)
+
+    def save_corrected(self, path: str | Path, *, min_transmission: float = 0.2, overwrite: bool = False) -> Path:
+        """Write :meth:`telluric_corrected` to a FITS table (atomically): one row per data pixel,
+        columns ``wavelength`` (the data's spectral unit), ``flux`` (the data's flux unit),
+        ``uncertainty``, ``transmission`` (the fitted T at the data's resolution), ``mask`` (True:
+        input mask or transmission below ``min_transmission``) and ``order`` (the user's order
+        index), orders one after another in the input's sequence. Read it back with
+        ``astropy.table.Table.read``."""
+        from astropy.table import Table, vstack
+
+        from .io import atomic_write
+
+        corrected = self.telluric_corrected(min_transmission=min_transmission)
+        transmission = self._per_order(self.telluric_transmission())  # in the same sequence and axis order
+        pairs = zip(*(list(x) if isinstance(x, SpectrumList) else [x] for x in (corrected, transmission)))
+        tables = []
+        for k, (spec, trans) in enumerate(pairs):
+            tables.append(Table({"wavelength": spec.spectral_axis, "flux": spec.flux,
+                                 "uncertainty": spec.uncertainty.array * spec.flux.unit,
+                                 "transmission": np.asarray(trans.flux.value, dtype=np.float64),
+                                 "mask": np.asarray(spec.mask, dtype=bool),
+                                 "order": np.full(spec.flux.size, k, dtype=np.int64)}))
+        table = vstack(tables)
+        table.meta["MINTRANS"] = float(min_transmission)
+        return atomic_write(path, lambda tmp: table.write(tmp, format="fits"), overwrite=overwrite)
 
     @property
     def pseudo_continuum(self):
@@ -864,16 +1188,31 @@ class TransferResult:
         if not self.has_telluric:
             return None
         m = self.model.telluric.subset(torch.arange(self.model.telluric.n_lines))
-        return SpectralClone(m, meta={"source": "transfer-learned telluric", "telpower": self.telluric_power})
+        meta = {"source": "transfer-learned telluric", "lsf": "instrument" if self.model.telluric_instrumental else "native"}
+        x = self.telluric_power
+        meta |= ({"telpower": x} if not isinstance(x, dict) else {"components": ",".join(x)})
+        return SpectralClone(m, meta=meta)
 
     def semi_empirical_template(self, spectral_axis: u.Quantity | None = None) -> Spectrum | None:
         """The transfer-learned clone at native resolution, without RV, v sin i or instrument (the
         paper's "super-resolution" product), on ``spectral_axis`` (default: the model grid λ_Z);
-        None for a telluric-only fit (see :meth:`telluric_template`)."""
+        None for a telluric-only fit (see :meth:`telluric_template`).
+
+        Its axis is the star's rest frame, so its specutils velocity tag is 0; its ``meta`` holds
+        the velocities that take it to the data: ``rv_total_kms`` (the measured RV, observatory
+        frame), ``rv_tagged_kms``, ``rv_kms`` and ``rv_barycentric_kms`` (None without a
+        correction). ``template.shift_spectrum_to(radial_velocity=result.rv_total)`` moves it
+        to the observatory's axis (relativistic Doppler; the fit's optical convention differs by
+        v²/2c)."""
         if not self.has_stellar:
             return None
         axis = self.model.lam_z.cpu().numpy() * u.AA if spectral_axis is None else spectral_axis
-        return self.stellar_clone().evaluate(axis)
+        spec = self.stellar_clone().evaluate(axis)
+        bary = self.rv_barycentric
+        spec.meta.update({"rv_total_kms": float(self.rv_total.value), "rv_tagged_kms": self.frames.rv_tagged,
+                          "rv_kms": float(self.rv.value), "frame": "stellar rest frame",
+                          "rv_barycentric_kms": None if bary is None else float(bary.value)})
+        return spec
 
     def telluric_template(self, spectral_axis: u.Quantity | None = None, *, power: bool = True) -> Spectrum | None:
         """The fitted telluric transmission T^X at native resolution on ``spectral_axis`` (default
@@ -892,7 +1231,19 @@ class TransferResult:
         spec = SpectralClone(self.model.telluric).evaluate(axis)
         if not power:
             return spec
-        return Spectrum(spectral_axis=spec.spectral_axis, flux=np.power(spec.flux.value, self.telluric_power) * u.one,
+        m = self.model
+        if m.telluric_masks is None:
+            flux = np.power(spec.flux.value, self.telluric_power)
+        else:  # exp(Σ_k X_k ln T_k), each component on the same axis
+            lam = torch.as_tensor(wavelength_to_angstrom(spec.spectral_axis), dtype=torch.float64,
+                                  device=m.lam_z.device)
+            order = torch.argsort(lam)
+            with torch.no_grad():
+                log_t = sum(float(x) * m.telluric.log_flux(lam[order], lines=mask)
+                            for x, mask in zip(m.telluric_power, m.telluric_masks))
+            flux = np.empty(lam.numel())
+            flux[order.cpu().numpy()] = torch.exp(log_t).cpu().numpy()
+        return Spectrum(spectral_axis=spec.spectral_axis, flux=flux * u.one,
                         meta=dict(spec.meta, telluric_power=self.telluric_power))
 
     @property
@@ -912,6 +1263,12 @@ class TransferResult:
             return None
         t = _line_table(self.model.telluric, self.telluric_prior)
         t.meta["telluric_power"] = self.telluric_power
+        masks = self.model.telluric_masks
+        if masks is not None:
+            comp = np.zeros(len(t), dtype=np.int64)
+            for k, mask in enumerate(masks):
+                comp[mask.cpu().numpy()] = k
+            t["component"] = np.asarray(self.model.telluric_names)[comp]
         return t
 
     def summary(self) -> dict:
@@ -920,12 +1277,19 @@ class TransferResult:
         Keys include ``rv_kms``, ``vsini_kms`` and their σ ``rv_sigma_kms``, ``vsini_sigma_kms``
         (and ``telluric_power_sigma``; None where χ² has no minimum or the parameter is absent),
         ``flags`` (a list of ``{"code", "message", "parameter"}``) and ``flag_codes`` (the codes,
-        comma-separated, "" when none)."""
+        comma-separated, "" when none). The frames: ``rv_kms`` is the fitted RV, ``rv_tagged_kms``
+        the velocity tagged on the input's axis (0 without one) and ``rv_total_kms`` their sum, the
+        measured RV, also given as ``rv_observatory_kms``; ``rv_barycentric_kms`` with
+        ``barycentric_correction_kms`` and ``barycentric_source`` (None and the reason where no
+        correction was found or given); ``frame`` (``"observatory"`` or ``"barycentric"``, as the
+        data were given), ``wavelength_frame`` (e.g. ``"vacuum (converted from air)"``) and ``air``."""
         lines = self.lines
         out = {
             "components": "+".join(k for k, has in (("stellar", self.has_stellar), ("telluric", self.has_telluric)) if has),
-            "template_matching": {k: None if v is None else float(v) for k, v in self.template.items()},
+            "template_matching": {k: None if v is None else (v if isinstance(v, dict) else float(v))
+                                  for k, v in self.template.items()},
             "rv_kms": float(self.rv.value) if self.has_stellar else None,
+            **self._frames_summary(),
             "vsini_kms": float(self.vsini.value) if self.has_stellar else None,
             "rv_sigma_kms": _finite_or_none(self.uncertainties.get("rv")),
             "vsini_sigma_kms": _finite_or_none(self.uncertainties.get("vsini")),
@@ -939,11 +1303,31 @@ class TransferResult:
         }
         if self.has_telluric:
             tl = lines if not self.has_stellar else self.telluric_lines
-            out |= {"telluric_power": self.telluric_power,
-                    "telluric_power_sigma": _finite_or_none(self.uncertainties.get("telluric_power")),
-                    "n_telluric_lines": len(tl), "n_telluric_lines_changed": int(np.sum(tl["changed"]))}
+            x = self.telluric_power
+            sigma = (_finite_or_none(self.uncertainties.get("telluric_power")) if not isinstance(x, dict) else
+                     {n: _finite_or_none(self.uncertainties.get(f"telluric_power_{n}")) for n in x})
+            out |= {"telluric_power": x, "telluric_power_sigma": sigma,
+                    "n_telluric_lines": len(tl), "n_telluric_lines_changed": int(np.sum(tl["changed"])),
+                    "telluric_lsf": "instrument" if self.model.telluric_instrumental else "native"}
+        wc = self.wavelength_correction
+        if wc is not None:
+            out["wavelength_correction_ms"] = {str(k): [float(c) for c in row.value] for k, row in zip(wc["order"], wc["coefficients"])}
         out |= {"flags": [f.to_dict() for f in self.flags], "flag_codes": ",".join(f.code for f in self.flags)}
         return out | self._gp_summary()
+
+    def _frames_summary(self) -> dict:
+        """The frames of the fit for :meth:`summary`: the tagged, total (measured, observatory) and
+        barycentric RV, the correction and where it came from, the data's frame and wavelengths."""
+        st = self.has_stellar
+        f = self.frames
+        bary = self.rv_barycentric
+        return {"rv_tagged_kms": f.rv_tagged, "rv_total_kms": float(self.rv_total.value) if st else None,
+                "rv_observatory_kms": float(self.rv_total.value) if st else None,
+                "rv_barycentric_kms": None if bary is None else float(bary.value),
+                "barycentric_correction_kms": f.barycentric_correction, "barycentric_source": f.barycentric_source,
+                "frame": f.frame, "wavelength_frame": f.wavelength_frame, "air": f.air,
+                "n_outliers": 0 if self.outliers is None else int(self.outliers.get("count", 0)),
+                "outliers": self.outliers}
 
     def _gp_summary(self) -> dict:
         hp = self.gp_hyperparameters
@@ -1006,7 +1390,7 @@ class TransferResult:
         if self.has_stellar:
             text += f", RV {self.rv.value:.3f} km/s, v sin i {self.vsini.value:.2f} km/s"
         if self.has_telluric:
-            text += f", telluric power X {self.telluric_power:.3f}"
+            text += f", telluric power {self._power_text('.3f')}"
         ax[1].text(0.01, 0.9, text, transform=ax[1].transAxes, fontsize=8, va="top")
         k = 2
         if self.has_stellar:
@@ -1020,7 +1404,7 @@ class TransferResult:
             ax[k].plot(lz[zsel], self._telluric_clone.evaluate(axis).flux.value, lw=0.6, color="0.6",
                        label="clone (X = 1)")
             ax[k].plot(lz[zsel], self.telluric_template(axis).flux.value, lw=0.7, color="C4",
-                       label=f"transfer-learned, ^X = {self.telluric_power:.3f}")
+                       label=f"transfer-learned, {self._power_text('.3f')}")
             ax[k].set_ylabel("telluric")
             ax[k].legend(loc="lower left", fontsize=8)
         ax[-1].set_xlabel("wavelength (Å)")
@@ -1053,196 +1437,53 @@ class TransferResult:
         v sin i, R, X (``TELPOWER``) and χ², ``FITKIND = 'transfer'`` and ``TRFMTVER``. With a GP
         likelihood the header holds its kernel (``GPKERNEL``), amplitude (``GPAMP``) and length
         scale in Å (``GPLENGTH``) when shared by all orders. Float64 values round-trip exactly.
+
+        Layout 3 (``TRFMTVER = 3``, see :mod:`blase_specutils.results_file`) adds the frames of the
+        fit (``TRANSFER`` keyword ``FRAMES``), the masked flux outliers (``DATA`` column
+        ``outlier``, keyword ``OUTLIERS``), ``TELINST`` and the wavelength correction (``CALIB``).
+        The file is written under a temporary name in the same folder and moved onto ``path`` when
+        complete (:func:`blase_specutils.io.atomic_write`): a failed save (disk full, Ctrl-C)
+        leaves a previous file at ``path`` as it was.
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and ``overwrite`` is False.
         """
-        path = Path(path)
-        clone = self.stellar_clone() if self.has_stellar else self.telluric_clone()
-        main_model = self.model.stellar if self.has_stellar else self.model.telluric
-        main_prior = self.prior if self.has_stellar else self.telluric_prior
-        meta = {"r": self.resolving_power, "chi2": self.chi2, "chi2red": self.chi2_reduced}
-        if self.has_stellar:
-            meta |= {"rv_kms": float(self.rv.value), "vsini": float(self.vsini.value)}
-        if self.has_telluric:
-            meta["telpower"] = self.telluric_power
-        clone.meta.update(meta)
-        tmp = clone.save(path, overwrite=overwrite, include_target=False)
-        m = self.model
-        with fits.open(tmp, mode="update") as hdul:
-            hdr = hdul[0].header
-            hdr["FITKIND"] = ("transfer", "blase_specutils transfer-learning result")
-            hdr["TRFMTVER"] = (RESULT_FORMAT_VERSION, "layout version of the transfer result")
-            hdr["HASSTEL"] = (self.has_stellar, "a stellar clone was fitted (LINES holds it)")
-            hdr["HASTELL"] = (self.has_telluric, "a telluric clone was fitted (TLINES holds it)")
-            hdul.append(_prior_hdu(main_prior, self._start_centers(main_model), "PRIOR"))
-            columns = [
-                fits.Column("wavelength", "D", unit="Angstrom", array=self.wavelength),
-                fits.Column("flux", "D", array=self.flux),
-                fits.Column("sigma", "D", array=self.sigma),
-                fits.Column("good", "L", array=self.good),
-                fits.Column("unmasked", "L", array=np.concatenate([a.good for a in self._arrays])),
-                fits.Column("model", "D", array=self.model_flux),
-                fits.Column("order", "K", array=self.order_of_pixel.astype(np.int64)),
-            ]
-            if self.pseudo_continuum_flux is not None:
-                columns.append(fits.Column("pseudo_continuum", "D", array=self.pseudo_continuum_flux))
-                hp = self.gp_hyperparameters
-                if hp is not None:
-                    hdr["GPKERNEL"] = (hp["kernel"], "GP pseudo-continuum likelihood kernel")
-                    if np.ndim(hp["amplitude"]) == 0:
-                        hdr["GPAMP"] = (float(hp["amplitude"].value), "GP amplitude, data flux units")
-                        hdr["GPLENGTH"] = (float(hp["length_scale"].to_value(u.AA)), "GP length scale, Angstrom")
-            hdul.append(fits.BinTableHDU.from_columns(columns, name="DATA"))
-            if self.has_telluric:
-                hdul.extend(_lines_hdus(m.telluric, "T"))
-                hdul.append(_prior_hdu(self.telluric_prior, self._start_centers(m.telluric), "TPRIOR"))
-            hdul.append(fits.ImageHDU(m.continuum_coeffs.detach().cpu().numpy().astype(np.float64), name="CONTINUUM"))
-            tm = self.template
-            row = {
-                "rv": float(m.rv.detach()), "log_vsini": float(m.rot.log_vsini.detach()),
-                "log_resolving_power": float(m.inst.log_resolving_power.detach()),
-                "log_telluric_power": float(m.log_telluric_power.detach()),
-                "limb_darkening": m.rot.limb_darkening, "dv": m.rot.dv, "max_vsini": m.rot.max_vsini,
-                "lsf_half_width": m.inst.half_width, "max_rv": m.max_rv,
-                **{f"sigma_{k}": _nan_if_none(self.uncertainties.get(k)) for k in _SIGMA_KEYS},
-                **{f"template_{k}": _nan_if_none(tm.get(k)) for k in _TEMPLATE_KEYS},
-                **{f"chi2_{k}": _nan_if_none(self.fit.chi2.get(k)) for k in ("start", "template", "lines")},
-            }
-            cols = [fits.Column(k, "D", array=np.array([v], dtype=np.float64)) for k, v in row.items()]
-            cols.append(fits.Column("continuum_degree", "K", array=np.array([m._powers.shape[1] - 1])))
-            tab = fits.BinTableHDU.from_columns(cols, name="TRANSFER")
-            tab.header["SETTINGS"] = json.dumps(self.settings)
-            tab.header["FLAGS"] = json.dumps([f.to_dict() for f in self.flags])
-            hdul.append(tab)
-            units = [(k, a.wavelength.size, a.spectral_unit.to_string(), a.flux_unit.to_string())
-                     for k, a in zip(self._order_ids, self._arrays)]
-            width = max(8, *(len(x[2]) for x in units), *(len(x[3]) for x in units))
-            hdul.append(fits.BinTableHDU.from_columns([
-                fits.Column("order", "K", array=np.array([x[0] for x in units], dtype=np.int64)),
-                fits.Column("n_pixels", "K", array=np.array([x[1] for x in units], dtype=np.int64)),
-                fits.Column("spectral_unit", f"{width}A", array=np.array([x[2] for x in units])),
-                fits.Column("flux_unit", f"{width}A", array=np.array([x[3] for x in units])),
-            ], name="ORDERS"))
-        return path
+        from .results_file import save_result
+
+        return save_result(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "cpu") -> "TransferResult":
-        """Read a result written by :meth:`save` and rebuild its forward model.
+        """Read a result written by :meth:`save` (layout 3, or 2 from an earlier version) and
+        rebuild its forward model, checking every field it reads.
 
         The lines, RV, v sin i, R, telluric power, continuum and the data come back exactly, so
         :attr:`rv`, :attr:`vsini`, :attr:`resolving_power`, :attr:`chi2`, :attr:`lines`,
         :attr:`telluric_lines`, :attr:`model_spectrum`, :attr:`residual`,
         :meth:`semi_empirical_template`, :meth:`telluric_template`, :meth:`plot` and
-        :meth:`summary` work as before saving. Differences: each order comes back as a plain
-        ``Spectrum`` (the input's class, e.g. muler's, is not stored), ``model_flux`` is the saved
-        model (the rebuilt model is checked against it; a warning if they differ by more than
-        1e-8), ``fit`` keeps only the χ² of the stages (no loss histories), and a GP likelihood
-        is not restored (``likelihood`` and :attr:`gp_hyperparameters` are None; the
-        pseudo-continuum is kept). The "clone" curves of :meth:`plot` use the saved starting
-        values of the fitted lines.
+        :meth:`summary` work as before saving, and so do the frames (:attr:`frames`,
+        :attr:`rv_total`, :attr:`rv_barycentric`; a layout-2 file's frame is ``"unstated"``).
+        Differences: each order comes back as a plain ``Spectrum`` on the fit's axis (vacuum,
+        observatory frame; the input's class, list class and axis are not stored),
+        ``model_flux`` is the saved model (the rebuilt model is checked against it; a warning if
+        they differ by more than 1e-8), ``fit`` keeps only the χ² of the stages (no loss
+        histories), and a GP likelihood is not restored (``likelihood`` and
+        :attr:`gp_hyperparameters` are None; the pseudo-continuum is kept). The "clone" curves of
+        :meth:`plot` use the saved starting values of the fitted lines.
 
         Raises
         ------
         FileNotFoundError
             No such file.
-        ValueError
-            Not a transfer-learning result, or one written without the ``TRANSFER`` table (by an
-            older version: refit and save again).
+        blase_specutils.io.SavedFileError
+            (a ValueError) Not a transfer-learning result; a layout-1 result (no ``TRANSFER``
+            table: refit and save); a newer layout; or a damaged file: a missing table or column,
+            a value out of range (non-finite, a natural log beyond ±45), ``ORDERS.n_pixels`` that
+            do not add up to the ``DATA`` rows, JSON that does not parse. The message names the
+            file and the field (also in the error's ``path`` and ``field``).
         """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no fit result at {path}")
-        dev = resolve_device(device)
-        main = SpectralClone.load(path, device=dev)
-        with fits.open(path, memmap=False) as hdul:
-            hdr = hdul[0].header
-            if hdr.get("FITKIND") != "transfer":
-                raise ValueError(f"{path} is a clone file, not a transfer-learning result (no FITKIND='transfer')")
-            if "TRANSFER" not in hdul or int(hdr.get("TRFMTVER", 1)) < 2:
-                raise ValueError(f"{path} was written by an older blase_specutils without the TRANSFER table; "
-                                 "it cannot be rebuilt: fit again and save")
-            try:
-                has_st, has_tel = bool(hdr["HASSTEL"]), bool(hdr["HASTELL"])
-                main_prior, main_centers = _prior_from_hdu(hdul["PRIOR"], dev)
-                d = hdul["DATA"].data
-                wl = np.array(d["wavelength"], dtype=np.float64)
-                flux = np.array(d["flux"], dtype=np.float64)
-                sigma = np.array(d["sigma"], dtype=np.float64)
-                good = np.array(d["good"], dtype=bool)
-                unmasked = np.array(d["unmasked"], dtype=bool)
-                model_flux = np.array(d["model"], dtype=np.float64)
-                oid = np.array(d["order"], dtype=np.int64)
-                pseudo = np.array(d["pseudo_continuum"], dtype=np.float64) if "pseudo_continuum" in d.columns.names else None
-                tel_model, tel_prior, tel_centers = None, None, None
-                if has_tel:
-                    tel_model = _model_from_hdus(hdul["TLINES"], hdul["TWING"], dev)
-                    tel_prior, tel_centers = _prior_from_hdu(hdul["TPRIOR"], dev)
-                coeffs = np.array(hdul["CONTINUUM"].data, dtype=np.float64)
-                tr = hdul["TRANSFER"]
-                row = {k: tr.data[k][0] for k in tr.columns.names}
-                settings = json.loads(tr.header.get("SETTINGS", "{}"))
-                flags = [FitFlag(**f) for f in json.loads(tr.header.get("FLAGS", "[]"))]
-                sigmas = {k: float(row[f"sigma_{k}"]) for k in _SIGMA_KEYS
-                          if f"sigma_{k}" in row and not math.isnan(float(row[f"sigma_{k}"]))}
-                od = hdul["ORDERS"].data
-                order_ids = [int(k) for k in od["order"]]
-                npix = [int(n) for n in od["n_pixels"]]
-                sunits = [u.Unit(str(s).strip() or "") for s in od["spectral_unit"]]
-                funits = [u.Unit(str(s).strip() or "") for s in od["flux_unit"]]
-            except KeyError as err:
-                raise ValueError(f"{path} is not a complete transfer-learning result: {err}") from err
-        st_model = main.model if has_st else None
-        max_vsini = float(row["max_vsini"])
-        model = TransferModel(
-            st_model, wl, order_index=oid, telluric=tel_model, rv=float(row["rv"]),
-            vsini=min(math.exp(float(row["log_vsini"])), max_vsini), resolving_power=math.exp(float(row["log_resolving_power"])),
-            limb_darkening=float(row["limb_darkening"]), continuum_degree=int(row["continuum_degree"]),
-            dv=float(row["dv"]), max_vsini=max_vsini, max_rv=max(float(row["max_rv"]), abs(float(row["rv"]))),
-            lsf_half_width=float(row["lsf_half_width"]),
-        ).to(dev)
-        with torch.no_grad():
-            model.rv.fill_(float(row["rv"]))
-            model.rot.log_vsini.fill_(float(row["log_vsini"]))
-            model.inst.log_resolving_power.fill_(float(row["log_resolving_power"]))
-            model.log_telluric_power.fill_(float(row["log_telluric_power"]))
-            model.continuum_coeffs.copy_(torch.as_tensor(coeffs))
-            rebuilt = model().cpu().numpy()
-        scale = max(1.0, float(np.nanmax(np.abs(model_flux))))
-        if not np.allclose(rebuilt, model_flux, rtol=0.0, atol=1e-8 * scale):
-            warnings.warn(
-                f"the rebuilt model of {path.name} differs from the saved one by up to "
-                f"{np.nanmax(np.abs(rebuilt - model_flux)):.3g} (a different blase_specutils version?); the saved "
-                "model is used for model_spectrum and chi2",
-                UserWarning, stacklevel=2,
-            )
-        arrays, orders, start = [], [None] * (max(order_ids) + 1), 0
-        for k, n, su, fu in zip(order_ids, npix, sunits, funits):
-            sl = slice(start, start + n)
-            start += n
-            arr = SpectrumArrays(wavelength=wl[sl], flux=flux[sl], uncertainty=sigma[sl], good=unmasked[sl],
-                                 flux_unit=fu, reversed=False, spectral_unit=su)
-            arrays.append(arr)
-            orders[k] = arrays_to_spectrum(wl[sl], flux[sl], flux_unit=fu, uncertainty=sigma[sl], mask=~unmasked[sl],
-                                           like=Spectrum(spectral_axis=[1.0, 2.0] * su, flux=[1.0, 1.0] * fu))
-        template = {k: row[f"template_{k}"] for k in _TEMPLATE_KEYS}
-        template = {k: _none_if_nan(v) for k, v in template.items()}
-        fit = TransferFit()
-        fit.chi2 = {k: float(row[f"chi2_{k}"]) for k in ("start", "template", "lines")
-                    if not math.isnan(float(row[f"chi2_{k}"]))}
-        prior = main_prior if has_st else {}
-        if not has_tel:
-            tel_prior = None
-        stellar_clone = SpectralClone(_clone_at(st_model, main_prior, main_centers)) if has_st else None
-        telluric_clone = SpectralClone(_clone_at(tel_model, tel_prior, tel_centers)) if has_tel else None
-        return cls(model=model, orders=orders, order_ids=order_ids, arrays=arrays, wavelength=wl, flux=flux,
-                   sigma=sigma, good=good, order_of_pixel=oid, model_flux=model_flux, prior=prior, template=template,
-                   fit=fit, settings=settings, stellar_clone=stellar_clone, telluric_clone=telluric_clone,
-                   likelihood=None, pseudo_continuum_flux=pseudo, telluric_prior=tel_prior, flags=flags,
-                   uncertainties=sigmas,
-                   prior_centers={k: c for k, c in (("stellar", main_centers if has_st else None),
-                                                    ("telluric", tel_centers)) if c is not None})
+        from .results_file import load_result
 
-
-#: Keys of :attr:`TransferResult.uncertainties` kept by :meth:`TransferResult.save`.
-_SIGMA_KEYS = ("rv", "vsini", "telluric_power")
-
-#: Keys of :attr:`TransferResult.template`.
-_TEMPLATE_KEYS = ("chi2", "chi2_reduced", "rv", "vsini", "resolving_power", "telluric_power")
+        return load_result(cls, path, device=device)

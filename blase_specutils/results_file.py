@@ -42,6 +42,41 @@ _FINITE = ("rv", "log_vsini", "log_resolving_power", "log_telluric_power", "limb
            "lsf_half_width", "max_rv")
 
 
+def _components_hdu(result) -> fits.BinTableHDU:
+    """``TCOMP``: the component index of each telluric line (in ``TLINES`` order); keywords ``NAMES``
+    (JSON list), ``LOGPOW`` (JSON list of ln X_k), ``TEMPLATE`` (X_k after template matching) and
+    ``SIGMAS`` (σ of X_k) as JSON."""
+    m = result.model
+    comp = np.zeros(m.telluric.n_lines, dtype=np.int64)
+    for k, mask in enumerate(m.telluric_masks):
+        comp[mask.cpu().numpy()] = k
+    hdu = fits.BinTableHDU.from_columns([fits.Column("component", "K", array=comp)], name="TCOMP")
+    hdu.header["NAMES"] = json.dumps(list(m.telluric_names))
+    hdu.header["LOGPOW"] = json.dumps([float(x) for x in m.log_telluric_power.detach().cpu()])
+    hdu.header["TEMPLATE"] = json.dumps(result.template.get("telluric_power"))
+    hdu.header["SIGMAS"] = json.dumps({k: v for k, v in result.uncertainties.items()
+                                       if k.startswith("telluric_power_") and math.isfinite(v)})
+    return hdu
+
+
+def _read_components(hdul, n_lines: int, path) -> tuple | None:
+    """(component per line, names, ln X_k, template X_k, σ of X_k) from ``TCOMP``, checked; None without it."""
+    if "TCOMP" not in hdul:
+        return None
+    hdu = hdul["TCOMP"]
+    comp = _checked_array(_col(hdu.data, "TCOMP", "component", path), path, "TCOMP.component", integer=True,
+                          minimum=0, size=n_lines).astype(np.int64)
+    names = _json(hdu.header, "NAMES", path, list, None)
+    logpow = _json(hdu.header, "LOGPOW", path, list, None)
+    if names is None or logpow is None or len(names) != len(logpow) or (comp.size and comp.max() >= len(names)):
+        raise SavedFileError(f"{path}: TCOMP must name every telluric component and its power (NAMES, LOGPOW)",
+                             path=path, field="TCOMP")
+    logpow = _checked_array(np.asarray(logpow, dtype=np.float64), path, "TCOMP.LOGPOW")
+    template = _json(hdu.header, "TEMPLATE", path, dict, None)
+    sigmas = _json(hdu.header, "SIGMAS", path, dict, {})
+    return comp, [str(x) for x in names], logpow, template, {str(k): float(v) for k, v in sigmas.items()}
+
+
 def _nan_if_none(v) -> float:
     return float("nan") if v is None else float(v)
 
@@ -106,16 +141,20 @@ def save_result(result, path: str | Path, *, overwrite: bool = False) -> Path:
             hdul.append(fits.ImageHDU(m.continuum_coeffs.detach().cpu().numpy().astype(np.float64), name="CONTINUUM"))
             if getattr(m, "calibration_degree", None) is not None:
                 hdul.append(fits.ImageHDU(m.calibration_coeffs.detach().cpu().numpy().astype(np.float64), name="CALIB"))
+            if getattr(m, "telluric_masks", None) is not None:
+                hdul.append(_components_hdu(result))
             tm = result.template
             row = {
                 "rv": float(m.rv.detach()), "log_vsini": float(m.rot.log_vsini.detach()),
                 "log_resolving_power": float(m.inst.log_resolving_power.detach()),
-                "log_telluric_power": float(m.log_telluric_power.detach()),
+                # with telluric components their powers are in TCOMP (here: their mean log)
+                "log_telluric_power": float(m.log_telluric_power.detach().mean()),
                 "limb_darkening": m.rot.limb_darkening, "dv": m.rot.dv, "max_vsini": m.rot.max_vsini,
                 "lsf_half_width": m.inst.half_width, "max_rv": m.max_rv,
                 "calibration_prior": float(getattr(m, "calibration_prior", 1.0)),
                 **{f"sigma_{k}": _nan_if_none(result.uncertainties.get(k)) for k in SIGMA_KEYS},
-                **{f"template_{k}": _nan_if_none(tm.get(k)) for k in TEMPLATE_KEYS},
+                **{f"template_{k}": _nan_if_none(None if isinstance(tm.get(k), dict) else tm.get(k))
+                   for k in TEMPLATE_KEYS},
                 **{f"chi2_{k}": _nan_if_none(result.fit.chi2.get(k)) for k in ("start", "template", "lines")},
             }
             cols = [fits.Column(k, "D", array=np.array([v], dtype=np.float64)) for k, v in row.items()]
@@ -340,6 +379,7 @@ def load_result(cls, path: str | Path, *, device: str = "cpu"):
                                         "TRANSFER.continuum_degree", integer=True, minimum=0, size=1)[0])
             coeffs = _checked_array(hdul["CONTINUUM"].data if "CONTINUUM" in hdul else None, path, "CONTINUUM",
                                     size=len(order_ids) * (degree + 1)).reshape(len(order_ids), degree + 1)
+            components = _read_components(hdul, tel_model.n_lines, path) if has_tel else None
             calib = None
             if "CALIB" in hdul:
                 raw = np.asarray(hdul["CALIB"].data, dtype=np.float64)
@@ -375,6 +415,8 @@ def load_result(cls, path: str | Path, *, device: str = "cpu"):
         kw["telluric_instrumental"] = True
     if calib is not None:
         kw |= {"calibration_degree": calib.shape[1] - 1, "calibration_prior": extra.get("calibration_prior", 1.0)}
+    if components is not None:
+        kw |= {"telluric_components": components[0], "telluric_names": components[1]}
     try:
         model = TransferModel(
             st_model, wl, order_index=oid, telluric=tel_model, rv=row["rv"],
@@ -389,7 +431,10 @@ def load_result(cls, path: str | Path, *, device: str = "cpu"):
         model.rv.fill_(row["rv"])
         model.rot.log_vsini.fill_(row["log_vsini"])
         model.inst.log_resolving_power.fill_(row["log_resolving_power"])
-        model.log_telluric_power.fill_(row["log_telluric_power"])
+        if components is None:
+            model.log_telluric_power.fill_(row["log_telluric_power"])
+        else:
+            model.log_telluric_power.copy_(torch.as_tensor(components[2], dtype=model.log_telluric_power.dtype))
         model.continuum_coeffs.copy_(torch.as_tensor(coeffs))
         if calib is not None:
             model.calibration_coeffs.copy_(torch.as_tensor(calib))
@@ -414,6 +459,9 @@ def load_result(cls, path: str | Path, *, device: str = "cpu"):
                 if f"chi2_{k}" in extra and not math.isnan(float(extra[f"chi2_{k}"]))}
     sigmas = {k: float(extra[f"sigma_{k}"]) for k in SIGMA_KEYS
               if f"sigma_{k}" in extra and not math.isnan(float(extra[f"sigma_{k}"]))}
+    if components is not None:
+        template["telluric_power"] = components[3]
+        sigmas |= components[4]
     prior = main_prior if has_st else {}
     if not has_tel:
         tel_prior = None

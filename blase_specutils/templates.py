@@ -8,7 +8,7 @@ import astropy.units as u
 import numpy as np
 from specutils import Spectrum
 
-__all__ = ["TEMPLATES", "load_template", "template_info"]
+__all__ = ["TEMPLATES", "PSG_MOLECULES", "load_template", "template_info"]
 
 #: name -> (file, description, band of interest in Å, Teff or None, default clone settings)
 TEMPLATES = {
@@ -25,9 +25,10 @@ TEMPLATES = {
         band=(8079.0, 12786.0),
         teff=None,
         kind="telluric",
-        note=("Its lines already have about HPF's instrumental width: the extrinsic model broadens them a "
-              "second time. Fits that tune R run to R > 10^6 with it (benchmarks/hr4829_joint.py); hold R "
-              "fixed, or tune the telluric widths (tune_telluric) so that they absorb the difference."),
+        lsf="instrument",
+        note=("Its lines already have about HPF's instrumental width (a clone's lines: median FWHM 14 km/s, "
+              "against 5.5 km/s for R = 55,000). Its spectrum carries meta['lsf'] = 'instrument', so its "
+              "clones multiply in after the instrumental kernel of a fit and are not broadened twice."),
     ),
     "psg-igrins": dict(
         file="psg_trn_r100000_1.4_2.5_um.txt",
@@ -54,7 +55,14 @@ def _read_csv(path, wl_col: str, flux_col: str) -> tuple[np.ndarray, np.ndarray]
     return data[:, header.index(wl_col)], data[:, header.index(flux_col)]
 
 
-def load_template(name: str) -> Spectrum:
+#: The line-absorbing molecules of the PSG template, its column order after the total.
+PSG_MOLECULES = ("H2O", "CO2", "O3", "N2O", "CO", "CH4", "O2")
+#: Its smooth columns (N2 collision-induced absorption, Rayleigh scattering, CIA): no lines to
+#: clone; a fit's per-order continuum polynomial absorbs them.
+PSG_SMOOTH = ("N2", "Rayleigh", "CIA")
+
+
+def load_template(name: str, *, molecule: str | None = None) -> Spectrum:
     """Load an embedded precomputed model as a ``Spectrum`` with units.
 
     Parameters
@@ -62,16 +70,24 @@ def load_template(name: str) -> Spectrum:
     name : {"phoenix-10kK-hpf", "telfit-hpf", "psg-igrins"}
         ``phoenix-10kK-hpf``: PHOENIX 10 kK stellar model (relative flux, Å).
         ``telfit-hpf``: TelFit telluric transmission for HPF (Å). Its lines already have about
-        HPF's instrumental width, so a model that convolves them with the instrumental profile
-        broadens them twice (see ``template_info("telfit-hpf")["note"]``).
+        HPF's instrumental width: ``meta["lsf"] = "instrument"``, which its clones keep, so a fit
+        multiplies them in after the instrumental kernel instead of broadening them twice.
         ``psg-igrins``: PSG telluric transmission 1.4-2.5 µm (µm axis), all molecules.
+    molecule : str, optional
+        ``psg-igrins`` only: the transmission of one molecule (one of :data:`PSG_MOLECULES`:
+        H2O, CO2, O3, N2O, CO, CH4, O2) instead of the total, to clone each molecule on its own
+        and fit one Beer's-law power per molecule (``fit_spectrum(..., telluric={"H2O": ...,
+        "CO2": ...})``). ``meta["molecule"]`` names it.
 
     Returns
     -------
     Spectrum
-        With ``meta["template"]`` naming it (and ``meta["note"]`` where the template has a caveat).
+        With ``meta["template"]`` naming it, ``meta["lsf"]`` (``"native"`` or ``"instrument"``: the
+        resolution its lines carry) and ``meta["note"]`` where the template has a caveat.
     """
     info = template_info(name)
+    if molecule is not None and name != "psg-igrins":
+        raise ValueError(f"molecule= is for the per-molecule columns of 'psg-igrins'; {name!r} has one column")
     path = files("muler.templates").joinpath(info["file"])
     if name == "phoenix-10kK-hpf":
         wl, fl = _read_csv(path, "wave_ang", "flux")
@@ -80,12 +96,19 @@ def load_template(name: str) -> Spectrum:
         wl, fl = _read_csv(path, "wavelength_A", "transmission")
         axis = wl * u.AA
     else:
-        data = np.loadtxt(path, comments="#", usecols=(0, 1))
+        column = 1
+        if molecule is not None:
+            if molecule not in PSG_MOLECULES:
+                raise ValueError(f"molecule must be one of {PSG_MOLECULES} (the smooth columns {PSG_SMOOTH} hold no "
+                                 f"lines), got {molecule!r}")
+            column = 2 + PSG_MOLECULES.index(molecule)
+        data = np.loadtxt(path, comments="#", usecols=(0, column))
         wl, fl = data[:, 0], data[:, 1]
         axis = wl * u.um
     return Spectrum(
         spectral_axis=axis,
         flux=fl * u.dimensionless_unscaled,
-        meta={"template": name, "description": info["description"],
+        meta={"template": name, "description": info["description"], "lsf": info.get("lsf", "native"),
+              **({"molecule": molecule} if molecule is not None else {}),
               **({"note": info["note"]} if "note" in info else {})},
     )

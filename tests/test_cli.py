@@ -38,11 +38,11 @@ def test_clone_a_file_specutils_reads(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end_briefly(tmp_path, capsys):
-    """The demo on the whole embedded PHOENIX 10 kK HPF model (few epochs here; the full demo is slow)."""
+    """The demo's 150 Å of the embedded PHOENIX 10 kK HPF model (few epochs here)."""
     rc = main(["demo", "--epochs", "3", "-o", str(tmp_path), "--json"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["n_lines"] > 400
+    assert summary["n_lines"] > 30
     for key in ("clone_file", "line_table", "figure"):
         assert (tmp_path / summary[key].split("/")[-1]).exists()
 
@@ -147,12 +147,72 @@ def test_templates_listing(capsys):
     assert "phoenix-10kK-hpf" in out and "psg-igrins" in out
 
 
-@pytest.mark.slow
-def test_full_demo(tmp_path, capsys):
-    rc = main(["demo", "-o", str(tmp_path), "--json"])
+@pytest.mark.medium
+def test_full_demo_converges_without_warnings(tmp_path, capsys):
+    """The demo on its own defaults: stopped by the plateau rule, not the epoch cap, and no warning."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc = main(["demo", "-o", str(tmp_path), "--json", "-q"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["rms_residual"] < 0.012
+    assert summary["stop_reason"] == "plateau" and summary["epochs"] < 2000
+    assert summary["fidelity"]["rms"] < 0.002
+
+
+@pytest.mark.slow
+def test_demo_fit(tmp_path, capsys):
+    """``demo --fit``: the shipped HR 4829 order fitted with the fresh clone, figure written, no flags."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc = main(["demo", "--fit", "-o", str(tmp_path), "--json", "-q"])
+    assert rc == 0
+    fit = json.loads(capsys.readouterr().out)["fit"]
+    assert fit["flag_codes"] == [] and 100 < fit["vsini_kms"] < 170 and fit["chi2_reduced"] < 2
+    assert (tmp_path / "hr4829-hpf_fit.png").exists()
+
+
+def test_exit_codes(tmp_path, capsys):
+    """One table for all commands: usage 2, bad input 3 (a SystemExit that names the problem)."""
+    from blase_specutils.cli import EXIT_CODES, EXIT_DATA, EXIT_USAGE
+
+    assert "exit codes" in EXIT_CODES
+    with pytest.raises(SystemExit) as err:
+        main(["clone", str(tmp_path / "none.fits"), "-o", str(tmp_path)])
+    assert err.value.code == EXIT_DATA
+    with pytest.raises(SystemExit) as err:
+        main(["fit", str(tmp_path / "none.fits"), "--stellar", str(tmp_path / "none.fits"), "-o", str(tmp_path)])
+    assert err.value.code == EXIT_DATA
+    with pytest.raises(SystemExit) as err:
+        main(["clone", "phoenix-10kK-hpf", "--no-such-option"])
+    assert err.value.code == EXIT_USAGE
+    with pytest.raises(SystemExit) as err:
+        main(["clone", "phoenix-10kK-hpf", "--order", "3", "-o", str(tmp_path)])
+    assert err.value.code == EXIT_USAGE
+    assert "error:" in capsys.readouterr().err
+
+
+def test_clone_reads_a_goldilocks_order(tmp_path, capsys):
+    """``clone`` reads what ``fit`` reads: one order of an HPF Goldilocks file, chosen with --order."""
+    from conftest import SHARED_DATA, _need
+
+    from blase_specutils.cli import EXIT_DATA, EXIT_USAGE
+
+    path = _need(SHARED_DATA / "hpf" / "Goldilocks_20210517T054403_v1.0_0060.spectra.fits")
+    with pytest.raises(SystemExit) as err:
+        main(["clone", str(path), "-o", str(tmp_path)])
+    assert err.value.code == EXIT_USAGE and "--order" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as err:
+        main(["clone", str(path), "--order", "40", "-o", str(tmp_path)])
+    assert err.value.code == EXIT_DATA
+    rc = main(["clone", str(path), "--order", "8", "--no-flatten", "--band", "9070", "9100", "--buffer", "2",
+               "--epochs", "20", "--residual-passes", "0", "-o", str(tmp_path), "--json", "-q"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n_lines"] > 5 and summary["clone_file"].endswith("_order08_clone.fits")
 
 
 def test_fit_wasp69_template_only(tmp_path, capsys, blase03_clone_path):

@@ -191,14 +191,16 @@ def test_der_snr_estimate_on_pure_noise():
 
 # ---------------------------------------------------------------- tellurics: power, telluric-only fits, save/load
 def _simulate_tellurics(clone, power, snr=200.0, seed=1):
-    """HPF-like pixels (0.07 Å) over 9070-9100 Å from a telluric clone raised to ``power``, R = 55,000."""
+    """HPF-like pixels (0.07 Å) over 9070-9100 Å from a telluric clone raised to ``power``, R = 55,000
+    (multiplied in after the LSF when the clone is at the instrument's resolution, as a fit does)."""
     import torch
 
     from blase_specutils.core.transfer import TransferModel
 
     wl = np.arange(9070.0, 9100.0, 0.07)
     sim = TransferModel(None, wl, telluric=clone.model.subset(torch.arange(clone.n_lines)), telluric_power=power,
-                        resolving_power=55000.0, continuum_degree=1)
+                        resolving_power=55000.0, continuum_degree=1,
+                        telluric_instrumental=clone.instrument_resolution)
     with torch.no_grad():
         sim.continuum_coeffs[0, 1] = 0.01  # a slight tilt of the continuum
         flux = sim().numpy()
@@ -233,9 +235,10 @@ def test_telluric_only_fit_of_hr4829(hr4829_telluric_fit, hr4829_water_window, t
     s = r.summary()
     assert s["components"] == "telluric" and s["rv_kms"] is None and s["vsini_kms"] is None
     assert s["template_matching"]["rv"] is None and np.isnan(r.rv.value) and np.isnan(r.vsini.value)
-    # tuning the telluric amplitudes (the default of a telluric-only fit) beats template matching
+    # tuning the telluric amplitudes (the default of a telluric-only fit) beats template matching (by
+    # less than it did while the TelFit clone was broadened twice: template matching is closer now)
     assert r.settings["tune_telluric"] == "amplitude"
-    assert r.chi2 < 0.5 * r.template["chi2"]
+    assert r.chi2 < 0.8 * r.template["chi2"]
     assert s["n_lines_changed"] > 0 and s["n_telluric_lines"] == s["n_lines"] == r.model.telluric.n_lines
     assert np.array_equal(r.lines["amplitude_fit"], r.telluric_lines["amplitude_fit"])
     assert r.stellar_clone() is None and r.semi_empirical_template() is None
