@@ -249,8 +249,9 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
     t0 = time.perf_counter()
     from tqdm.std import tqdm
 
-    bar = tqdm(range(int(epochs)), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
-    for epoch in bar:
+    # updated by hand (not iterated): iterating closes the bar as the loop breaks, before it can end full
+    bar = tqdm(total=int(epochs), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
+    for epoch in range(int(epochs)):
         if epoch_fn is not None:
             # forward, backward, step and the plans' update, then the loss and whether the gradients
             # were finite, read back together; a step with non-finite gradients is undone below, as
@@ -287,6 +288,7 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
         if epoch_fn is None:
             opt.step()
         hist.epochs_run = epoch + 1
+        bar.update(1)
         if progress and (epoch % 10 == 0 or epoch == epochs - 1):
             bar.set_postfix(loss=f"{value:.4g}", best=f"{hist.best_loss:.4g}")
         if callback is not None:
@@ -295,6 +297,7 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
             hist.stop_reason = "plateau"
             break
     if hist.epochs_run < epochs:  # an early stop: the bar ends full at the epochs run, not part-way
+        bar.n = hist.epochs_run
         bar.total = hist.epochs_run
         bar.refresh()
     bar.close()
