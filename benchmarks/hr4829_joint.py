@@ -34,15 +34,12 @@ same subset also: telluric widths tuned (a, σ, γ), and both fits with R tuned
 all orders too (as long again as the main fit).
 
 The TelFit template in muler is sampled at HPF's pixels (0.062 Å) and is already at about HPF's
-resolution (muler resamples it straight onto the data as a quick-look telluric model); its clone's
-lines have a median FWHM of 14 km/s against the 5.5 km/s of the R = 55,000 kernel. The forward
-model multiplies the telluric clone in *before* the instrumental kernel, so with R fixed at
-55,000 the telluric lines are broadened twice. ``--tune-resolving-power`` lets R go free (it then
-measures the broadening beyond what the telluric template already has; it hardly matters for a
-star with v sin i ≈ 135 km/s), and ``--telluric-mode log`` uses a closer clone of the same
-template (log mode, centres tuned, 1000 epochs: 0.9 % RMS from the template against 2.1 % for the
-cached linear clone). Results with both: ``--telluric-mode log --tune-resolving-power
---no-subset-variants --json benchmarks/hr4829_joint_log_freeR.json --png /tmp/hr4829_log_freeR.png``.
+resolution; its clone's lines have a median FWHM of 14 km/s against the 5.5 km/s of the R = 55,000
+kernel. Since 2026-12-07 the template carries ``meta["lsf"] = "instrument"`` and its clones
+multiply in *after* the instrumental kernel, so the telluric lines are no longer broadened twice
+(before that, a free R ran away to ~2e6). ``--tune-resolving-power`` lets R go free,
+and ``--telluric-mode log`` uses a log-mode clone of the same template (centres tuned, 1000
+epochs). Results: ``benchmarks/RESULTS.md``.
 
 Run times on the project's 2-vCPU VM with 2 torch threads: about 13 min for the default run
 (joint fit 8.5 min, five subset fits of about 50 s each), about 11.5 min for the log/free-R run.
