@@ -17,7 +17,7 @@ from specutils import Spectrum
 
 from .core.clone import SPEED_OF_LIGHT_KMS
 from .core.continuum import continuum_polynomial
-from .spectra import arrays_to_spectrum, spectrum_to_arrays, wavelength_to_angstrom
+from .spectra import arrays_to_spectrum, region_to_band, spectrum_to_arrays, wavelength_to_angstrom
 
 __all__ = ["trim", "divide_blackbody", "flatten_continuum", "preprocess", "blackbody", "der_snr_noise",
            "DEFAULT_BUFFER"]
@@ -29,12 +29,14 @@ DEFAULT_BUFFER = 30 * u.AA
 def _as_band(band) -> tuple[float, float]:
     if band is None:
         return None
+    band = region_to_band(band)  # a one-subregion SpectralRegion is its (lower, upper) pair
     if isinstance(band, u.Quantity):
         lo_hi = wavelength_to_angstrom(band, "band")
     elif isinstance(band, (tuple, list)) and len(band) == 2 and all(isinstance(b, u.Quantity) for b in band):
         lo_hi = np.array([wavelength_to_angstrom(b, "band") for b in band], dtype=np.float64).ravel()
     else:
-        raise TypeError("band must be a pair of wavelengths with units, e.g. (8079, 12785) * u.AA")
+        raise TypeError("band must be a pair of wavelengths with units, e.g. (8079, 12785) * u.AA, or a SpectralRegion "
+                        "of one subregion")
     if lo_hi.size != 2 or not np.all(np.isfinite(lo_hi)):
         raise ValueError("band must hold exactly two finite wavelengths")
     lo, hi = np.sort(lo_hi)

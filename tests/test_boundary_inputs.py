@@ -142,3 +142,23 @@ def test_fit_json_carries_both_rvs_and_the_correction(tmp_path, capsys, blase03_
     assert s["rv_barycentric_kms"] == pytest.approx(v - 27.5 - v * 27.5 / 299792.458)
     assert s["barycentric_source"] == "given by the user" and s["wavelength_frame"].startswith("vacuum")
     assert s["n_outliers"] == 0
+
+
+def test_spectral_region_bands_reach_clone_and_trim(phoenix_10k):
+    """A one-subregion SpectralRegion is a band for trim and clone_spectrum; several subregions are refused."""
+    import astropy.units as u
+    import pytest
+    from specutils import SpectralRegion
+
+    from blase_specutils import clone_spectrum
+    from blase_specutils.preprocessing import trim
+
+    region = SpectralRegion(10500 * u.AA, 10520 * u.AA)
+    cut = trim(phoenix_10k, region, 0 * u.AA)
+    w = cut.spectral_axis.to_value(u.AA)
+    assert w.min() >= 10500 and w.max() <= 10520
+    clone = clone_spectrum(phoenix_10k, band=region, teff=10000 * u.K, epochs=20, residual_passes=0,
+                           progress=False)
+    assert clone.band == (10500.0, 10520.0)
+    with pytest.raises(ValueError, match="subregions"):
+        trim(phoenix_10k, region + SpectralRegion(10600 * u.AA, 10610 * u.AA), 0 * u.AA)
