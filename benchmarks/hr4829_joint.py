@@ -49,7 +49,7 @@ Shortcuts for this 2-vCPU machine, stated because they change what is fitted:
 * The initial scans are coarser than fit_spectrum's (a thin wrapper around
   ``blase_specutils.fitting.fit_transfer`` swaps them; the library is not changed): RV in
   ``--rv-step`` km/s steps (fit_spectrum: 1 km/s, 201 forward passes of the whole model for
-  ± 100 km/s), X on ``--power-grid`` (fit_spectrum: 47 values, 0.1-10). Both only start Adam,
+  ± 100 km/s), X on ``--power-grid`` (fit_spectrum: 70 values, 0.01-10). Both only start Adam,
   which then tunes RV and X freely; the lines are ~100 km/s wide.
 * Only the telluric lines within 30 Å of a fitted order are passed to the fit (fit_spectrum keeps
   every line of the joint range ± 30 Å, including the saturated bands in the gaps, which cannot
@@ -462,7 +462,7 @@ def main() -> None:
         "orders": orders,
         "settings": dict(template_epochs=args.template_epochs, line_epochs=args.line_epochs, vsini_start_kms=args.vsini,
                          rv_range_kms=args.rv_range, rv_scan_step_kms=args.rv_step or 1.0,
-                         telluric_power_scan=args.power_grid or "fit_spectrum default (47 values, 0.1-10)",
+                         telluric_power_scan=args.power_grid or "fit_spectrum default (70 values, 0.01-10)",
                          continuum_degree=args.continuum_degree, edge_trim_px=args.edge_trim,
                          resolving_power=55000.0, stellar_regularization=5.0, telluric_regularization=5.0,
                          tune_lines="amplitude", tune_telluric="amplitude", tune_telluric_power=True,

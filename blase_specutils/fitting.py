@@ -215,7 +215,7 @@ def fit_spectrum(
     |RV| ≤ ``rv_range`` (the scan's half width; the RV is projected back after each step);
     0 < v sin i ≤ 600 km/s; R (when tuned) ≥ 0.375 × its start; X > 0, unbounded. A parameter
     within 1 % (RV: 1 km/s) of a bound, a scan whose best χ² is at its edge (RV: either end; v sin
-    i: the top, 400 km/s; X: 0.1 or 10), a telluric power that runs away (ends outside 0.1-10 or
+    i: the top, 400 km/s; X: 0.01 or 10), a telluric power that runs away (ends outside 0.01-10 or
     more than a factor 3 from the scan's best), a parameter whose σ from the curvature of χ²
     exceeds 30 % of its value (RV: of max(|RV|, 10 km/s)) or that the line stage moved by as
     much from its template-matching value (the lines and the parameter are then degenerate), a
@@ -305,7 +305,7 @@ def fit_spectrum(
         cloned) when a stellar clone is present, ``("amplitude",)`` for a telluric-only fit.
     tune_telluric_power : bool
         Tune the Beer's-law exponent X of the telluric transmission T^X (default True; X starts
-        at the best of a χ² scan over 0.1-10 and stays free in the line stage). False: X = 1.
+        at the best of a χ² scan over 0.01-10 and stays free in the line stage). False: X = 1.
     telluric_regularization : float or None
         Λ (finite, >= 0) of the L1 pull of the telluric ln a towards the telluric clone (None: no
         pull).
@@ -1282,7 +1282,8 @@ class TransferResult:
         measured RV, also given as ``rv_observatory_kms``; ``rv_barycentric_kms`` with
         ``barycentric_correction_kms`` and ``barycentric_source`` (None and the reason where no
         correction was found or given); ``frame`` (``"observatory"`` or ``"barycentric"``, as the
-        data were given), ``wavelength_frame`` (e.g. ``"vacuum (converted from air)"``) and ``air``."""
+        data were given), ``wavelength_frame`` (e.g. ``"vacuum (converted from air)"``) and ``air``;
+        ``engine``: what computed the fit (``{"backend", "device", "dtype"}``)."""
         lines = self.lines
         out = {
             "components": "+".join(k for k, has in (("stellar", self.has_stellar), ("telluric", self.has_telluric)) if has),
@@ -1300,6 +1301,7 @@ class TransferResult:
             "n_pixels": self.n_pixels,
             "n_lines": len(lines),
             "n_lines_changed": int(np.sum(lines["changed"])),
+            "engine": self.model.engine_info(),
         }
         if self.has_telluric:
             tl = lines if not self.has_stellar else self.telluric_lines
