@@ -116,41 +116,36 @@ def _problem(data: Path = SHARED):
     return sd, wl, ref["flux_dense"]
 
 
+def engine_options(cfg: dict):
+    """The engine options of a configuration: ``kernel="torch"`` runs the blocked torch operations
+    on either device (no compiled kernels); ``chunk``, ``warps`` and the Triton switches as named."""
+    from blase_specutils.core.options import EngineOptions
+
+    default = EngineOptions()
+    torch_only = cfg.get("kernel") == "torch"
+    return EngineOptions(
+        backend="torch" if torch_only else "auto", compiled_cpu=not torch_only,
+        chunk=cfg.get("chunk", default.chunk), num_warps=cfg.get("warps", default.num_warps),
+        triton_lines=cfg.get("lines", default.triton_lines), overlap_streams=cfg.get("streams", default.overlap_streams),
+        triton_spread=cfg.get("spread", default.triton_spread), triton_far=cfg.get("far", default.triton_far),
+        triton_windows=cfg.get("windows", default.triton_windows),
+        triton_coefficients=cfg.get("coefficients", default.triton_coefficients))
+
+
 def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARED,
             profile_dir: str | None = None) -> dict:
     from blase_specutils.core import LineCloneModel
     from blase_specutils.core.engine import windowed_log_flux
 
-    if cfg.get("kernel") == "torch":
-        # the blocked torch operations, on either device: hide the compiled kernels
-        import blase_specutils.core.engine as engine
-        import blase_specutils.core.farfield as farfield
-
-        engine.HAVE_NUMBA = farfield.HAVE_NUMBA = False
-        engine.KERNEL_ON_CUDA = "torch"
-    if "chunk" in cfg or "warps" in cfg:
-        # the Triton kernels' pixels per program and warps per program
-        import blase_specutils.core.gpu_kernel as gpu_kernel
-
-        gpu_kernel.CHUNK = cfg.get("chunk", gpu_kernel.CHUNK)
-        gpu_kernel.NUM_WARPS = cfg.get("warps", gpu_kernel.NUM_WARPS)
-    if any(k in cfg for k in ("lines", "streams", "spread", "windows", "far", "coefficients")):
-        import blase_specutils.core.farfield as farfield_module
-        import blase_specutils.core.plan as plan_module
-
-        plan_module.TRITON_LINES = cfg.get("lines", plan_module.TRITON_LINES)
-        plan_module.OVERLAP_STREAMS = cfg.get("streams", plan_module.OVERLAP_STREAMS)
-        farfield_module.TRITON_SPREAD = cfg.get("spread", farfield_module.TRITON_SPREAD)
-        farfield_module.TRITON_FAR = cfg.get("far", farfield_module.TRITON_FAR)
-        plan_module.TRITON_WINDOWS = cfg.get("windows", plan_module.TRITON_WINDOWS)
-        plan_module.TRITON_COEFFICIENTS = cfg.get("coefficients", plan_module.TRITON_COEFFICIENTS)
+    engine = engine_options(cfg)
     sd, wl_np, dense = _problem(data)
     dtype = getattr(torch, cfg["dtype"])
     dev = torch.device(device)
     order = torch.argsort(sd["lam_centers"])
     args = [sd[k][order] for k in ("lam_centers", "amplitudes", "sigma_widths", "gamma_widths")]
     kw = dict(mode=cfg.get("mode", "linear"), profile=cfg.get("profile", "pseudo-voigt"),
-              wing_tolerance=cfg["tol"] if "tol" in cfg else 1e-6, far_field=cfg["far_field"], dtype=dtype, device=dev)
+              wing_tolerance=cfg["tol"] if "tol" in cfg else 1e-6, far_field=cfg["far_field"], dtype=dtype, device=dev,
+              engine=engine)
     model = LineCloneModel(*args, **kw)
     truth = LineCloneModel(args[0], args[1] + np.log(1.1), args[2], args[3], **kw)
     wl = torch.as_tensor(wl_np, dtype=torch.float64, device=dev)  # grids and centres stay float64
@@ -163,7 +158,8 @@ def run_one(cfg: dict, device: str, epochs: int, warmup: int, data: Path = SHARE
             from blase_specutils.core.profiles import pseudo_voigt
 
             return torch.exp(windowed_log_flux(wl, m.lam_centers, m.log_amplitudes.exp(), m.log_sigmas.exp(),
-                                               m.log_gammas.exp(), profile=pseudo_voigt, half_widths=hw))
+                                               m.log_gammas.exp(), profile=pseudo_voigt, half_widths=hw,
+                                               engine=engine))
     else:
         rv = cfg.get("rv")
 

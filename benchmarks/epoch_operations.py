@@ -92,24 +92,21 @@ _MODE: _Count | None = None
 
 
 def count(cfg: dict, band: tuple[float, float], data: Path) -> dict:
-    import blase_specutils.core.farfield as farfield
-    import blase_specutils.core.plan as plan_module
-    from blase_specutils.core import LineCloneModel
+    from blase_specutils.core import EngineOptions, LineCloneModel
 
-    farfield.HAVE_NUMBA = False  # the far field's GPU operations
-    plan_module.TRITON_LINES = cfg["lines"]
-    plan_module.TRITON_WINDOWS = cfg["windows"]
-    farfield.TRITON_FAR = cfg["far"]
-    plan_module.TRITON_COEFFICIENTS = cfg["coefficients"]
+    # compiled_cpu=False: the far field's GPU operations
+    engine = EngineOptions(compiled_cpu=False, triton_lines=cfg["lines"], triton_windows=cfg["windows"],
+                           triton_far=cfg["far"], triton_coefficients=cfg["coefficients"])
     sd, wl_np, _ = _problem(data)
     order = torch.argsort(sd["lam_centers"])
     args = [sd[k][order] for k in ("lam_centers", "amplitudes", "sigma_widths", "gamma_widths")]
     keep = (args[0] > band[0] - 40) & (args[0] < band[1] + 40)
     args = [a[keep] for a in args]
     wl = torch.as_tensor(wl_np[(wl_np > band[0]) & (wl_np < band[1])])
-    model = LineCloneModel(*args, wing_tolerance=1e-7)
+    model = LineCloneModel(*args, wing_tolerance=1e-7, engine=engine)
     with torch.no_grad():
-        target = LineCloneModel(args[0], args[1] + np.log(1.1), args[2], args[3], wing_tolerance=1e-7)(wl)
+        target = LineCloneModel(args[0], args[1] + np.log(1.1), args[2], args[3], wing_tolerance=1e-7,
+                                engine=engine)(wl)
     plan = model.make_plan(wl, kernel="triton")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.01, foreach=True)
     plan.frozen = True  # as GraphedEpoch runs it: the update follows the step

@@ -78,9 +78,7 @@ def _workload() -> None:
     """Launch every Triton kernel of the package at least once (on the CPU, interpreted)."""
     import torch
 
-    import blase_specutils.core.farfield as farfield
-    import blase_specutils.core.plan as plan_mod
-    from blase_specutils.core import LineCloneModel
+    from blase_specutils.core import EngineOptions, LineCloneModel
     from blase_specutils.core.gpu_kernel import (line_coefficients_triton, spread_triton,
                                                  windowed_pseudo_voigt_sum_triton)
 
@@ -120,21 +118,20 @@ def _workload() -> None:
     # chunk table; the far field and the coefficients in Triton; each kind of line set and plan
     from blase_specutils.core.plan import WindowPlan
 
-    farfield.TRITON_FAR = plan_mod.TRITON_COEFFICIENTS = plan_mod.TRITON_LINES = True
     wide = g.clone()
     wide[1] = 40.0  # a line wider than the grid: on no far-field level (summed whole)
     cases = [dict(), dict(mode="log"), dict(profile="voigt"), dict(profile="voigt", mode="log"),
              dict(emission=True), dict(far_field=False), dict(dtype=torch.float32), "fixed", "whole"]
     for windows in (False, True):
-        plan_mod.TRITON_WINDOWS = windows
+        engine = EngineOptions(triton_far=True, triton_coefficients=True, triton_lines=True, triton_windows=windows)
         for case in cases:
             kw = case if isinstance(case, dict) else {}
-            model = LineCloneModel(c, a, s, wide if case == "whole" else g, wing_tolerance=1e-7, **kw)
+            model = LineCloneModel(c, a, s, wide if case == "whole" else g, wing_tolerance=1e-7, engine=engine, **kw)
             rv = torch.tensor(30.0, dtype=f64, requires_grad=True)
             if case == "fixed":
                 plan = WindowPlan(grid, lambda: (model.lam_centers, model.log_amplitudes.exp(),
                                                  model.log_sigmas.exp(), model.log_gammas.exp()),
-                                  half_widths=torch.full((n,), 0.3, dtype=f64), kernel="triton")
+                                  half_widths=torch.full((n,), 0.3, dtype=f64), kernel="triton", engine=engine)
                 plan.update()
                 continue
             plan = model.make_plan(grid, rv, kernel="triton")  # (a plan's grid is float64)

@@ -23,6 +23,7 @@ from .extrinsic import (
 )
 from .farfield import FarFieldSettings, far_field
 from .graphs import GraphedEpoch
+from .options import EngineOptions
 from .plan import WindowPlan
 from .profiles import PROFILES, faddeeva, gaussian, lorentzian, pseudo_voigt, pseudo_voigt_eta, pseudo_voigt_fwhm, voigt
 from .training import NonFiniteLossWarning, TrainingHistory, resolve_device, seed_everything, train
@@ -44,7 +45,7 @@ __all__ = [
     "windowed_log_flux", "dense_log_flux", "window_half_widths", "line_terms",
     "PROFILES", "pseudo_voigt", "pseudo_voigt_eta", "pseudo_voigt_fwhm", "voigt", "faddeeva", "gaussian", "lorentzian",
     "train", "TrainingHistory", "NonFiniteLossWarning", "seed_everything", "resolve_device",
-    "FarFieldSettings", "far_field", "WindowPlan", "GraphedEpoch",
+    "FarFieldSettings", "far_field", "WindowPlan", "GraphedEpoch", "EngineOptions",
     "log_lambda_grid", "rotational_kernel", "rotational_kernel_variance", "rotationally_broaden",
     "resolving_power_to_sigma", "gaussian_lsf_kernel", "instrumental_broaden", "pixel_edges",
     "resample_to_pixels", "RotationalBroadening", "InstrumentalBroadening", "PixelResampler",

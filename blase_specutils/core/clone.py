@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from .engine import dense_log_flux, window_half_widths, windowed_log_flux
 from .farfield import FarFieldSettings
+from .options import EngineOptions
 from .plan import BroadLinePlan, ClonePlan, WindowPlan
 from .profiles import PROFILES, pseudo_voigt_fwhm, wing_factor
 
@@ -80,6 +81,9 @@ class LineCloneModel(nn.Module):
         Torch dtype (float64 or float32) and device of the parameters. Line centres and the
         wavelength grid are always float64; offsets λ - λc are formed in float64 and only then
         rounded to ``dtype``.
+    engine : EngineOptions
+        Which code computes the line sums (backend and kernel settings), carried by this model and
+        by the models made from it (:meth:`subset`, :meth:`with_lines`, :meth:`concatenate`).
     """
 
     def __init__(
@@ -98,8 +102,11 @@ class LineCloneModel(nn.Module):
         broad_lines: Sequence[int] | None = None,
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
+        engine: EngineOptions = EngineOptions(),
     ) -> None:
         super().__init__()
+        if not isinstance(engine, EngineOptions):
+            raise TypeError(f"engine must be an EngineOptions, got {type(engine).__name__}")
         if mode not in ("linear", "log"):
             raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
         if profile not in PROFILES:
@@ -125,6 +132,7 @@ class LineCloneModel(nn.Module):
         if not isinstance(far_field, (bool, FarFieldSettings)):
             raise TypeError("far_field must be True, False or a FarFieldSettings")
         self.far_field = far_field
+        self.engine = engine
         self._ff_cache: tuple | None = None
         self.lam_centers = nn.Parameter(c, requires_grad="center" in tune)
         self.log_amplitudes = nn.Parameter(arrays[0], requires_grad="amplitude" in tune)
@@ -189,7 +197,7 @@ class LineCloneModel(nn.Module):
             self.log_gammas.detach()[idx], mode=self.mode, profile=self.profile, emission=self.emission,
             tune=self.tuned, wing_tolerance=self.wing_tolerance, far_field=self.far_field,
             broad_lines=old_to_new[self.broad_lines][keep_broad].tolist(), dtype=self.dtype,
-            device=self.lam_centers.device,
+            device=self.lam_centers.device, engine=self.engine,
         )
         with torch.no_grad():
             for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
@@ -224,7 +232,7 @@ class LineCloneModel(nn.Module):
         new = LineCloneModel(
             *(x[order] for x in joined), mode=self.mode, profile=self.profile, emission=self.emission,
             tune=self.tuned, wing_tolerance=self.wing_tolerance, far_field=self.far_field,
-            broad_lines=old_to_new[self.broad_lines].tolist(), dtype=self.dtype, device=dev,
+            broad_lines=old_to_new[self.broad_lines].tolist(), dtype=self.dtype, device=dev, engine=self.engine,
         )
         with torch.no_grad():
             for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
@@ -236,7 +244,7 @@ class LineCloneModel(nn.Module):
         """One model holding the lines of several (e.g. one clone per molecule), sorted by centre.
 
         The models must share mode, profile and emission; the first one's wing tolerance, far-field
-        setting and tuned groups are kept. Parameters are copied (detached); broad lines keep their
+        setting, engine options and tuned groups are kept. Parameters are copied (detached); broad lines keep their
         wing corrections.
 
         Returns
@@ -266,7 +274,8 @@ class LineCloneModel(nn.Module):
         new = LineCloneModel(centers[order], amps[order], sigmas[order], gammas[order], mode=first.mode,
                              profile=first.profile, emission=first.emission, tune=first.tuned,
                              wing_tolerance=first.wing_tolerance, far_field=first.far_field,
-                             broad_lines=old_to_new[broad].tolist(), dtype=first.dtype, device=dev)
+                             broad_lines=old_to_new[broad].tolist(), dtype=first.dtype, device=dev,
+                             engine=first.engine)
         with torch.no_grad():
             for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
                 getattr(new, name).copy_(torch.cat([getattr(m, name).detach().to(dev) for m in models]))
@@ -355,6 +364,7 @@ class LineCloneModel(nn.Module):
         kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign)
         if dense:
             return dense_log_flux(*args, wing=self._wing(), **kw)
+        kw["engine"] = self.engine
         ff = self._far_field_settings(wavelength)
         if not self.broad_lines.numel():
             hw = self.window_half_widths() if ff is None else None
@@ -380,7 +390,7 @@ class LineCloneModel(nn.Module):
             raise ValueError(f"lines must be a boolean mask of the {self.n_lines} lines")
         params = (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
                   self.log_gammas.exp())
-        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign)
+        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign, engine=self.engine)
         ff = self._far_field_settings(wavelength)
         plain, broad = self._line_split()
         plain = plain[lines[plain]]
@@ -421,7 +431,7 @@ class LineCloneModel(nn.Module):
 
     def make_plan(
         self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, headroom: float = 1.25,
-        kernel: str = "auto",
+        kernel: str | None = None,
     ) -> WindowPlan | ClonePlan:
         r"""A :class:`~blase_specutils.core.plan.WindowPlan` of this model on ``wavelength`` (a
         :class:`~blase_specutils.core.plan.ClonePlan` when some lines have the Appendix C.4 wing
@@ -442,8 +452,9 @@ class LineCloneModel(nn.Module):
             The RV (km/s) the model will be evaluated at.
         headroom : float
             Spare capacity of the GPU kernel's chunk table (see ``WindowPlan``).
-        kernel : {"auto", "numba", "triton"}
-            The compiled kernel.
+        kernel : {"auto", "numba", "triton"}, optional
+            The compiled kernel; default the model's ``engine.backend``. The plan takes its other
+            kernel settings from the model's :attr:`engine`.
         """
         if not torch.is_tensor(wavelength) or wavelength.dtype != torch.float64 or \
                 wavelength.device != self.lam_centers.device:
@@ -456,7 +467,7 @@ class LineCloneModel(nn.Module):
         settings = dict(profile=self.profile, mode=self.mode, sign=self.sign, tolerance=self.wing_tolerance)
         if not self.broad_lines.numel():
             plan = WindowPlan(wavelength, source, far_field=self._far_field_settings(wavelength), half_widths=None,
-                              kernel=kernel, headroom=headroom, **settings)
+                              kernel=kernel, headroom=headroom, engine=self.engine, **settings)
         else:
             plain, broad = self._line_split()
 
@@ -469,7 +480,7 @@ class LineCloneModel(nn.Module):
             part = None
             if plain.numel():
                 part = WindowPlan(wavelength, plain_source, far_field=self._far_field_settings(wavelength),
-                                  half_widths=None, kernel=kernel, headroom=headroom, **settings)
+                                  half_widths=None, kernel=kernel, headroom=headroom, engine=self.engine, **settings)
             plan = ClonePlan(wavelength, part, BroadLinePlan(wavelength, broad_source, headroom=headroom, **settings),
                              plain, broad)
         plan.radial_velocity = radial_velocity  # what a frozen plan must be evaluated at
@@ -487,6 +498,11 @@ class LineCloneModel(nn.Module):
         if self._ff_cache is None or self._ff_cache[0] != key:
             self._ff_cache = (key, FarFieldSettings.for_grid(wavelength))
         return self._ff_cache[1]
+
+    def engine_info(self) -> dict:
+        """What computes this model's sums: ``{"backend", "device", "dtype"}`` (JSON-ready), the
+        backend as :meth:`.EngineOptions.backend_for` resolves it on the model's device."""
+        return self.engine.describe(self.lam_centers.device, self.dtype)
 
     @torch.no_grad()
     def window_half_widths(self) -> Tensor:
@@ -506,4 +522,5 @@ class LineCloneModel(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"n_lines={self.n_lines}, mode={self.mode!r}, profile={self.profile!r}, "
-                f"emission={self.emission}, tuned={self.tuned}, broad_lines={self.broad_lines.numel()}")
+                f"emission={self.emission}, tuned={self.tuned}, broad_lines={self.broad_lines.numel()}, "
+                f"backend={self.engine.backend!r}")

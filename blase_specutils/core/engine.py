@@ -31,8 +31,9 @@ from torch import Tensor
 
 from .farfield import FarFieldSettings, residual_half_widths
 from .farfield import far_field as _far_field
-from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
-from .gpu_kernel import HAVE_TRITON, windowed_pseudo_voigt_sum_triton
+from .cpu_kernel import windowed_pseudo_voigt_sum_cpu
+from .gpu_kernel import windowed_pseudo_voigt_sum_triton
+from .options import BACKENDS, EngineOptions
 from .fused import eta_and_derivatives, windowed_pseudo_voigt_sum
 from .profiles import pseudo_voigt, pseudo_voigt_eta, voigt
 
@@ -42,16 +43,6 @@ __all__ = ["window_half_widths", "windowed_log_flux", "dense_log_flux", "line_te
 _MIN_LOG1P_ARG = -1.0 + 1e-12
 
 ProfileFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-
-#: Pad the compiled kernel's windows to the torch path's bucket lengths (tests use this to compare
-#: the two paths to rounding); by default each line evaluates its own window only.
-_PAD_COMPILED_WINDOWS = False
-
-#: The fused kernel that ``kernel="auto"`` uses on CUDA devices: ``"triton"`` (:mod:`.gpu_kernel`)
-#: where triton is installed, else ``"torch"`` (blocked torch operations). On an H200 an epoch of
-#: the paper's HPF clone took 9-15 ms with Triton and 65-117 ms with torch, 6-8x longer (machines
-#: of one session; ``benchmarks/RESULTS.md``).
-KERNEL_ON_CUDA = "triton" if HAVE_TRITON else "torch"
 
 
 def line_terms(v: Tensor, amplitude: Tensor, mode: str, sign: float) -> Tensor:
@@ -138,7 +129,8 @@ def windowed_log_flux(
     wing_mask: Tensor | None = None,
     far_field: FarFieldSettings | None = None,
     fused: bool = True,
-    kernel: str = "auto",
+    kernel: str | None = None,
+    engine: EngineOptions | None = None,
 ) -> Tensor:
     r"""Sum of line terms over per-line windows: the sparse :math:`\ln \hat F` contraction.
 
@@ -172,13 +164,14 @@ def windowed_log_flux(
     fused : bool
         Use the fused pseudo-Voigt kernel with its hand-written backward
         (:mod:`blase_specutils.core.fused`) where it applies; ``False`` uses plain autograd.
-    kernel : {"auto", "numba", "triton", "torch"}
-        Where the fused path runs: ``"numba"``, the compiled CPU loops of
-        :mod:`blase_specutils.core.cpu_kernel` (pseudo-Voigt and exact Voigt; CPU tensors only);
-        ``"triton"``, the GPU kernel of :mod:`blase_specutils.core.gpu_kernel` (pseudo-Voigt and
-        exact Voigt; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"``, blocked torch
-        operations. ``"auto"`` (default): numba on CPUs when it is installed, :data:`KERNEL_ON_CUDA`
-        on other devices.
+    kernel : {"auto", "numba", "triton", "torch"}, optional
+        Where the fused path runs, overriding ``engine.backend``: ``"numba"``, the compiled CPU
+        loops of :mod:`blase_specutils.core.cpu_kernel` (pseudo-Voigt and exact Voigt; CPU tensors
+        only); ``"triton"``, the GPU kernel of :mod:`blase_specutils.core.gpu_kernel` (pseudo-Voigt
+        and exact Voigt; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``); ``"torch"``,
+        blocked torch operations; ``"auto"``: :meth:`.EngineOptions.backend_for`.
+    engine : EngineOptions, optional
+        The backend and kernel settings (default ``EngineOptions()``).
 
     Returns
     -------
@@ -236,10 +229,13 @@ def windowed_log_flux(
         npix = hi - lo
     terms = []
     idxs = []
-    if kernel not in ("auto", "numba", "triton", "torch"):
+    if kernel is not None and kernel not in BACKENDS:
         raise ValueError(f"kernel must be 'auto', 'numba', 'triton' or 'torch', got {kernel!r}")
+    engine = EngineOptions() if engine is None else engine
+    if kernel is not None:
+        engine = engine.replace(backend=kernel)
     on_cpu = wavelength.device.type == "cpu"
-    choice = (("numba" if HAVE_NUMBA else "torch") if on_cpu else KERNEL_ON_CUDA) if kernel == "auto" else kernel
+    choice = engine.backend_for(wavelength.device)
     compiled = None  # the compiled kernel that takes every plain line, if any
     name = {pseudo_voigt: "pseudo-voigt", voigt: "voigt"}.get(profile)
     if fused and name is not None and choice == "numba" and on_cpu:
@@ -248,7 +244,8 @@ def windowed_log_flux(
         if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("kernel='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1); "
                              "use kernel='numba' or 'auto' on a CPU")
-        compiled = functools.partial(windowed_pseudo_voigt_sum_triton, profile=name)
+        compiled = functools.partial(windowed_pseudo_voigt_sum_triton, profile=name, chunk=engine.chunk,
+                                     num_warps=engine.num_warps)
     if compiled is not None:
         # every plain line in one compiled pass over its window
         with torch.no_grad():
@@ -268,7 +265,7 @@ def windowed_log_flux(
                     return t[s_, None]
             with torch.no_grad():
                 lo_, hi_, np_ = (lo, hi, npix) if s_ is None else (lo[s_], hi[s_], npix[s_])
-                if _PAD_COMPILED_WINDOWS:
+                if engine.pad_windows:
                     # the padded windows of the bucketed torch path, so that both give the same sums
                     count = _padded_lengths(np_, n)
                     start = torch.clamp(lo_ - (count - np_.clamp(max=count)) // 2, min=0)
@@ -307,7 +304,8 @@ def windowed_log_flux(
                 out = out + windowed_pseudo_voigt_sum(
                     wavelength, start[rows], m, centers[s_, None], amplitude[s_, None], sigma[s_, None],
                     gamma[s_, None], mode=mode, sign=sign, kc=None if kc is None else kc[s_, None],
-                    ke=None if ke is None else ke[s_, None], b=0.0 if b_line is None else b_line[s_, None])
+                    ke=None if ke is None else ke[s_, None], b=0.0 if b_line is None else b_line[s_, None],
+                    block_elements=engine.block_elements(wavelength.device))
             if has is None or not bool((has & ~offgrid).any()):
                 continue
             rows = has & ~offgrid
@@ -337,7 +335,7 @@ def windowed_log_flux(
     if terms:
         out = out.index_add(0, torch.cat(idxs), torch.cat(terms))
     if far_field is not None:
-        out = out + _far_field(wavelength, centers, kc, ke, far_field, levels).to(out.dtype)
+        out = out + _far_field(wavelength, centers, kc, ke, far_field, levels, engine=engine).to(out.dtype)
     return out
 
 

@@ -62,7 +62,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .clone import SPEED_OF_LIGHT_KMS
-from .cpu_kernel import HAVE_NUMBA, correlate_cpu
+from .cpu_kernel import correlate_cpu
+from .options import EngineOptions
 
 __all__ = [
     "log_lambda_grid",
@@ -142,9 +143,11 @@ def _match_second_moment(w: Tensor, v: Tensor, variance: Tensor, dv: float) -> T
     return wp[1:-1] + c * (wp[:-2] - 2.0 * wp[1:-1] + wp[2:])
 
 
-def _convolve_same(flux: Tensor, kernel: Tensor, method: Method = "auto") -> Tensor:
+def _convolve_same(flux: Tensor, kernel: Tensor, method: Method = "auto",
+                   engine: EngineOptions | None = None) -> Tensor:
     """Convolve the last axis of ``flux`` with an odd-length ``kernel``: same length, edges
-    padded with the edge values."""
+    padded with the edge values (``engine.compiled_cpu``: the direct convolution in numba's
+    compiled loops on CPUs)."""
     if not torch.is_tensor(flux) or not flux.is_floating_point():
         raise ValueError("flux must be a floating-point torch tensor")
     if flux.ndim == 0 or flux.shape[-1] < 1:
@@ -157,7 +160,7 @@ def _convolve_same(flux: Tensor, kernel: Tensor, method: Method = "auto") -> Ten
     x = F.pad(flux.reshape(-1, 1, shape[-1]), (half, half), mode="replicate")
     k = kernel.to(dtype=flux.dtype, device=flux.device).flip(-1)
     if method == "direct" or (method == "auto" and ntap <= _FFT_MIN_TAPS):
-        if x.device.type == "cpu" and HAVE_NUMBA:
+        if (EngineOptions() if engine is None else engine).numba_on(x.device):
             # float64 conv1d on CPUs goes through im2col and a matrix product: compiled loops are
             # several times faster, backward included
             y = correlate_cpu(x.reshape(-1, x.shape[-1]), k)
@@ -335,6 +338,7 @@ def rotationally_broaden(
     max_vsini: float | None = None,
     method: Method = "auto",
     exact_variance: bool = True,
+    engine: EngineOptions | None = None,
 ) -> Tensor:
     r"""Rotationally broaden a spectrum sampled on a log-λ grid (Eqs. 7–8).
 
@@ -355,6 +359,8 @@ def rotationally_broaden(
         longer than 100 taps. Both give the same result to rounding.
     exact_variance : bool
         As in :func:`rotational_kernel`.
+    engine : EngineOptions, optional
+        ``compiled_cpu``: the direct convolution in compiled loops on CPUs (default True).
 
     Returns
     -------
@@ -363,7 +369,7 @@ def rotationally_broaden(
         ``max_vsini / dv`` samples at each end are not trustworthy.
     """
     kernel = rotational_kernel(vsini, dv, limb_darkening, half_width=max_vsini, exact_variance=exact_variance)
-    return _convolve_same(flux, kernel, method)
+    return _convolve_same(flux, kernel, method, engine)
 
 
 # ---------------------------------------------------------------------------------- instrument
@@ -445,6 +451,7 @@ def instrumental_broaden(
     n_sigma: float = 5.0,
     half_width: float | None = None,
     method: Method = "auto",
+    engine: EngineOptions | None = None,
 ) -> Tensor:
     r"""Convolve a log-λ-sampled spectrum with the Gaussian LSF :math:`g(R)` (Eq. 10, before
     the resampling).
@@ -457,6 +464,8 @@ def instrumental_broaden(
         As in :func:`gaussian_lsf_kernel`.
     method : {"auto", "direct", "fft"}
         As in :func:`rotationally_broaden`.
+    engine : EngineOptions, optional
+        As in :func:`rotationally_broaden`.
 
     Returns
     -------
@@ -464,7 +473,7 @@ def instrumental_broaden(
         Same shape and dtype as ``flux`` (edges padded with the edge values).
     """
     kernel = gaussian_lsf_kernel(resolving_power, dv, n_sigma=n_sigma, half_width=half_width)
-    return _convolve_same(flux, kernel, method)
+    return _convolve_same(flux, kernel, method, engine)
 
 
 # ---------------------------------------------------------------------------------- resampling
@@ -629,6 +638,8 @@ class RotationalBroadening(nn.Module):
         Whether :math:`\ln v\sin i` requires grad.
     method : {"auto", "direct", "fft"}
         Convolution method.
+    engine : EngineOptions
+        As in :func:`rotationally_broaden`.
     """
 
     def __init__(
@@ -642,8 +653,10 @@ class RotationalBroadening(nn.Module):
         method: Method = "auto",
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
+        engine: EngineOptions = EngineOptions(),
     ) -> None:
         super().__init__()
+        self.engine = engine
         vsini = float(vsini)
         if not (math.isfinite(vsini) and vsini > 0.0):
             raise ValueError(f"vsini must be > 0 km/s for the log parameterisation, got {vsini}")
@@ -672,7 +685,7 @@ class RotationalBroadening(nn.Module):
                                 torch.float32 if vs.dtype == torch.float32 else torch.float64)
 
     def forward(self, flux: Tensor) -> Tensor:
-        return _convolve_same(flux, self.kernel(), self.method)
+        return _convolve_same(flux, self.kernel(), self.method, self.engine)
 
     def extra_repr(self) -> str:
         return f"vsini={float(self.vsini.detach()):.4g} km/s, dv={self.dv}, epsilon={self.limb_darkening}, max_vsini={self.max_vsini}"
@@ -696,6 +709,8 @@ class InstrumentalBroadening(nn.Module):
         it lower, as v sin i is held at ``max_vsini``.
     tune : bool
         Whether :math:`\ln R` requires grad (default False: R is usually known).
+    engine : EngineOptions
+        As in :func:`rotationally_broaden`.
     """
 
     def __init__(
@@ -708,8 +723,10 @@ class InstrumentalBroadening(nn.Module):
         method: Method = "auto",
         dtype: torch.dtype = torch.float64,
         device: str | torch.device = "cpu",
+        engine: EngineOptions = EngineOptions(),
     ) -> None:
         super().__init__()
+        self.engine = engine
         r = float(resolving_power)
         if not (math.isfinite(r) and r > 0.0):
             raise ValueError(f"resolving_power must be > 0, got {resolving_power}")
@@ -739,7 +756,7 @@ class InstrumentalBroadening(nn.Module):
         return _gaussian_taps(self.resolving_power, self.dv, self.half_width)
 
     def forward(self, flux: Tensor) -> Tensor:
-        return _convolve_same(flux, self.kernel(), self.method)
+        return _convolve_same(flux, self.kernel(), self.method, self.engine)
 
     def extra_repr(self) -> str:
         return f"R={float(self.resolving_power.detach()):.6g}, dv={self.dv}, half_width={self.half_width:.4g} km/s"

@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .cpu_kernel import HAVE_NUMBA, interpolate_cpu, spread_cpu
+from .cpu_kernel import interpolate_cpu, spread_cpu
 from .gpu_kernel import HAVE_TRITON, far_field_levels_triton, interpolate_triton, spread_triton
+from .options import EngineOptions
 
 __all__ = ["FarFieldSettings", "FarFieldPlan", "far_field", "plan_far_field", "residual_half_widths"]
 
@@ -100,20 +101,6 @@ class FarFieldSettings:
 
 _KERNEL_CACHE: dict = {}
 
-#: Spread the lines onto the level grids with one Triton kernel each way on GPUs (with triton),
-#: instead of about fifteen torch operations. Off: checked against the compiled CPU spreading under
-#: Triton's interpreter, not yet compiled and timed on a GPU.
-TRITON_SPREAD = False
-#: With a plan (:class:`FarFieldPlan`) on GPUs, the whole far field in a few Triton kernels and
-#: batched FFTs: every level's spreading in one kernel each way, both of a level's grids in one
-#: real FFT, each interpolation in one kernel each way (about a third of the operations). Off:
-#: checked against the torch operations under Triton's interpreter, not yet timed on a GPU.
-TRITON_FAR = False
-
-#: How each far-field level takes its lines: by gathering them (False), or by zeroing the other
-#: levels' coefficients (True); None (default): masks on GPUs, gathers on CPUs.
-_MASK_LEVELS: bool | None = None
-
 
 def _kernel_ffts(n: int, nfft: int, spacing: float, b: float, dtype, device):
     key = (n, nfft, spacing, b, dtype, str(device))
@@ -148,7 +135,8 @@ def _next_fast_len(n: int) -> int:
 
 
 def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, settings: FarFieldSettings,
-              levels: Tensor | None = None, plan: "FarFieldPlan | None" = None) -> Tensor:
+              levels: Tensor | None = None, plan: "FarFieldPlan | None" = None, *,
+              engine: EngineOptions | None = None) -> Tensor:
     r"""The far field :math:`T(\lambda) = -\sum_j [c_j h_{l_j}(\lambda-\lambda_{c,j}) + e_j h_{2,l_j}(\lambda-\lambda_{c,j})]`.
 
     Parameters
@@ -166,6 +154,12 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
         The levels, grids and interpolation weights fixed in advance (:func:`plan_far_field`): the
         evaluation then needs no synchronisation with the host (it can be captured in a CUDA
         graph). Lines must be where the plan expects them (:meth:`FarFieldPlan.violations`).
+    engine : EngineOptions, optional
+        Which operations run (default ``EngineOptions()``): ``compiled_cpu`` (numba's spreading and
+        interpolation on CPUs), ``mask_levels``, ``triton_spread`` and, with a plan, ``triton_far``
+        (the whole far field in a few Triton kernels and batched FFTs: every level's spreading in
+        one kernel each way, both of a level's grids in one real FFT, each interpolation in one
+        kernel each way).
 
     Returns
     -------
@@ -182,7 +176,8 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
         present = sorted(int(v) for v in torch.unique(levels[levels >= 0]).tolist())
     if not present:
         return torch.zeros_like(wavelength)
-    if (plan is not None and plan.triton is not None and levels is not None and TRITON_FAR and HAVE_TRITON
+    engine = EngineOptions() if engine is None else engine
+    if (plan is not None and plan.triton is not None and levels is not None and engine.triton_far and HAVE_TRITON
             and (wavelength.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")):
         return _planned_far_field_triton(centers, c, e, levels, plan)
     m = settings.order // 2
@@ -195,7 +190,7 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
         on = None
         if levels is None:
             cl, el, xl = c, e, centers
-        elif plan is None and not (wavelength.device.type != "cpu" if _MASK_LEVELS is None else _MASK_LEVELS):
+        elif plan is None and not engine.masks_levels(wavelength.device):
             sel = torch.nonzero(levels == level).flatten()
             cl, el, xl = c[sel], e[sel], centers[sel]
         else:
@@ -204,7 +199,7 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
             cl, el, xl = torch.where(on, c, 0.0), torch.where(on, e, 0.0), centers
         conv, lo, dx, n, direct = _level_conv(wavelength, xl, cl, el, st, ends, on,
                                               None if plan is None else plan.outside[level],
-                                              None if plan is None else plan.kernels[level])
+                                              None if plan is None else plan.kernels[level], engine=engine)
         if direct is not None:
             val = direct if val is None else val + direct
         if base is None:
@@ -216,13 +211,13 @@ def far_field(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, setting
                 i0, iw = plan.grids[level]
             else:
                 i0, iw = _grid_plan(b_lo, b_dx, b_n, lo, dx, n, m, conv.dtype, conv.device)
-            base = (b_conv + _interpolate(conv, i0, iw), b_lo, b_dx, b_n)
+            base = (b_conv + _interpolate(conv, i0, iw, engine), b_lo, b_dx, b_n)
     conv, lo, dx, n = base
     if plan is not None and plan.pixels[1].dtype == conv.dtype:
         i0, iw = plan.pixels
     else:
         i0, iw = _interpolation_plan(wavelength, lo, dx, n, m, conv.dtype)
-    out = _interpolate(conv, i0, iw)
+    out = _interpolate(conv, i0, iw, engine)
     if val is not None:
         out = out + val.to(out.dtype)
     return -out
@@ -252,11 +247,11 @@ def _spreadable(centers: Tensor, lo: float, dx: float, n: int, m: int) -> Tensor
 
 def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: FarFieldSettings,
                 ends: list[float], on: Tensor | None = None, outside: Tensor | None = None,
-                kernels: tuple | None = None):
+                kernels: tuple | None = None, *, engine: EngineOptions):
     """One level: the lines spread onto its uniform grid and convolved with its kernels (``ends``:
     the first and last pixel wavelengths; ``on``: which lines belong to the level, the others
     having c = e = 0; ``outside``: indices of the lines to sum directly, and ``kernels``: the
-    kernels' FFTs, both kept by a plan).
+    kernels' FFTs, both kept by a plan; ``engine``: which spreading runs).
 
     Returns the convolution on the grid, the grid's start, spacing and length, and the direct sum
     (at the pixels) of the lines beyond the grid's margin, or None.
@@ -284,9 +279,9 @@ def _level_conv(wavelength: Tensor, centers: Tensor, c: Tensor, e: Tensor, st: F
         c = torch.where(inside, c, torch.zeros_like(c))
         e = torch.where(inside, e, torch.zeros_like(e))
         direct = _direct_sum(wavelength, centers[outside], c_all[outside], e_all[outside], b)
-    if wavelength.device.type == "cpu" and HAVE_NUMBA:
+    if engine.numba_on(wavelength.device):
         grid_c, grid_e = spread_cpu(p, c, e, n, m)
-    elif TRITON_SPREAD and HAVE_TRITON and (wavelength.device.type == "cuda"
+    elif engine.triton_spread and HAVE_TRITON and (wavelength.device.type == "cuda"
                                             or os.environ.get("TRITON_INTERPRET") == "1"):
         grid_c, grid_e = spread_triton(p, c, e, n, m)
     else:
@@ -338,9 +333,9 @@ class _KernelConvolution(torch.autograd.Function):
         return gc, ge, None, None, None
 
 
-def _interpolate(conv: Tensor, i0: Tensor, iw: Tensor) -> Tensor:
-    """Σ_q iw[p, q] conv[i0[p] + q]: compiled loops on CPUs, a gather elsewhere."""
-    if conv.device.type == "cpu" and HAVE_NUMBA:
+def _interpolate(conv: Tensor, i0: Tensor, iw: Tensor, engine: EngineOptions) -> Tensor:
+    """Σ_q iw[p, q] conv[i0[p] + q]: compiled loops on CPUs (``engine.compiled_cpu``), a gather elsewhere."""
+    if engine.numba_on(conv.device):
         return interpolate_cpu(conv, i0, iw)
     return _GatherInterpolation.apply(conv, i0[:, None] + torch.arange(iw.shape[1], device=i0.device), iw)
 

@@ -235,13 +235,6 @@ class _PseudoVoigtTerm(torch.autograd.Function):
         return (None, *grads, None, None, None)
 
 
-#: Elements per block of the chunked CPU path: small enough that the temporaries of one block stay
-#: in the core's cache (about 2 MB in float64), large enough that the per-block overhead is small.
-CPU_BLOCK_ELEMENTS = 1 << 15
-#: Elements per block on GPUs (bounds the memory of the temporaries; one block per bucket in practice).
-GPU_BLOCK_ELEMENTS = 1 << 24
-
-
 def _rows(b, r: slice):
     """The far-field kernel width of a block of rows: one float, or each line's own (L, 1)."""
     return b[r] if isinstance(b, Tensor) else b
@@ -301,7 +294,7 @@ def windowed_pseudo_voigt_sum(
     kc: Tensor | None = None,
     ke: Tensor | None = None,
     b: float | Tensor = 0.0,
-    block_elements: int | None = None,
+    block_elements: int,
 ) -> Tensor:
     """Sum over lines of their fused terms, each on its own window of ``m`` grid pixels.
 
@@ -319,9 +312,10 @@ def windowed_pseudo_voigt_sum(
         Window length in pixels (equal for all lines of one call).
     c, a, s, g, kc, ke, mode, sign, b
         As in :func:`pseudo_voigt_term`, shape (L, 1).
-    block_elements : int, optional
-        Lines × pixels per block; default :data:`CPU_BLOCK_ELEMENTS` on CPUs and
-        :data:`GPU_BLOCK_ELEMENTS` otherwise.
+    block_elements : int
+        Lines × pixels per block (:meth:`.EngineOptions.block_elements`): on CPUs small enough that
+        the temporaries of one block stay in the core's cache (2^15, about 2 MB in float64), on GPUs
+        a bound on the temporaries' memory (2^24; one block per bucket in practice).
 
     Returns
     -------
@@ -329,8 +323,6 @@ def windowed_pseudo_voigt_sum(
         Shape (N,).
     """
     check_term_arguments(mode, kc, ke)
-    if block_elements is None:
-        block_elements = CPU_BLOCK_ELEMENTS if wavelength.device.type == "cpu" else GPU_BLOCK_ELEMENTS
     block_rows = max(1, int(block_elements) // max(int(m), 1))
     b = b.detach() if isinstance(b, Tensor) else float(b)
     return _WindowedSum.apply(wavelength, start, int(m), c, a, s, g, kc, ke, b, mode == "linear",

@@ -8,7 +8,7 @@ pixel of its own window,
     \quad\text{or}\quad -s\,a_j V, \qquad [+\,c_j h + e_j h^2],
 
 with :math:`h = 1/(x^2 + b_j^2)` when the near-field residual is wanted (:mod:`.farfield`). Each
-window is cut into chunks of :data:`CHUNK` pixels and every chunk is one Triton program: the forward
+window is cut into chunks of ``EngineOptions.chunk`` pixels and every chunk is one Triton program: the forward
 pass adds its terms to the output with atomic adds, the backward pass reduces
 :math:`\partial t/\partial\theta_j` times the incoming gradient over the chunk into one row of a
 (chunks × 6) array that is then summed per line. Nothing of size (lines × window) is stored.
@@ -17,7 +17,7 @@ the Faddeeva function as the CPU kernel does (Weideman's expansion within :math:
 asymptotic series beyond).
 
 Triton is optional (it comes with the CUDA builds of torch). The kernel is used where it is asked
-for (``windowed_log_flux(kernel="triton")``, or :data:`.engine.KERNEL_ON_CUDA`); on a CPU it runs
+for (``windowed_log_flux(kernel="triton")``, or ``EngineOptions(backend="auto")`` on CUDA devices); on a CPU it runs
 only under Triton's interpreter (``TRITON_INTERPRET=1``), which is how the test suite checks it
 against the compiled CPU kernel. The test suite also compiles every kernel for sm_90 without a GPU
 (``benchmarks/triton_compile.py``) and checks that the compiled code computes in float64.
@@ -40,17 +40,12 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
     triton = tl = None
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "CHUNK", "windowed_pseudo_voigt_sum_triton"]
+__all__ = ["HAVE_TRITON", "windowed_pseudo_voigt_sum_triton"]
 
-#: Pixels per Triton program (a power of two). On an H200 256 gave 1.30 ms per graphed epoch of the
-#: paper's problem against 1.38 ms with 512 and 1.63 ms with 1024 (one machine, benchmarks/RESULTS.md).
-CHUNK = 256
-#: Warps per Triton program of the pseudo-Voigt kernels.
-NUM_WARPS = 4
-#: Whether the compiler may fuse a multiplication and an addition into one fused multiply-add
-#: (rounded once; what the GPU measurements so far used). Given at every launch, so that the kernels
-#: do not change with Triton's default, which Triton 3.10 turns off.
-FP_FUSION = True
+# Every launch passes ``enable_fp_fusion=True``: the compiler may fuse a multiplication and an
+# addition into one multiply-add (rounded once; what the GPU measurements used), so that the kernels
+# do not change with Triton's default, which Triton 3.10 turns off. The chunk length and the warps
+# per program are settings of :class:`.options.EngineOptions` (``chunk``, ``num_warps``).
 
 
 
@@ -658,7 +653,7 @@ class _CoefficientsTriton(torch.autograd.Function):
         if kc.numel():
             _coefficients_kernel[(triton.cdiv(kc.numel(), _COEF_BLOCK),)](
                 a_, s_, g_, eta, b, params, kc, ke, kc, kc, kc, kc, kc, kc.numel(), VOIGT=bool(voigt), BACKWARD=False,
-                BLOCK=_COEF_BLOCK, enable_fp_fusion=FP_FUSION)
+                BLOCK=_COEF_BLOCK, enable_fp_fusion=True)
         ctx.save_for_backward(a_, s_, g_, eta, b, params)
         ctx.voigt, ctx.dtype = bool(voigt), a.dtype
         return kc.to(a.dtype), ke.to(a.dtype)
@@ -673,7 +668,7 @@ class _CoefficientsTriton(torch.autograd.Function):
         if a_.numel():
             _coefficients_kernel[(triton.cdiv(a_.numel(), _COEF_BLOCK),)](
                 a_, s_, g_, eta, b, params, gkc, gkc, *out, gkc, gke, a_.numel(), VOIGT=ctx.voigt, BACKWARD=True,
-                BLOCK=_COEF_BLOCK, enable_fp_fusion=FP_FUSION)
+                BLOCK=_COEF_BLOCK, enable_fp_fusion=True)
         return (*(t.to(ctx.dtype) for t in out), None, None, None, None)
 
 
@@ -704,7 +699,7 @@ class _SpreadConvolveTriton(torch.autograd.Function):
         if x.numel():
             _spread_levels_kernel[(triton.cdiv(x.numel(), _SPREAD_BLOCK),)](
                 x, c_, e_, lev, layout.geo, layout.table, layout.geo.shape[0], buf, x.numel(), M=layout.m,
-                BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
+                BLOCK=_SPREAD_BLOCK, enable_fp_fusion=True)
         outs = []
         for off, n, nfft, spectra in layout.levels:
             z = torch.fft.rfft(buf[off : off + 2 * nfft].view(2, nfft), dim=1)
@@ -729,7 +724,7 @@ class _SpreadConvolveTriton(torch.autograd.Function):
         if x.numel():
             _spread_levels_backward_kernel[(triton.cdiv(x.numel(), _SPREAD_BLOCK),)](
                 x, c_, e_, lev, layout.geo, layout.table, layout.geo.shape[0], buf, *out, x.numel(), M=layout.m,
-                BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
+                BLOCK=_SPREAD_BLOCK, enable_fp_fusion=True)
         return (*(t.to(dt) for t, dt in zip(out, ctx.dtypes)), None, None)
 
 
@@ -743,7 +738,7 @@ class _InterpolateTriton(torch.autograd.Function):
         if out.numel():
             _interpolate_kernel[(triton.cdiv(out.numel(), _INTERP_BLOCK),)](
                 conv_, i0, w, conv_ if base is None else base.detach().contiguous(), out, out.numel(), M2=w.shape[1],
-                BASE=base is not None, NEG=bool(neg), BLOCK=_INTERP_BLOCK, enable_fp_fusion=FP_FUSION)
+                BASE=base is not None, NEG=bool(neg), BLOCK=_INTERP_BLOCK, enable_fp_fusion=True)
         ctx.save_for_backward(i0, w)
         ctx.n, ctx.neg, ctx.base = conv.shape[0], bool(neg), base is not None
         return out
@@ -757,7 +752,7 @@ class _InterpolateTriton(torch.autograd.Function):
         if grad.numel():
             _interpolate_backward_kernel[(triton.cdiv(grad.numel(), _INTERP_BLOCK),)](
                 grad, i0, w, gconv, grad.numel(), M2=w.shape[1], NEG=ctx.neg, BLOCK=_INTERP_BLOCK,
-                enable_fp_fusion=FP_FUSION)
+                enable_fp_fusion=True)
         return grad if ctx.base else None, gconv, None, None, None
 
 
@@ -785,7 +780,7 @@ class _SpreadTriton(torch.autograd.Function):
         ge = torch.zeros_like(gc)
         if p64.numel():
             _spread_kernel[(triton.cdiv(p64.numel(), _SPREAD_BLOCK),)](p64, c_, e_, gc, ge, p64.numel(), n, M=m,
-                                                                      BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
+                                                                      BLOCK=_SPREAD_BLOCK, enable_fp_fusion=True)
         ctx.save_for_backward(p64, c_, e_)
         ctx.n, ctx.m, ctx.dtypes = n, m, (pos.dtype, c.dtype, e.dtype)
         return gc, ge
@@ -800,7 +795,7 @@ class _SpreadTriton(torch.autograd.Function):
         out = [torch.empty_like(p64) for _ in range(3)]
         if p64.numel():
             _spread_backward_kernel[(triton.cdiv(p64.numel(), _SPREAD_BLOCK),)](
-                p64, c_, e_, gc, ge, *out, p64.numel(), ctx.n, M=ctx.m, BLOCK=_SPREAD_BLOCK, enable_fp_fusion=FP_FUSION)
+                p64, c_, e_, gc, ge, *out, p64.numel(), ctx.n, M=ctx.m, BLOCK=_SPREAD_BLOCK, enable_fp_fusion=True)
         return (*(g.to(dt) for g, dt in zip(out, ctx.dtypes)), None, None)
 
 
@@ -836,7 +831,7 @@ def plan_lines_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tensor
         c, a, s, g, lo if half_widths is None else half_widths, params, eta, levels, b_line, lo, hi, n,
         lo, 0, lo, lo, lo, lo, 0, lo, lo,
         VOIGT=profile == "voigt", FAR=bool(far), LINEAR=bool(linear), CAP=bool(cap),
-        FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block, enable_fp_fusion=FP_FUSION)
+        FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block, enable_fp_fusion=True)
     return lo, hi
 
 
@@ -866,22 +861,22 @@ def plan_windows_triton(c: Tensor, a: Tensor, s: Tensor, g: Tensor, params: Tens
         VOIGT=profile == "voigt", FAR=bool(far), LINEAR=bool(linear), CAP=bool(cap),
         FIXED=half_widths is not None, MAX_LEVEL=max(1, int(max_level)), BLOCK=block,
         WINDOWS=True, STEPS=max(1, int(n_px).bit_length()), CHECK=check, WHOLE=bool(whole), CHUNK_PX=int(chunk),
-        enable_fp_fusion=FP_FUSION)
+        enable_fp_fusion=True)
     torch.cumsum(per_line, 0, out=ends)
     capacity = chunks[0].numel()
     if capacity:
         _chunk_slots_kernel[(triton.cdiv(capacity, block),)](
             ends, per_line, start, count, *chunks, flag, n, capacity, STEPS=max(1, int(n).bit_length()),
-            CHUNK_PX=int(chunk), BLOCK=block, enable_fp_fusion=FP_FUSION)
+            CHUNK_PX=int(chunk), BLOCK=block, enable_fp_fusion=True)
 
 
-def _chunk_table(start: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Line index, first and end pixel of every chunk of at most :data:`CHUNK` pixels."""
-    n_chunks = (count.clamp(min=0) + CHUNK - 1) // CHUNK
+def _chunk_table(start: Tensor, count: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Line index, first and end pixel of every chunk of at most ``chunk`` pixels."""
+    n_chunks = (count.clamp(min=0) + chunk - 1) // chunk
     line = torch.repeat_interleave(torch.arange(start.numel(), device=start.device), n_chunks)
     first = torch.cumsum(n_chunks, 0) - n_chunks
     k = torch.arange(line.numel(), device=start.device) - first[line]
-    p0 = start[line] + k * CHUNK
+    p0 = start[line] + k * chunk
     return line, p0, start[line] + count[line]
 
 
@@ -906,7 +901,7 @@ def _voigt_constants(device) -> tuple[Tensor, Tensor, Tensor]:
 class _WindowedSumTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b, linear: bool,
-                sign: float, voigt: bool, chunks):
+                sign: float, voigt: bool, chunks, chunk: int, num_warps: int):
         f64 = [x.detach().reshape(-1).to(torch.float64).contiguous() for x in (c, a, s, g, eta, deta_ds, deta_dg)]
         n = start.numel()
         if kc is None:
@@ -918,8 +913,8 @@ class _WindowedSumTriton(torch.autograd.Function):
                   else torch.full((n,), float(b), dtype=torch.float64, device=wavelength.device)).contiguous()
         wl = wavelength.to(torch.float64).contiguous()
         if chunks is None:
-            line, p0, p1 = _chunk_table(start.long(), count.long())
-            block = CHUNK
+            line, p0, p1 = _chunk_table(start.long(), count.long(), chunk)
+            block = chunk
         else:
             line, p0, p1, block = chunks
         out = torch.zeros(wl.numel(), dtype=torch.float64, device=wl.device)
@@ -929,12 +924,13 @@ class _WindowedSumTriton(torch.autograd.Function):
             if voigt:
                 _voigt_forward_kernel[grid](wl, line, p0, p1, *f64[:4], kc_, ke_, bb, out, *consts, SIGN=float(sign),
                                             **_voigt_sizes(consts), LINEAR=bool(linear), BLOCK=block,
-                                            enable_fp_fusion=FP_FUSION)
+                                            enable_fp_fusion=True)
             else:
                 _forward_kernel[grid](wl, line, p0, p1, *f64[:5], kc_, ke_, bb, out, SIGN=float(sign),
-                                      LINEAR=bool(linear), BLOCK=block, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+                                      LINEAR=bool(linear), BLOCK=block, num_warps=num_warps, enable_fp_fusion=True)
         ctx.save_for_backward(wl, line, p0, p1, *f64, kc_, ke_, bb)
         ctx.linear, ctx.sign, ctx.n, ctx.voigt, ctx.block = bool(linear), float(sign), n, bool(voigt), block
+        ctx.num_warps = num_warps
         ctx.dtypes = (c.dtype, a.dtype)
         return out.to(a.dtype)
 
@@ -950,13 +946,14 @@ class _WindowedSumTriton(torch.autograd.Function):
                 consts = _voigt_constants(wl.device)
                 _voigt_backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, kc_, ke_, bb, part, *consts,
                                              SIGN=ctx.sign, **_voigt_sizes(consts), LINEAR=ctx.linear,
-                                             BLOCK=ctx.block, enable_fp_fusion=FP_FUSION)
+                                             BLOCK=ctx.block, enable_fp_fusion=True)
             else:
                 _backward_kernel[grid](grad, wl, line, p0, p1, c, a, s, g, eta, des, deg, kc_, ke_, bb, part,
-                                       SIGN=ctx.sign, LINEAR=ctx.linear, BLOCK=ctx.block, num_warps=NUM_WARPS,
-                                       enable_fp_fusion=FP_FUSION)
+                                       SIGN=ctx.sign, LINEAR=ctx.linear, BLOCK=ctx.block, num_warps=ctx.num_warps,
+                                       enable_fp_fusion=True)
         sums = torch.zeros((ctx.n, 6), dtype=torch.float64, device=wl.device).index_add_(0, line, part)
-        return (*compiled_kernel_gradients(ctx.needs_input_grad[:-1], list(sums.unbind(1)), ctx.dtypes), None)
+        return (*compiled_kernel_gradients(ctx.needs_input_grad[:-3], list(sums.unbind(1)), ctx.dtypes),
+                None, None, None)
 
 
 def _voigt_sizes(consts) -> dict:
@@ -980,6 +977,8 @@ def windowed_pseudo_voigt_sum_triton(
     profile: str = "pseudo-voigt",
     eta: tuple[Tensor, Tensor, Tensor] | None = None,
     chunks: tuple[Tensor, Tensor, Tensor, int] | None = None,
+    chunk: int = 256,
+    num_warps: int = 4,
 ) -> Tensor:
     """Sum of the fused line terms over per-line windows, with Triton.
 
@@ -988,10 +987,12 @@ def windowed_pseudo_voigt_sum_triton(
     Triton runs on (a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1``). ``chunks``: the chunk
     table (line, first pixel, end pixel of each chunk, int64) and its chunk length, a power of
     two, if the caller keeps one (:class:`.plan.WindowPlan`); it is made from ``start`` and
-    ``count`` otherwise.
+    ``count`` otherwise, of chunks of ``chunk`` pixels (a power of two). ``num_warps``: warps per
+    Triton program of the pseudo-Voigt kernels. Both are settings of :class:`.options.EngineOptions`.
     """
     if not HAVE_TRITON:
         raise ImportError("the GPU kernel needs triton (it ships with the CUDA builds of torch): pip install triton")
     eta, deta_ds, deta_dg, b = compiled_kernel_arguments(mode, kc, ke, s, g, b, profile, eta)
     return _WindowedSumTriton.apply(wavelength, start, count, c, a, s, g, eta, deta_ds, deta_dg, kc, ke, b,
-                                    mode == "linear", float(sign), profile == "voigt", chunks)
+                                    mode == "linear", float(sign), profile == "voigt", chunks, int(chunk),
+                                    int(num_warps))

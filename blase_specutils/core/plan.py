@@ -40,28 +40,11 @@ from .engine import _bucket_sizes, line_terms, window_half_widths
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
 from .profiles import PROFILES, wing_factor
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
-from . import gpu_kernel
 from .gpu_kernel import (HAVE_TRITON, line_coefficients_triton, plan_lines_triton, plan_windows_triton,
                          windowed_pseudo_voigt_sum_triton)
+from .options import EngineOptions
 
 __all__ = ["WindowPlan", "BroadLinePlan", "ClonePlan"]
-
-#: Compute the per-line quantities of an update (η and its derivatives, levels, kernel widths and
-#: window ends) in one Triton kernel where the plan uses the Triton line kernel, instead of about
-#: seventy small torch operations. On an H200 a graphed epoch of the paper's problem took 1.10 ms
-#: with it and 1.33 ms without (296 and 421 GPU kernels; one machine, benchmarks/RESULTS.md).
-TRITON_LINES = True
-#: Evaluate the near field (Triton) on a second CUDA stream, alongside the far field's FFTs. Off:
-#: on an H200 it gained 1-2 % (1.08 against 1.10 ms per graphed epoch), within the machine's spread.
-OVERLAP_STREAMS = False
-#: With :data:`TRITON_LINES`, also find each window's pixels, check the plan and fill the chunk
-#: table in Triton kernels: an update in three kernels instead of about fifty. Off until it has
-#: been timed on a GPU (it is checked against the torch operations under Triton's interpreter).
-TRITON_WINDOWS = False
-#: In a frozen plan (:class:`.graphs.GraphedEpoch`) with the Triton kernels, the far-field
-#: coefficients c_j, e_j in one Triton kernel each way instead of about twenty-five torch operations.
-#: Off until it has been timed on a GPU (checked against the torch operations under the interpreter).
-TRITON_COEFFICIENTS = False
 
 #: Source of the per-line parameters: () -> (λc, a, σ, γ), each shape (L,).
 LineSource = Callable[[], "tuple[Tensor, Tensor, Tensor, Tensor]"]
@@ -90,12 +73,16 @@ class WindowPlan:
         The near-field / far-field split (:mod:`.farfield`); None: plain truncated windows.
     half_widths : Tensor, optional
         Fixed per-line half widths (Å) instead of ``tolerance`` (windows still follow the centres).
-    kernel : {"auto", "numba", "triton"}
-        The compiled kernel: numba on CPUs, Triton on CUDA devices (``"auto"``).
+    kernel : {"auto", "numba", "triton"}, optional
+        The compiled kernel: numba on CPUs, Triton on CUDA devices (``"auto"``); default
+        ``engine.backend``.
     headroom : float
         Capacity of the Triton chunk table, relative to what the lines need when the plan is made
         (>= 1); more headroom means fewer rebuilds while the widths grow during training. It grows
         by half (up to 4) at every rebuild that the lines forced.
+    engine : EngineOptions, optional
+        Kernel settings (default ``EngineOptions()``): ``chunk``, ``num_warps``, ``triton_lines``,
+        ``triton_windows``, ``triton_coefficients``, ``overlap_streams`` and the far field's.
     """
 
     def __init__(
@@ -110,8 +97,9 @@ class WindowPlan:
         min_half_width: float = 0.0,
         far_field: FarFieldSettings | None = None,
         half_widths: Tensor | None = None,
-        kernel: str = "auto",
+        kernel: str | None = None,
         headroom: float = 1.25,
+        engine: EngineOptions | None = None,
     ) -> None:
         self.rebuilds = 0
         if not torch.is_tensor(wavelength) or wavelength.ndim != 1 or wavelength.dtype != torch.float64:
@@ -126,6 +114,9 @@ class WindowPlan:
             raise ValueError("tolerance must be > 0 and headroom >= 1")
         if far_field is not None and not isinstance(far_field, FarFieldSettings):
             raise TypeError("far_field must be a FarFieldSettings or None")
+        engine = EngineOptions() if engine is None else engine
+        if kernel is None:
+            kernel = engine.backend
         on_cpu = wavelength.device.type == "cpu"
         if kernel == "auto":
             kernel = "numba" if on_cpu else "triton"
@@ -146,6 +137,7 @@ class WindowPlan:
         self.far_field = far_field
         self.half_widths = None if half_widths is None else half_widths.detach()
         self.kernel = kernel
+        self.engine = engine
         self.headroom = float(headroom)
         #: Keep the buffers as they are when evaluating (set by :class:`.graphs.GraphedEpoch`, which
         #: updates the plan after each optimizer step instead).
@@ -179,7 +171,7 @@ class WindowPlan:
             self._whole = bool((levels < 0).any())
         start, count = self._windows(c, a, s, g, eta[0], levels, b_line)
         self.capacity = 0
-        self.chunk = int(gpu_kernel.CHUNK)
+        self.chunk = self.engine.chunk
         if self.kernel == "triton":
             need = int(((count + self.chunk - 1) // self.chunk).sum())
             self.capacity = max(16, int(math.ceil(need * self.headroom)))
@@ -212,7 +204,8 @@ class WindowPlan:
         c, a, s, g = (t.detach() for t in (self.source() if lines is None else lines))
         if c.numel() != self.n_lines:
             raise ValueError(f"the plan is for {self.n_lines} lines, the source now gives {c.numel()}")
-        if TRITON_LINES and TRITON_WINDOWS and self.kernel == "triton":
+        triton_lines = self.engine.triton_lines and self.kernel == "triton"
+        if triton_lines and self.engine.triton_windows:
             # everything in three kernels, straight into the buffers
             ff = self.ff_plan if self.far_field is not None else None
             plan_windows_triton(
@@ -223,7 +216,7 @@ class WindowPlan:
                 max_level=self._top, half_widths=self.half_widths, spreadable=None if ff is None else ff.spreadable,
                 direct_level=None if ff is None else ff.direct_level, whole=self._whole)
             return
-        if TRITON_LINES and self.kernel == "triton":
+        if triton_lines:
             # η, levels and b_j straight into the buffers, and the window ends, in one kernel
             lo, hi = plan_lines_triton(
                 c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
@@ -341,8 +334,8 @@ class WindowPlan:
         b = 0.0
         eta_parts = None
         # c_j and e_j in one Triton kernel each way (which also takes η's derivatives from the buffers)
-        coefficients = (self.far_field is not None and TRITON_COEFFICIENTS and self.frozen and self.kernel == "triton"
-                        and not self._whole)
+        coefficients = (self.far_field is not None and self.engine.triton_coefficients and self.frozen
+                        and self.kernel == "triton" and not self._whole)
         if not voigt:
             if self.frozen:
                 # the plan was updated for exactly these lines (GraphedEpoch): η is in the buffers
@@ -367,14 +360,15 @@ class WindowPlan:
                   ke=None if ke is None else ke[:, None], b=b if isinstance(b, float) else b[:, None],
                   profile=self.profile, eta=eta_parts)
         if self.kernel == "triton":
-            near = functools.partial(windowed_pseudo_voigt_sum_triton, *args, chunks=(*chunks, self.chunk), **kw)
+            near = functools.partial(windowed_pseudo_voigt_sum_triton, *args, chunks=(*chunks, self.chunk),
+                                     num_warps=self.engine.num_warps, **kw)
         else:
             near = functools.partial(windowed_pseudo_voigt_sum_cpu, *args, **kw)
         if self.far_field is None:
             return near()
         far = functools.partial(far_field, self.wavelength, centers, kc, ke, self.far_field, levels,
-                                plan=self.ff_plan)
-        if OVERLAP_STREAMS and self.wavelength.is_cuda:
+                                plan=self.ff_plan, engine=self.engine)
+        if self.engine.overlap_streams and self.wavelength.is_cuda:
             # the near field's kernels on a second stream, alongside the far field's many small ones;
             # autograd runs each backward pass on its forward's stream, so they overlap there too
             main = torch.cuda.current_stream(self.wavelength.device)

@@ -14,12 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TrainingHistory", "train", "seed_everything", "resolve_device", "NonFiniteLossWarning", "use_plans"]
+from .options import EngineOptions
 
-#: Whether ``plan="auto"`` (``clone_spectrum``, ``fit_transfer``) trains through window plans and CUDA
-#: graphs on CUDA devices. Off until that path has been run and timed on a GPU: the graphed epoch
-#: itself was (benchmarks/RESULTS.md), its use inside ``train`` and with wing-corrected lines not yet.
-PLANS_ON_CUDA = False
+__all__ = ["TrainingHistory", "train", "seed_everything", "resolve_device", "NonFiniteLossWarning", "use_plans"]
 
 
 def check_integer(value, name: str, *, minimum: int | None = None) -> int:
@@ -97,11 +94,16 @@ def seed_everything(seed: int | None) -> None:
     np.random.seed(seed % 2**32)
 
 
-def use_plans(plan: bool | str, device: torch.device) -> bool:
+def use_plans(plan: bool | str, device: torch.device, engine: EngineOptions | None = None) -> bool:
     """Whether to train through window plans: ``plan`` True/False, or ``"auto"`` (on CUDA devices
-    when :data:`PLANS_ON_CUDA` is set; never on CPUs, where a plan brings no speed)."""
+    when ``engine.plans_on_cuda`` is set; never on CPUs, where a plan brings no speed).
+
+    ``plans_on_cuda`` is off by default until this path has been run and timed on a GPU: the
+    graphed epoch itself was (benchmarks/RESULTS.md), its use inside ``train`` and with
+    wing-corrected lines not yet."""
     if plan == "auto":
-        return PLANS_ON_CUDA and torch.device(device).type == "cuda"
+        engine = EngineOptions() if engine is None else engine
+        return engine.plans_on_cuda and torch.device(device).type == "cuda"
     if not isinstance(plan, bool):
         raise ValueError(f"plan must be True, False or 'auto', got {plan!r}")
     return plan

@@ -49,6 +49,7 @@ from .extrinsic import (
     log_lambda_grid,
     pixel_edges,
 )
+from .options import EngineOptions
 from .training import TrainingHistory, train, use_plans
 
 __all__ = ["TransferModel", "transfer_loss", "fit_transfer", "TransferFit", "FitBounds", "FitFlag", "check_fit",
@@ -62,9 +63,10 @@ MAX_VSINI_KMS = 600.0
 #: 400 km/s (ratio 1.50), evaluated jointly with the RV scan.
 VSINI_SCAN_KMS = tuple(float(v) for v in np.geomspace(2.0, 400.0, 14))
 
-#: Telluric powers X of the χ² scan that starts template matching when X is tuned: 47 values
-#: log-spaced from 0.1 to 10 (ratio 1.105).
-TELLURIC_POWER_SCAN = tuple(float(x) for x in np.exp(np.linspace(math.log(0.1), math.log(10.0), 47)))
+#: Telluric powers X of the χ² scan that starts template matching when X is tuned: 70 values
+#: log-spaced from 0.01 to 10 (ratio 1.105). Dry nights against a wet template reach X ≈ 0.02 in
+#: water (the IGRINS A0V night against PSG's default atmosphere).
+TELLURIC_POWER_SCAN = tuple(float(x) for x in np.exp(np.linspace(math.log(0.01), math.log(10.0), 70)))
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,12 @@ class FitBounds:
     * ``resolving_power_at_bound``: R (tuned) ends within 1 % of its lower bound;
       ``resolving_power_runaway``: R (tuned) ends above ``resolving_power_runaway`` (2.5) times its
       start.
-    * ``telluric_power_grid_edge``: the best X of the scan is its first (0.1) or last (10) value.
-    * ``telluric_power_runaway``: X ends outside the scanned range (0.1-10), or more than a factor
+    * ``telluric_power_grid_edge``: the best X of the scan is its first (0.01) or last (10) value.
+    * ``telluric_power_runaway``: X ends outside the scanned range (0.01-10), or more than a factor
       ``telluric_power_runaway`` (3) from the best X of the scan (the χ² surface the scan saw and
       the one the optimiser ended on disagree: the continuum, the lines or the star took over).
+      With several telluric components (one power per molecule) the scan is of one power common
+      to all, so only the range applies to each X_k.
     * ``stellar_clone_is_telluric`` and ``stellar_clone_coverage`` / ``telluric_clone_coverage``
       (set by ``fit_spectrum``, which sees the clones' metadata): a telluric clone given as the
       stellar one; a clone whose band covers less than ``min_coverage`` (90 %) of the good data
@@ -278,6 +282,10 @@ class TransferModel(nn.Module):
         Width (km/s) of the Gaussian pull of each coefficient towards 0 when tuned: a term
         :math:`\sum_k (c_k / \sigma_\mathrm{cal})^2` in the loss (default 1 km/s: weak against the
         telluric lines of one order, enough to hold an order without them at 0).
+    engine : EngineOptions, optional
+        Which code runs the model's own operations (the convolutions, and whether ``plan="auto"``
+        trains through window plans); default the stellar clone's (else the telluric clone's)
+        :attr:`~.LineCloneModel.engine`. Each clone's line sums follow its own engine.
 
     Raises
     ------
@@ -308,11 +316,15 @@ class TransferModel(nn.Module):
         calibration_prior: float = 1.0,
         telluric_components=None,
         telluric_names: Sequence[str] | None = None,
+        engine: EngineOptions | None = None,
     ) -> None:
         super().__init__()
         if stellar is None and telluric is None:
             raise ValueError("a TransferModel needs a stellar clone, a telluric clone, or both")
         ref = stellar if stellar is not None else telluric
+        if engine is not None and not isinstance(engine, EngineOptions):
+            raise TypeError(f"engine must be an EngineOptions or None, got {type(engine).__name__}")
+        self.engine = ref.engine if engine is None else engine
         if not (math.isfinite(float(telluric_power)) and float(telluric_power) > 0):
             raise ValueError(f"telluric_power must be finite and > 0, got {telluric_power}")
         lam = torch.as_tensor(np.asarray(data_wavelength, dtype=np.float64), device=ref.lam_centers.device)
@@ -329,8 +341,10 @@ class TransferModel(nn.Module):
         dtype = ref.dtype
         device = ref.lam_centers.device
         self.rot = RotationalBroadening(max(float(vsini), 1e-3), dv, limb_darkening=limb_darkening,
-                                        max_vsini=max_vsini, tune=stellar is not None, dtype=dtype, device=device)
-        self.inst = InstrumentalBroadening(resolving_power, dv, half_width=lsf_half_width, dtype=dtype, device=device)
+                                        max_vsini=max_vsini, tune=stellar is not None, dtype=dtype, device=device,
+                                        engine=self.engine)
+        self.inst = InstrumentalBroadening(resolving_power, dv, half_width=lsf_half_width, dtype=dtype, device=device,
+                                           engine=self.engine)
         self.register_buffer("lam_d", lam, persistent=False)
         self._build_grid()
         self.rv = nn.Parameter(torch.tensor(float(rv), dtype=dtype, device=device), requires_grad=stellar is not None)
@@ -409,7 +423,12 @@ class TransferModel(nn.Module):
         self.rot.log_vsini.clamp_(max=math.log(self.rot.max_vsini))
         self.inst.log_resolving_power.clamp_(min=math.log(self.inst.min_resolving_power))
 
-    def make_plans(self, *, headroom: float = 1.25, kernel: str = "auto") -> list:
+    def engine_info(self) -> dict:
+        """What computes this model: ``{"backend", "device", "dtype"}`` (JSON-ready; see
+        :meth:`.EngineOptions.describe`), the backend resolved on the model's device."""
+        return self.engine.describe(self.lam_z.device, self.rv.dtype)
+
+    def make_plans(self, *, headroom: float = 1.25, kernel: str | None = None) -> list:
         """Window plans of the clones on the model grid λ_Z (``LineCloneModel.make_plan``; the
         stellar one follows the RV parameter). Evaluations go through them until
         :meth:`clear_plans`: the same sums, with fewer synchronisations with the device.
@@ -418,8 +437,8 @@ class TransferModel(nn.Module):
         ----------
         headroom : float
             As in ``LineCloneModel.make_plan``.
-        kernel : {"auto", "numba", "triton"}
-            The compiled kernel of the plans.
+        kernel : {"auto", "numba", "triton"}, optional
+            The compiled kernel of the plans (default each clone's ``engine.backend``).
 
         Returns
         -------
@@ -909,7 +928,7 @@ def fit_transfer(
         Train both stages through window plans of the clones (:meth:`TransferModel.make_plans`);
         on a GPU each epoch is then one replay of a CUDA graph (not with a ``likelihood``, whose
         epochs run eagerly). The result is that of training without plans. ``"auto"``: on CUDA
-        devices when :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
+        devices when the model's ``engine.plans_on_cuda`` is set; never on CPUs.
     tune_calibration : bool
         Tune the model's wavelength correction (``calibration_degree`` not None) in both stages:
         Adam with the rest, then a linear least-squares solve (:meth:`TransferModel.solve_calibration`)
@@ -922,7 +941,7 @@ def fit_transfer(
         power's ``requires_grad`` are restored. After every Adam step the parameters are put back
         within their bounds (:meth:`TransferModel.project_`).
     """
-    want_plan = use_plans(plan, model.lam_z.device)
+    want_plan = use_plans(plan, model.lam_z.device, model.engine)
     fit = TransferFit()
     st, tel = model.stellar, model.telluric
     prior = None if st is None else st.log_amplitudes.detach().clone()
@@ -1250,8 +1269,9 @@ def _power_flags(model: TransferModel, fit: TransferFit, b: FitBounds, sigmas: d
                                  f"best χ² at its edge, X = {x_scan:.3g}", "telluric_power"))
     f = b.telluric_power_runaway
     frac = b.unconstrained_fraction
+    several = len(entries) > 1  # the scan is of one power common to all components: only its range applies
     for key, label, x in entries:
-        if x_scan is not None and (not (lo <= x <= hi) or not (x_scan / f <= x <= x_scan * f)):
+        if x_scan is not None and (not (lo <= x <= hi) or (not several and not (x_scan / f <= x <= x_scan * f))):
             flags.append(FitFlag("telluric_power_runaway", f"the telluric power ran away: {label} = {x:.4g}, outside "
                                  f"the scanned range {lo:.3g}-{hi:.3g} or more than a factor {f:g} from the scan's best "
                                  f"X = {x_scan:.3g}", key))

@@ -5,6 +5,7 @@ import torch
 
 from blase_specutils.core.clone import SPEED_OF_LIGHT_KMS, LineCloneModel
 from blase_specutils.core.engine import dense_log_flux, window_half_widths, windowed_log_flux
+from blase_specutils.core.options import EngineOptions
 from blase_specutils.core.profiles import pseudo_voigt, voigt
 
 F64 = torch.float64
@@ -22,13 +23,9 @@ def _lines(n=60, seed=3, lo=5000.0, hi=5050.0):
 GRID = torch.arange(5000.0, 5050.0, 0.01, dtype=F64)
 
 
-@pytest.fixture
-def padded_windows(monkeypatch):
-    """Give the compiled kernel the torch path's padded windows, so that both sum the same pairs and
-    can be compared to rounding (by default each line takes its own, shorter window)."""
-    import blase_specutils.core.engine as engine
-
-    monkeypatch.setattr(engine, "_PAD_COMPILED_WINDOWS", True)
+#: The compiled kernel with the torch path's padded windows, so that both sum the same pairs and can
+#: be compared to rounding (by default each line takes its own, shorter window).
+PADDED = EngineOptions(pad_windows=True)
 
 
 @pytest.mark.parametrize("mode", ["linear", "log"])
@@ -62,14 +59,15 @@ def test_window_half_width_meets_tolerance():
 
 
 @pytest.mark.parametrize("mode", ["linear", "log"])
-def test_fused_path_matches_autograd_values_and_gradients(mode, padded_windows):
+def test_fused_path_matches_autograd_values_and_gradients(mode):
     c, a, s, g = _lines()
     params = [t.clone().requires_grad_(True) for t in (c, a, s, g)]
     target = torch.linspace(0.9, 1.0, GRID.numel(), dtype=F64)
     results = []
     for fused in (False, True):
         ps = [p.detach().clone().requires_grad_(True) for p in params]
-        f = windowed_log_flux(GRID, *ps, profile=pseudo_voigt, mode=mode, tolerance=1e-6, fused=fused).exp()
+        f = windowed_log_flux(GRID, *ps, profile=pseudo_voigt, mode=mode, tolerance=1e-6, fused=fused,
+                              engine=PADDED).exp()
         loss = ((f - target) ** 2).sum()
         grads = torch.autograd.grad(loss, ps)
         results.append((f.detach(), grads))
@@ -207,14 +205,15 @@ def test_gradcheck_with_far_field(fused):
     assert torch.autograd.gradcheck(f, (c, la, ls, lg, rv))
 
 
-def test_far_field_fused_and_plain_paths_agree(padded_windows):
+def test_far_field_fused_and_plain_paths_agree():
     c, a, s, g = _strong_lines()
     ff = FarFieldSettings.for_grid(GRID)
     target = torch.linspace(0.9, 1.0, GRID.numel(), dtype=F64)
     res = []
     for fused in (True, False):
         ps = [t.clone().requires_grad_(True) for t in (c, a, s, g)]
-        f = windowed_log_flux(GRID, *ps, profile=pseudo_voigt, tolerance=1e-7, far_field=ff, fused=fused).exp()
+        f = windowed_log_flux(GRID, *ps, profile=pseudo_voigt, tolerance=1e-7, far_field=ff, fused=fused,
+                              engine=PADDED).exp()
         grads = torch.autograd.grad(((f - target) ** 2).sum(), ps)
         res.append((f.detach(), grads))
     assert torch.allclose(res[0][0], res[1][0], atol=1e-13, rtol=0)
@@ -249,7 +248,7 @@ def test_float32_model_keeps_float64_centres_and_is_accurate():
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 @pytest.mark.parametrize("far", [False, True])
 @pytest.mark.parametrize("profile", [pseudo_voigt, voigt])
-def test_numba_and_torch_kernels_agree(mode, sign, far, profile, padded_windows):
+def test_numba_and_torch_kernels_agree(mode, sign, far, profile):
     """The compiled CPU kernel and the torch paths (the blocked kernel for the pseudo-Voigt, plain
     autograd for the exact Voigt) give the same sums and gradients."""
     c, a, s, g = _strong_lines() if far else _lines()
@@ -259,7 +258,7 @@ def test_numba_and_torch_kernels_agree(mode, sign, far, profile, padded_windows)
     for kernel in ("numba", "torch"):
         ps = [t.clone().requires_grad_(True) for t in (c, a, s, g)]
         f = windowed_log_flux(GRID, *ps, profile=profile, mode=mode, sign=sign, tolerance=1e-7,
-                              far_field=ff, kernel=kernel).exp()
+                              far_field=ff, kernel=kernel, engine=PADDED).exp()
         grads = torch.autograd.grad(((f - target) ** 2).sum(), ps)
         res.append((f.detach(), grads))
     # equal to rounding (emission lines in log mode reach fluxes of ~1e5)
@@ -382,12 +381,9 @@ def test_multilevel_far_field_is_the_sum_of_each_levels_kernels():
     assert float((approx - exact).abs().max()) < 1e-6 * float(exact.abs().max())
 
 
-def test_multilevel_far_field_masks_and_gathers_agree(monkeypatch):
+def test_multilevel_far_field_masks_and_gathers_agree():
     """The GPU way of taking each level's lines (zeroed coefficients of the other levels) and the
     CPU way (gathers), both through the torch spreading: same values and gradients."""
-    import blase_specutils.core.farfield as farfield
-
-    monkeypatch.setattr(farfield, "HAVE_NUMBA", False)
     gen = torch.Generator().manual_seed(12)
     c = 4990 + 70 * torch.rand(40, generator=gen, dtype=F64)  # some beyond the level-0 margin
     kc = torch.rand(40, generator=gen, dtype=F64) * 1e-2
@@ -398,9 +394,9 @@ def test_multilevel_far_field_masks_and_gathers_agree(monkeypatch):
     weights = torch.randn(GRID.numel(), generator=gen, dtype=F64)
     res = []
     for masks in (False, True):
-        monkeypatch.setattr(farfield, "_MASK_LEVELS", masks)
+        engine = EngineOptions(compiled_cpu=False, mask_levels=masks)
         ps = [t.clone().requires_grad_(True) for t in (c, kc, ke)]
-        val = far_field(GRID, *ps, ff, levels)
+        val = far_field(GRID, *ps, ff, levels, engine=engine)
         res.append((val.detach(), torch.autograd.grad((val * weights).sum(), ps)))
     torch.testing.assert_close(res[1][0], res[0][0], rtol=0, atol=1e-14)
     for g_gather, g_mask in zip(res[0][1], res[1][1]):

@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
     from blase_specutils.core.cpu_kernel import windowed_pseudo_voigt_sum_cpu
     from blase_specutils.core.engine import windowed_log_flux
     from blase_specutils.core.farfield import FarFieldSettings
-    from blase_specutils.core.gpu_kernel import CHUNK, windowed_pseudo_voigt_sum_triton
+    from blase_specutils.core.gpu_kernel import windowed_pseudo_voigt_sum_triton
+    from blase_specutils.core.options import EngineOptions
     from blase_specutils.core.profiles import pseudo_voigt, voigt
 
     F64 = torch.float64
@@ -44,7 +45,8 @@ SCRIPT = textwrap.dedent("""
     ke = 1e-4 * torch.rand(L, 1, generator=gen, dtype=F64)
     b = 0.3 + 0.2 * torch.rand(L, 1, generator=gen, dtype=F64)
     weights = torch.randn(grid.numel(), generator=gen, dtype=F64)
-    chunks = (cnt + CHUNK - 1) // CHUNK
+    chunk_px = EngineOptions().chunk  # the kernel's default chunk length
+    chunks = (cnt + chunk_px - 1) // chunk_px
     # the exact Voigt, slow in the interpreter, on 6 of the lines (18 of the 76 chunks): the two
     # strongest, windows cut by either end of the grid, the longest window, a one-chunk window
     V = torch.tensor([0, 5, 13, 14, 15, 17])

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from blase_specutils.core import LineCloneModel
+from blase_specutils.core import EngineOptions, LineCloneModel
 from blase_specutils.core.cpu_kernel import HAVE_NUMBA
 from blase_specutils.core.engine import window_half_widths
 from blase_specutils.core.graphs import GraphedEpoch
@@ -395,10 +395,7 @@ SYNC_FREE = textwrap.dedent("""
     import collections, json, sys
     import numpy as np
     import torch
-    import blase_specutils.core.farfield as farfield
-    import blase_specutils.core.plan as plan_mod
-    farfield.HAVE_NUMBA = False  # the GPU code path of the far field, on the CPU
-    from blase_specutils.core import LineCloneModel
+    from blase_specutils.core import EngineOptions, LineCloneModel
     from torch.profiler import ProfilerActivity, profile
     data = np.load(sys.argv[1])
     wl = torch.as_tensor(data["wl"])
@@ -408,8 +405,10 @@ SYNC_FREE = textwrap.dedent("""
     # Appendix C.4 wing correction (one broad, one narrow: a ClonePlan)
     for spread, broad, shape in ((False, [], "pseudo-voigt"), (True, [], "pseudo-voigt"),
                                  (False, [3, 10], "pseudo-voigt")):
-        farfield.TRITON_SPREAD = farfield.TRITON_FAR = plan_mod.TRITON_WINDOWS = plan_mod.TRITON_COEFFICIENTS = spread
-        kw = dict(wing_tolerance=1e-7, broad_lines=broad, profile=shape)
+        # compiled_cpu=False: the GPU code path of the far field, on the CPU
+        engine = EngineOptions(compiled_cpu=False, triton_spread=spread, triton_far=spread, triton_windows=spread,
+                               triton_coefficients=spread)
+        kw = dict(wing_tolerance=1e-7, broad_lines=broad, profile=shape, engine=engine)
         model = LineCloneModel(*lines, **kw)
         if broad:
             with torch.no_grad():
@@ -462,8 +461,7 @@ LINES_KERNEL = textwrap.dedent("""
     import json, sys
     import numpy as np
     import torch
-    import blase_specutils.core.plan as plan_mod
-    from blase_specutils.core import LineCloneModel
+    from blase_specutils.core import EngineOptions, LineCloneModel
     from blase_specutils.core.plan import WindowPlan
     data = np.load(sys.argv[1])
     wl = torch.as_tensor(data["wl"])
@@ -480,7 +478,7 @@ LINES_KERNEL = textwrap.dedent("""
             plan = model.make_plan(wl, 40.0, kernel="triton")
         res = []
         for lines, windows in ((False, False), (True, False), (True, True)):
-            plan_mod.TRITON_LINES, plan_mod.TRITON_WINDOWS = lines, windows
+            plan.engine = EngineOptions(triton_lines=lines, triton_windows=windows)
             plan.update()
             res.append([t.clone().double() for t in (plan.eta, plan.levels, plan.b_line, plan.start, plan.count)]
                        + [t.clone() for t in plan.chunks[:3]])
@@ -494,7 +492,7 @@ LINES_KERNEL = textwrap.dedent("""
     plan = model.make_plan(strided, 40.0, kernel="triton")
     res = []
     for lines, windows in ((False, False), (True, True)):
-        plan_mod.TRITON_LINES, plan_mod.TRITON_WINDOWS = lines, windows
+        plan.engine = EngineOptions(triton_lines=lines, triton_windows=windows)
         plan.update()
         res.append([t.clone() for t in (plan.start, plan.count, *plan.chunks)])
     cases.append(dict(case="strided", diff=[0.0, 0, 0.0] + [float((x - y).abs().max()) for x, y in zip(*res)],
@@ -504,9 +502,9 @@ LINES_KERNEL = textwrap.dedent("""
     for change in ("wider", "moved", "nan"):
         flags = []
         for lines, windows in ((False, False), (True, False), (True, True)):
-            plan_mod.TRITON_LINES, plan_mod.TRITON_WINDOWS = lines, windows
             # (wider lines without far field: nothing but the chunk table's capacity is outgrown)
-            model = LineCloneModel(*args, wing_tolerance=1e-7, far_field=change != "wider")
+            model = LineCloneModel(*args, wing_tolerance=1e-7, far_field=change != "wider",
+                                   engine=EngineOptions(triton_lines=lines, triton_windows=windows))
             plan = model.make_plan(wl, 0.0, kernel="triton", headroom=1.0)
             with torch.no_grad():
                 if change == "wider":
@@ -554,8 +552,8 @@ PLANNED_FAR = textwrap.dedent("""
     import blase_specutils.core.farfield as farfield
     from blase_specutils.core.fused import eta_and_derivatives, stored_eta
     from blase_specutils.core.gpu_kernel import line_coefficients_triton
-    import blase_specutils.core.plan as plan_mod
-    from blase_specutils.core import LineCloneModel
+    from blase_specutils.core import EngineOptions, LineCloneModel
+    FAR = EngineOptions(triton_far=True)  # the planned far field in Triton kernels
     dev = os.environ.get("BLASE_TRITON_DEVICE", "cpu")
     data = np.load(sys.argv[1])
     wl = torch.as_tensor(data["wl"]).to(dev)
@@ -569,8 +567,8 @@ PLANNED_FAR = textwrap.dedent("""
         if dev == "cuda" or not kw:
             variants.append((True, True))
         for far, coefficients in variants:
-            farfield.TRITON_FAR, plan_mod.TRITON_COEFFICIENTS = far, coefficients
-            model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev, **kw)
+            model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev,
+                                   engine=EngineOptions(triton_far=far, triton_coefficients=coefficients), **kw)
             model.lam_centers.requires_grad_(True)
             rv = torch.tensor(30.0, dtype=torch.float64, device=dev, requires_grad=True)
             plan = model.make_plan(wl, rv, kernel="triton" if coefficients or dev == "cuda" else "auto")
@@ -583,8 +581,7 @@ PLANNED_FAR = textwrap.dedent("""
             out.append(dict(case=str(kw), diff=diff, grads=len(res[0]) - 1, levels=list(plan.ff_plan.present)))
     # an unfrozen plan evaluated twice before backward(), a line moved to another level in between:
     # the first evaluation's backward pass keeps its own levels
-    farfield.TRITON_FAR, plan_mod.TRITON_COEFFICIENTS = True, False
-    model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev)
+    model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev, engine=FAR)
     lines = [model.lam_centers.detach().clone().requires_grad_(True),
              *(t.detach().exp() for t in (model.log_amplitudes, model.log_sigmas, model.log_gammas))]
     wide = lines[3].clone()
@@ -636,8 +633,7 @@ PLANNED_FAR = textwrap.dedent("""
                                             par, voigt=v), xs)
         for v in (False, True))
     # gradcheck of the planned far field itself (λc, c_j, e_j) on a few lines and a short grid
-    farfield.TRITON_FAR, plan_mod.TRITON_COEFFICIENTS = True, False
-    model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev)
+    model = LineCloneModel(*args, wing_tolerance=1e-7, device=dev, engine=FAR)
     short = wl[(wl > 8652.0) & (wl < 8658.0)].clone()
     plan = model.make_plan(short)
     ff = plan.ff_plan
@@ -647,7 +643,7 @@ PLANNED_FAR = textwrap.dedent("""
     def far(x, c, e):
         cs, cc, ce = (t.detach().clone() for t in (model.lam_centers, *coef))
         cs[pick], cc[pick], ce[pick] = x, c, e
-        return farfield.far_field(short, cs, cc, ce, plan.far_field, plan.levels, plan=ff)
+        return farfield.far_field(short, cs, cc, ce, plan.far_field, plan.levels, plan=ff, engine=FAR)
     inputs = [t[pick].detach().clone().requires_grad_(True) for t in (model.lam_centers, *coef)]
     ok = torch.autograd.gradcheck(far, inputs, eps=1e-6, atol=1e-9, fast_mode=True)
     print(json.dumps(dict(cases=out, gradcheck=bool(ok), picked=int(pick.numel()), levels=list(ff.present),
@@ -761,25 +757,18 @@ def _cuda_lines(hpf_slice):
     (True, False, False, False, True, False), (True, False, False, False, False, True),
     (True, False, False, True, True, True)])
 def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, windows, far,
-                                                     coefficients, monkeypatch):
+                                                     coefficients):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
     headroom and a large learning rate the lines outgrow the plan at nearly every epoch, and the
     epochs that follow a rebuild run eagerly until the plan holds. With and without the one-kernel
     update, the second stream for the near field, the Triton spreading, the three-kernel update, the
     far field in Triton kernels and the coefficients' kernel."""
-    import blase_specutils.core.farfield as farfield_module
-    import blase_specutils.core.plan as plan_module
-
-    monkeypatch.setattr(plan_module, "TRITON_LINES", lines)
-    monkeypatch.setattr(plan_module, "OVERLAP_STREAMS", streams)
-    monkeypatch.setattr(farfield_module, "TRITON_SPREAD", spread)
-    monkeypatch.setattr(plan_module, "TRITON_WINDOWS", windows)
-    monkeypatch.setattr(farfield_module, "TRITON_FAR", far)
-    monkeypatch.setattr(plan_module, "TRITON_COEFFICIENTS", coefficients)
+    engine = EngineOptions(triton_lines=lines, overlap_streams=streams, triton_spread=spread, triton_windows=windows,
+                           triton_far=far, triton_coefficients=coefficients)
     wl, args = _cuda_lines(hpf_slice)
     res = {}
     for how in ("plain", "graph"):
-        model = LineCloneModel(*args, wing_tolerance=1e-7, device="cuda")
+        model = LineCloneModel(*args, wing_tolerance=1e-7, device="cuda", engine=engine)
         with torch.no_grad():
             target = model(wl) ** 1.1
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, capturable=True)

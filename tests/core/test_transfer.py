@@ -202,16 +202,14 @@ TRANSFER_SYNC_FREE = """
 import collections, json, sys
 import numpy as np
 import torch
-import blase_specutils.core.extrinsic as extrinsic
-import blase_specutils.core.farfield as farfield
-from blase_specutils.core import LineCloneModel
+from blase_specutils.core import EngineOptions, LineCloneModel
 from blase_specutils.core.transfer import TransferModel, transfer_loss
 from torch.profiler import ProfilerActivity, profile
-farfield.HAVE_NUMBA = extrinsic.HAVE_NUMBA = False  # the GPU code paths of the far field and the convolutions
+gpu_path = EngineOptions(compiled_cpu=False)  # the GPU code paths of the far field and the convolutions
 d = np.load(sys.argv[1])
 lines = [torch.as_tensor(d[k]) for k in ("c", "a", "s", "g")]
-stellar = LineCloneModel(*lines, broad_lines=[2], tune=("amplitude", "wing"))
-telluric = LineCloneModel(lines[0] + 0.3, lines[1] - 2.0, lines[2], lines[3], tune=("amplitude",))
+stellar = LineCloneModel(*lines, broad_lines=[2], tune=("amplitude", "wing"), engine=gpu_path)
+telluric = LineCloneModel(lines[0] + 0.3, lines[1] - 2.0, lines[2], lines[3], tune=("amplitude",), engine=gpu_path)
 model = TransferModel(stellar, d["wl"], telluric=telluric, rv=5.0, vsini=4.0, continuum_degree=1)
 model.rot.log_vsini.requires_grad_(True)
 model.inst.log_resolving_power.requires_grad_(True)
