@@ -3,12 +3,17 @@ for specutils and muler users.
 
 The numerical core (:mod:`blase_specutils.core`) needs only torch, numpy and scipy; the
 specutils-facing names below are imported on first use, so ``import blase_specutils.core``
-works on a machine without astropy.
+works on a machine without astropy. ``import blase_specutils`` and ``from blase_specutils import
+*`` work with the core dependencies alone: the names that need an optional extra (GPyTorch for
+:mod:`~blase_specutils.gp`, Pyro for :mod:`~blase_specutils.bayes`) are exported by ``*`` only
+where the extra is installed, and using one without it raises an ImportError that names the
+``pip install "blase_specutils[...]"`` to run.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 
@@ -41,7 +46,22 @@ _LAZY = {
     "PosteriorFit": "bayes",
 }
 
-__all__ = ["__version__", *_LAZY]
+#: The top-level packages of the optional extra that each lazily imported module needs.
+_EXTRAS = {"gp": ("gpytorch", "linear_operator"), "bayes": ("pyro",)}
+
+
+def _extra_installed(module: str) -> bool:
+    """Whether the packages of the optional extra behind ``module`` are installed (found, not imported)."""
+    for package in _EXTRAS.get(module, ()):
+        try:
+            if importlib.util.find_spec(package) is None:
+                return False
+        except (ImportError, ValueError):  # blocked, or a module entry of None (as if not installed)
+            return False
+    return True
+
+
+__all__ = ["__version__", *(name for name, module in _LAZY.items() if _extra_installed(module))]
 
 
 def __getattr__(name: str):
