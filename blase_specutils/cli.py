@@ -163,6 +163,7 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
         "mode": args.mode,
         "profile": args.profile,
         "device": str(args.device),
+        "engine": clone.engine,
         "clone_file": str(clone_path),
         "line_table": str(table_path),
         "figure": str(png_path),

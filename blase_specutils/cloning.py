@@ -64,6 +64,10 @@ class SpectralClone:
         With ``clone_spectrum(..., likelihood="gp")``: the GP's conditional mean of S − S_clone,
         the inferred pseudo-continuum error of the preprocessed spectrum (not saved to FITS;
         the GP's amplitude and length scale are, in ``meta``).
+    engine : dict
+        What computes the clone: backend, device and dtype (:meth:`LineCloneModel.engine_info`).
+        A saved clone records the backend in its header (``ENGINE``); a loaded clone has it in
+        ``meta["engine"]``.
     """
 
     def __init__(
@@ -138,6 +142,11 @@ class SpectralClone:
 
     def __len__(self) -> int:
         return self.n_lines
+
+    @property
+    def engine(self) -> dict:
+        """What computes the clone's lines: ``{"backend", "device", "dtype"}`` (JSON-ready)."""
+        return self.model.engine_info()
 
     @property
     def instrument_resolution(self) -> bool:
@@ -549,8 +558,9 @@ class SpectralClone:
         """Write the clone to a FITS file (no pickle).
 
         Layout: primary header with the settings (``BLFORMAT = 'BLASE-SPECUTILS-CLONE'``,
-        ``BLFMTVER``, ``MODE``, ``PROFILE``, ``EMISSION``, ``WINGTOL``, ``TUNE``, band, and the
-        cloning settings); binary table ``LINES`` with float64 columns ``lam_center`` (Å),
+        ``BLFMTVER``, ``MODE``, ``PROFILE``, ``EMISSION``, ``WINGTOL``, ``TUNE``, ``ENGINE`` (the
+        backend that computed the line sums; optional when loading), band, and the cloning
+        settings); binary table ``LINES`` with float64 columns ``lam_center`` (Å),
         ``log_amp``, ``log_sigma``, ``log_gamma`` (natural logs of values in Å; no FITS unit) and ``residual_pass``
         (integer, see :attr:`line_pass`); table ``WING`` with
         ``line``, ``alpha``, ``log_lt``, ``log_b`` for broad lines; and, optionally, ``TARGET``
@@ -579,11 +589,12 @@ class SpectralClone:
         hdr["FARFIELD"] = (bool(m.far_field), "near/far-field split of the line wings")
         hdr["TUNE"] = ",".join(m.tuned)
         hdr["NLINES"] = m.n_lines
+        hdr["ENGINE"] = (self.engine["backend"], "backend that computed the line sums")
         if self.band is not None:
             hdr["BANDLO"] = (self.band[0], "band of interest, Angstrom")
             hdr["BANDHI"] = (self.band[1], "band of interest, Angstrom")
         for k, v in self.meta.items():
-            if isinstance(v, (bool, int, float, str)) and len(k) <= 8:
+            if isinstance(v, (bool, int, float, str)) and len(k) <= 8 and k.upper() != "ENGINE":
                 hdr[k.upper()] = v
         cpu = lambda t: t.detach().cpu().numpy().astype(np.float64)  # noqa: E731
         lines = fits.BinTableHDU.from_columns(
@@ -928,9 +939,9 @@ def clone_spectrum(
         Train through a window plan of the clone (``LineCloneModel.make_plan``): on a GPU every
         epoch is then one replay of a CUDA graph (:func:`~blase_specutils.core.train` with
         ``plans``; not with a GP likelihood, whose epochs run eagerly). The result is that of
-        training without a plan. ``"auto"``: on CUDA devices when
-        :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set (off until this path has been
-        timed on a GPU); never on CPUs, where a plan brings no speed.
+        training without a plan. ``"auto"``: on CUDA devices when the clone's
+        ``EngineOptions.plans_on_cuda`` is set (off until this path has been timed on a GPU);
+        never on CPUs, where a plan brings no speed.
 
     residual_passes : int
         Largest number of residual passes (paper Section 8.4, applied while cloning; default 3,

@@ -312,7 +312,7 @@ def fit_spectrum(
     plan : bool or "auto"
         Train through window plans (see :func:`~blase_specutils.core.transfer.fit_transfer`): the
         same fit, with every epoch one CUDA-graph replay on a GPU. ``"auto"``: on CUDA devices when
-        :data:`blase_specutils.core.training.PLANS_ON_CUDA` is set; never on CPUs.
+        the model's ``EngineOptions.plans_on_cuda`` is set; never on CPUs.
     bounds : FitBounds, optional
         The v sin i bound and scan, the RV scan step and the flag rules (default ``FitBounds()``:
         the numbers above).
