@@ -36,6 +36,7 @@ MEDIUM = (
     "tests/test_gp.py::test_clear_import_error_without_gpytorch",
     "tests/test_bayes.py",
     "tests/test_boundary_frames.py::test_air_data_fit_to_the_vacuum_rv",
+    "tests/test_star_import.py::test_star_import",
 )
 
 
