@@ -126,7 +126,8 @@ def engine_options(cfg: dict):
     return EngineOptions(
         backend="torch" if torch_only else "auto", compiled_cpu=not torch_only,
         chunk=cfg.get("chunk", default.chunk), num_warps=cfg.get("warps", default.num_warps),
-        triton_lines=cfg.get("lines", default.triton_lines), overlap_streams=cfg.get("streams", default.overlap_streams),
+        triton_lines=cfg.get("lines", default.triton_lines),
+        overlap_streams=cfg.get("streams", default.overlap_streams),
         triton_spread=cfg.get("spread", default.triton_spread), triton_far=cfg.get("far", default.triton_far),
         triton_windows=cfg.get("windows", default.triton_windows),
         triton_coefficients=cfg.get("coefficients", default.triton_coefficients))
