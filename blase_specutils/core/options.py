@@ -8,7 +8,7 @@ cannot leave a setting behind for the tests after it.
 
 The backend that ``backend="auto"`` picks (:meth:`EngineOptions.backend_for`) follows the timings
 of ``benchmarks/RESULTS.md``: on CPUs the compiled numba loops where numba is installed (the
-paper's HPF problem: 80-93 ms per epoch on 2 cores, against several times that with blocked torch
+paper's HPF problem: 80-93 ms per epoch on 2 cores, against 327 ms with blocked torch
 operations); on CUDA devices the Triton kernel where triton is installed (9-15 ms per epoch on an
 H200 against 65-117 ms with blocked torch operations); blocked torch operations otherwise.
 """
