@@ -383,13 +383,16 @@ class LineCloneModel(nn.Module):
                                           self.window_half_widths()[plain], **kw)
         return out
 
-    def _log_flux_of(self, wavelength: Tensor, radial_velocity, lines: Tensor) -> Tensor:
-        """The windowed sum over the lines of the boolean mask ``lines`` only."""
+    def _log_flux_of(self, wavelength: Tensor, radial_velocity, lines: Tensor,
+                     amplitude_scale: Tensor | None = None) -> Tensor:
+        """The windowed sum over the lines of the boolean mask ``lines`` only; with
+        ``amplitude_scale`` (one factor per line) each amplitude multiplied by its factor (in log
+        mode, ln S = −Σ a V: the factor of a line is a Beer's-law power on it)."""
         lines = torch.as_tensor(lines, device=self.lam_centers.device)
         if lines.dtype != torch.bool or lines.shape != (self.n_lines,):
             raise ValueError(f"lines must be a boolean mask of the {self.n_lines} lines")
-        params = (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
-                  self.log_gammas.exp())
+        amps = self.log_amplitudes.exp() if amplitude_scale is None else self.log_amplitudes.exp() * amplitude_scale
+        params = (self.shifted_centers(radial_velocity), amps, self.log_sigmas.exp(), self.log_gammas.exp())
         kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign, engine=self.engine)
         ff = self._far_field_settings(wavelength)
         plain, broad = self._line_split()

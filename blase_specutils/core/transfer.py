@@ -349,8 +349,11 @@ class TransferModel(nn.Module):
         self._build_grid()
         self.rv = nn.Parameter(torch.tensor(float(rv), dtype=dtype, device=device), requires_grad=stellar is not None)
         self.max_rv = float(max_rv)
-        self.telluric_masks, self.telluric_names = _components(telluric, telluric_components, telluric_names)
-        n_power = () if self.telluric_masks is None else (len(self.telluric_masks),)
+        masks, self.telluric_names = _components(telluric, telluric_components, telluric_names)
+        # per telluric line, the index of its component (a buffer: it follows .to(device))
+        self.register_buffer("_component_index", None if masks is None else torch.stack(masks).long().argmax(0),
+                             persistent=False)
+        n_power = () if masks is None else (len(masks),)
         self.log_telluric_power = nn.Parameter(
             torch.full(n_power, math.log(float(telluric_power)), dtype=dtype, device=device),
             requires_grad=telluric is not None,
@@ -460,6 +463,12 @@ class TransferModel(nn.Module):
         return getattr(self, "_plans", {}).get(name)
 
     @property
+    def telluric_masks(self) -> list[Tensor] | None:
+        """Boolean masks of the telluric lines of each component (None for one power)."""
+        idx = self._component_index
+        return None if idx is None else [idx == k for k in range(len(self.telluric_names))]
+
+    @property
     def n_orders(self) -> int:
         return int(self.continuum_coeffs.shape[0])
 
@@ -500,7 +509,11 @@ class TransferModel(nn.Module):
         if self.telluric_masks is None:
             return torch.exp(self.telluric_power * self.telluric.log_flux(self.lam_z, plan=self._plan("telluric")))
         x = self.telluric_power
-        log_t = sum(x[k] * self.telluric.log_flux(self.lam_z, lines=m) for k, m in enumerate(self.telluric_masks))
+        tel = self.telluric
+        if tel.mode == "log":  # ln T = −Σ a V: the power of a line's component scales its amplitude, one pass
+            every = torch.ones(tel.n_lines, dtype=torch.bool, device=tel.lam_centers.device)
+            return torch.exp(tel._log_flux_of(self.lam_z, None, every, amplitude_scale=x[self._component_index]))
+        log_t = sum(x[k] * tel.log_flux(self.lam_z, lines=m) for k, m in enumerate(self.telluric_masks))
         return torch.exp(log_t)
 
     def joint(self) -> Tensor:
