@@ -9,6 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: N processes share the cores, one torch thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
+
 #: Tests marked ``medium`` here (besides those marked in their own files): each takes seconds to a
 #: minute on 2 cores (Triton kernels under the interpreter, Dask clusters, notebooks, subprocesses
 #: that import the package afresh, fits of real data). The quick set leaves them out:
