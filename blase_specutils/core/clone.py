@@ -354,63 +354,51 @@ class LineCloneModel(nn.Module):
                 return plan.log_flux(*lines, *self._wing_parameters())
             return plan.log_flux(*lines)
         wavelength = torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device)
-        args = (
-            wavelength,
-            self.shifted_centers(radial_velocity),
-            self.log_amplitudes.exp(),
-            self.log_sigmas.exp(),
-            self.log_gammas.exp(),
-        )
-        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign)
         if dense:
-            return dense_log_flux(*args, wing=self._wing(), **kw)
-        kw["engine"] = self.engine
-        ff = self._far_field_settings(wavelength)
-        if not self.broad_lines.numel():
-            hw = self.window_half_widths() if ff is None else None
-            return windowed_log_flux(*args, half_widths=hw, tolerance=self.wing_tolerance, far_field=ff, **kw)
-        # the lines with the Appendix C.4 correction are summed whole, in windows that allow for the
-        # stretched wings (area scaled by max(e^alpha, 1)); the others as usual, with the far field
-        plain, broad = self._line_split()
-        alpha, lt, b = self._wing_parameters()
-        c, a, s, g = (t[broad] for t in args[1:])
-        out = windowed_log_flux(
-            wavelength, c, a, s, g, half_widths=self._broad_half_widths(a, s, g, alpha), far_field=None,
-            wing=lambda x, k: wing_factor(x, alpha[k], lt[k], b[k]), **kw)
-        if plain.numel():
-            out = out + windowed_log_flux(wavelength, *(t[plain] for t in args[1:]), tolerance=self.wing_tolerance,
-                                          far_field=ff, half_widths=None if ff is not None else
-                                          self.window_half_widths()[plain], **kw)
-        return out
+            args = (wavelength, self.shifted_centers(radial_velocity), self.log_amplitudes.exp(),
+                    self.log_sigmas.exp(), self.log_gammas.exp())
+            return dense_log_flux(*args, wing=self._wing(), profile=PROFILES[self.profile], mode=self.mode,
+                                  sign=self.sign)
+        return self._log_flux_of(wavelength, radial_velocity)
 
-    def _log_flux_of(self, wavelength: Tensor, radial_velocity, lines: Tensor,
+    def _log_flux_of(self, wavelength: Tensor, radial_velocity, lines: Tensor | None = None,
                      amplitude_scale: Tensor | None = None) -> Tensor:
-        """The windowed sum over the lines of the boolean mask ``lines`` only; with
-        ``amplitude_scale`` (one factor per line) each amplitude multiplied by its factor (in log
-        mode, ln S = −Σ a V: the factor of a line is a Beer's-law power on it)."""
-        lines = torch.as_tensor(lines, device=self.lam_centers.device)
-        if lines.dtype != torch.bool or lines.shape != (self.n_lines,):
-            raise ValueError(f"lines must be a boolean mask of the {self.n_lines} lines")
+        """The windowed sum over every line, or over the lines of the boolean mask ``lines`` only;
+        with ``amplitude_scale`` (one factor per line) each amplitude multiplied by its factor (in
+        log mode, ln S = −Σ a V: the factor of a line is a Beer's-law power on it).
+
+        The lines with the Appendix C.4 correction are summed whole, in windows that allow for the
+        stretched wings (area scaled by max(e^alpha, 1)); the others as usual, with the far field."""
+        if lines is not None:
+            lines = torch.as_tensor(lines, device=self.lam_centers.device)
+            if lines.dtype != torch.bool or lines.shape != (self.n_lines,):
+                raise ValueError(f"lines must be a boolean mask of the {self.n_lines} lines")
         amps = self.log_amplitudes.exp() if amplitude_scale is None else self.log_amplitudes.exp() * amplitude_scale
         params = (self.shifted_centers(radial_velocity), amps, self.log_sigmas.exp(), self.log_gammas.exp())
         kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign, engine=self.engine)
         ff = self._far_field_settings(wavelength)
+        if lines is None and not self.broad_lines.numel():
+            hw = self.window_half_widths() if ff is None else None
+            return windowed_log_flux(wavelength, *params, half_widths=hw, tolerance=self.wing_tolerance, far_field=ff,
+                                     **kw)
         plain, broad = self._line_split()
-        plain = plain[lines[plain]]
-        out = torch.zeros_like(wavelength, dtype=self.dtype)
-        if broad.numel():
+        alpha, lt, b = self._wing_parameters()
+        if lines is not None:
+            plain = plain[lines[plain]]
             keep = lines[broad]
-            if bool(keep.any()):
-                alpha, lt, b = (t[keep] for t in self._wing_parameters())
-                c, a, s, g = (t[broad[keep]] for t in params)
-                out = out + windowed_log_flux(
-                    wavelength, c, a, s, g, half_widths=self._broad_half_widths(a, s, g, alpha), far_field=None,
-                    wing=lambda x, k: wing_factor(x, alpha[k], lt[k], b[k]), **kw)
+            broad, alpha, lt, b = broad[keep], alpha[keep], lt[keep], b[keep]
+        out = None
+        if broad.numel():
+            c, a, s, g = (t[broad] for t in params)
+            out = windowed_log_flux(
+                wavelength, c, a, s, g, half_widths=self._broad_half_widths(a, s, g, alpha), far_field=None,
+                wing=lambda x, k: wing_factor(x, alpha[k], lt[k], b[k]), **kw)
         if plain.numel():
-            hw = None if ff is not None else self.window_half_widths()[plain]
-            out = out + windowed_log_flux(wavelength, *(t[plain] for t in params), tolerance=self.wing_tolerance,
-                                          far_field=ff, half_widths=hw, **kw)
-        return out
+            part = windowed_log_flux(wavelength, *(t[plain] for t in params), tolerance=self.wing_tolerance,
+                                     far_field=ff, half_widths=None if ff is not None else
+                                     self.window_half_widths()[plain], **kw)
+            out = part if out is None else out + part
+        return torch.zeros_like(wavelength, dtype=self.dtype) if out is None else out
 
     def _line_split(self) -> tuple[Tensor, Tensor]:
         """Indices of the plain lines and of the broad lines (in the order of ``broad_lines``)."""

@@ -511,8 +511,7 @@ class TransferModel(nn.Module):
         x = self.telluric_power
         tel = self.telluric
         if tel.mode == "log":  # ln T = −Σ a V: the power of a line's component scales its amplitude, one pass
-            every = torch.ones(tel.n_lines, dtype=torch.bool, device=tel.lam_centers.device)
-            return torch.exp(tel._log_flux_of(self.lam_z, None, every, amplitude_scale=x[self._component_index]))
+            return torch.exp(tel._log_flux_of(self.lam_z, None, amplitude_scale=x[self._component_index]))
         log_t = sum(x[k] * tel.log_flux(self.lam_z, lines=m) for k, m in enumerate(self.telluric_masks))
         return torch.exp(log_t)
 
