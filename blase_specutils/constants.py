@@ -12,4 +12,76 @@ from __future__ import annotations
 
 # --- fitting ---------------------------------------------------------------------------------
 
+#: Lowest resolving power R a fit accepts: the cost of the LSF convolution grows as 1/R² and the
+#: method needs resolved lines; R = 1000 is already a low-resolution spectrograph.
+MIN_RESOLVING_POWER = 1000.0
+
+#: Largest ``rv_range`` (km/s), the half width of the RV scan: the fastest stars known move at
+#: ~1,000 km/s; a larger known velocity is tagged on the spectral axis (``radial_velocity``).
+MAX_RV_RANGE_KMS = 1000.0
+
+#: Default bound of |RV| (km/s) of a :class:`~blase_specutils.core.transfer.TransferModel` built
+#: directly (``fit_spectrum`` passes its ``rv_range`` instead).
+DEFAULT_MAX_RV_KMS = 300.0
+
+#: Physical upper bound of v sin i (km/s): the largest half width of the rotation kernel. The
+#: fastest known rotators (early B and Be stars near break-up) reach 400-500 km/s.
+MAX_VSINI_KMS = 600.0
+
+#: Smallest starting v sin i (km/s): a smaller (or zero) start is raised to it, since v sin i is
+#: tuned as its logarithm; 0.05 km/s is far below the resolution of any spectrograph (c/R).
+MIN_START_VSINI_KMS = 0.05
+
+#: The coarse v sin i scan that starts the optimiser: (first, last, count) of values log-spaced
+#: from 2 to 400 km/s (ratio 1.50), evaluated jointly with the RV scan.
+VSINI_SCAN_GEOMSPACE_KMS = (2.0, 400.0, 14)
+
+#: The χ² scan of the telluric power X that starts template matching when X is tuned: (first,
+#: last, count) of values log-spaced from 0.01 to 10 (ratio 1.105). Dry nights against a wet
+#: template reach X ≈ 0.02 in water (the IGRINS A0V night against PSG's default atmosphere).
+TELLURIC_POWER_SCAN_LOGSPACE = (0.01, 10.0, 70)
+
+#: Step (km/s) of the RV scan.
+RV_SCAN_STEP_KMS = 1.0
+
+#: Rotation kernel of a fit at v sin i: half width max(factor × v sin i, v sin i + margin) km/s,
+#: at most the v sin i bound; doubled (up to ``KERNEL_GROWTH_ROUNDS`` times) whenever v sin i
+#: reaches it. A working size that keeps the cost of an epoch low, not a bound.
+KERNEL_ROOM_FACTOR = 2.0
+KERNEL_ROOM_MARGIN_KMS = 20.0
+KERNEL_GROWTH_ROUNDS = 8
+
+#: Starting v sin i (km/s) of the unused rotation kernel of a telluric-only model.
+TELLURIC_ONLY_VSINI_KMS = 3.0
+
+#: Flag rules of a fit (:class:`~blase_specutils.core.diagnostics.FitBounds`): an RV this close
+#: (km/s) to its bound, or another parameter this close (relative) to its bound, counts as at it;
+#: a tuned R above ``RESOLVING_POWER_RUNAWAY`` × its start, or a telluric power more than
+#: ``TELLURIC_POWER_RUNAWAY`` from the best of its scan, ran away; a σ above
+#: ``UNCONSTRAINED_FRACTION`` of the value (RV: of max(|RV|, ``RV_SCALE_FLOOR_KMS``)) is not
+#: constrained; a clone must cover ``MIN_CLONE_COVERAGE`` of the good pixels.
+RV_EDGE_TOLERANCE_KMS = 1.0
+BOUND_TOLERANCE = 0.01
+RESOLVING_POWER_RUNAWAY = 2.5
+TELLURIC_POWER_RUNAWAY = 3.0
+UNCONSTRAINED_FRACTION = 0.3
+RV_SCALE_FLOOR_KMS = 10.0
+MIN_CLONE_COVERAGE = 0.9
+
+#: Finite-difference steps of ``chi2_curvature``: RV in units of the broadened line width
+#: :math:`w = \sqrt{(c/R)^2 + (v\sin i)^2}`, ln v sin i and ln X in natural-log units.
+CURVATURE_STEPS = {"rv": 0.05, "vsini": 0.05, "telluric_power": 0.05}
+
+#: Adam step sizes of ``fit_transfer`` relative to its learning rate ``lr`` (log parameters move by
+#: ``lr``): the RV by ``lr`` × 5 km/s, the continuum coefficients by ``lr`` / 20, the
+#: wavelength-correction coefficients by ``lr`` / 3 km/s and the line centres by ``lr`` / 30 Å.
+RV_LR_FACTOR = 5.0
+CONTINUUM_LR_DIVISOR = 20.0
+CALIBRATION_LR_DIVISOR = 3.0
+CENTERS_LR_DIVISOR = 30.0
+
+#: Early stopping of the template-matching stage: epochs without improvement.
+TEMPLATE_PATIENCE = 50
+
+
 # --- spectra, frames and files ---------------------------------------------------------------
