@@ -85,3 +85,37 @@ TEMPLATE_PATIENCE = 50
 
 
 # --- spectra, frames and files ---------------------------------------------------------------
+
+# --- posterior, GP and files -----------------------------------------------------------------
+
+#: Largest |ln x| of a line parameter (amplitude, σ, γ in Å) that a saved file or a line table may
+#: hold: e^45 ≈ 3.5e19, far outside any real line; beyond it a file is damaged.
+LOG_PARAMETER_LIMIT = 45.0
+#: Wavelengths (Å) that a spectrum without a unit may hold when it is taken to be in Å; outside
+#: this range the reader refuses the guess and names the likely unit.
+PLAUSIBLE_ANGSTROM = (100.0, 1e7)
+
+#: The SVI learning rate decays by this factor over a posterior run (tenfold).
+POSTERIOR_LR_DECAY = 0.1
+#: Posterior draws (at most) whose equivalent widths are integrated numerically when line widths are
+#: latent (each costs a 4801-point integral per line).
+POSTERIOR_EW_DRAWS = 200
+#: A line is ``data_constrained`` when the data narrow its ln a 68 % interval to under this fraction
+#: of the prior's.
+POSTERIOR_CONSTRAINED_FRACTION = 0.5
+#: The last SVI steps whose mean ELBO a posterior summary reports as ``final_elbo``.
+POSTERIOR_FINAL_ELBO_STEPS = 50
+
+#: Good pixels per order up to which a GP likelihood's ``method="auto"`` is exact (Cholesky); above,
+#: scalable (KISS-GP): about where the scalable method becomes faster on a CPU.
+GP_MAX_EXACT_SIZE = 3000
+#: Without an ``order_index``, a GP likelihood starts a new order at every gap wider than this many
+#: median pixel spacings.
+GP_ORDER_GAP = 5.0
+#: The default KISS-GP grid spacing is the lower bound of the length scale (or the initial length
+#: scale) divided by this.
+GP_GRID_PER_LENGTH_SCALE = 8.0
+#: Lanczos iterations of the stochastic log-determinant (scalable method).
+GP_LANCZOS_ITERATIONS = 30
+#: Most conjugate-gradient iterations of a scalable solve.
+GP_MAX_CG_ITERATIONS = 5000
