@@ -10,6 +10,32 @@ from __future__ import annotations
 
 # --- cloning ---------------------------------------------------------------------------------
 
+#: Lines wider than this many times the median FWHM of the first detection are broad: they get the
+#: Appendix C.4 wing correction (``n_broad="auto"``), and residual passes add no line that wide.
+BROAD_FWHM_FACTOR = 25.0
+#: With ``n_broad="auto"``, at most this many of the broad lines (the broadest) get the wing correction.
+MAX_AUTO_BROAD_LINES = 40
+#: Residual passes go on only while each lowers the RMS residual by at least this fraction.
+RESIDUAL_PASS_MIN_GAIN = 0.05
+#: Share of the epoch budget given to the first training stage when residual passes follow.
+FIRST_STAGE_SHARE = 0.25
+#: The first stage trains at least this many epochs (or the whole budget, if smaller) before any
+#: residual pass: a residual read off a barely trained clone shows its start, not missing lines.
+MIN_FIRST_STAGE_EPOCHS = 100
+#: Fewest epochs of a residual pass; a budget too small for one pass runs none.
+MIN_PASS_EPOCHS = 50
+#: White-noise level of the GP likelihood in cloning (the typical clone residual).
+CLONE_GP_NOISE = 0.005
+#: Widest zoom panel of ``SpectralClone.plot`` (Å).
+MAX_ZOOM_WIDTH_AA = 20.0
+#: Beer's-law powers a log-mode telluric clone is trained for (``clone_spectrum(powers=...)``): from
+#: a night 50 times drier than the template to the template itself.
+TELLURIC_CLONE_POWERS = (0.02, 0.05, 0.15, 0.4, 1.0)
+#: Margin (Å) added on each side of the data's range before the band of a cached template clone is
+#: rounded out to 10 Å: room for the RV range of a stellar fit (150 km/s is 5 Å at 1 µm) and for
+#: lines whose wings reach in.
+TEMPLATE_CLONE_MARGIN_AA = 40.0
+
 # --- fitting ---------------------------------------------------------------------------------
 
 #: Lowest resolving power R a fit accepts: the cost of the LSF convolution grows as 1/R² and the
@@ -85,6 +111,33 @@ TEMPLATE_PATIENCE = 50
 
 
 # --- spectra, frames and files ---------------------------------------------------------------
+
+#: Flux outliers: a usable pixel further than this many robust σ from the robust local fit (and
+#: isolated, and at least half the local flux level away from it; see ``spectra.flux_outliers``).
+OUTLIER_SIGMA = 10.0
+#: Half-width (pixels) of the running median that is the robust local fit of ``spectra.flux_outliers``.
+OUTLIER_WINDOW = 3
+#: An uncertainty below this fraction of its order's median σ is an outlier too (one such pixel
+#: would outweigh the whole order in χ²).
+SIGMA_FLOOR_FRACTION = 1e-3
+#: Uncertainties must lie within these bounds (their inverse square must be a finite, nonzero float64).
+SIGMA_LIMITS = (1e-150, 1e150)
+#: Air wavelengths exist only above 2000 Å: below it wavelengths are given in vacuum by convention
+#: (and the refractive-index formula has poles in the far UV).
+AIR_MINIMUM_ANGSTROM = 2000.0
+#: Largest |barycentric correction| accepted (km/s): the Earth's orbital speed (29.8 km/s) plus its
+#: rotation (0.47 km/s) bound any ground-based correction by 30.3 km/s; a larger number is a unit
+#: mistake (m/s for km/s).
+MAX_BARYCENTRIC_CORRECTION_KMS = 31.0
+#: A frame check flags when shifting the fitted telluric transmission by the barycentric correction
+#: lowers χ² below this fraction of the fit's (and by more than :data:`FRAME_CHECK_MIN_DCHI2`).
+FRAME_CHECK_RATIO = 0.7
+#: ... and by at least this much in χ² (5 σ for one parameter).
+FRAME_CHECK_MIN_DCHI2 = 25.0
+#: Corrections below this (km/s; a fifth of HPF's resolution element) are too small to test.
+FRAME_CHECK_MIN_KMS = 1.0
+#: Powers X of the telluric transmission tried by the frame check, at each position.
+FRAME_CHECK_POWERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 # --- posterior, GP and files -----------------------------------------------------------------
 

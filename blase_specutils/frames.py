@@ -57,6 +57,8 @@ import astropy.units as u
 import numpy as np
 from specutils import Spectrum
 
+from .constants import (FRAME_CHECK_MIN_DCHI2, FRAME_CHECK_MIN_KMS, FRAME_CHECK_POWERS, FRAME_CHECK_RATIO,
+                        MAX_BARYCENTRIC_CORRECTION_KMS)
 from .core.clone import SPEED_OF_LIGHT_KMS
 from .spectra import WAVELENGTH_FRAME_KEY, rebuild_like, to_vacuum, wavelength_to_angstrom
 
@@ -79,10 +81,7 @@ OBSERVATORY_CLASSES = ("HPFSpectrum", "IGRINSSpectrum")
 #: Key of ``Spectrum.meta`` by which a reader says the frame of what it read (``read_igrins_plp``).
 FRAME_KEY = "blase_specutils_frame"
 
-#: Largest |barycentric correction| accepted (km/s): the Earth's orbital speed (29.8 km/s) plus its
-#: rotation (0.47 km/s) bound any ground-based correction by 30.3 km/s; a larger number is a unit
-#: mistake (m/s for km/s).
-MAX_BARYCENTRIC_CORRECTION_KMS = 31.0
+# MAX_BARYCENTRIC_CORRECTION_KMS (km/s, the largest accepted): blase_specutils.constants
 
 #: Geodetic positions (longitude °E, latitude °N, height m) of the telescopes whose spectrographs this
 #: package reads, for files that name the telescope (``TELESCOP``) or observatory (``OBSERVAT``) but
@@ -459,17 +458,8 @@ def prepare_orders(orders: Sequence[Spectrum], *, air: bool | None = None, frame
     return vacuum, frames
 
 
-#: A frame check flags when shifting the fitted telluric transmission by the barycentric correction
-#: lowers χ² below this fraction of the fit's (and by more than :data:`FRAME_CHECK_MIN_DCHI2`).
-FRAME_CHECK_RATIO = 0.7
-#: ... and by at least this much in χ² (5 σ for one parameter).
-FRAME_CHECK_MIN_DCHI2 = 25.0
-#: Corrections below this (km/s; a fifth of HPF's resolution element) are too small to test.
-FRAME_CHECK_MIN_KMS = 1.0
-
-
-#: Powers X of the telluric transmission tried by :func:`telluric_frame_flags`, at each position.
-FRAME_CHECK_POWERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+# FRAME_CHECK_RATIO, FRAME_CHECK_MIN_DCHI2, FRAME_CHECK_MIN_KMS, FRAME_CHECK_POWERS (when the frame
+# check flags): blase_specutils.constants
 
 
 def telluric_frame_flags(model, wavelength: np.ndarray, flux: np.ndarray, sigma: np.ndarray, good: np.ndarray,

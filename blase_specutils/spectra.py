@@ -11,6 +11,9 @@ import numpy as np
 from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
 from specutils import Spectrum
 
+from .constants import (AIR_MINIMUM_ANGSTROM, OUTLIER_SIGMA, OUTLIER_WINDOW, SIGMA_FLOOR_FRACTION,  # noqa: F401
+                        SIGMA_LIMITS)
+
 __all__ = ["SpectrumArrays", "spectrum_to_arrays", "arrays_to_spectrum", "wavelength_to_angstrom", "to_vacuum",
            "wavelength_frame", "air_to_vacuum_angstrom", "WAVELENGTH_FRAME_KEY", "rebuild_like", "flux_outliers",
            "refuse_extreme_pixels", "mask_flux_outliers", "FluxOutlierWarning", "region_to_band"]
@@ -128,16 +131,7 @@ def _pixel_list(idx: np.ndarray, limit: int = 10) -> str:
     return shown + (f", ... ({idx.size} in all)" if idx.size > limit else "")
 
 
-#: Flux outliers: a usable pixel further than this many robust σ from the robust local fit (and
-#: isolated, and at least half the local flux level away from it; see :func:`flux_outliers`).
-OUTLIER_SIGMA = 10.0
-#: Half-width (pixels) of the running median that is the robust local fit of :func:`flux_outliers`.
-OUTLIER_WINDOW = 3
-#: An uncertainty below this fraction of its order's median σ is an outlier too (one such pixel
-#: would outweigh the whole order in χ²).
-SIGMA_FLOOR_FRACTION = 1e-3
-#: Uncertainties must lie within these bounds (their inverse square must be a finite, nonzero float64).
-SIGMA_LIMITS = (1e-150, 1e150)
+# OUTLIER_SIGMA, OUTLIER_WINDOW, SIGMA_FLOOR_FRACTION and SIGMA_LIMITS: blase_specutils.constants
 
 
 def flux_outliers(flux: np.ndarray, sigma: np.ndarray, good: np.ndarray) -> np.ndarray:
@@ -443,9 +437,7 @@ FRAME_STATED = "vacuum (the file says vacuum)"
 FRAME_USER = "vacuum (as the user said: air=False)"
 FRAME_ASSUMED = "vacuum (assumed: nothing in the file says air or vacuum)"
 
-#: Air wavelengths exist only above 2000 Å: below it wavelengths are given in vacuum by convention
-#: (and the refractive-index formula has poles in the far UV).
-AIR_MINIMUM_ANGSTROM = 2000.0
+# AIR_MINIMUM_ANGSTROM (air wavelengths exist only above it): blase_specutils.constants
 
 
 def air_to_vacuum_angstrom(wavelength: np.ndarray) -> np.ndarray:

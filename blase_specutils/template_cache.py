@@ -21,17 +21,11 @@ import os
 from pathlib import Path
 
 from . import __version__
+from .constants import TELLURIC_CLONE_POWERS, TEMPLATE_CLONE_MARGIN_AA
 from .templates import TEMPLATES, template_info
 
 __all__ = ["cache_folder", "template_clone", "TEMPLATE_CLONE_MARGIN_AA"]
 
-#: Beer's-law powers a log-mode telluric clone is trained for (``clone_spectrum(powers=...)``): from
-#: a night 50 times drier than the template to the template itself.
-TELLURIC_CLONE_POWERS = (0.02, 0.05, 0.15, 0.4, 1.0)
-
-#: Margin (Å) added on each side of the data's range before the band is rounded out to 10 Å: room
-#: for the RV range of a stellar fit (150 km/s is 5 Å at 1 µm) and for lines whose wings reach in.
-TEMPLATE_CLONE_MARGIN_AA = 40.0
 
 
 def cache_folder() -> Path:
@@ -60,8 +54,10 @@ def _settings(name: str) -> dict:
 def _key(name: str, band: tuple[float, float], settings: dict) -> str:
     from .cloning import clone_spectrum
 
+    # settings= and engine= (None by default) choose no clone of their own: left out, the keys of the
+    # clones cached before they existed stay valid
     defaults = {k: repr(p.default) for k, p in inspect.signature(clone_spectrum).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+                if p.default is not inspect.Parameter.empty and k not in ("settings", "engine")}
     blob = json.dumps({"template": name, "band": band, "settings": settings, "defaults": defaults,
                        "version": __version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
