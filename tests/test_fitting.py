@@ -330,3 +330,72 @@ def test_load_rejects_a_plain_clone(telfit_window_clone, tmp_path):
     path = telfit_window_clone.save(tmp_path / "clone.fits")
     with pytest.raises(ValueError, match="not a transfer-learning result"):
         TransferResult.load(path)
+
+
+# ------------------------------------------------------------------------------ FitSettings
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(rv_range=2000), ValueError, r"at most 1000 km/s .*tag a larger known velocity on the spectral axis"),
+        (dict(rv=200.0, rv_range=150), ValueError, r"outside the RV bound ±rv_range = ±150.0 km/s; widen rv_range"),
+        (dict(resolving_power=500.0), ValueError, r"resolving_power must be >= 1000"),
+        (dict(vsini=700.0), ValueError, r"above the bound max_vsini = 600.0 km/s \(FitBounds\)"),
+        (dict(buffer=30.0), TypeError, r"buffer must be a Quantity in wavelength units, e\.g\. 30 \* u\.AA"),
+        (dict(rv=5 * u.AA), u.UnitsError, r"rv must be a velocity \(e\.g\. 30 \* u\.km / u\.s\)"),
+        (dict(plan="yes"), ValueError, r"plan must be True, False or 'auto'"),
+        (dict(tune_telluric_power="no"), TypeError, r"tune_telluric_power must be True or False"),
+        (dict(calibration_degree=-1), ValueError, r"calibration_degree must be >= 0"),
+        (dict(bounds=dict(max_vsini=60)), TypeError, r"bounds must be a FitBounds"),
+    ],
+)
+def test_fit_settings_refuse_a_bad_value_naming_it_and_the_fix(kwargs, error, match):
+    from blase_specutils.fit_settings import FitSettings
+
+    with pytest.raises(error, match=match):
+        FitSettings(**kwargs)
+
+
+def test_fit_settings_normalise_units_and_check_again_on_replace():
+    """Velocities become km/s, the buffer a Quantity in Å; replace() checks the changed copy."""
+    from blase_specutils.core.diagnostics import FitBounds
+    from blase_specutils.fit_settings import FitSettings
+
+    s = FitSettings(rv=-9.5 * u.km / u.s, rv_range=60000 * u.m / u.s, vsini=np.float64(3.0), buffer=1 * u.nm,
+                    tune_lines="amplitude")
+    assert (s.rv, s.rv_range, s.vsini) == (-9.5, 60.0, 3.0)
+    assert s.buffer_angstrom == pytest.approx(10.0) and s.tune_lines == ("amplitude",)
+    assert s.bounds == FitBounds() and s.tune_telluric_for(True) == () and s.tune_telluric_for(False) == ("amplitude",)
+    assert FitSettings(**{k: getattr(s, k) for k in FitSettings.field_names()}) == s  # normalised values are valid
+    with pytest.raises(ValueError, match="widen rv_range"):
+        s.replace(rv_range=5.0)
+    with pytest.raises(AttributeError):
+        s.rv = 0.0  # frozen
+
+
+def test_fit_settings_and_keywords_are_not_mixed():
+    from blase_specutils.fit_settings import FitSettings
+
+    data = Spectrum(spectral_axis=np.linspace(8660, 8680, 50) * u.AA, flux=np.ones(50) * u.one)
+    with pytest.raises(TypeError, match=r"settings= and the setting keyword\(s\) \['rv_range'\]"):
+        fit_spectrum(data, _tiny_clone(), settings=FitSettings(), rv_range=30, progress=False)
+    with pytest.raises(TypeError, match="settings must be a FitSettings"):
+        fit_spectrum(data, _tiny_clone(), settings={"rv_range": 30}, progress=False)
+    with pytest.raises(TypeError, match="engine must be an EngineOptions"):
+        fit_spectrum(data, _tiny_clone(), engine="torch", progress=False)
+
+
+def test_keywords_and_settings_give_the_same_fit(wasp69, clone4700):
+    """The keyword front and settings= are one fit: the same numbers, bit for bit (a real WASP 69 cut),
+    and engine= reaches the model and its clones."""
+    from blase_specutils.core.options import EngineOptions
+    from blase_specutils.fit_settings import FitSettings
+
+    cut = wasp69[1024:1280]
+    kw = dict(rv_range=20 * u.km / u.s, template_epochs=8, line_epochs=8, tune_lines=("amplitude",),
+              buffer=5 * u.AA)
+    a = fit_spectrum(cut, clone4700, progress=False, **kw)
+    engine = EngineOptions()
+    b = fit_spectrum(cut, clone4700, settings=FitSettings(**kw), engine=engine, progress=False)
+    assert np.array_equal(a.model_flux, b.model_flux)
+    assert a.rv.value == b.rv.value and a.vsini.value == b.vsini.value and a.settings == b.settings
+    assert b.model.engine is engine and b.model.stellar.engine is engine
