@@ -71,17 +71,13 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 import astropy.units as u
 import numpy as np
 import torch
-from astropy.io import fits
-from astropy.table import QTable
 from torch import Tensor
 from torch.distributions import constraints
 from torch.distributions.transforms import AffineTransform, Transform
@@ -101,15 +97,16 @@ try:
 except ImportError as _err:  # pragma: no cover - exercised in a subprocess by the tests
     raise ImportError(
         "blase_specutils.bayes (posterior sampling with Pyro guides) needs the optional Pyro "
-        "dependency, which is not installed: pip install 'blase_specutils[pyro]'"
+        'dependency, which is not installed: pip install "blase_specutils[pyro]"'
     ) from _err
 
-from .cloning import _equivalent_widths
+from .constants import POSTERIOR_LR_DECAY
 from .core.transfer import TransferModel
 from .fitting import TransferResult
-from .io import (LOG_PARAMETER_LIMIT, SavedFileError, _checked_array, _header_choice, _header_number,
-                 atomic_write)
-from .spectra import arrays_to_spectrum
+# the result and its file, re-exported from where they were first defined
+from .posterior import _LAPLACE_68, Measurement, ModelBand, PosteriorFit, _percentiles  # noqa: F401
+from .posterior_file import FORMAT_NAME, FORMAT_VERSION, _read_posterior  # noqa: F401
+from .posterior_file import HEADER_KEYS as _HEADER_KEYS  # noqa: F401
 
 __all__ = [
     "GUIDES",
@@ -117,12 +114,15 @@ __all__ = [
     "Measurement",
     "ModelBand",
     "PosteriorFit",
+    "PosteriorSettings",
     "TransferPosteriorModel",
     "make_guide",
+    "run_posterior",
     "sample_posterior",
 ]
 
-#: Guide names accepted by :func:`sample_posterior`, and the guide each one selects.
+#: Guide names accepted by :func:`sample_posterior`, and the guide each one selects (the kinds are
+#: :data:`blase_specutils.posterior_file.GUIDE_KINDS`).
 GUIDES = {
     "map": "delta",
     "delta": "delta",
@@ -150,13 +150,6 @@ _SAMPLE_KEYS = {
     "resolving_power": "ln_resolving_power",
     "continuum": "continuum",
 }
-
-#: Half-width of the central 68.27 % interval of a Laplace distribution, in units of its scale.
-_LAPLACE_68 = math.log(1.0 / (1.0 - 0.6827))
-
-FORMAT_NAME = "BLASE-SPECUTILS-POSTERIOR"
-FORMAT_VERSION = 1
-
 
 @contextmanager
 def _local_params():
@@ -446,6 +439,15 @@ def _guide_kind(guide: str) -> str:
     return kind
 
 
+def _checked_rank(rank, guide: str) -> int | None:
+    """The rank of a low-rank guide: None (Pyro's default) or a positive integer, for ``"lowrank"`` only."""
+    if rank is not None and _guide_kind(guide) != "lowrank":
+        raise ValueError(f"rank applies only to guide='lowrank', not {guide!r}")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    return None if rank is None else int(rank)
+
+
 def make_guide(pmodel: TransferPosteriorModel, guide: str = "normal", *, rank: int | None = None,
                init_scale: float = 0.5):
     """The Pyro autoguide named ``guide`` (see :data:`GUIDES`), initialised at the fit (u = 0).
@@ -461,10 +463,7 @@ def make_guide(pmodel: TransferPosteriorModel, guide: str = "normal", *, rank: i
         Initial standard deviation of the normal guides in the standardised coordinates u.
     """
     kind = _guide_kind(guide)
-    if rank is not None and kind != "lowrank":
-        raise ValueError(f"rank applies only to guide='lowrank', not {guide!r}")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1):
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    rank = _checked_rank(rank, guide)
     init = init_to_value(values=pmodel.zeros())
     with _local_params():
         if kind == "delta":
@@ -480,626 +479,8 @@ def make_guide(pmodel: TransferPosteriorModel, guide: str = "normal", *, rank: i
     return g
 
 
-# ====================================================================== results
 
-
-@dataclass(frozen=True)
-class Measurement:
-    """A posterior summary: the median and the 16th and 84th percentiles, as Quantities.
-
-    ``str(m)`` gives e.g. ``"-9.612 +0.011/-0.012 km / s"``.
-    """
-
-    value: u.Quantity
-    lower: u.Quantity
-    upper: u.Quantity
-
-    @property
-    def plus(self) -> u.Quantity:
-        """84th percentile − median."""
-        return self.upper - self.value
-
-    @property
-    def minus(self) -> u.Quantity:
-        """Median − 16th percentile."""
-        return self.value - self.lower
-
-    @property
-    def error(self) -> u.Quantity:
-        """Half the 68 % interval, (upper − lower)/2."""
-        return 0.5 * (self.upper - self.lower)
-
-    @property
-    def unit(self):
-        return self.value.unit
-
-    def to(self, unit) -> Measurement:
-        """The same measurement in another unit."""
-        return Measurement(self.value.to(unit), self.lower.to(unit), self.upper.to(unit))
-
-    def __str__(self) -> str:
-        v, lo, hi = (float(q.value) for q in (self.value, self.lower, self.upper))
-        err = min(v - lo, hi - v)
-        digits = 3 if not (err > 0 and math.isfinite(err)) else max(0, 1 - math.floor(math.log10(err)))
-        unit = "" if self.unit == u.dimensionless_unscaled else f" {self.unit}"
-        return f"{v:.{digits}f} +{hi - v:.{digits}f}/-{v - lo:.{digits}f}{unit}"
-
-
-class ModelBand(NamedTuple):
-    """Posterior median of M(λ_D) and the lower/upper percentiles, as spectra."""
-
-    median: object
-    lower: object
-    upper: object
-
-
-def _percentiles(x: np.ndarray, q=(16.0, 50.0, 84.0)) -> np.ndarray:
-    """Percentiles that are draws themselves (no interpolation), so they commute with monotonic
-    maps: exp of the ln a percentiles is the a percentiles."""
-    return np.percentile(x, q, axis=0, method="inverted_cdf")
-
-
-class PosteriorFit:
-    r"""Posterior of a transfer-learning fit: samples, summaries, the model band, plots, FITS I/O.
-
-    Made by :func:`sample_posterior` (or :meth:`load`); do not build it by hand.
-
-    Attributes
-    ----------
-    samples : dict of numpy arrays
-        Posterior draws in physical units, first axis the draw: ``rv`` (km/s), ``vsini`` (km/s),
-        ``resolving_power``, ``ln_amplitude`` (ln a, Å) and ``ln_sigma``/``ln_gamma`` (Å) when latent,
-        ``continuum`` (draw, order, coefficient). Parameters held fixed repeat their value.
-    predictive : ndarray
-        M(λ_D) for the first draws (draw, pixel): the posterior of the noiseless model.
-    elbo_history : ndarray
-        ELBO estimate at each SVI step (higher is better).
-    guide : str
-        Guide kind (``"delta"``, ``"normal"``, ``"lowrank"``).
-    settings : dict
-        Options of the run (guide, rank, steps, learning rate, Λ, tuned parameters, seconds, ...).
-    result : TransferResult or None
-        The fit the posterior was started from (None after :meth:`load`).
-    posterior_model : TransferPosteriorModel or None
-        The Pyro model (None after :meth:`load`).
-    guide_module : pyro.infer.autoguide.AutoGuide or None
-        The trained guide (None after :meth:`load`).
-    """
-
-    def __init__(self, *, samples: dict, fit_values: dict, clone_values: dict, line_info: dict, data: dict,
-                 predictive: np.ndarray, elbo_history: np.ndarray, settings: dict,
-                 result: TransferResult | None = None, lines: QTable | None = None,
-                 posterior_model: TransferPosteriorModel | None = None, guide_module=None) -> None:
-        self.samples = samples
-        self.fit_values = fit_values
-        self.clone_values = clone_values
-        self._line_info = line_info
-        self._data = data
-        self.predictive = predictive
-        self.elbo_history = np.asarray(elbo_history, dtype=float)
-        self.settings = settings
-        self.guide = settings["guide"]
-        self.result = result
-        self.posterior_model = posterior_model
-        self.guide_module = guide_module
-        self._lines = lines if lines is not None else self._make_lines()
-
-    # ------------------------------------------------------------------ scalars
-    def measurement(self, name: str) -> Measurement:
-        """Median and 16th/84th percentiles of ``"rv"``, ``"vsini"`` or ``"resolving_power"``."""
-        units = {"rv": u.km / u.s, "vsini": u.km / u.s, "resolving_power": u.dimensionless_unscaled}
-        if name not in units:
-            raise ValueError(f"unknown parameter {name!r}; choose from {sorted(units)}")
-        lo, med, hi = _percentiles(self.samples[name])
-        return Measurement(med * units[name], lo * units[name], hi * units[name])
-
-    @property
-    def measurements(self) -> dict[str, Measurement]:
-        """RV, v sin i and R as :class:`Measurement` objects."""
-        return {k: self.measurement(k) for k in ("rv", "vsini", "resolving_power")}
-
-    @property
-    def rv(self) -> u.Quantity:
-        """Posterior median of the radial velocity: the forward model's, the measured RV on the
-        data's axis (a velocity tagged on that axis included, as
-        :attr:`TransferResult.rv_total`, not :attr:`TransferResult.rv`)."""
-        return self.measurement("rv").value
-
-    @property
-    def rv_err(self) -> tuple[u.Quantity, u.Quantity]:
-        """(median − 16th, 84th − median) percentiles of RV."""
-        m = self.measurement("rv")
-        return m.minus, m.plus
-
-    @property
-    def vsini(self) -> u.Quantity:
-        """Posterior median of v sin i."""
-        return self.measurement("vsini").value
-
-    @property
-    def vsini_err(self) -> tuple[u.Quantity, u.Quantity]:
-        """(median − 16th, 84th − median) percentiles of v sin i."""
-        m = self.measurement("vsini")
-        return m.minus, m.plus
-
-    @property
-    def resolving_power(self) -> u.Quantity:
-        """Posterior median of R (dimensionless Quantity)."""
-        return self.measurement("resolving_power").value
-
-    @property
-    def resolving_power_err(self) -> tuple[u.Quantity, u.Quantity]:
-        """(median − 16th, 84th − median) percentiles of R."""
-        m = self.measurement("resolving_power")
-        return m.minus, m.plus
-
-    @property
-    def n_samples(self) -> int:
-        return int(self.samples["rv"].shape[0])
-
-    # ------------------------------------------------------------------ lines
-    def _make_lines(self) -> QTable:
-        info = self._line_info
-        n = info["center"].size
-        s = self.samples
-        fitv, clov = self.fit_values, self.clone_values
-        t = QTable()
-        t["center"] = info["center"] * u.AA
-        ln_draws = {}
-        for key, name in (("ln_amplitude", "amplitude"), ("ln_sigma", "sigma"), ("ln_gamma", "gamma")):
-            t[f"{name}_clone"] = np.exp(clov[key]) * u.AA
-            t[f"{name}_fit"] = np.exp(fitv[key]) * u.AA
-            ln_draws[key] = s[key] if key in s else np.broadcast_to(fitv[key], (1, n))
-            if key in s:
-                lo, med, hi = np.exp(_percentiles(s[key]))
-                t[f"{name}_median"] = med * u.AA
-                t[f"{name}_p16"] = lo * u.AA
-                t[f"{name}_p84"] = hi * u.AA
-        mode, sign, profile = info["mode"], info["sign"], info["profile"]
-
-        def ew(lna, lns, lng):
-            return _equivalent_widths(np.exp(lna), np.exp(lns), np.exp(lng), mode, sign, profile)
-
-        t["equivalent_width_clone"] = ew(clov["ln_amplitude"], clov["ln_sigma"], clov["ln_gamma"]) * u.AA
-        t["equivalent_width_fit"] = ew(fitv["ln_amplitude"], fitv["ln_sigma"], fitv["ln_gamma"]) * u.AA
-        if "ln_amplitude" in s or "ln_sigma" in s or "ln_gamma" in s:
-            widths_latent = "ln_sigma" in s or "ln_gamma" in s
-            if mode == "linear":  # EW = sign · a for a unit-area profile
-                ews = sign * np.exp(ln_draws["ln_amplitude"])
-            elif not widths_latent:  # EW is monotonic in a at fixed widths: map the percentiles
-                q = (16.0, 50.0, 84.0) if sign > 0 else (84.0, 50.0, 16.0)
-                ews = ew(_percentiles(s["ln_amplitude"], q).ravel(), np.tile(fitv["ln_sigma"], 3),
-                         np.tile(fitv["ln_gamma"], 3)).reshape(3, n)
-            else:  # numerical integral per draw (thinned: it costs a 4801-point integral per line)
-                m = max(x.shape[0] for x in ln_draws.values())
-                idx = np.unique(np.linspace(0, m - 1, min(m, 200)).astype(int))
-                pick = lambda x: x[idx] if x.shape[0] > 1 else np.broadcast_to(x, (idx.size, n))
-                a_, s_, g_ = (pick(ln_draws[k]) for k in ("ln_amplitude", "ln_sigma", "ln_gamma"))
-                ews = ew(a_.ravel(), s_.ravel(), g_.ravel()).reshape(idx.size, n)
-            lo, med, hi = ews if mode != "linear" and not widths_latent else _percentiles(ews)
-            t["equivalent_width_median"] = med * u.AA
-            t["equivalent_width_p16"] = lo * u.AA
-            t["equivalent_width_p84"] = hi * u.AA
-        if "ln_amplitude" in s:
-            lo, med, hi = _percentiles(s["ln_amplitude"])
-            t["delta_ln_amplitude"] = med - clov["ln_amplitude"]
-            if self.guide != "delta":
-                # the data narrow the 68 % interval of ln a to under half the prior's
-                prior68 = 2.0 * _LAPLACE_68 * 2.0 * float(self.settings["regularization"])
-                t["data_constrained"] = (hi - lo) < 0.5 * prior68
-        t.meta.update({"mode": mode, "profile": profile, "guide": self.guide})
-        return t
-
-    @property
-    def lines(self) -> QTable:
-        """Per line: clone and fitted a, σ, γ, equivalent width; for each latent parameter its
-        posterior median and 16th/84th percentiles (``amplitude_median``, ``amplitude_p16``,
-        ``amplitude_p84``, ..., ``equivalent_width_median``, ...); ``delta_ln_amplitude`` (median
-        ln a − clone ln a); ``data_constrained`` (the data narrow ln a's 68 % interval to under half
-        the prior's; normal guides only)."""
-        return self._lines
-
-    # ------------------------------------------------------------------ spectra
-    def _spectra(self, values: np.ndarray):
-        if self.result is not None:
-            return self.result._per_order(values)
-        d = self._data
-        oid = d["order"]
-        out = []
-        for k in np.unique(oid):
-            sel = oid == k
-            out.append(arrays_to_spectrum(d["wavelength"][sel], values[sel], flux_unit=d["flux_unit"],
-                                          mask=~d["good"][sel]))
-        from specutils import SpectrumList
-
-        return out[0] if len(out) == 1 else SpectrumList(out)
-
-    def _band_arrays(self, q=(16.0, 84.0), noise: bool = False):
-        q = tuple(float(x) for x in q)
-        if len(q) != 2 or not (0.0 <= q[0] < q[1] <= 100.0):
-            raise ValueError(f"q must be two increasing percentiles in [0, 100], got {q}")
-        draws = self.predictive
-        if noise:
-            gen = np.random.default_rng(0)
-            eps = self._data["sigma"] * float(self.settings.get("noise_scale", 1.0))
-            draws = draws + gen.normal(0.0, 1.0, draws.shape) * np.where(np.isfinite(eps), eps, 0.0)
-        lo, med, hi = _percentiles(draws, (q[0], 50.0, q[1]))
-        return lo, med, hi
-
-    def model_band(self, q: Sequence[float] = (16, 84), *, noise: bool = False) -> ModelBand:
-        """Posterior median of M(λ_D) and the ``q`` percentiles, each as a spectrum (the input's class;
-        a SpectrumList for several orders).
-
-        Parameters
-        ----------
-        q : (float, float)
-            Lower and upper percentiles of the band.
-        noise : bool
-            Add the data noise to each draw: the band of the posterior predictive of the data
-            rather than of the noiseless model.
-        """
-        lo, med, hi = self._band_arrays(q, noise)
-        return ModelBand(self._spectra(med), self._spectra(lo), self._spectra(hi))
-
-    @property
-    def model_spectrum(self):
-        """Posterior median of M(λ_D) as a spectrum."""
-        return self.model_band().median
-
-    # ------------------------------------------------------------------ plots
-    def plot(self, *, band=None, q: Sequence[float] = (16, 84), title: str | None = None):
-        """Data with the posterior median model and its band (top), residual with the band (bottom).
-
-        Parameters
-        ----------
-        band : (Quantity, Quantity), optional
-            Wavelength range to show.
-        q : (float, float)
-            Percentiles of the band.
-        """
-        import matplotlib.pyplot as plt
-
-        d = self._data
-        w = d["wavelength"]
-        sel = np.ones(w.size, bool) if band is None else (
-            (w >= u.Quantity(band[0]).to_value(u.AA, u.spectral())) & (w <= u.Quantity(band[1]).to_value(u.AA, u.spectral())))
-        lo, med, hi = self._band_arrays(q)
-        fig, ax = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True, gridspec_kw={"height_ratios": [2, 1]})
-        flux = np.where(d["good"], d["flux"], np.nan)
-        for k in np.unique(d["order"]):
-            s = sel & (d["order"] == k)
-            first = k == np.unique(d["order"])[0]
-            ax[0].plot(w[s], flux[s], ".", ms=2, color="k", label="data" if first else None)
-            ax[0].fill_between(w[s], lo[s], hi[s], color="C1", alpha=0.35, lw=0,
-                               label=f"posterior {q[0]:g}-{q[1]:g} %" if first else None)
-            ax[0].plot(w[s], med[s], lw=0.8, color="C1", label="posterior median" if first else None)
-            ax[1].plot(w[s], (flux - med)[s], lw=0.6, color="C0", label="data − median" if first else None)
-            ax[1].fill_between(w[s], (lo - med)[s], (hi - med)[s], color="C1", alpha=0.5, lw=0,
-                               label="model band" if first else None)
-            sig = d["sigma"][s] * float(self.settings.get("noise_scale", 1.0))
-            ax[1].fill_between(w[s], -sig, sig, color="0.5", alpha=0.2, lw=0, label="±ε" if first else None)
-        ax[0].set_ylabel("flux")
-        ax[0].legend(loc="lower left", fontsize=8)
-        ax[1].axhline(0, color="0.5", lw=0.5)
-        ax[1].set_ylabel("residual")
-        ax[1].set_xlabel("wavelength (Å)")
-        ax[1].legend(loc="lower left", fontsize=7, ncol=3)
-        m = self.measurements
-        ax[1].text(0.01, 0.95, f"RV {m['rv']}, v sin i {m['vsini']} ({self.guide} guide)",
-                   transform=ax[1].transAxes, fontsize=8, va="top")
-        if title:
-            ax[0].set_title(title)
-        fig.tight_layout()
-        return fig
-
-    def corner(self, params: Sequence[str] | None = None, *, lines: Sequence[int] = (), **kwargs):
-        """Corner plot (the ``corner`` package) of RV, v sin i, R and, optionally, ln a of some lines.
-
-        Parameters
-        ----------
-        params : sequence of str, optional
-            Among ``"rv"``, ``"vsini"``, ``"resolving_power"``; default: those that were latent.
-        lines : sequence of int
-            Line indices (rows of :attr:`lines`) whose ln a to add.
-        **kwargs
-            Passed to ``corner.corner``.
-        """
-        try:
-            import corner as _corner
-        except ImportError as err:
-            raise ImportError("corner plots need the 'corner' package: pip install corner") from err
-        tuned = self.settings["tuned"].split(",")
-        avail = {"rv": "rv", "vsini": "vsini", "resolving_power": "resolving_power"}
-        if params is None:
-            params = [p for p in avail if p in tuned]
-        cols, labels = [], []
-        names = {"rv": "RV (km/s)", "vsini": "v sin i (km/s)", "resolving_power": "R"}
-        for p in params:
-            if p not in avail:
-                raise ValueError(f"unknown parameter {p!r}; choose from {sorted(avail)}")
-            if p not in tuned:
-                raise ValueError(f"{p} was held fixed in this posterior: nothing to plot")
-            cols.append(self.samples[p])
-            labels.append(names[p])
-        for j in lines:
-            if "ln_amplitude" not in self.samples:
-                raise ValueError("line amplitudes were held fixed in this posterior")
-            cols.append(self.samples["ln_amplitude"][:, int(j)])
-            labels.append(f"ln a [{int(j)}]")
-        if len(cols) < 1:
-            raise ValueError("nothing to plot")
-        if self.guide == "delta":
-            raise ValueError("a MAP (delta) guide has no posterior spread to plot; use guide='normal' or 'lowrank'")
-        kw = {"labels": labels, "quantiles": [0.16, 0.5, 0.84], "show_titles": True, "title_fmt": ".3g"}
-        kw.update(kwargs)
-        return _corner.corner(np.column_stack(cols), **kw)
-
-    # ------------------------------------------------------------------ summary and I/O
-    def summary(self) -> dict:
-        """Numbers for reports: RV, v sin i, R with percentiles, the guide and the run settings."""
-        out = {}
-        for k, m in self.measurements.items():
-            out[k] = {"median": float(m.value.value), "p16": float(m.lower.value), "p84": float(m.upper.value)}
-        out["guide"] = self.guide
-        out["n_samples"] = self.n_samples
-        out["n_lines"] = len(self._lines)
-        if "data_constrained" in self._lines.colnames:
-            out["n_lines_data_constrained"] = int(np.sum(self._lines["data_constrained"]))
-        out["final_elbo"] = float(np.mean(self.elbo_history[-50:])) if self.elbo_history.size else None
-        out["settings"] = dict(self.settings)
-        return out
-
-    def __repr__(self) -> str:
-        m = self.measurements
-        return (f"<PosteriorFit guide={self.guide!r} n_samples={self.n_samples} n_lines={len(self._lines)} "
-                f"RV={m['rv']} vsini={m['vsini']}>")
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write samples, the line table, the data, the model draws and the ELBO history to FITS.
-
-        HDUs: primary (header: guide, settings, RV/v sin i/R percentiles), ``LINES`` (the line table
-        with units), ``SAMPLES`` (one row per draw), ``VALUES`` (the fit's and the clone's line
-        parameters), ``DATA`` (λ_D, flux, ε, mask, order), ``PREDICT`` (model draws), ``ELBO``.
-        Saved atomically (:func:`blase_specutils.io.atomic_write`): if the write fails, a previous
-        file at ``path`` stays as it was.
-
-        Raises
-        ------
-        FileExistsError
-            A file exists at ``path`` and ``overwrite`` is not set.
-        """
-        path = Path(path)
-        hdr = fits.Header()
-        hdr["FORMAT"] = (FORMAT_NAME, "blase_specutils posterior file")
-        hdr["FMTVER"] = (FORMAT_VERSION, "layout version")
-        hdr["FITKIND"] = ("posterior", "blase_specutils transfer-learning posterior")
-        for k, v in self.settings.items():
-            key = _HEADER_KEYS.get(k)
-            if key is not None and v is not None:
-                hdr[key] = (v, k)
-        for k, m in self.measurements.items():
-            short = {"rv": "RV", "vsini": "VS", "resolving_power": "R"}[k]
-            hdr[f"{short}_MED"] = float(m.value.value)
-            hdr[f"{short}_P16"] = float(m.lower.value)
-            hdr[f"{short}_P84"] = float(m.upper.value)
-        info = self._line_info
-        hdr["LINEMODE"] = info["mode"]
-        hdr["PROFILE"] = info["profile"]
-        hdr["LSIGN"] = float(info["sign"])
-        hdr["BUNIT"] = str(self._data["flux_unit"])
-        hdus = [fits.PrimaryHDU(header=hdr)]
-        lines = fits.table_to_hdu(self._lines)
-        lines.name = "LINES"
-        hdus.append(lines)
-        cols = []
-        for k, v in self.samples.items():
-            v = np.asarray(v, dtype=np.float64)
-            flat = v.reshape(v.shape[0], -1)
-            fmt = f"{flat.shape[1]}D" if v.ndim > 1 else "D"
-            dim = "(" + ",".join(str(x) for x in v.shape[:0:-1]) + ")" if v.ndim > 2 else None
-            cols.append(fits.Column(k, fmt, array=flat if v.ndim > 1 else v, dim=dim))
-        hdus.append(fits.BinTableHDU.from_columns(cols, name="SAMPLES"))
-        vcols = [fits.Column("center", "D", unit="Angstrom", array=info["center"])]
-        for src, tag in ((self.fit_values, "fit"), (self.clone_values, "clone")):
-            for k in ("ln_amplitude", "ln_sigma", "ln_gamma"):
-                vcols.append(fits.Column(f"{k}_{tag}", "D", array=src[k]))
-        hdus.append(fits.BinTableHDU.from_columns(vcols, name="VALUES"))
-        d = self._data
-        hdus.append(fits.BinTableHDU.from_columns([
-            fits.Column("wavelength", "D", unit="Angstrom", array=d["wavelength"]),
-            fits.Column("flux", "D", array=d["flux"]),
-            fits.Column("sigma", "D", array=d["sigma"]),
-            fits.Column("good", "L", array=d["good"]),
-            fits.Column("order", "K", array=d["order"].astype(np.int64)),
-        ], name="DATA"))
-        hdus.append(fits.ImageHDU(np.asarray(self.predictive, dtype=np.float32), name="PREDICT"))
-        hdus.append(fits.BinTableHDU.from_columns([fits.Column("elbo", "D", array=self.elbo_history)], name="ELBO"))
-        hdul = fits.HDUList(hdus)
-        return atomic_write(path, lambda tmp: hdul.writeto(tmp), overwrite=overwrite)
-
-    @classmethod
-    def load(cls, path: str | Path) -> PosteriorFit:
-        """Read a file written by :meth:`save` (summaries, samples, model draws; not the torch model).
-
-        Every field is checked as it is read: the header's guide, line mode, profile, line sign
-        and settings have their types; samples of RV, v sin i and R are finite; line parameters
-        are finite (logs within ±45, :data:`blase_specutils.io.LOG_PARAMETER_LIMIT`) with one
-        value per line in every table; the model draws cover the data's pixels.
-
-        Raises
-        ------
-        FileNotFoundError
-            No such file.
-        blase_specutils.io.SavedFileError
-            (a ValueError) The file is not a readable posterior file (corrupt, truncated, another
-            format, or a field out of range); the message names the file and the field, and
-            ``err.path`` and ``err.field`` hold them.
-        """
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no posterior file at {path}")
-        try:
-            with fits.open(path, memmap=False) as hdul:
-                hdul.verify("exception")
-                out = _read_posterior(hdul, path)
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", u.UnitsWarning)
-                    lines = QTable.read(path, hdu="LINES")
-            except Exception as err:  # astropy raises many types for a damaged table
-                raise SavedFileError(f"{path}: the LINES table cannot be read ({err}); {_DAMAGED}",
-                                     path=path, field="LINES") from err
-            if len(lines) != out["line_info"]["center"].size or "center" not in lines.colnames:
-                raise SavedFileError(f"{path}: the LINES table has {len(lines)} rows (and columns {lines.colnames[:4]}...) "
-                                     f"where VALUES has {out['line_info']['center'].size} lines; {_DAMAGED}",
-                                     path=path, field="LINES")
-            return cls(**out, result=None, lines=lines)
-        except SavedFileError:
-            raise
-        except Exception as err:  # astropy/numpy raise many types for damaged files
-            raise SavedFileError(f"could not read a posterior from {path}: the file is corrupt or not a blase_specutils "
-                                 f"posterior file ({type(err).__name__}: {err})", path=path) from err
-
-
-_DAMAGED = "the file is damaged or was not written by blase_specutils; write it again from the original"
-
-#: settings that are numbers (the others are strings); integers among them.
-_NUMERIC_SETTINGS = {"rank", "num_steps", "num_samples", "lr", "seed", "regularization", "width_regularization",
-                     "noise_scale", "rv_scale", "vsini_scale", "resolving_power_scale", "continuum_scale", "seconds",
-                     "skipped_steps"}
-_INTEGER_SETTINGS = {"rank", "num_steps", "num_samples", "seed", "skipped_steps"}
-
-
-def _read_posterior(hdul, path: Path) -> dict:
-    """The keyword arguments of :class:`PosteriorFit` from an open posterior file, every field checked."""
-    from .core.profiles import PROFILES
-
-    def fail(field: str, problem: str):
-        return SavedFileError(f"{path}: {field} {problem}; {_DAMAGED}", path=path, field=field)
-
-    hdr = hdul[0].header
-    if hdr.get("FORMAT") != FORMAT_NAME:
-        raise SavedFileError(f"{path} is not a blase_specutils posterior file (FORMAT={hdr.get('FORMAT')!r}, "
-                             f"expected {FORMAT_NAME!r})", path=path, field="FORMAT")
-    version = _header_number(hdr, "FMTVER", path, integer=True, default=0)
-    if version > FORMAT_VERSION:
-        raise SavedFileError(f"{path} was written by a newer blase_specutils (posterior format {version}); upgrade "
-                             "blase_specutils to read it", path=path, field="FMTVER")
-    settings = {}
-    for k, key in _HEADER_KEYS.items():
-        if key not in hdr:
-            continue
-        if k in _NUMERIC_SETTINGS:
-            settings[k] = _header_number(hdr, key, path, integer=k in _INTEGER_SETTINGS)
-        else:
-            v = hdr[key]
-            if not isinstance(v, str):
-                raise fail(key, f"must be a string, got {v!r}")
-            settings[k] = v
-    if settings.get("guide") not in set(GUIDES.values()):
-        raise fail("GUIDE", f"must be one of {sorted(set(GUIDES.values()))}, got {hdr.get('GUIDE')!r}")
-    settings.setdefault("tuned", "")
-    mode = _header_choice(hdr, "LINEMODE", path, ("linear", "log"))
-    profile = _header_choice(hdr, "PROFILE", path, tuple(PROFILES))
-    sign = _header_number(hdr, "LSIGN", path)
-    if sign not in (-1.0, 1.0):
-        raise fail("LSIGN", f"must be +1 (absorption) or -1 (emission), got {sign!r}")
-    bunit = hdr.get("BUNIT", "")
-    try:
-        flux_unit = u.Unit(bunit if isinstance(bunit, str) else "?")
-    except ValueError:
-        raise fail("BUNIT", f"is not a unit: {bunit!r}") from None
-
-    def table(ext: str):
-        if ext not in hdul or not isinstance(hdul[ext], fits.BinTableHDU) or hdul[ext].data is None:
-            raise SavedFileError(f"{path}: the {ext} table is missing or empty; {_DAMAGED}", path=path, field=ext)
-        return hdul[ext].data
-
-    def column(data, ext: str, name: str):
-        if name not in data.columns.names:
-            raise SavedFileError(f"{path}: column {ext}.{name} is missing; {_DAMAGED}", path=path, field=f"{ext}.{name}")
-        return data[name]
-
-    vt = table("VALUES")
-    center = _checked_array(column(vt, "VALUES", "center"), path, "VALUES.center", positive=True)
-    n_lines = center.size
-    fitv, clov = {}, {}
-    for src, tag in ((fitv, "fit"), (clov, "clone")):
-        for k in ("ln_amplitude", "ln_sigma", "ln_gamma"):
-            src[k] = _checked_array(column(vt, "VALUES", f"{k}_{tag}"), path, f"VALUES.{k}_{tag}",
-                                    log_limit=LOG_PARAMETER_LIMIT, size=n_lines)
-    st = table("SAMPLES")
-    n_draws = len(st)
-    if n_draws < 1:
-        raise fail("SAMPLES", "holds no draws")
-    samples = {}
-    for name in st.columns.names:
-        raw = np.asarray(st[name])
-        if raw.dtype.kind not in "biuf":
-            raise fail(f"SAMPLES.{name}", f"is not numeric ({raw.dtype})")
-        v = raw.astype(np.float64)
-        if not np.all(np.isfinite(v)):
-            raise fail(f"SAMPLES.{name}", "has non-finite draws (NaN or inf)")
-        if name.startswith("ln_") and v.ndim == 1 and n_lines == 1:
-            v = v[:, None]  # a one-line vector column reads back without its length-1 axis
-        if name.startswith("ln_") and (v.ndim != 2 or v.shape[1] != n_lines):
-            raise fail(f"SAMPLES.{name}", f"must hold one value per line ({n_lines}) per draw, got shape {v.shape}")
-        # draws of ln a for lines the data do not constrain can reach far below any fitted value:
-        # only finiteness is required of them (checked above)
-        samples[name] = v
-    for name in ("rv", "vsini", "resolving_power"):
-        if name not in samples:
-            raise fail(f"SAMPLES.{name}", "is missing")
-        if samples[name].ndim != 1:
-            raise fail(f"SAMPLES.{name}", f"must hold one number per draw, got shape {samples[name].shape}")
-    dt = table("DATA")
-    n_pix = len(dt)
-    good_raw = np.asarray(column(dt, "DATA", "good"))
-    if good_raw.dtype.kind != "b":
-        raise fail("DATA.good", f"must be a logical column (T/F), got {good_raw.dtype}")
-    good = good_raw.astype(bool)
-    data = {"wavelength": _checked_array(column(dt, "DATA", "wavelength"), path, "DATA.wavelength", positive=True),
-            "flux": _checked_array(column(dt, "DATA", "flux"), path, "DATA.flux", finite=False),
-            "sigma": _checked_array(column(dt, "DATA", "sigma"), path, "DATA.sigma", finite=False),
-            "good": good,
-            "order": _checked_array(column(dt, "DATA", "order"), path, "DATA.order", integer=True, minimum=0),
-            "flux_unit": flux_unit}
-    if not np.all(np.isfinite(data["flux"][good])):
-        raise fail("DATA.flux", "is not finite at pixels marked good")
-    if "PREDICT" not in hdul or not isinstance(hdul["PREDICT"], fits.ImageHDU) or hdul["PREDICT"].data is None:
-        raise SavedFileError(f"{path}: the PREDICT image (model draws) is missing; {_DAMAGED}", path=path, field="PREDICT")
-    pred = np.asarray(hdul["PREDICT"].data, dtype=np.float64)
-    if pred.ndim != 2 or pred.shape[1] != n_pix or pred.shape[0] < 1:
-        raise fail("PREDICT", f"must hold model draws × the {n_pix} data pixels, got shape {pred.shape}")
-    elbo = _checked_array(column(table("ELBO"), "ELBO", "elbo"), path, "ELBO.elbo", finite=False)
-    info = {"center": center, "mode": mode, "profile": profile, "sign": sign}
-    return dict(samples=samples, fit_values=fitv, clone_values=clov, line_info=info, data=data, predictive=pred,
-                elbo_history=elbo, settings=settings)
-
-
-#: settings key → FITS header keyword
-_HEADER_KEYS = {
-    "guide": "GUIDE",
-    "rank": "RANK",
-    "num_steps": "NSTEPS",
-    "num_samples": "NSAMPLE",
-    "lr": "LR",
-    "seed": "SEED",
-    "regularization": "REGUL",
-    "width_regularization": "WREGUL",
-    "noise_scale": "NOISESC",
-    "tuned": "TUNED",
-    "rv_scale": "RVSCALE",
-    "vsini_scale": "VSCALE",
-    "resolving_power_scale": "RSCALE",
-    "continuum_scale": "CSCALE",
-    "seconds": "SECONDS",
-    "skipped_steps": "SKIPPED",
-    "device": "DEVICE",
-}
-
-
-# ====================================================================== entry point
+# ====================================================================== settings
 
 
 def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = False):
@@ -1111,6 +492,124 @@ def _positive(name: str, value, *, integer: bool = False, allow_zero: bool = Fal
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}{' (an integer)' if integer else ''}, "
                          f"got {value}")
     return int(value) if integer else float(value)
+
+
+@dataclass(frozen=True)
+class PosteriorSettings:
+    r"""The options of a posterior run (:func:`sample_posterior`), each checked once, here.
+
+    The fields are the keywords of :func:`sample_posterior` (see there for their meaning), except
+    ``guide``, which holds the guide kind (``"delta"``, ``"normal"`` or ``"lowrank"``) that the name
+    given selects, and ``num_predictive``, clipped to ``num_samples``. Four fields may be left to the
+    fit (None, or ``"chi2"`` for ``noise_scale``): :meth:`for_result` fills them in.
+
+    Raises
+    ------
+    ValueError, TypeError
+        An unknown guide or ``tune_lines`` entry, a count that is not a positive integer, a rate,
+        scale or Λ that is not a finite number > 0, a rank for a guide that has none.
+    """
+
+    guide: str = "normal"
+    num_steps: int = 1000
+    num_samples: int = 1000
+    lr: float = 0.02
+    rank: int | None = None
+    tune_lines: tuple[str, ...] = ("amplitude",)
+    tune_vsini: bool = True
+    tune_resolving_power: bool | None = None
+    regularization: float | None = None
+    width_regularization: float | None = None
+    rv_scale: float = 10.0
+    vsini_scale: float = 1.0
+    resolving_power_scale: float = 0.1
+    continuum_scale: float = 0.1
+    noise_scale: float | str = 1.0
+    num_predictive: int = 200
+    init_scale: float = 0.5
+    progress: bool = True
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        kind = _guide_kind(self.guide)
+        put("rank", _checked_rank(self.rank, self.guide))
+        put("guide", kind)
+        for name in ("num_steps", "num_samples"):
+            put(name, _positive(name, getattr(self, name), integer=True))
+        put("num_predictive", min(_positive("num_predictive", self.num_predictive, integer=True, allow_zero=True),
+                                  self.num_samples))
+        for name in ("lr", "init_scale", "rv_scale", "vsini_scale", "resolving_power_scale", "continuum_scale"):
+            put(name, _positive(name, getattr(self, name)))
+        put("tune_lines", tuple(self.tune_lines))
+        bad = [t for t in self.tune_lines if t not in _LINE_PARAMS]
+        if bad:
+            raise ValueError(f"unknown tune_lines {bad}; choose from {tuple(_LINE_PARAMS)} (centres are held at "
+                             "the fit)")
+        for name in ("regularization", "width_regularization"):
+            if getattr(self, name) is not None:
+                put(name, _positive(name, getattr(self, name)))
+        if isinstance(self.noise_scale, str):
+            if self.noise_scale != "chi2":
+                raise ValueError(f"noise_scale must be a number or 'chi2', got {self.noise_scale!r}")
+        else:
+            put("noise_scale", _positive("noise_scale", self.noise_scale))
+        if self.seed is not None:
+            put("seed", _positive("seed", self.seed, integer=True, allow_zero=True))
+        put("tune_vsini", bool(self.tune_vsini))
+        put("progress", bool(self.progress))
+        if self.tune_resolving_power is not None:
+            put("tune_resolving_power", bool(self.tune_resolving_power))
+
+    def for_result(self, result: TransferResult) -> PosteriorSettings:
+        """These settings with what was left to the fit filled in from ``result``: Λ and Λ_w (the
+        fit's), ``noise_scale="chi2"`` (√χ²_red of the fit) and ``tune_resolving_power`` (whether the
+        fit tuned R).
+
+        Raises
+        ------
+        ValueError
+            Latent amplitudes (or widths) without a Λ (or Λ_w): an improper prior; a fit without a
+            stellar clone.
+        """
+        reg = self.regularization if self.regularization is not None else result.settings.get("regularization")
+        if "amplitude" in self.tune_lines and reg is None:
+            raise ValueError(
+                "the fit used no amplitude regularisation (Λ = None): a flat prior on ln a makes the posterior "
+                "of lines the data do not constrain improper. Pass regularization=Λ (the paper uses 5).")
+        wreg = (self.width_regularization if self.width_regularization is not None
+                else result.settings.get("width_regularization"))
+        if {"sigma", "gamma"} & set(self.tune_lines) and wreg is None:
+            raise ValueError("latent widths need a proper prior: pass width_regularization=Λ_w "
+                             "(Laplace prior of scale 2Λ_w on ln σ and ln γ)")
+        noise = math.sqrt(max(result.chi2_reduced, 1e-12)) if self.noise_scale == "chi2" else self.noise_scale
+        if getattr(result.model, "stellar", None) is None:
+            raise ValueError(
+                "sample_posterior needs a fit with a stellar clone (its lines, RV and v sin i are the latent "
+                "variables); telluric-only fits are not supported yet")
+        tune_r = self.tune_resolving_power
+        if tune_r is None:
+            tune_r = bool(result.model.inst.log_resolving_power.requires_grad)
+        return replace(self, regularization=reg, width_regularization=wreg, noise_scale=noise,
+                       tune_resolving_power=tune_r)
+
+    def record(self, *, rank: int | None, seconds: float, skipped_steps: int, device) -> dict:
+        """The settings of a finished run as :attr:`PosteriorFit.settings` holds and the file keeps them."""
+        tuned = [*self.tune_lines, "rv", *(["vsini"] if self.tune_vsini else []),
+                 *(["resolving_power"] if self.tune_resolving_power else []), "continuum"]
+        return {
+            "guide": self.guide, "rank": rank, "num_steps": self.num_steps, "num_samples": self.num_samples,
+            "lr": self.lr, "seed": self.seed, "regularization": self.regularization,
+            "width_regularization": self.width_regularization, "noise_scale": self.noise_scale,
+            "tuned": ",".join(tuned), "rv_scale": self.rv_scale, "vsini_scale": self.vsini_scale,
+            "resolving_power_scale": self.resolving_power_scale, "continuum_scale": self.continuum_scale,
+            "seconds": round(seconds, 2), "skipped_steps": skipped_steps, "device": str(device),
+        }
+
+
+# ====================================================================== entry point
 
 
 def sample_posterior(
@@ -1191,6 +690,10 @@ def sample_posterior(
     -------
     PosteriorFit
 
+    See Also
+    --------
+    run_posterior : the same, with the options as one :class:`PosteriorSettings`.
+
     Raises
     ------
     ValueError
@@ -1201,94 +704,84 @@ def sample_posterior(
     """
     if not isinstance(result, TransferResult):
         raise TypeError(f"result must be a TransferResult (from fit_spectrum), got {type(result).__name__}")
-    kind = _guide_kind(guide)
-    num_steps = _positive("num_steps", num_steps, integer=True)
-    num_samples = _positive("num_samples", num_samples, integer=True)
-    num_predictive = min(_positive("num_predictive", num_predictive, integer=True, allow_zero=True), num_samples)
-    lr = _positive("lr", lr)
-    init_scale = _positive("init_scale", init_scale)
-    for name, val in (("rv_scale", rv_scale), ("vsini_scale", vsini_scale),
-                      ("resolving_power_scale", resolving_power_scale), ("continuum_scale", continuum_scale)):
-        _positive(name, val)
-    tune_lines = tuple(tune_lines)
-    bad = [t for t in tune_lines if t not in _LINE_PARAMS]
-    if bad:
-        raise ValueError(f"unknown tune_lines {bad}; choose from {tuple(_LINE_PARAMS)} (centres are held at the fit)")
-    if regularization is None:
-        regularization = result.settings.get("regularization")
-    if "amplitude" in tune_lines:
-        if regularization is None:
-            raise ValueError(
-                "the fit used no amplitude regularisation (Λ = None): a flat prior on ln a makes the posterior "
-                "of lines the data do not constrain improper. Pass regularization=Λ (the paper uses 5).")
-        _positive("regularization", regularization)
-    if width_regularization is None:
-        width_regularization = result.settings.get("width_regularization")
-    if {"sigma", "gamma"} & set(tune_lines):
-        if width_regularization is None:
-            raise ValueError("latent widths need a proper prior: pass width_regularization=Λ_w "
-                             "(Laplace prior of scale 2Λ_w on ln σ and ln γ)")
-        _positive("width_regularization", width_regularization)
-    if isinstance(noise_scale, str):
-        if noise_scale != "chi2":
-            raise ValueError(f"noise_scale must be a number or 'chi2', got {noise_scale!r}")
-        noise_scale = math.sqrt(max(result.chi2_reduced, 1e-12))
-    noise_scale = _positive("noise_scale", noise_scale)
-    model = result.model
-    if getattr(model, "stellar", None) is None:
-        raise ValueError(
-            "sample_posterior needs a fit with a stellar clone (its lines, RV and v sin i are the latent "
-            "variables); telluric-only fits are not supported yet")
-    if tune_resolving_power is None:
-        tune_resolving_power = bool(model.inst.log_resolving_power.requires_grad)
-    if seed is not None:
-        pyro.set_rng_seed(int(seed))
-
-    t0 = time.perf_counter()
-    pmodel = TransferPosteriorModel(
-        model, result.flux, result.sigma, result.good, prior=result.prior,
-        regularization=float(regularization if regularization is not None else 1.0),
-        width_regularization=width_regularization, tune_lines=tune_lines, tune_vsini=tune_vsini,
-        tune_resolving_power=tune_resolving_power, rv_scale=rv_scale, vsini_scale=vsini_scale,
+    settings = PosteriorSettings(
+        guide=guide, num_steps=num_steps, num_samples=num_samples, lr=lr, rank=rank, tune_lines=tuple(tune_lines),
+        tune_vsini=tune_vsini, tune_resolving_power=tune_resolving_power, regularization=regularization,
+        width_regularization=width_regularization, rv_scale=rv_scale, vsini_scale=vsini_scale,
         resolving_power_scale=resolving_power_scale, continuum_scale=continuum_scale, noise_scale=noise_scale,
-        amplitude_warp=kind != "delta", seed=0 if seed is None else int(seed),
-    )
-    g = make_guide(pmodel, kind, rank=rank, init_scale=init_scale)
-    elbo_hist, skipped = _run_svi(pmodel, g, num_steps=num_steps, lr=lr, progress=progress, desc=f"SVI ({kind})")
-    samples, pred = _draw(pmodel, g, num_samples, num_predictive)
-    seconds = time.perf_counter() - t0
+        num_predictive=num_predictive, init_scale=init_scale, progress=progress, seed=seed)
+    return run_posterior(result, settings)
 
-    st = model.stellar
-    with torch.no_grad():
-        fit_values = {k: getattr(st, p.split(".")[1]).detach().cpu().numpy().copy()
-                      for k, p in (("ln_amplitude", "stellar.log_amplitudes"), ("ln_sigma", "stellar.log_sigmas"),
-                                   ("ln_gamma", "stellar.log_gammas"))}
-        clone_values = {"ln_amplitude": result.prior["log_amplitudes"].cpu().numpy().copy(),
-                        "ln_sigma": result.prior["log_sigmas"].cpu().numpy().copy(),
-                        "ln_gamma": result.prior["log_gammas"].cpu().numpy().copy()}
-        center = st.lam_centers.detach().cpu().numpy().copy()
-    tuned = [k for k in tune_lines] + ["rv"] + (["vsini"] if tune_vsini else []) + (
-        ["resolving_power"] if tune_resolving_power else []) + ["continuum"]
-    settings = {
-        "guide": kind, "rank": getattr(g, "rank", None) if kind == "lowrank" else None, "num_steps": num_steps,
-        "num_samples": num_samples, "lr": lr, "seed": seed,
-        "regularization": float(regularization) if regularization is not None else None,
-        "width_regularization": float(width_regularization) if width_regularization is not None else None,
-        "noise_scale": noise_scale, "tuned": ",".join(tuned), "rv_scale": float(rv_scale),
-        "vsini_scale": float(vsini_scale), "resolving_power_scale": float(resolving_power_scale),
-        "continuum_scale": float(continuum_scale), "seconds": round(seconds, 2), "skipped_steps": skipped,
-        "device": str(pmodel.device),
-    }
-    unit = getattr(result._arrays[0], "flux_unit", u.dimensionless_unscaled) if result._arrays else u.dimensionless_unscaled
-    data = {"wavelength": np.asarray(result.wavelength, dtype=float), "flux": np.asarray(result.flux, dtype=float),
+
+def run_posterior(result: TransferResult, settings: PosteriorSettings) -> PosteriorFit:
+    """:func:`sample_posterior` with its options as one :class:`PosteriorSettings`.
+
+    Parameters
+    ----------
+    result : TransferResult
+        A fit from :func:`~blase_specutils.fitting.fit_spectrum`. It is not modified.
+    settings : PosteriorSettings
+        The options of the run.
+
+    Returns
+    -------
+    PosteriorFit
+    """
+    if not isinstance(result, TransferResult):
+        raise TypeError(f"result must be a TransferResult (from fit_spectrum), got {type(result).__name__}")
+    if not isinstance(settings, PosteriorSettings):
+        raise TypeError(f"settings must be a PosteriorSettings, got {type(settings).__name__}")
+    s = settings.for_result(result)
+    if s.seed is not None:
+        pyro.set_rng_seed(s.seed)
+    t0 = time.perf_counter()
+    pmodel = _posterior_model(result, s)
+    g = make_guide(pmodel, s.guide, rank=s.rank, init_scale=s.init_scale)
+    elbo_hist, skipped = _run_svi(pmodel, g, num_steps=s.num_steps, lr=s.lr, progress=s.progress,
+                                  desc=f"SVI ({s.guide})")
+    samples, pred = _draw(pmodel, g, s.num_samples, s.num_predictive)
+    seconds = time.perf_counter() - t0
+    record = s.record(rank=getattr(g, "rank", None) if s.guide == "lowrank" else None, seconds=seconds,
+                      skipped_steps=skipped, device=pmodel.device)
+    return PosteriorFit(samples=samples, **_line_values(result), data=_data_of(result), predictive=pred,
+                        elbo_history=elbo_hist, settings=record, result=result, posterior_model=pmodel,
+                        guide_module=g)
+
+
+def _posterior_model(result: TransferResult, s: PosteriorSettings) -> TransferPosteriorModel:
+    """The Pyro model around the fit, with the priors and latents the settings ask for."""
+    return TransferPosteriorModel(
+        result.model, result.flux, result.sigma, result.good, prior=result.prior,
+        regularization=float(s.regularization if s.regularization is not None else 1.0),
+        width_regularization=s.width_regularization, tune_lines=s.tune_lines, tune_vsini=s.tune_vsini,
+        tune_resolving_power=s.tune_resolving_power, rv_scale=s.rv_scale, vsini_scale=s.vsini_scale,
+        resolving_power_scale=s.resolving_power_scale, continuum_scale=s.continuum_scale, noise_scale=s.noise_scale,
+        amplitude_warp=s.guide != "delta", seed=0 if s.seed is None else s.seed,
+    )
+
+
+@torch.no_grad()
+def _line_values(result: TransferResult) -> dict:
+    """The fitted and cloned ln a, ln σ, ln γ of the stellar lines, and their centres, mode, sign and profile."""
+    st = result.model.stellar
+    fit_values = {k: getattr(st, p.split(".")[1]).detach().cpu().numpy().copy()
+                  for k, p in (("ln_amplitude", "stellar.log_amplitudes"), ("ln_sigma", "stellar.log_sigmas"),
+                               ("ln_gamma", "stellar.log_gammas"))}
+    clone_values = {"ln_amplitude": result.prior["log_amplitudes"].cpu().numpy().copy(),
+                    "ln_sigma": result.prior["log_sigmas"].cpu().numpy().copy(),
+                    "ln_gamma": result.prior["log_gammas"].cpu().numpy().copy()}
+    center = st.lam_centers.detach().cpu().numpy().copy()
+    return {"fit_values": fit_values, "clone_values": clone_values,
+            "line_info": {"center": center, "mode": st.mode, "sign": st.sign, "profile": st.profile}}
+
+
+def _data_of(result: TransferResult) -> dict:
+    """The fit's pixels, masks, orders and flux unit, as a posterior keeps them."""
+    unit = (getattr(result._arrays[0], "flux_unit", u.dimensionless_unscaled) if result._arrays
+            else u.dimensionless_unscaled)
+    return {"wavelength": np.asarray(result.wavelength, dtype=float), "flux": np.asarray(result.flux, dtype=float),
             "sigma": np.asarray(result.sigma, dtype=float), "good": np.asarray(result.good, dtype=bool),
             "order": np.asarray(result.order_of_pixel), "flux_unit": unit}
-    return PosteriorFit(
-        samples=samples, fit_values=fit_values, clone_values=clone_values,
-        line_info={"center": center, "mode": st.mode, "sign": st.sign, "profile": st.profile}, data=data,
-        predictive=pred, elbo_history=elbo_hist, settings=settings, result=result, posterior_model=pmodel,
-        guide_module=g,
-    )
 
 
 def _run_svi(pmodel: TransferPosteriorModel, guide, *, num_steps: int, lr: float, progress: bool,
@@ -1301,7 +794,7 @@ def _run_svi(pmodel: TransferPosteriorModel, guide, *, num_steps: int, lr: float
         loss_fn = Trace_ELBO()(pmodel, guide)
         params = [p for p in guide.parameters() if p.requires_grad]
         opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / max(num_steps, 1)))
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=POSTERIOR_LR_DECAY ** (1.0 / max(num_steps, 1)))
         hist = np.empty(num_steps)
         skipped = 0
         bar = tqdm(range(num_steps), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)

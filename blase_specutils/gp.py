@@ -49,7 +49,7 @@ Two ways to evaluate it, chosen per order by size (or forced with ``method``):
     2018). The probe vectors are drawn from a fixed seed, so the loss is a deterministic,
     smooth function of the parameters (common random numbers).
 
-This module needs GPyTorch (``pip install 'blase_specutils[gp]'``) and is imported only when a
+This module needs GPyTorch (``pip install "blase_specutils[gp]"``) and is imported only when a
 GP likelihood is asked for; it uses torch, numpy and GPyTorch only (no astropy).
 """
 
@@ -71,7 +71,7 @@ try:
 except ImportError as _err:  # the optional extra is missing
     raise ImportError(
         "the Gaussian-process continuum likelihood (blase_specutils.gp) needs GPyTorch, an optional extra: "
-        "pip install 'blase_specutils[gp]'"
+        'pip install "blase_specutils[gp]"'
     ) from _err
 
 __all__ = ["KERNELS", "METHODS", "GPContinuumLikelihood", "build_likelihood"]

@@ -30,7 +30,7 @@ try:
 except ImportError:  # the [pyro] extra is not installed: only the import test below runs
     bayes = None
 
-needs_pyro = pytest.mark.skipif(bayes is None, reason="needs the [pyro] extra (pip install 'blase_specutils[pyro]')")
+needs_pyro = pytest.mark.skipif(bayes is None, reason='needs the [pyro] extra (pip install "blase_specutils[pyro]")')
 
 LAMBDA = 0.15  # Λ of the simulation: truth ln a = ln â + Laplace(0, 2Λ), the prior of the fit
 
@@ -94,7 +94,7 @@ def test_import_without_pyro_names_the_extra():
     )
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'blase_specutils[pyro]'" in out.stdout
+    assert 'pip install "blase_specutils[pyro]"' in out.stdout
 
 
 # ---------------------------------------------------------------------- guides and errors
@@ -298,7 +298,7 @@ def test_plot_and_corner(posterior, monkeypatch, tmp_path):
         posterior.corner(params=["resolving_power"])
     plt.close("all")
     monkeypatch.setitem(sys.modules, "corner", None)  # as if the package were not installed
-    with pytest.raises(ImportError, match="pip install corner"):
+    with pytest.raises(ImportError, match=r'pip install "blase_specutils\[pyro\]" \(or pip install corner\)'):
         posterior.corner()
 
 

@@ -249,7 +249,7 @@ def test_clear_import_error_without_gpytorch():
     )
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "pip install 'blase_specutils[gp]'" in out.stdout
+    assert 'pip install "blase_specutils[gp]"' in out.stdout
 
 
 def test_fit_transfer_takes_a_likelihood_and_tunes_its_parameters():
