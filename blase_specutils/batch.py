@@ -882,6 +882,20 @@ def match_lines(
     -------
     LineGrid
     """
+    params, labels = _grid_points(line_tables, parameters, labels)
+    tol = u.Quantity(tolerance)
+    rel, absolute = _tolerance(tol)
+    order = np.lexsort([np.asarray(params[c], dtype=float) for c in reversed(params.colnames)])
+    rows, track_id = _track_lines(line_tables, order, rel, absolute)
+    if not rows:
+        raise ValueError("no line tables to match")
+    out = _matched_table(line_tables, rows, track_id, params, labels)
+    out.meta["tolerance"] = str(tol)
+    return LineGrid(out, list(params.colnames))
+
+
+def _grid_points(line_tables: Sequence[QTable], parameters, labels) -> tuple[Table, list[str]]:
+    """The grid parameters as a table (one row per line table, at least one column) and unique labels."""
     params = Table(rows=list(parameters)) if not isinstance(parameters, Table) else Table(parameters)
     if len(params) != len(line_tables):
         raise ValueError(f"got {len(params)} grid points for {len(line_tables)} line tables")
@@ -890,33 +904,22 @@ def match_lines(
     labels = [f"point {i}" for i in range(len(params))] if labels is None else [str(x) for x in labels]
     if len(set(labels)) != len(labels):
         raise ValueError("grid point labels must be unique")
-    tol = u.Quantity(tolerance)
-    rel, absolute = _tolerance(tol)
-    order = np.lexsort([np.asarray(params[c], dtype=float) for c in reversed(params.colnames)])
+    return params, labels
+
+
+def _track_lines(line_tables: Sequence[QTable], order: np.ndarray, rel: float | None,
+                 absolute: float | None) -> tuple[list[tuple[int, np.ndarray]], np.ndarray]:
+    """Follow the lines through the grid points in ``order``: (point, track id of each line) per point,
+    and the ids of all tracks sorted by their last centre. Each line joins the nearest open track within the tolerance (closest
+    pairs first, one to one) or opens a new one."""
     # open tracks: last seen centre and id, kept sorted by centre for the nearest-neighbour search
     track_c = np.empty(0)
     track_id = np.empty(0, dtype=int)
     n_tracks = 0
     rows = []
     for k in order:
-        t = line_tables[k]
-        c = np.asarray(u.Quantity(t["center"], u.AA).value, dtype=float)
-        ids = np.full(c.size, -1)
-        if track_c.size and c.size:
-            pos = np.searchsorted(track_c, c)
-            cand = []
-            for i, ci in enumerate(c):
-                lim = absolute if absolute is not None else rel * ci
-                for j in (pos[i] - 1, pos[i]):
-                    if 0 <= j < track_c.size and abs(track_c[j] - ci) <= lim:
-                        cand.append((abs(track_c[j] - ci), i, j))
-            cand.sort()
-            taken = set()
-            for _, i, j in cand:  # closest pairs first, one to one
-                if ids[i] < 0 and j not in taken:
-                    ids[i] = track_id[j]
-                    taken.add(j)
-                    track_c[j] = c[i]
+        c = np.asarray(u.Quantity(line_tables[k]["center"], u.AA).value, dtype=float)
+        ids = _join_tracks(c, track_c, track_id, rel, absolute)
         new = ids < 0
         ids[new] = n_tracks + np.arange(int(new.sum()))
         n_tracks += int(new.sum())
@@ -925,11 +928,39 @@ def match_lines(
         srt = np.argsort(track_c, kind="stable")
         track_c, track_id = track_c[srt], track_id[srt]
         rows.append((k, ids))
-    if not rows:
-        raise ValueError("no line tables to match")
-    # number the lines by wavelength
-    renumber = np.empty(n_tracks, dtype=int)
-    renumber[track_id] = np.arange(n_tracks)
+    return rows, track_id
+
+
+def _join_tracks(c: np.ndarray, track_c: np.ndarray, track_id: np.ndarray, rel: float | None,
+                 absolute: float | None) -> np.ndarray:
+    """The track id each centre ``c`` joins (-1: none within the tolerance), closest pairs first, one to
+    one; a joined track's centre moves to the line's (``track_c`` is updated in place)."""
+    ids = np.full(c.size, -1)
+    if not (track_c.size and c.size):
+        return ids
+    pos = np.searchsorted(track_c, c)
+    cand = []
+    for i, ci in enumerate(c):
+        lim = absolute if absolute is not None else rel * ci
+        for j in (pos[i] - 1, pos[i]):
+            if 0 <= j < track_c.size and abs(track_c[j] - ci) <= lim:
+                cand.append((abs(track_c[j] - ci), i, j))
+    cand.sort()
+    taken = set()
+    for _, i, j in cand:  # closest pairs first, one to one
+        if ids[i] < 0 and j not in taken:
+            ids[i] = track_id[j]
+            taken.add(j)
+            track_c[j] = c[i]
+    return ids
+
+
+def _matched_table(line_tables: Sequence[QTable], rows: list, track_id: np.ndarray, params: Table,
+                   labels: list[str]) -> QTable:
+    """One row per line per grid point: its line id (numbered by wavelength), the point's parameters and
+    label, and the line-table columns of :data:`_GRID_COLUMNS`."""
+    renumber = np.empty(track_id.size, dtype=int)  # number the lines by wavelength
+    renumber[track_id] = np.arange(track_id.size)
     out = QTable()
     out["line_id"] = np.concatenate([renumber[ids] for _, ids in rows]).astype(int)
     for p in params.colnames:
@@ -943,8 +974,7 @@ def match_lines(
                 out[name] = np.concatenate([u.Quantity(line_tables[k][name]).to_value(unit) for k, _ in rows]) * unit
             else:
                 out[name] = np.concatenate([np.asarray(line_tables[k][name], dtype=float) for k, _ in rows])
-    out.meta["tolerance"] = str(tol)
-    return LineGrid(out, list(params.colnames))
+    return out
 
 
 def clone_grid(

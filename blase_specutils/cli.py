@@ -103,9 +103,24 @@ def _output_folder(path: str, *, create: bool = True) -> Path:
 
 
 def _run_clone(args, source: str, spectrum, info: dict) -> dict:
+    """``clone`` and ``demo``: clone the input, write the clone, its line table and its figure; the summary."""
+    from .cloning import clone_spectrum
+
+    settings = _clone_settings(args, info)
+    out = _output_folder(args.output)
+    t0 = time.perf_counter()
+    # tqdm writes to stderr: stdout keeps only the JSON
+    clone = clone_spectrum(spectrum, settings=settings, device=args.device, progress=not args.quiet)
+    seconds = time.perf_counter() - t0
+    summary = _clone_summary(clone, args, source, seconds)
+    return summary | _write_clone_products(clone, out, _clone_stem(args, source), source, args.prominence)
+
+
+def _clone_settings(args, info: dict):
+    """The CloneSettings of the command line: its options, else the template's band, Teff and kind."""
     import astropy.units as u
 
-    from .cloning import clone_spectrum
+    from .clone_settings import CloneSettings
 
     band = None
     if args.band is not None:
@@ -113,46 +128,29 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
     elif info.get("band") is not None:
         band = tuple(info["band"]) * u.AA
     teff = args.teff if args.teff is not None else info.get("teff")
-    flatten = False if args.no_flatten else info.get("kind", "stellar") != "telluric"
-    out = _output_folder(args.output)
+    return CloneSettings(
+        prominence=args.prominence, band=band, buffer=args.buffer * u.AA, teff=None if teff is None else teff * u.K,
+        flatten=False if args.no_flatten else info.get("kind", "stellar") != "telluric", mode=args.mode,
+        profile=args.profile, tune=("amplitude", "sigma", "gamma") + (() if args.fixed_centers else ("center",)),
+        epochs=args.epochs, residual_passes=args.residual_passes, lr=args.lr, plan=_plan(args))
+
+
+def _clone_stem(args, source: str) -> str:
+    """Stem of the output files: ``--name``, else the input's (with the order, when one was chosen)."""
     stem = args.name or (Path(source).stem if Path(source).exists() else source)
     if getattr(args, "order", None) is not None and not args.name:
         stem = f"{stem}_order{args.order:02d}"
-    t0 = time.perf_counter()
-    clone = clone_spectrum(
-        spectrum,
-        prominence=args.prominence,
-        band=band,
-        buffer=args.buffer * u.AA,
-        teff=None if teff is None else teff * u.K,
-        flatten=flatten,
-        mode=args.mode,
-        profile=args.profile,
-        tune=("amplitude", "sigma", "gamma") + (() if args.fixed_centers else ("center",)),
-        epochs=args.epochs,
-        residual_passes=args.residual_passes,
-        lr=args.lr,
-        device=args.device,
-        progress=not args.quiet,  # tqdm writes to stderr: stdout keeps only the JSON
-        plan=_plan(args),
-    )
-    seconds = time.perf_counter() - t0
-    fidelity = clone.fidelity()
-    weak = clone.worst_windows(5)
-    clone_path = clone.save(out / f"{stem}_clone.fits", overwrite=True)
-    table_path = out / f"{stem}_lines.ecsv"
-    clone.lines.write(table_path, overwrite=True)
-    import matplotlib
+    return stem
 
-    matplotlib.use("Agg")
-    fig = clone.plot(title=f"{source}: {clone.n_lines} lines, prominence {args.prominence}")
-    png_path = out / f"{stem}_clone.png"
-    fig.savefig(png_path, dpi=110)
+
+def _clone_summary(clone, args, source: str, seconds: float) -> dict:
+    """What ``clone --json`` prints about the clone: size, fidelity, weakest windows, training, engine."""
+    weak = clone.worst_windows(5)
     return {
         "input": source,
         "n_lines": clone.n_lines,
         "rms_residual": clone.rms_residual(),
-        "fidelity": fidelity,
+        "fidelity": clone.fidelity(),
         "lines_added_from_residual": int((clone.line_pass > 0).sum()),
         "residual_passes": len(clone.passes) - 1,
         "worst_windows": [{"start": float(r["start"].value), "end": float(r["end"].value), "rms": float(r["rms"]),
@@ -164,10 +162,21 @@ def _run_clone(args, source: str, spectrum, info: dict) -> dict:
         "profile": args.profile,
         "device": str(args.device),
         "engine": clone.engine,
-        "clone_file": str(clone_path),
-        "line_table": str(table_path),
-        "figure": str(png_path),
     }
+
+
+def _write_clone_products(clone, out: Path, stem: str, source: str, prominence: float) -> dict:
+    """Write the clone (FITS), its line table (ECSV) and its figure (PNG) into ``out``; their paths."""
+    clone_path = clone.save(out / f"{stem}_clone.fits", overwrite=True)
+    table_path = out / f"{stem}_lines.ecsv"
+    clone.lines.write(table_path, overwrite=True)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = clone.plot(title=f"{source}: {clone.n_lines} lines, prominence {prominence}")
+    png_path = out / f"{stem}_clone.png"
+    fig.savefig(png_path, dpi=110)
+    return {"clone_file": str(clone_path), "line_table": str(table_path), "figure": str(png_path)}
 
 
 #: What each stop reason of the training means, for people.
@@ -398,34 +407,19 @@ def _fmt(value, spec: str, unit: str = "") -> str:
 
 
 def _run_fit(args) -> int:
-    import warnings
-
-    from .fitting import FitFlagWarning, fit_spectrum
-
-    if not args.stellar and not args.telluric:
-        print("error: give --stellar CLONE, --telluric CLONE, or both (--telluric alone: a telluric-only fit)",
-              file=sys.stderr)
-        return 2
-    if getattr(args, "corrected", False) and not args.telluric:
-        print("error: --corrected needs a telluric clone (--telluric CLONE): it divides by the fitted transmission",
-              file=sys.stderr)
-        return 2
-    from .templates import TEMPLATES
-
-    for arg in (args.stellar, args.telluric):  # a missing clone file is named before any data are read
-        if arg and arg not in TEMPLATES and not Path(arg).exists():
-            raise CommandError(EXIT_DATA, f"no clone file at {Path(arg)} (nor an embedded template of that name: "
-                                          f"{', '.join(sorted(TEMPLATES))})")
+    """``fit``: read the data and the clones, fit, write the result, its products and the summary."""
+    usage = _fit_usage_error(args)
+    if usage:
+        print(f"error: {usage}", file=sys.stderr)
+        return EXIT_USAGE
+    _check_clone_files(args.stellar, args.telluric)  # a missing clone file is named before any data are read
     data = _read_data(args.data, args.order)
     stellar = _clone_arg(args.stellar, data, not args.quiet) if args.stellar else None
     telluric = _clone_arg(args.telluric, data, not args.quiet) if args.telluric else None
     t0 = time.perf_counter()
     try:
         out = _output_folder(args.output)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FitFlagWarning)  # reported below, one line per flag
-            result = fit_spectrum(data, stellar, telluric=telluric, device=args.device,
-                                  progress=not args.quiet, **_fit_kwargs(args))
+        result = _fit(data, stellar, telluric, args)
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
@@ -437,40 +431,82 @@ def _run_fit(args) -> int:
         print(f"warning: [{flag.code}] {flag.message}", file=sys.stderr)
     summary = result.summary()
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary |= _write_fit_products(result, out, args)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_fit(summary)
+    return EXIT_OK
+
+
+def _fit_usage_error(args) -> str | None:
+    """Why the options of ``fit`` cannot work together (None when they can)."""
+    if not args.stellar and not args.telluric:
+        return "give --stellar CLONE, --telluric CLONE, or both (--telluric alone: a telluric-only fit)"
+    if getattr(args, "corrected", False) and not args.telluric:
+        return "--corrected needs a telluric clone (--telluric CLONE): it divides by the fitted transmission"
+    return None
+
+
+def _check_clone_files(*args: str | None) -> None:
+    """CommandError (bad input) for a clone that is neither an existing file nor an embedded template."""
+    from .templates import TEMPLATES
+
+    for arg in args:
+        if arg and arg not in TEMPLATES and not Path(arg).exists():
+            raise CommandError(EXIT_DATA, f"no clone file at {Path(arg)} (nor an embedded template of that name: "
+                                          f"{', '.join(sorted(TEMPLATES))})")
+
+
+def _fit(data, stellar, telluric, args):
+    """fit_spectrum with the command line's settings; its flags are reported by the caller, not warned."""
+    import warnings
+
+    from .fitting import FitFlagWarning, fit_spectrum
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitFlagWarning)  # reported by _run_fit, one line per flag
+        return fit_spectrum(data, stellar, telluric=telluric, device=args.device, progress=not args.quiet,
+                            **_fit_kwargs(args))
+
+
+def _write_fit_products(result, out: Path, args) -> dict:
+    """Write the fit (FITS), its line table, the corrected spectrum when asked and the figure; their paths."""
     stem = Path(args.data).stem
-    summary["result_file"] = str(result.save(out / f"{stem}_fit.fits", overwrite=True))
+    paths = {"result_file": str(result.save(out / f"{stem}_fit.fits", overwrite=True))}
     table = out / f"{stem}_fit_lines.ecsv"
     result.lines.write(table, overwrite=True)
-    summary["line_table"] = str(table)
+    paths["line_table"] = str(table)
     if getattr(args, "corrected", False):
-        summary["corrected_file"] = str(result.save_corrected(out / f"{stem}_corrected.fits", overwrite=True))
+        paths["corrected_file"] = str(result.save_corrected(out / f"{stem}_corrected.fits", overwrite=True))
     import matplotlib
 
     matplotlib.use("Agg")
     png = out / f"{stem}_fit.png"
     result.plot(title=Path(args.data).name).savefig(png, dpi=110)
-    summary["figure"] = str(png)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        tm = summary["template_matching"]
-        power = "" if tm["telluric_power"] is None else f", telluric power {tm['telluric_power']:.3f}"
-        print(f"template matching: chi2_red {tm['chi2_reduced']:.2f}, RV {_fmt(tm['rv'], '.3f', ' km/s')}, "
-              f"v sin i {_fmt(tm['vsini'], '.2f', ' km/s')}, R {tm['resolving_power']:.0f}{power}")
-        power = "" if summary.get("telluric_power") is None else f", telluric power {summary['telluric_power']:.3f}"
-        print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {_fmt(summary['rv_kms'], '.3f', ' km/s')}, "
-              f"v sin i {_fmt(summary['vsini_kms'], '.2f', ' km/s')}{power}, "
-              f"{summary['n_lines_changed']} of {summary['n_lines']} lines changed")
-        if summary["rv_kms"] is not None:
-            print(f"  RV: measured (observatory) {_fmt(summary['rv_observatory_kms'], '.3f', ' km/s')}, barycentric "
-                  f"{_fmt(summary['rv_barycentric_kms'], '.3f', ' km/s')} (correction "
-                  f"{_fmt(summary['barycentric_correction_kms'], '+.3f', ' km/s')}); {summary['frame']} frame, "
-                  f"{summary['wavelength_frame']}")
-        print(f"  flags: {summary['flag_codes'] or 'none'}")
-        for key in ("result_file", "line_table", "corrected_file", "figure"):
-            if key in summary:
-                print(f"  {key.replace('_', ' ')}: {summary[key]}")
-    return 0
+    paths["figure"] = str(png)
+    return paths
+
+
+def _print_fit(summary: dict) -> None:
+    """The fit's summary for people: both stages, the RV in both frames, the flags and the files."""
+    tm = summary["template_matching"]
+    power = "" if tm["telluric_power"] is None else f", telluric power {tm['telluric_power']:.3f}"
+    print(f"template matching: chi2_red {tm['chi2_reduced']:.2f}, RV {_fmt(tm['rv'], '.3f', ' km/s')}, "
+          f"v sin i {_fmt(tm['vsini'], '.2f', ' km/s')}, R {tm['resolving_power']:.0f}{power}")
+    power = "" if summary.get("telluric_power") is None else f", telluric power {summary['telluric_power']:.3f}"
+    print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {_fmt(summary['rv_kms'], '.3f', ' km/s')}, "
+          f"v sin i {_fmt(summary['vsini_kms'], '.2f', ' km/s')}{power}, "
+          f"{summary['n_lines_changed']} of {summary['n_lines']} lines changed")
+    if summary["rv_kms"] is not None:
+        print(f"  RV: measured (observatory) {_fmt(summary['rv_observatory_kms'], '.3f', ' km/s')}, barycentric "
+              f"{_fmt(summary['rv_barycentric_kms'], '.3f', ' km/s')} (correction "
+              f"{_fmt(summary['barycentric_correction_kms'], '+.3f', ' km/s')}); {summary['frame']} frame, "
+              f"{summary['wavelength_frame']}")
+    print(f"  flags: {summary['flag_codes'] or 'none'}")
+    for key in ("result_file", "line_table", "corrected_file", "figure"):
+        if key in summary:
+            print(f"  {key.replace('_', ' ')}: {summary[key]}")
 
 
 def _client(args):
