@@ -42,8 +42,10 @@ _LAZY = {
     "clone_many": "batch",
     "clone_grid": "batch",
     "GPContinuumLikelihood": "gp",
+    "GPSettings": "gp",
     "sample_posterior": "bayes",
     "PosteriorFit": "bayes",
+    "PosteriorSettings": "bayes",
 }
 
 #: The top-level packages of the optional extra that each lazily imported module needs.

@@ -141,11 +141,11 @@ FRAME_CHECK_POWERS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 # --- posterior, GP and files -----------------------------------------------------------------
 
-#: Largest |ln x| of a line parameter (amplitude, σ, γ in Å) that a saved file or a line table may
-#: hold: e^45 ≈ 3.5e19, far outside any real line; beyond it a file is damaged.
+#: Largest |ln x| the loaders and line tables accept for line amplitudes (ln a), widths (ln σ, ln γ
+#: in Å) and the wing parameters: e^±45 (3e-20 to 3.5e19) is far beyond any line of a real spectrum.
 LOG_PARAMETER_LIMIT = 45.0
-#: Wavelengths (Å) that a spectrum without a unit may hold when it is taken to be in Å; outside
-#: this range the reader refuses the guess and names the likely unit.
+#: Wavelengths (Å) that a table whose wavelength column has no unit may plausibly hold; the reader
+#: assumes Å, so numbers outside this range are in another unit (µm, m, Hz, ...).
 PLAUSIBLE_ANGSTROM = (100.0, 1e7)
 
 #: The SVI learning rate decays by this factor over a posterior run (tenfold).

@@ -59,6 +59,7 @@ import contextlib
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -74,7 +75,10 @@ except ImportError as _err:  # the optional extra is missing
         'pip install "blase_specutils[gp]"'
     ) from _err
 
-__all__ = ["KERNELS", "METHODS", "GPContinuumLikelihood", "build_likelihood"]
+from .constants import (GP_GRID_PER_LENGTH_SCALE, GP_LANCZOS_ITERATIONS, GP_MAX_CG_ITERATIONS, GP_MAX_EXACT_SIZE,
+                        GP_ORDER_GAP)
+
+__all__ = ["KERNELS", "METHODS", "GPContinuumLikelihood", "GPSettings", "build_likelihood"]
 
 #: Kernel names and their Matérn smoothness ν (None: squared exponential).
 KERNELS: dict[str, float | None] = {"matern12": 0.5, "matern32": 1.5, "matern52": 2.5, "rbf": None}
@@ -83,50 +87,6 @@ KERNELS: dict[str, float | None] = {"matern12": 0.5, "matern32": 1.5, "matern52"
 METHODS = ("auto", "exact", "scalable")
 
 F64 = torch.float64
-
-
-def _bounds(bounds, name: str, initial: float):
-    """Validate ``(lower, upper)`` (either may be None) and return a GPyTorch constraint.
-
-    Unbounded and lower-bounded parameters move in log space (``exp`` transform), so Adam's
-    steps are relative; a two-sided interval uses GPyTorch's sigmoid.
-    """
-    if bounds is None:
-        bounds = (None, None)
-    try:
-        lo, hi = bounds
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}_bounds must be None or a pair (lower, upper), got {bounds!r}") from None
-    lo = None if lo is None else float(lo)
-    hi = None if hi is None else float(hi)
-    if lo is not None and not (math.isfinite(lo) and lo >= 0.0):
-        raise ValueError(f"the lower bound of {name} must be finite and >= 0, got {lo}")
-    if hi is not None and not (math.isfinite(hi) and hi > 0.0):
-        raise ValueError(f"the upper bound of {name} must be finite and > 0, got {hi}")
-    if lo is not None and hi is not None and not lo < hi:
-        raise ValueError(f"{name}_bounds must have lower < upper, got {bounds!r}")
-    if (lo is not None and not initial > lo) or (hi is not None and not initial < hi):
-        raise ValueError(f"the initial {name} {initial} lies outside its bounds {(lo, hi)}")
-    if hi is None:
-        if lo is None or lo == 0.0:
-            return Positive(transform=torch.exp, inv_transform=torch.log)
-        c = GreaterThan(lo, transform=torch.exp, inv_transform=torch.log)
-    else:
-        c = Interval(0.0 if lo is None else lo, hi)
-    # GPyTorch stores bounds in the default dtype (float32): keep them exact in float64
-    c.lower_bound = torch.tensor(0.0 if lo is None else lo, dtype=F64)
-    c.upper_bound = torch.tensor(math.inf if hi is None else hi, dtype=F64)
-    return c
-
-
-def _positive(value, name: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not (math.isfinite(v) and v > 0.0):
-        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
-    return v
 
 
 def _as_1d(x, name: str, n: int | None, dtype=np.float64) -> np.ndarray:
@@ -152,12 +112,221 @@ def _fft_friendly(m: int) -> int:
 
 
 def _default_orders(wl: np.ndarray) -> np.ndarray:
-    """One order per run of pixels without a gap wider than 5× the median pixel spacing."""
+    """One order per run of pixels without a gap wider than ``GP_ORDER_GAP`` median pixel spacings."""
     if wl.size < 3:
         return np.zeros(wl.size, dtype=np.int64)
     d = np.abs(np.diff(wl))
-    gap = d > 5.0 * np.median(d)
+    gap = d > GP_ORDER_GAP * np.median(d)
     return np.concatenate([[0], np.cumsum(gap)]).astype(np.int64)
+
+
+def _checked_bounds(bounds, name: str, initial: float) -> tuple[float | None, float | None]:
+    """``(lower, upper)`` of a hyperparameter (either may be None), checked against each other and
+    against the initial value."""
+    if bounds is None:
+        bounds = (None, None)
+    try:
+        lo, hi = bounds
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}_bounds must be None or a pair (lower, upper), got {bounds!r}") from None
+    lo = None if lo is None else float(lo)
+    hi = None if hi is None else float(hi)
+    if lo is not None and not (math.isfinite(lo) and lo >= 0.0):
+        raise ValueError(f"the lower bound of {name} must be finite and >= 0, got {lo}")
+    if hi is not None and not (math.isfinite(hi) and hi > 0.0):
+        raise ValueError(f"the upper bound of {name} must be finite and > 0, got {hi}")
+    if lo is not None and hi is not None and not lo < hi:
+        raise ValueError(f"{name}_bounds must have lower < upper, got {bounds!r}")
+    if (lo is not None and not initial > lo) or (hi is not None and not initial < hi):
+        raise ValueError(f"the initial {name} {initial} lies outside its bounds {(lo, hi)}")
+    return lo, hi
+
+
+def _constraint(lo: float | None, hi: float | None):
+    """The GPyTorch constraint of checked bounds ``(lo, hi)``.
+
+    Unbounded and lower-bounded parameters move in log space (``exp`` transform), so Adam's
+    steps are relative; a two-sided interval uses GPyTorch's sigmoid.
+    """
+    if hi is None:
+        if lo is None or lo == 0.0:
+            return Positive(transform=torch.exp, inv_transform=torch.log)
+        c = GreaterThan(lo, transform=torch.exp, inv_transform=torch.log)
+    else:
+        c = Interval(0.0 if lo is None else lo, hi)
+    # GPyTorch stores bounds in the default dtype (float32): keep them exact in float64
+    c.lower_bound = torch.tensor(0.0 if lo is None else lo, dtype=F64)
+    c.upper_bound = torch.tensor(math.inf if hi is None else hi, dtype=F64)
+    return c
+
+
+def _positive(value, name: str) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if not (math.isfinite(v) and v > 0.0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class GPSettings:
+    """The options of a :class:`GPContinuumLikelihood`, each checked once, here.
+
+    Parameters
+    ----------
+    kernel : {"matern32", "matern52", "matern12", "rbf"}
+        Stationary kernel k: Matérn with ν = 3/2, 5/2, 1/2, or squared exponential.
+    amplitude : float
+        Initial A (flux units; 0.01 = 1 % of a normalised continuum).
+    length_scale : float
+        Initial ℓ (Å).
+    amplitude_bounds, length_scale_bounds : (float or None, float or None) or None
+        Optional bounds on A and ℓ. The default lower bound of 1 Å on ℓ (several resolution
+        elements of HPF or IGRINS) keeps the GP from taking over line-scale residuals that the
+        lines should explain; pass ``(None, None)`` to lift it.
+    per_order : bool
+        Give every order its own A and ℓ (default: shared by all orders).
+    method : {"auto", "exact", "scalable"}
+        ``"auto"``: exact (Cholesky) for orders with at most ``max_exact_size`` good pixels,
+        scalable (KISS-GP with CG and Lanczos) above. Échelle orders of ≈ 2,000 pixels are exact.
+    max_exact_size : int
+        Size limit of the exact method under ``"auto"`` (3,000: about where the scalable method
+        becomes faster on a CPU; :data:`blase_specutils.constants.GP_MAX_EXACT_SIZE`).
+    grid_spacing : float, optional
+        Spacing (Å) of the KISS-GP grid; default: an eighth of the lower bound of ℓ (or of the
+        initial ℓ without a lower bound). Cubic interpolation is accurate when the spacing is
+        well below ℓ.
+    noise_scale : float
+        β: the noise covariance is β² diag(σ²).
+    learn_noise_scale : bool
+        Tune β as well (for data whose σ are uncertain, or for cloning, where σ is a nominal
+        tolerance).
+    learn : bool
+        Tune A and ℓ (default). False keeps them fixed; with β fixed too, the exact method then
+        factorises C once and each evaluation costs O(n²) instead of O(n³).
+    jitter : float
+        Added to the diagonal of K as ``jitter · A²`` (vanishes with A, so the χ² limit is exact).
+    cg_tolerance : float
+        Relative residual tolerance of the conjugate-gradient solves (scalable method).
+    n_probes : int
+        Probe vectors of the stochastic log-determinant (scalable method).
+    preconditioner_rank : int
+        Rank of the pivoted-Cholesky preconditioner (scalable method).
+    seed : int
+        Seed of the probe vectors (fixed: the scalable loss is deterministic).
+
+    Raises
+    ------
+    ValueError
+        Unknown kernel or method, non-positive or non-finite A, ℓ, β, bad bounds.
+    TypeError
+        A number given as something else.
+    """
+
+    kernel: str = "matern32"
+    amplitude: float = 0.01
+    length_scale: float = 5.0
+    amplitude_bounds: tuple[float | None, float | None] | None = None
+    length_scale_bounds: tuple[float | None, float | None] | None = (1.0, None)
+    per_order: bool = False
+    method: str = "auto"
+    max_exact_size: int = GP_MAX_EXACT_SIZE
+    grid_spacing: float | None = None
+    noise_scale: float = 1.0
+    learn_noise_scale: bool = False
+    learn: bool = True
+    jitter: float = 1e-8
+    cg_tolerance: float = 1e-5
+    n_probes: int = 32
+    preconditioner_rank: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def put(name, value):
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.kernel, str) or self.kernel.lower() not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}: choose one of {sorted(KERNELS)}")
+        put("kernel", self.kernel.lower())
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {METHODS}")
+        for name in ("amplitude", "length_scale", "noise_scale"):
+            put(name, _positive(getattr(self, name), name))
+        if int(self.max_exact_size) < 1:
+            raise ValueError(f"max_exact_size must be >= 1, got {self.max_exact_size}")
+        if not (0.0 <= float(self.jitter) < 1.0):
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+        if not float(self.cg_tolerance) > 0:
+            raise ValueError(f"cg_tolerance must be > 0, got {self.cg_tolerance}")
+        if int(self.n_probes) < 1 or int(self.preconditioner_rank) < 0:
+            raise ValueError("n_probes must be >= 1 and preconditioner_rank >= 0")
+        put("length_scale_bounds", _checked_bounds(self.length_scale_bounds, "length_scale", self.length_scale))
+        put("amplitude_bounds", _checked_bounds(self.amplitude_bounds, "amplitude", self.amplitude))
+        for name, kind in (("max_exact_size", int), ("jitter", float), ("cg_tolerance", float), ("n_probes", int),
+                           ("preconditioner_rank", int), ("seed", int), ("per_order", bool),
+                           ("learn_noise_scale", bool), ("learn", bool)):
+            put(name, kind(getattr(self, name)))
+        if self.grid_spacing is not None:
+            put("grid_spacing", _positive(self.grid_spacing, "grid_spacing"))
+
+    @property
+    def kiss_grid_spacing(self) -> float:
+        """The KISS-GP grid spacing (Å): ``grid_spacing``, or by default the lower bound of ℓ (or the
+        initial ℓ without a positive lower bound) over :data:`~blase_specutils.constants.GP_GRID_PER_LENGTH_SCALE`."""
+        if self.grid_spacing is not None:
+            return self.grid_spacing
+        floor = self.length_scale_bounds[0]
+        floor = floor if floor is not None and floor > 0 else self.length_scale
+        return min(floor, self.length_scale) / GP_GRID_PER_LENGTH_SCALE
+
+    def method_for(self, n_good: int) -> str:
+        """The method of an order with ``n_good`` good pixels (``"auto"`` resolved by size)."""
+        if self.method != "auto":
+            return self.method
+        return "exact" if n_good <= self.max_exact_size else "scalable"
+
+
+@dataclass(frozen=True)
+class _Pixels:
+    """The checked pixels of a likelihood: wavelengths (Å), σ, the good mask and the order of each."""
+
+    wavelength: np.ndarray
+    sigma: np.ndarray
+    good: np.ndarray
+    order_index: np.ndarray
+
+
+def _checked_pixels(wavelength, sigma, good, order_index) -> _Pixels:
+    """The pixels, checked: ≥ 2 finite wavelengths, σ finite and > 0 at every good pixel, one good
+    pixel at least, one entry per pixel in every array."""
+    wl = _as_1d(wavelength, "wavelength", None)
+    n = wl.size
+    if n < 2 or not np.all(np.isfinite(wl)):
+        raise ValueError("wavelength must hold at least 2 finite values (Å)")
+    sig = _as_1d(sigma, "sigma", n)
+    good_a = np.ones(n, bool) if good is None else _as_1d(good, "good", n, dtype=bool)
+    bad = good_a & ~(np.isfinite(sig) & (sig > 0))
+    if bad.any():
+        raise ValueError(
+            f"sigma must be finite and > 0 at every good pixel; {int(bad.sum())} are not (mask them with good=False)"
+        )
+    if not good_a.any():
+        raise ValueError("no good pixel: every pixel is masked")
+    oi = _default_orders(wl) if order_index is None else _as_1d(order_index, "order_index", n, dtype=np.int64)
+    return _Pixels(wl, sig, good_a, oi)
+
+
+def _settings_from(settings: GPSettings | None, options: dict) -> GPSettings:
+    """The settings of a likelihood from ``settings=`` or from keywords (not both)."""
+    if settings is None:
+        return GPSettings(**options)
+    if not isinstance(settings, GPSettings):
+        raise TypeError(f"settings must be a GPSettings, got {type(settings).__name__}")
+    if options:
+        raise TypeError(f"pass the GP options either as settings= or as keywords, not both (got {sorted(options)})")
+    return settings
 
 
 class _CholeskyQuadLogdet(torch.autograd.Function):
@@ -210,193 +379,49 @@ class GPContinuumLikelihood(nn.Module):
         the conditional mean is still predicted there.
     order_index : array_like of int, optional
         Échelle order of each pixel: one independent GP per order. Default: a new order at every
-        gap wider than 5× the median pixel spacing.
-    kernel : {"matern32", "matern52", "matern12", "rbf"}
-        Stationary kernel k: Matérn with ν = 3/2, 5/2, 1/2, or squared exponential.
-    amplitude : float
-        Initial A (flux units; 0.01 = 1 % of a normalised continuum).
-    length_scale : float
-        Initial ℓ (Å).
-    amplitude_bounds, length_scale_bounds : (float or None, float or None) or None
-        Optional bounds on A and ℓ. The default lower bound of 1 Å on ℓ (several resolution
-        elements of HPF or IGRINS) keeps the GP from taking over line-scale residuals that the
-        lines should explain; pass ``(None, None)`` to lift it.
-    per_order : bool
-        Give every order its own A and ℓ (default: shared by all orders).
-    method : {"auto", "exact", "scalable"}
-        ``"auto"``: exact (Cholesky) for orders with at most ``max_exact_size`` good pixels,
-        scalable (KISS-GP with CG and Lanczos) above. Échelle orders of ≈ 2,000 pixels are exact.
-    max_exact_size : int
-        Size limit of the exact method under ``"auto"`` (3,000: about where the scalable method
-        becomes faster on a CPU).
-    grid_spacing : float, optional
-        Spacing (Å) of the KISS-GP grid; default: an eighth of the lower bound of ℓ (or of the
-        initial ℓ without a lower bound). Cubic interpolation is accurate when the spacing is
-        well below ℓ.
-    noise_scale : float
-        β: the noise covariance is β² diag(σ²).
-    learn_noise_scale : bool
-        Tune β as well (for data whose σ are uncertain, or for cloning, where σ is a nominal
-        tolerance).
-    learn : bool
-        Tune A and ℓ (default). False keeps them fixed; with β fixed too, the exact method then
-        factorises C once and each evaluation costs O(n²) instead of O(n³).
-    jitter : float
-        Added to the diagonal of K as ``jitter · A²`` (vanishes with A, so the χ² limit is exact).
-    cg_tolerance : float
-        Relative residual tolerance of the conjugate-gradient solves (scalable method).
-    n_probes : int
-        Probe vectors of the stochastic log-determinant (scalable method).
-    preconditioner_rank : int
-        Rank of the pivoted-Cholesky preconditioner (scalable method).
-    seed : int
-        Seed of the probe vectors (fixed: the scalable loss is deterministic).
+        gap wider than 5× the median pixel spacing (:data:`~blase_specutils.constants.GP_ORDER_GAP`).
+    settings : GPSettings, optional
+        The kernel, its starting values and bounds, the method and its tolerances, checked.
     device : str or torch.device, optional
         Device of the buffers (default CPU); ``.to(device)`` moves the module later.
+    **options
+        Instead of ``settings``: its fields as keywords (``kernel="matern32"``, ``amplitude=0.01``,
+        ``length_scale=5.0``, ``amplitude_bounds``, ``length_scale_bounds=(1.0, None)``,
+        ``per_order``, ``method="auto"``, ``max_exact_size``, ``grid_spacing``, ``noise_scale``,
+        ``learn_noise_scale``, ``learn``, ``jitter``, ``cg_tolerance``, ``n_probes``,
+        ``preconditioner_rank``, ``seed``); see :class:`GPSettings` for each.
 
     Raises
     ------
     ValueError
         Unknown kernel or method, non-positive or non-finite A, ℓ, σ, bad bounds, arrays of
         different lengths, or no good pixel.
+    TypeError
+        Both ``settings`` and keywords, or an unknown keyword.
     """
 
-    def __init__(
-        self,
-        wavelength,
-        sigma,
-        *,
-        good=None,
-        order_index=None,
-        kernel: str = "matern32",
-        amplitude: float = 0.01,
-        length_scale: float = 5.0,
-        amplitude_bounds: tuple[float | None, float | None] | None = None,
-        length_scale_bounds: tuple[float | None, float | None] | None = (1.0, None),
-        per_order: bool = False,
-        method: str = "auto",
-        max_exact_size: int = 3000,
-        grid_spacing: float | None = None,
-        noise_scale: float = 1.0,
-        learn_noise_scale: bool = False,
-        learn: bool = True,
-        jitter: float = 1e-8,
-        cg_tolerance: float = 1e-5,
-        n_probes: int = 32,
-        preconditioner_rank: int = 64,
-        seed: int = 0,
-        device: str | torch.device | None = None,
-    ) -> None:
+    def __init__(self, wavelength, sigma, *, good=None, order_index=None, settings: GPSettings | None = None,
+                 device: str | torch.device | None = None, **options) -> None:
         super().__init__()
-        if not isinstance(kernel, str) or kernel.lower() not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}: choose one of {sorted(KERNELS)}")
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}: choose one of {METHODS}")
-        amplitude = _positive(amplitude, "amplitude")
-        length_scale = _positive(length_scale, "length_scale")
-        noise_scale = _positive(noise_scale, "noise_scale")
-        if int(max_exact_size) < 1:
-            raise ValueError(f"max_exact_size must be >= 1, got {max_exact_size}")
-        if not (0.0 <= float(jitter) < 1.0):
-            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
-        if not float(cg_tolerance) > 0:
-            raise ValueError(f"cg_tolerance must be > 0, got {cg_tolerance}")
-        if int(n_probes) < 1 or int(preconditioner_rank) < 0:
-            raise ValueError("n_probes must be >= 1 and preconditioner_rank >= 0")
-        wl = _as_1d(wavelength, "wavelength", None)
-        n = wl.size
-        if n < 2 or not np.all(np.isfinite(wl)):
-            raise ValueError("wavelength must hold at least 2 finite values (Å)")
-        sig = _as_1d(sigma, "sigma", n)
-        good_a = np.ones(n, bool) if good is None else _as_1d(good, "good", n, dtype=bool)
-        bad = good_a & ~(np.isfinite(sig) & (sig > 0))
-        if bad.any():
-            raise ValueError(
-                f"sigma must be finite and > 0 at every good pixel; {int(bad.sum())} are not (mask them with good=False)"
-            )
-        if not good_a.any():
-            raise ValueError("no good pixel: every pixel is masked")
-        oi = _default_orders(wl) if order_index is None else _as_1d(order_index, "order_index", n, dtype=np.int64)
-        lam_bound = _bounds(length_scale_bounds, "length_scale", length_scale)
-        amp_bound = _bounds(amplitude_bounds, "amplitude", amplitude)
-        self.kernel_name = kernel.lower()
-        self.method = method
-        self.max_exact_size = int(max_exact_size)
-        self.jitter = float(jitter)
-        self.cg_tolerance = float(cg_tolerance)
-        self.n_probes = int(n_probes)
-        self.preconditioner_rank = int(preconditioner_rank)
-        self.lanczos_iterations = 30
-        self.seed = int(seed)
-        self.n_pixels = n
+        s = _settings_from(settings, options)
+        px = _checked_pixels(wavelength, sigma, good, order_index)
         dev = torch.device("cpu") if device is None else torch.device(device)
-
-        uniq = np.unique(oi)
-        self.per_order = bool(per_order)
-        n_hyper = len(uniq) if self.per_order else 1
-        nu = KERNELS[self.kernel_name]
-        kernels = []
-        for _ in range(n_hyper):
-            c = _bounds(length_scale_bounds, "length_scale", length_scale)
-            k = RBFKernel(lengthscale_constraint=c) if nu is None else MaternKernel(nu=nu, lengthscale_constraint=c)
-            kernels.append(k)
-        self.base_kernels = nn.ModuleList(kernels)
-        self.amplitude_constraint = amp_bound
-        self.raw_amplitude = nn.Parameter(torch.zeros(n_hyper, dtype=F64))
-        self.raw_log_noise_scale = nn.Parameter(torch.tensor(math.log(noise_scale), dtype=F64),
-                                                requires_grad=bool(learn_noise_scale))
-        self.double()
-        with torch.no_grad():
-            for k in self.base_kernels:
-                k.lengthscale = torch.tensor(length_scale, dtype=F64)
-            self.raw_amplitude.fill_(float(self.amplitude_constraint.inverse_transform(torch.tensor(amplitude, dtype=F64))))
-        for p in [self.raw_amplitude, *[k.raw_lengthscale for k in self.base_kernels]]:
-            p.requires_grad_(bool(learn))
-
-        if grid_spacing is None:
-            floor = lam_bound.lower_bound if isinstance(lam_bound, (GreaterThan, Interval)) else None
-            floor = float(floor) if floor is not None and float(floor) > 0 else length_scale
-            grid_spacing = min(floor, length_scale) / 8.0
-        self.grid_spacing = _positive(grid_spacing, "grid_spacing")
-
-        # per-order bookkeeping: pixels, centred wavelengths, σ², method, KISS-GP kernels
-        self._orders: list[dict] = []
-        self._factor_cache: dict[str, tuple] = {}
-        self._ski = nn.ModuleList()
-        self.order_ids = [int(u) for u in uniq]
-        sig2 = np.where(good_a, sig, 1.0) ** 2
-        for k, u in enumerate(uniq):
-            all_idx = np.flatnonzero(oi == u)
-            good_idx = all_idx[good_a[all_idx]]
-            if good_idx.size == 0:
-                continue
-            centre = 0.5 * (wl[all_idx].min() + wl[all_idx].max())
-            meth = self.method
-            if meth == "auto":
-                meth = "exact" if good_idx.size <= self.max_exact_size else "scalable"
-            name = f"_o{k}"
-            self.register_buffer(name + "_all", torch.as_tensor(all_idx, device=dev), persistent=False)
-            self.register_buffer(name + "_good", torch.as_tensor(good_idx, device=dev), persistent=False)
-            self.register_buffer(name + "_xall", torch.as_tensor(wl[all_idx] - centre, dtype=F64, device=dev)[:, None],
-                                 persistent=False)
-            self.register_buffer(name + "_xgood", torch.as_tensor(wl[good_idx] - centre, dtype=F64, device=dev)[:, None],
-                                 persistent=False)
-            self.register_buffer(name + "_sig2", torch.as_tensor(sig2[good_idx], dtype=F64, device=dev), persistent=False)
-            ski_index = -1
-            if meth == "scalable":
-                xs = wl[all_idx] - centre
-                h = self.grid_spacing
-                lo, hi = float(xs.min()) - 2.01 * h, float(xs.max()) + 2.01 * h
-                m = _fft_friendly(math.ceil((hi - lo) / h) + 2)
-                ski = GridInterpolationKernel(self.base_kernels[k if self.per_order else 0], grid_size=m,
-                                              grid_bounds=((lo, hi),))
-                ski.update_grid([g.to(F64) for g in ski.grid])
-                self._ski.append(ski)
-                ski_index = len(self._ski) - 1
-            self._orders.append({"name": name, "hyper": k if self.per_order else 0, "method": meth, "ski": ski_index,
-                                 "n_good": int(good_idx.size), "n_all": int(all_idx.size), "order": int(u)})
-        self.register_buffer("_log_sig2_sum", torch.tensor(float(np.log(sig2[good_a]).sum()), dtype=F64), persistent=False)
-        self.n_good = int(good_a.sum())
+        self.settings = s
+        self.kernel_name = s.kernel
+        self.method = s.method
+        self.max_exact_size = s.max_exact_size
+        self.jitter = s.jitter
+        self.cg_tolerance = s.cg_tolerance
+        self.n_probes = s.n_probes
+        self.preconditioner_rank = s.preconditioner_rank
+        self.lanczos_iterations = GP_LANCZOS_ITERATIONS
+        self.seed = s.seed
+        self.n_pixels = px.wavelength.size
+        uniq = np.unique(px.order_index)
+        self.per_order = s.per_order
+        _add_hyperparameters(self, s, len(uniq) if s.per_order else 1)
+        self.grid_spacing = s.kiss_grid_spacing
+        _add_orders(self, px, uniq, dev)
         self.to(dev)
 
     # ------------------------------------------------------------------ construction helpers
@@ -468,7 +493,7 @@ class GPContinuumLikelihood(nn.Module):
         about torch deprecations inside linear_operator's sparse interpolation."""
         s = linear_operator.settings
         stack = contextlib.ExitStack()
-        for c in (s.max_cholesky_size(0), s.cg_tolerance(self.cg_tolerance), s.max_cg_iterations(5000),
+        for c in (s.max_cholesky_size(0), s.cg_tolerance(self.cg_tolerance), s.max_cg_iterations(GP_MAX_CG_ITERATIONS),
                   s.num_trace_samples(self.n_probes), s.max_preconditioner_size(self.preconditioner_rank),
                   s.min_preconditioning_size(1), s.max_lanczos_quadrature_iterations(self.lanczos_iterations),
                   s.fast_computations(covar_root_decomposition=True, log_prob=True, solves=True),
@@ -611,6 +636,73 @@ class GPContinuumLikelihood(nn.Module):
         return self._dense(o, x, x) + torch.diag(self._noise_diag(o, a2))
 
 
+# ------------------------------------------------------------------ set-up steps of the likelihood
+def _add_hyperparameters(lik: GPContinuumLikelihood, s: GPSettings, n_hyper: int) -> None:
+    """Give ``lik`` its kernels (one ℓ each), amplitudes A and noise scale β, at their starting
+    values and in float64; A and ℓ tuned when ``s.learn``, β when ``s.learn_noise_scale``."""
+    nu = KERNELS[s.kernel]
+    kernels = []
+    for _ in range(n_hyper):
+        c = _constraint(*s.length_scale_bounds)
+        kernels.append(RBFKernel(lengthscale_constraint=c) if nu is None else MaternKernel(nu=nu, lengthscale_constraint=c))
+    lik.base_kernels = nn.ModuleList(kernels)
+    lik.amplitude_constraint = _constraint(*s.amplitude_bounds)
+    lik.raw_amplitude = nn.Parameter(torch.zeros(n_hyper, dtype=F64))
+    lik.raw_log_noise_scale = nn.Parameter(torch.tensor(math.log(s.noise_scale), dtype=F64),
+                                           requires_grad=s.learn_noise_scale)
+    lik.double()
+    with torch.no_grad():
+        for k in lik.base_kernels:
+            k.lengthscale = torch.tensor(s.length_scale, dtype=F64)
+        lik.raw_amplitude.fill_(float(lik.amplitude_constraint.inverse_transform(torch.tensor(s.amplitude, dtype=F64))))
+    for p in [lik.raw_amplitude, *[k.raw_lengthscale for k in lik.base_kernels]]:
+        p.requires_grad_(s.learn)
+
+
+def _add_orders(lik: GPContinuumLikelihood, px: _Pixels, uniq: np.ndarray, dev: torch.device) -> None:
+    """Give ``lik`` the per-order bookkeeping: for each order with good pixels, its pixel indices,
+    centred wavelengths and σ² as buffers, its method and (scalable) its KISS-GP kernel; and the
+    sum of ln σ² over the good pixels."""
+    lik._orders = []
+    lik._factor_cache = {}
+    lik._ski = nn.ModuleList()
+    lik.order_ids = [int(u) for u in uniq]
+    wl, oi, good = px.wavelength, px.order_index, px.good
+    sig2 = np.where(good, px.sigma, 1.0) ** 2
+    for k, u in enumerate(uniq):
+        all_idx = np.flatnonzero(oi == u)
+        good_idx = all_idx[good[all_idx]]
+        if good_idx.size == 0:
+            continue
+        centre = 0.5 * (wl[all_idx].min() + wl[all_idx].max())
+        name = f"_o{k}"
+        for what, value in (("all", torch.as_tensor(all_idx, device=dev)),
+                            ("good", torch.as_tensor(good_idx, device=dev)),
+                            ("xall", torch.as_tensor(wl[all_idx] - centre, dtype=F64, device=dev)[:, None]),
+                            ("xgood", torch.as_tensor(wl[good_idx] - centre, dtype=F64, device=dev)[:, None]),
+                            ("sig2", torch.as_tensor(sig2[good_idx], dtype=F64, device=dev))):
+            lik.register_buffer(f"{name}_{what}", value, persistent=False)
+        meth = lik.settings.method_for(int(good_idx.size))
+        hyper = k if lik.per_order else 0
+        ski_index = _add_grid_kernel(lik, wl[all_idx] - centre, hyper) if meth == "scalable" else -1
+        lik._orders.append({"name": name, "hyper": hyper, "method": meth, "ski": ski_index,
+                            "n_good": int(good_idx.size), "n_all": int(all_idx.size), "order": int(u)})
+    lik.register_buffer("_log_sig2_sum", torch.tensor(float(np.log(sig2[good]).sum()), dtype=F64), persistent=False)
+    lik.n_good = int(good.sum())
+
+
+def _add_grid_kernel(lik: GPContinuumLikelihood, xs: np.ndarray, hyper: int) -> int:
+    """Add the KISS-GP kernel of an order whose centred wavelengths are ``xs`` (a regular grid of
+    FFT-friendly size, padded by two cells); return its index in ``lik._ski``."""
+    h = lik.grid_spacing
+    lo, hi = float(xs.min()) - 2.01 * h, float(xs.max()) + 2.01 * h
+    m = _fft_friendly(math.ceil((hi - lo) / h) + 2)
+    ski = GridInterpolationKernel(lik.base_kernels[hyper], grid_size=m, grid_bounds=((lo, hi),))
+    ski.update_grid([g.to(F64) for g in ski.grid])
+    lik._ski.append(ski)
+    return len(lik._ski) - 1
+
+
 def _check_options(options) -> dict:
     """Keyword options for :class:`GPContinuumLikelihood` given as a mapping (or None)."""
     if options is None:
@@ -626,8 +718,11 @@ def _check_options(options) -> dict:
 def build_likelihood(spec, wavelength: np.ndarray, sigma: np.ndarray, good: np.ndarray,
                      order_index: Sequence[int] | np.ndarray | None, *, defaults: dict | None = None,
                      device=None) -> GPContinuumLikelihood:
-    """Turn a user's ``likelihood=`` argument (``"gp"``, a dict of options, or a
-    :class:`GPContinuumLikelihood`) into a likelihood for these pixels."""
+    """Turn a user's ``likelihood=`` argument (``"gp"``, a dict of options, a :class:`GPSettings`
+    or a :class:`GPContinuumLikelihood`) into a likelihood for these pixels."""
+    if isinstance(spec, GPSettings):
+        return GPContinuumLikelihood(wavelength, sigma, good=good, order_index=order_index, settings=spec,
+                                     device=device)
     if isinstance(spec, GPContinuumLikelihood):
         if spec.n_pixels != len(wavelength):
             raise ValueError(
@@ -638,7 +733,7 @@ def build_likelihood(spec, wavelength: np.ndarray, sigma: np.ndarray, good: np.n
     if isinstance(spec, str):
         if spec.lower() != "gp":
             raise ValueError(f"unknown likelihood {spec!r}: use None (χ²), 'gp', a dict of GP options, "
-                             "or a GPContinuumLikelihood")
+                             "a GPSettings or a GPContinuumLikelihood")
         options = {}
     else:
         options = _check_options(spec)

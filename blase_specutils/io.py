@@ -13,6 +13,7 @@ import numpy as np
 from astropy.nddata import InverseVariance, StdDevUncertainty, VarianceUncertainty
 from specutils import Spectrum
 
+from .constants import LOG_PARAMETER_LIMIT, PLAUSIBLE_ANGSTROM  # noqa: F401 (re-exported)
 from .spectra import to_vacuum
 
 __all__ = ["read_spectrum", "read_orders", "is_goldilocks", "is_igrins_plp", "read_igrins_plp", "atomic_write", "SavedFileError",
@@ -93,9 +94,8 @@ class SavedFileError(ValueError):
         self.field = field
 
 
-#: Largest |ln x| the loaders accept for line amplitudes (ln a), widths (ln σ, ln γ in Å) and the
-#: wing parameters: e^±45 is 2e-9 to 5e8, beyond anything a line of a real spectrum can have.
-LOG_PARAMETER_LIMIT = 45.0
+# LOG_PARAMETER_LIMIT (the largest |ln x| the loaders accept for ln a, ln σ, ln γ and the wing
+# parameters) and PLAUSIBLE_ANGSTROM live in constants.py; imported above, and kept importable from here.
 
 _REMEDY = "the file is damaged or was not written by blase_specutils; write it again from the original"
 
@@ -189,10 +189,6 @@ def _column(table, names):
             return lower[n]
     return None
 
-
-#: Wavelengths (Å) that a table whose wavelength column has no unit may plausibly hold; the reader
-#: assumes Å, so numbers outside this range are in another unit (µm, m, Hz, ...).
-PLAUSIBLE_ANGSTROM = (100.0, 1e7)
 
 #: Units that wavelength numbers may be in, tried in this order to name the likely one.
 _UNIT_GUESSES = (("µm", u.um), ("nm", u.nm), ("m", u.m), ("cm", u.cm), ("mm", u.mm), ("Hz", u.Hz), ("GHz", u.GHz))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import astropy.units as u
 import numpy as np
 
-from .io import LOG_PARAMETER_LIMIT
+from .constants import LOG_PARAMETER_LIMIT
 
 __all__ = ["clone_from_table", "REQUIRED_COLUMNS"]
 

@@ -19,7 +19,8 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import QTable
 
-from .io import LOG_PARAMETER_LIMIT, SavedFileError, _checked_array, _header_choice, _header_number, atomic_write
+from .constants import LOG_PARAMETER_LIMIT
+from .io import SavedFileError, _checked_array, _header_choice, _header_number, atomic_write
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HEADER_KEYS", "save_posterior", "load_posterior"]
 

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from astropy.io import fits
 
+from .constants import LOG_PARAMETER_LIMIT
 from .frames import UNSTATED, FitFrames
-from .io import LOG_PARAMETER_LIMIT, SavedFileError, _checked_array, _header_bool, _header_choice, \
-    _header_number, atomic_write
+from .io import SavedFileError, _checked_array, _header_bool, _header_choice, _header_number, atomic_write
 
 __all__ = ["RESULT_FORMAT_VERSION", "save_result", "load_result"]
 

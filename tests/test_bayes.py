@@ -24,7 +24,9 @@ try:
         GUIDES,
         Measurement,
         PosteriorFit,
+        PosteriorSettings,
         make_guide,
+        run_posterior,
         sample_posterior,
     )
 except ImportError:  # the [pyro] extra is not installed: only the import test below runs
@@ -148,6 +150,38 @@ def test_bad_inputs(sim):
     unregularised.settings = {**r.settings, "regularization": None}
     with pytest.raises(ValueError, match="improper"):
         sample_posterior(unregularised)
+
+
+@needs_pyro
+def test_settings_are_checked_once_and_filled_from_the_fit(sim):
+    """PosteriorSettings checks every option where it is made; what is left to the fit is filled in by
+    for_result; sample_posterior is a front over run_posterior and gives the same draws."""
+    r = sim["result"]
+    s = PosteriorSettings(guide="map", num_samples=50, num_predictive=500, tune_lines=["amplitude"], seed=4)
+    assert s.guide == "delta" and s.num_predictive == 50 and s.tune_lines == ("amplitude",)
+    with pytest.raises(AttributeError):
+        s.lr = 1.0  # frozen
+    with pytest.raises(ValueError, match="rank applies only to guide='lowrank', not 'map'"):
+        PosteriorSettings(guide="map", rank=2)
+    with pytest.raises(ValueError, match="num_steps must be an integer"):
+        PosteriorSettings(num_steps=2.5)
+    with pytest.raises(ValueError, match="continuum_scale must be > 0"):
+        PosteriorSettings(continuum_scale=0.0)
+    with pytest.raises(ValueError, match="seed must be >= 0"):
+        PosteriorSettings(seed=-1)
+    filled = PosteriorSettings(noise_scale="chi2").for_result(r)
+    assert filled.regularization == LAMBDA and filled.noise_scale == pytest.approx(np.sqrt(r.chi2_reduced))
+    assert filled.tune_resolving_power is bool(r.model.inst.log_resolving_power.requires_grad)
+    with pytest.raises(TypeError, match="PosteriorSettings"):
+        run_posterior(r, {"guide": "normal"})
+    kw = dict(num_steps=8, num_samples=12, num_predictive=4, lr=0.03, progress=False, seed=5)
+    a = sample_posterior(r, "normal", **kw)
+    b = run_posterior(r, PosteriorSettings(guide="normal", **kw))
+    for key, value in a.samples.items():
+        np.testing.assert_array_equal(b.samples[key], value)
+    np.testing.assert_array_equal(a.predictive, b.predictive)
+    assert {k: v for k, v in a.settings.items() if k != "seconds"} == {
+        k: v for k, v in b.settings.items() if k != "seconds"}
 
 
 # ---------------------------------------------------------------------- MAP = Adam

@@ -11,7 +11,7 @@ from scipy.linalg import cho_factor, cho_solve
 pytest.importorskip("gpytorch")
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning")
 
-from blase_specutils.gp import GPContinuumLikelihood, build_likelihood
+from blase_specutils.gp import GPContinuumLikelihood, GPSettings, build_likelihood
 
 F64 = torch.float64
 
@@ -229,6 +229,37 @@ def test_bad_inputs():
         build_likelihood({"sigma": 1.0}, wl, sigma, good, order)
     with pytest.raises(ValueError, match="built for 120 pixels but the data have 60"):
         build_likelihood(lik, wl[:60], sigma[:60], good[:60], order[:60])
+
+
+def test_settings_are_one_checked_value_and_the_keywords_a_front():
+    """GPSettings holds every option, checked once; the keywords, settings= and build_likelihood
+    with a GPSettings give the same likelihood, value for value."""
+    wl, sigma, good, order, r = _problem()
+    s = GPSettings(kernel="RBF", amplitude=0.02, length_scale=3, per_order=True, method="exact")
+    assert s.kernel == "rbf" and isinstance(s.length_scale, float) and s.length_scale_bounds == (1.0, None)
+    with pytest.raises(AttributeError):
+        s.amplitude = 1.0  # frozen
+    by_keywords = GPContinuumLikelihood(wl, sigma, good=good, order_index=order, kernel="rbf", amplitude=0.02,
+                                        length_scale=3.0, per_order=True, method="exact")
+    by_settings = GPContinuumLikelihood(wl, sigma, good=good, order_index=order, settings=s)
+    built = build_likelihood(s, wl, sigma, good, order)
+    res = torch.as_tensor(r)
+    for other in (by_settings, built):
+        assert torch.equal(other(res), by_keywords(res))
+        assert torch.equal(other.conditional_mean(res), by_keywords.conditional_mean(res))
+    assert by_keywords.settings == s
+    with pytest.raises(TypeError, match="either as settings= or as keywords"):
+        GPContinuumLikelihood(wl, sigma, settings=s, kernel="rbf")
+    with pytest.raises(TypeError, match="settings must be a GPSettings"):
+        GPContinuumLikelihood(wl, sigma, settings={"kernel": "rbf"})
+    with pytest.raises(ValueError, match="outside its bounds"):
+        GPSettings(length_scale=0.5)
+    with pytest.raises(ValueError, match="grid_spacing must be finite and > 0"):
+        GPSettings(grid_spacing=0.0)
+    # the default KISS-GP grid: an eighth of the lower bound of ℓ, or of ℓ without a positive one
+    assert GPSettings(length_scale=5.0).kiss_grid_spacing == 1.0 / 8.0
+    assert GPSettings(length_scale=4.0, length_scale_bounds=(None, None)).kiss_grid_spacing == 0.5
+    assert GPSettings(method="auto", max_exact_size=10).method_for(11) == "scalable"
 
 
 def test_clear_import_error_without_gpytorch():

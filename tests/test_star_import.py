@@ -23,7 +23,7 @@ namespace = {}
 exec("from blase_specutils import *", namespace)
 import blase_specutils
 errors = {}
-for name in ("GPContinuumLikelihood", "sample_posterior"):
+for name in ("GPContinuumLikelihood", "GPSettings", "sample_posterior", "PosteriorFit", "PosteriorSettings"):
     try:
         getattr(blase_specutils, name)
     except ImportError as err:
@@ -47,11 +47,13 @@ def test_star_import_without_an_extra(extra):
     for name in ("clone_spectrum", "fit_spectrum", "SpectralClone", "TransferResult", "fit_many", "load_template"):
         assert name in res["names"], name
     if extra in ("gp", "all"):
-        assert "GPContinuumLikelihood" not in res["all"] and "GPContinuumLikelihood" not in res["names"]
-        assert 'pip install "blase_specutils[gp]"' in res["errors"]["GPContinuumLikelihood"]
+        for name in ("GPContinuumLikelihood", "GPSettings"):
+            assert name not in res["all"] and name not in res["names"]
+            assert 'pip install "blase_specutils[gp]"' in res["errors"][name]
     if extra in ("pyro", "all"):
-        assert "sample_posterior" not in res["all"] and "PosteriorFit" not in res["names"]
-        assert 'pip install "blase_specutils[pyro]"' in res["errors"]["sample_posterior"]
+        for name in ("sample_posterior", "PosteriorFit", "PosteriorSettings"):
+            assert name not in res["all"] and name not in res["names"]
+            assert 'pip install "blase_specutils[pyro]"' in res["errors"][name]
     assert set(res["names"]) == set(res["all"]) - {"__version__"}
 
 
@@ -61,3 +63,37 @@ def test_star_import_with_the_extras_exports_their_names():
     res = _star_import([])
     assert {"GPContinuumLikelihood", "sample_posterior", "PosteriorFit"} <= set(res["names"])
     assert res["errors"] == {}
+
+
+FIT_WITH_GP = """
+import sys
+for name in ("gpytorch", "linear_operator"):
+    sys.modules[name] = None
+import astropy.units as u
+import numpy as np
+from astropy.nddata import StdDevUncertainty
+from specutils import Spectrum
+from blase_specutils import SpectralClone, fit_spectrum
+from blase_specutils.core import LineCloneModel
+
+wl = np.arange(8700.0, 8710.0, 0.05)
+flux = 1.0 - 0.3 * np.exp(-0.5 * ((wl - 8705.0) / 0.1) ** 2)
+spec = Spectrum(spectral_axis=wl * u.AA, flux=flux * u.dimensionless_unscaled,
+                uncertainty=StdDevUncertainty(np.full(wl.size, 0.01)))
+clone = SpectralClone(LineCloneModel([8703.0, 8705.0], np.log([0.02, 0.05]), np.log([0.08, 0.1]),
+                                     np.log([0.02, 0.02])))
+try:
+    fit_spectrum(spec, clone, likelihood="gp", progress=False)
+except ImportError as err:
+    print("MESSAGE:", err)
+else:
+    print("fitted")
+"""
+
+
+def test_a_feature_of_a_missing_extra_names_the_install():
+    """Asking fit_spectrum for the GP likelihood without GPyTorch raises an ImportError naming the
+    extra to install, before any fitting."""
+    out = subprocess.run([sys.executable, "-c", FIT_WITH_GP], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert 'pip install "blase_specutils[gp]"' in out.stdout
