@@ -21,6 +21,7 @@ _LAZY = {
     "SpectralClone": "cloning",
     "clone_spectrum": "cloning",
     "load_blase03": "cloning",
+    "CloneSettings": "clone_settings",
     "trim": "preprocessing",
     "divide_blackbody": "preprocessing",
     "flatten_continuum": "preprocessing",

@@ -54,3 +54,15 @@ def test_a_dict_of_inputs_is_refused_clearly(tiny_clone):
 def test_fit_many_checks_frame_settings_before_any_job(tiny_clone, tmp_path, kw, error, match):
     with pytest.raises(error, match=match):
         fit_many([str(tmp_path / "a.fits"), str(tmp_path / "b.fits")], tiny_clone, progress=False, **kw)
+
+
+def test_clone_many_takes_clone_settings_with_its_own_device_and_progress():
+    from blase_specutils.clone_settings import CloneSettings
+
+    wl = np.linspace(8700.0, 8702.0, 201)
+    flux = 1.0 - 0.5 * np.exp(-0.5 * ((wl - 8701.0) / 0.05) ** 2)
+    one = Spectrum(spectral_axis=wl * u.AA, flux=flux * u.one, meta={"name": "one line"})
+    settings = CloneSettings(epochs=0, residual_passes=0, flatten=False)
+    res = clone_many(one, progress=False, device="cpu", settings=settings)
+    assert len(res) == 1 and res[0].ok, res[0].error
+    assert res[0].summary["n_lines"] == 1

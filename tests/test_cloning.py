@@ -220,3 +220,91 @@ def test_warns_when_the_band_edge_cuts_a_broad_wing(phoenix_10k):
     base = trim(phoenix_10k, (10880, 10930) * u.AA, 10 * u.AA)
     with pytest.warns(EdgeWingWarning, match="red end"):
         clone_spectrum(base, teff=10000 * u.K, prominence=0.02, epochs=2, progress=False)
+
+
+# ------------------------------------------------------------------------------ CloneSettings
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(prominence=2.0), ValueError, r"prominence must be a number in \(0, 1\).*0.01 is the paper's value"),
+    (dict(prominence="0.01"), ValueError, "prominence"),
+    (dict(mode="quadratic"), ValueError, "mode must be 'linear'.* or 'log'"),
+    (dict(profile="gauss"), ValueError, "profile must be one of"),
+    (dict(epochs=2.5), TypeError, "epochs must be an integer"),
+    (dict(residual_passes=-1), ValueError, "residual_passes must be >= 0"),
+    (dict(lr=0.0), ValueError, "lr must be finite and > 0"),
+    (dict(wing_tolerance=2.0), ValueError, r"wing_tolerance must be in \(0, 1\)"),
+    (dict(train_tolerance=float("nan")), ValueError, "train_tolerance must be finite"),
+    (dict(band=(10500, 10600)), TypeError, r"band must be a pair of wavelengths with units, e.g. \(8079, 12785\) \* u.AA"),
+    (dict(band=(10500, 10500) * u.AA), ValueError, "band must have a non-zero width"),
+    (dict(buffer=30.0), TypeError, r"buffer must be a Quantity in wavelength units, e.g. 30 \* u.AA"),
+    (dict(buffer=30 * u.s), u.UnitsError, "buffer must be a wavelength"),
+    (dict(teff=5 * u.m), u.UnitsError, "teff must be a temperature"),
+    (dict(teff=-3 * u.K), ValueError, "positive temperature"),
+    (dict(powers=(0.5, 1.0)), ValueError, "pass mode='log'"),
+    (dict(powers=(), mode="log"), ValueError, "at least one power"),
+    (dict(powers=(1.0,), mode="log", likelihood="gp"), ValueError, "cannot be combined"),
+    (dict(likelihood="gauss"), ValueError, "unknown likelihood 'gauss'.*'gp'"),
+    (dict(likelihood={"noise": -1.0}), ValueError, "the GP 'noise' must be finite and > 0"),
+    (dict(n_broad="many"), TypeError, "n_broad must be 'auto' or an integer"),
+    (dict(tune=("amplitude", "width")), ValueError, r"unknown tunable parameter\(s\) \['width'\]"),
+    (dict(flatten="yes"), TypeError, "flatten must be True or False"),
+    (dict(plan="yes"), ValueError, "plan must be True, False or 'auto'"),
+    (dict(air="air"), TypeError, "air must be True"),
+    (dict(dtype=torch.int32), TypeError, "dtype must be torch.float32 or torch.float64"),
+    (dict(patience=0), ValueError, "patience must be >= 1"),
+    (dict(continuum_bins=0), ValueError, "continuum_bins must be >= 1"),
+])
+def test_clone_settings_name_the_setting_and_the_fix(kw, error, match):
+    from blase_specutils.clone_settings import CloneSettings
+
+    with pytest.raises(error, match=match):
+        CloneSettings(**kw)
+
+
+def test_clone_settings_are_one_checked_immutable_value():
+    import dataclasses
+    import pickle
+
+    from blase_specutils.cloning import CloneSettings
+
+    s = CloneSettings(band=(1.05, 1.065) * u.um, buffer=1 * u.nm, teff=(10000 - 273.15) * u.deg_C, tune="amplitude",
+                      mode="log", powers=0.5, prominence=np.float32(0.02), epochs=np.int64(3))
+    assert s.band_angstrom == pytest.approx((10500.0, 10650.0)) and s.band[0].unit == u.AA
+    assert s.buffer_angstrom == pytest.approx(10.0) and s.teff_kelvin == pytest.approx(10000.0) and s.teff.unit == u.K
+    assert s.tune == ("amplitude",) and s.powers == (0.5,) and type(s.epochs) is int and type(s.prominence) is float
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.epochs = 10
+    assert s.replace(epochs=10).epochs == 10 and s.epochs == 3  # a checked copy
+    with pytest.raises(TypeError, match="epochs must be an integer"):
+        s.replace(epochs=1.5)
+    assert s.replace() == s and pickle.loads(pickle.dumps(s)) == s  # a canonical value survives re-checking
+    assert CloneSettings().changed() == [] and sorted(s.changed()) == sorted(
+        ["band", "buffer", "teff", "tune", "mode", "powers", "prominence", "epochs"])
+    options = {"noise": 0.01}
+    g = CloneSettings(likelihood=options)
+    options["noise"] = -1.0  # the settings hold their own copy
+    assert g.likelihood == {"noise": 0.01}
+
+
+def test_keywords_and_settings_give_the_same_clone(phoenix_10k):
+    from blase_specutils.clone_settings import CloneSettings
+    from blase_specutils.core.options import EngineOptions
+
+    base = trim(phoenix_10k, (10600, 10612) * u.AA, 3 * u.AA)
+    kw = dict(prominence=0.02, teff=10000 * u.K, epochs=25, residual_passes=0, tune=("amplitude", "sigma", "gamma"))
+    a = clone_spectrum(base, progress=False, **kw)
+    b = clone_spectrum(base, progress=False, settings=CloneSettings(**kw))
+    assert a.n_lines == b.n_lines > 0 and a.meta.keys() == b.meta.keys()
+    assert a.history.loss == b.history.loss
+    for (name, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), name
+    # settings= and a changed keyword: one or the other, and the error says how to change a setting
+    with pytest.raises(TypeError, match=r"keyword\(s\) \['epochs'\].*settings.replace\(epochs=...\)"):
+        clone_spectrum(base, progress=False, settings=CloneSettings(**kw), epochs=10)
+    with pytest.raises(TypeError, match="settings must be a CloneSettings"):
+        clone_spectrum(base, progress=False, settings=kw)
+    # the engine travels with the clone and is reported
+    c = clone_spectrum(base, progress=False, settings=CloneSettings(**kw).replace(epochs=2),
+                       engine=EngineOptions(backend="torch"))
+    assert c.engine["backend"] == "torch" and c.model.engine.backend == "torch"
+    with pytest.raises(TypeError, match="engine must be an EngineOptions"):
+        clone_spectrum(base, progress=False, engine="torch")
