@@ -56,6 +56,20 @@ DEMO = dict(template="phoenix-10kK-hpf", band=(10440.0, 10590.0), prominence=0.0
             example="hr4829-hpf")
 
 
+def _calibration_degree(text: str) -> int | str | None:
+    """``--calibration-degree``: an integer >= 0, ``auto`` or ``none``."""
+    low = text.strip().lower()
+    if low in ("auto", "none"):
+        return None if low == "none" else "auto"
+    try:
+        degree = int(low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, 'auto' or 'none', got {text!r}") from None
+    if degree < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, 'auto' or 'none', got {text!r}")
+    return degree
+
+
 def _read_input(name: str, order: int | None = None):
     from .templates import TEMPLATES, load_template
 
@@ -253,9 +267,10 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telluric-regularization", type=float, default=5.0,
                    help="Λ of the L1 pull of the telluric ln a (default: %(default)s)")
     p.add_argument("--continuum-degree", type=int, default=2, help="degree of the per-order continuum polynomial (default: %(default)s)")
-    p.add_argument("--calibration-degree", type=int, default=None,
+    p.add_argument("--calibration-degree", type=_calibration_degree, default="auto",
                    help="fit a per-order wavelength correction, a polynomial of this degree in velocity, with the "
-                        "telluric lines as calibrators (reported in m/s; default: none)")
+                        "telluric lines as calibrators (reported in m/s); 'none' for none; default 'auto': degree 1 "
+                        "in a telluric-only fit, none beside a stellar clone")
     p.add_argument("--corrected", action="store_true",
                    help="with --telluric: also write the telluric-corrected spectrum (data / fitted transmission, "
                         "pixels below 20 %% transmission masked) to STEM_corrected.fits")

@@ -38,6 +38,12 @@ TEMPLATE_CLONE_MARGIN_AA = 40.0
 
 # --- fitting ---------------------------------------------------------------------------------
 
+#: Degree of the per-order wavelength correction fitted by default (``calibration_degree="auto"``)
+#: when only telluric clones are fitted. On the IGRINS A0V standard (benchmarks/RESULTS.md, IGRINS
+#: section of 2026-12-07, second run) it took the CO2-band orders 11 and 13 from χ²_red 8.2 and 13.2
+#: to 1.7 and 2.3: the old PLP wavelength solution is off by about 1 km/s there.
+AUTO_CALIBRATION_DEGREE = 1
+
 #: Lowest resolving power R a fit accepts: the cost of the LSF convolution grows as 1/R² and the
 #: method needs resolved lines; R = 1000 is already a low-resolution spectrograph.
 MIN_RESOLVING_POWER = 1000.0

@@ -16,6 +16,7 @@ from typing import Any
 
 import astropy.units as u
 
+from .constants import AUTO_CALIBRATION_DEGREE
 from .core.clone import TUNABLE
 from .core.diagnostics import FitBounds
 from .core.limits import check_resolving_power, check_rv, check_rv_range, check_vsini
@@ -90,7 +91,7 @@ class FitSettings:
     telluric_regularization: float | None = 5.0
     plan: bool | str = "auto"
     bounds: FitBounds | None = None
-    calibration_degree: int | None = None
+    calibration_degree: int | str | None = "auto"
     air: bool | None = None
     frame: str | None = None
     barycentric_correction: Any = None
@@ -124,12 +125,31 @@ class FitSettings:
             tune_telluric=None if self.tune_telluric is None else _tunables(self.tune_telluric, "tune_telluric"),
             telluric_regularization=check_real(self.telluric_regularization, "telluric_regularization",
                                                optional=True),
-            calibration_degree=None if self.calibration_degree is None else
-            check_integer(self.calibration_degree, "calibration_degree", minimum=0),
+            calibration_degree=self._checked_calibration_degree(),
             tune_resolving_power=_check_flag(self.tune_resolving_power, "tune_resolving_power"),
             tune_telluric_power=_check_flag(self.tune_telluric_power, "tune_telluric_power"),
             plan=self._checked_plan(),
         )
+
+    def _checked_calibration_degree(self) -> int | str | None:
+        """``calibration_degree``: None, ``"auto"`` or an integer >= 0."""
+        if self.calibration_degree is None or (isinstance(self.calibration_degree, str)
+                                               and self.calibration_degree == "auto"):
+            return self.calibration_degree
+        if isinstance(self.calibration_degree, str):
+            raise ValueError(f"calibration_degree must be None, 'auto' or an integer >= 0, got "
+                             f"{self.calibration_degree!r}")
+        return check_integer(self.calibration_degree, "calibration_degree", minimum=0)
+
+    def calibration_degree_for(self, has_stellar: bool, has_telluric: bool) -> int | None:
+        """The degree of the wavelength correction fitted: ``calibration_degree``, or with
+        ``"auto"`` a linear correction (degree 1) in a telluric-only fit, whose telluric lines fix
+        the wavelength scale with no RV to trade against, and none otherwise (beside a stellar
+        clone a per-order shift and the RV are degenerate unless the order holds many telluric
+        lines: ask for it with an integer)."""
+        if self.calibration_degree != "auto":
+            return self.calibration_degree
+        return AUTO_CALIBRATION_DEGREE if (has_telluric and not has_stellar) else None
 
     def _checked_plan(self) -> bool | str:
         """``plan``: True, False or ``"auto"``."""

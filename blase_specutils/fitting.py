@@ -154,7 +154,7 @@ def fit_spectrum(
     telluric_regularization: float | None = 5.0,
     plan: bool | str = "auto",
     bounds: FitBounds | None = None,
-    calibration_degree: int | None = None,
+    calibration_degree: int | str | None = "auto",
     air: bool | None = None,
     frame: str | None = None,
     barycentric_correction: u.Quantity | float | None = None,
@@ -379,7 +379,7 @@ def fit_spectrum(
     run = _FitRun(model, data_t, w_t, s, common=dict(
         tune_resolving_power=s.tune_resolving_power, lr=s.lr, progress=progress, likelihood=lik,
         tune_telluric_power=model.log_telluric_power.requires_grad, plan=s.plan,
-        tune_calibration=s.calibration_degree is not None))
+        tune_calibration=model.calibration_degree is not None))
     fit = run.match_template(_rv_scan(d, s, st), vsini_scan)
     template = _template_numbers(model, fit, d)
     tune_telluric = s.tune_telluric_for(st is not None)
@@ -520,7 +520,8 @@ def _build_model(st, tel, telluric, components, component_names, d: _FitData, s:
                           resolving_power=s.resolving_power, limb_darkening=s.limb_darkening,
                           continuum_degree=s.continuum_degree, max_vsini=kernel, max_rv=s.rv_range + abs(d.tag),
                           telluric_instrumental=telluric is not None and telluric.instrument_resolution,
-                          calibration_degree=s.calibration_degree, telluric_components=components,
+                          calibration_degree=s.calibration_degree_for(st is not None, tel is not None),
+                          telluric_components=components,
                           telluric_names=None if components is None else component_names, engine=engine).to(dev)
     model.log_telluric_power.requires_grad_(bool(s.tune_telluric_power) and tel is not None)
     return model, vsini_scan
