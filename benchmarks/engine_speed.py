@@ -55,12 +55,8 @@ CONFIGS = [
     dict(name="far-field, float64, RV +500 km/s, plan, CUDA graph", dtype="float64", far_field=True, tol=1e-7,
          rv=500.0, graph=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, no graph", dtype="float64", far_field=True, tol=1e-7, graph=False),
-    dict(name="far-field, float64, plan, CUDA graph, torch update", dtype="float64", far_field=True, tol=1e-7,
-         graph=True, lines=False, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, Triton spreading", dtype="float64", far_field=True, tol=1e-7,
          graph=True, spread=True, devices=("cuda",)),
-    dict(name="far-field, float64, plan, CUDA graph, two streams", dtype="float64", far_field=True, tol=1e-7,
-         graph=True, streams=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, Triton windows", dtype="float64", far_field=True, tol=1e-7,
          graph=True, windows=True, devices=("cuda",)),
     dict(name="far-field, float64, plan, CUDA graph, Triton far field", dtype="float64", far_field=True, tol=1e-7,
@@ -126,8 +122,6 @@ def engine_options(cfg: dict):
     return EngineOptions(
         backend="torch" if torch_only else "auto", compiled_cpu=not torch_only,
         chunk=cfg.get("chunk", default.chunk), num_warps=cfg.get("warps", default.num_warps),
-        triton_lines=cfg.get("lines", default.triton_lines),
-        overlap_streams=cfg.get("streams", default.overlap_streams),
         triton_spread=cfg.get("spread", default.triton_spread), triton_far=cfg.get("far", default.triton_far),
         triton_windows=cfg.get("windows", default.triton_windows),
         triton_coefficients=cfg.get("coefficients", default.triton_coefficients))

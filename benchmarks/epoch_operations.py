@@ -41,12 +41,11 @@ from engine_speed import SHARED, _problem  # noqa: E402
 #: Configurations: the module switches of the plan's Triton paths (see blase_specutils.core.plan
 #: and .farfield).
 CONFIGS = [
-    dict(name="plan, torch update", lines=False, windows=False, far=False, coefficients=False),
-    dict(name="plan, Triton line kernel (default)", lines=True, windows=False, far=False, coefficients=False),
-    dict(name="+ Triton windows", lines=True, windows=True, far=False, coefficients=False),
-    dict(name="+ Triton far field", lines=True, windows=False, far=True, coefficients=False),
-    dict(name="+ Triton coefficients", lines=True, windows=False, far=False, coefficients=True),
-    dict(name="all Triton", lines=True, windows=True, far=True, coefficients=True),
+    dict(name="plan, Triton line kernel (default)", windows=False, far=False, coefficients=False),
+    dict(name="+ Triton windows", windows=True, far=False, coefficients=False),
+    dict(name="+ Triton far field", windows=False, far=True, coefficients=False),
+    dict(name="+ Triton coefficients", windows=False, far=False, coefficients=True),
+    dict(name="all Triton", windows=True, far=True, coefficients=True),
 ]
 
 #: Operations that launch no work on a GPU (views, metadata, allocations without a fill).
@@ -95,7 +94,7 @@ def count(cfg: dict, band: tuple[float, float], data: Path) -> dict:
     from blase_specutils.core import EngineOptions, LineCloneModel
 
     # compiled_cpu=False: the far field's GPU operations
-    engine = EngineOptions(compiled_cpu=False, triton_lines=cfg["lines"], triton_windows=cfg["windows"],
+    engine = EngineOptions(compiled_cpu=False, triton_windows=cfg["windows"],
                            triton_far=cfg["far"], triton_coefficients=cfg["coefficients"])
     sd, wl_np, _ = _problem(data)
     order = torch.argsort(sd["lam_centers"])

@@ -23,7 +23,7 @@ speed() {  # speed NAME ARGS...: one engine_speed.py run, results in $OUT/NAME.j
 }
 # PYTEST_FILES: the test files to run (default: every file with GPU tests)
 timeout ${PYTEST_TIMEOUT:-180} python3 -m pytest -q -p no:cacheprovider -m gpu \
-    ${PYTEST_FILES:-tests/core/test_gpu_kernel.py tests/core/test_training.py tests/core/test_plan.py tests/core/test_transfer.py} 2>&1 \
+    ${PYTEST_FILES:-tests/core/test_backends.py tests/core/test_gpu_kernel.py tests/core/test_training.py tests/core/test_plan.py tests/core/test_transfer.py} 2>&1 \
     | tee "$OUT/pytest_gpu.log"
 speed engine_speed_cuda "$@"
 # transfer learning (fit_transfer) with and without plans (CUDA graphs), one HPF order's size

@@ -123,7 +123,7 @@ def _workload() -> None:
     cases = [dict(), dict(mode="log"), dict(profile="voigt"), dict(profile="voigt", mode="log"),
              dict(emission=True), dict(far_field=False), dict(dtype=torch.float32), "fixed", "whole"]
     for windows in (False, True):
-        engine = EngineOptions(triton_far=True, triton_coefficients=True, triton_lines=True, triton_windows=windows)
+        engine = EngineOptions(triton_far=True, triton_coefficients=True, triton_windows=windows)
         for case in cases:
             kw = case if isinstance(case, dict) else {}
             model = LineCloneModel(c, a, s, wide if case == "whole" else g, wing_tolerance=1e-7, engine=engine, **kw)

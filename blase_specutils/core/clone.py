@@ -24,14 +24,16 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .backends import Backend, select_backend
+from .clone_editing import LineEditing, _as_tensor
+from .clone_planning import Planning
 from .engine import dense_log_flux, window_half_widths, windowed_log_flux
 from .farfield import FarFieldSettings
 from .options import EngineOptions
-from .plan import BroadLinePlan, ClonePlan, WindowPlan
+from .plan import ClonePlan, WindowPlan
 from .profiles import PROFILES, pseudo_voigt_fwhm, wing_factor
 
 __all__ = ["LineCloneModel", "SPEED_OF_LIGHT_KMS", "TUNABLE"]
@@ -43,14 +45,7 @@ SPEED_OF_LIGHT_KMS = 299792.458
 TUNABLE = ("center", "amplitude", "sigma", "gamma", "wing")
 
 
-def _as_tensor(x, dtype, device) -> Tensor:
-    """A private copy: the caller's arrays and tensors are never changed by training."""
-    return torch.as_tensor(np.asarray(x, dtype=np.float64) if not torch.is_tensor(x) else x.detach()).to(
-        dtype=dtype, device=device
-    ).clone()
-
-
-class LineCloneModel(nn.Module):
+class LineCloneModel(LineEditing, Planning, nn.Module):
     r"""A clone of a spectrum as N_lines tunable line profiles.
 
     Parameters
@@ -148,6 +143,7 @@ class LineCloneModel(nn.Module):
         self.wing_log_lt = nn.Parameter(torch.log(3.0 * fwhm + 1e-3), requires_grad="wing" in tune)
         self.wing_log_b = nn.Parameter(torch.log(fwhm + 1e-3), requires_grad="wing" in tune)
         self._broad_map = None
+        self._backend: tuple | None = None  # (device, engine options, the backend picked for them)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -179,107 +175,6 @@ class LineCloneModel(nn.Module):
         self.log_gammas.requires_grad_("gamma" in tune)
         for p in (self.wing_alpha, self.wing_log_lt, self.wing_log_b):
             p.requires_grad_("wing" in tune)
-
-    def subset(self, lines) -> "LineCloneModel":
-        """A new model holding only ``lines`` (indices or a boolean mask), with the same settings.
-
-        Parameters are copied (detached); broad-line wing corrections follow their lines.
-        """
-        idx = torch.as_tensor(lines, device=self.lam_centers.device)
-        if idx.dtype == torch.bool:
-            idx = torch.nonzero(idx).flatten()
-        idx = idx.long()
-        old_to_new = torch.full((self.n_lines,), -1, dtype=torch.long, device=idx.device)
-        old_to_new[idx] = torch.arange(idx.numel(), device=idx.device)
-        keep_broad = old_to_new[self.broad_lines] >= 0
-        new = LineCloneModel(
-            self.lam_centers.detach()[idx], self.log_amplitudes.detach()[idx], self.log_sigmas.detach()[idx],
-            self.log_gammas.detach()[idx], mode=self.mode, profile=self.profile, emission=self.emission,
-            tune=self.tuned, wing_tolerance=self.wing_tolerance, far_field=self.far_field,
-            broad_lines=old_to_new[self.broad_lines][keep_broad].tolist(), dtype=self.dtype,
-            device=self.lam_centers.device, engine=self.engine,
-        )
-        with torch.no_grad():
-            for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
-                getattr(new, name).copy_(getattr(self, name).detach()[keep_broad])
-        return new
-
-    def with_lines(self, lam_centers, log_amplitudes, log_sigmas, log_gammas) -> tuple["LineCloneModel", Tensor]:
-        """A new model with the given lines added, all lines sorted by centre, the same settings.
-
-        Parameters are copied (detached); the broad lines keep their wing corrections.
-
-        Returns
-        -------
-        model : LineCloneModel
-        order : Tensor
-            For each line of the new model, its index in the old lines followed by the added
-            ones (``order[k] >= self.n_lines`` marks an added line).
-        """
-        dev = self.lam_centers.device
-        extra = [_as_tensor(x, t.dtype, dev) for x, t in zip(
-            (lam_centers, log_amplitudes, log_sigmas, log_gammas),
-            (self.lam_centers, self.log_amplitudes, self.log_sigmas, self.log_gammas))]
-        if any(x.ndim != 1 or x.shape != extra[0].shape for x in extra):
-            raise ValueError("the added lines' parameters must be 1-D arrays of one length")
-        if not all(bool(torch.isfinite(x).all()) for x in extra):
-            raise ValueError("the added lines' parameters must be finite")
-        joined = [torch.cat([old.detach(), x]) for old, x in zip(
-            (self.lam_centers, self.log_amplitudes, self.log_sigmas, self.log_gammas), extra)]
-        order = torch.argsort(joined[0], stable=True)
-        old_to_new = torch.empty_like(order)
-        old_to_new[order] = torch.arange(order.numel(), device=dev)
-        new = LineCloneModel(
-            *(x[order] for x in joined), mode=self.mode, profile=self.profile, emission=self.emission,
-            tune=self.tuned, wing_tolerance=self.wing_tolerance, far_field=self.far_field,
-            broad_lines=old_to_new[self.broad_lines].tolist(), dtype=self.dtype, device=dev, engine=self.engine,
-        )
-        with torch.no_grad():
-            for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
-                getattr(new, name).copy_(getattr(self, name).detach())
-        return new, order
-
-    @staticmethod
-    def concatenate(models: Sequence["LineCloneModel"]) -> tuple["LineCloneModel", Tensor]:
-        """One model holding the lines of several (e.g. one clone per molecule), sorted by centre.
-
-        The models must share mode, profile and emission; the first one's wing tolerance, far-field
-        setting, engine options and tuned groups are kept. Parameters are copied (detached); broad lines keep their
-        wing corrections.
-
-        Returns
-        -------
-        model : LineCloneModel
-        component : Tensor of int
-            For each line of the new model, the index of the model it came from.
-        """
-        models = list(models)
-        if not models:
-            raise ValueError("concatenate needs at least one model")
-        first = models[0]
-        for m in models[1:]:
-            if (m.mode, m.profile, m.emission) != (first.mode, first.profile, first.emission):
-                raise ValueError("models to concatenate must share mode, profile and emission; got "
-                                 f"{(first.mode, first.profile, first.emission)} and {(m.mode, m.profile, m.emission)}")
-        dev = first.lam_centers.device
-        cat = lambda name: torch.cat([getattr(m, name).detach().to(dev, first.dtype if name != "lam_centers"  # noqa: E731
-                                                                       else torch.float64) for m in models])
-        centers, amps, sigmas, gammas = (cat(n) for n in ("lam_centers", "log_amplitudes", "log_sigmas", "log_gammas"))
-        component = torch.cat([torch.full((m.n_lines,), k, dtype=torch.long, device=dev) for k, m in enumerate(models)])
-        offsets = np.cumsum([0] + [m.n_lines for m in models[:-1]])
-        broad = torch.cat([m.broad_lines.to(dev) + int(o) for m, o in zip(models, offsets)])
-        order = torch.argsort(centers, stable=True)
-        old_to_new = torch.empty_like(order)
-        old_to_new[order] = torch.arange(order.numel(), device=dev)
-        new = LineCloneModel(centers[order], amps[order], sigmas[order], gammas[order], mode=first.mode,
-                             profile=first.profile, emission=first.emission, tune=first.tuned,
-                             wing_tolerance=first.wing_tolerance, far_field=first.far_field,
-                             broad_lines=old_to_new[broad].tolist(), dtype=first.dtype, device=dev,
-                             engine=first.engine)
-        with torch.no_grad():
-            for name in ("wing_alpha", "wing_log_lt", "wing_log_b"):
-                getattr(new, name).copy_(torch.cat([getattr(m, name).detach().to(dev) for m in models]))
-        return new, component[order]
 
     # ------------------------------------------------------------------ evaluation
     def _wing(self):
@@ -335,24 +230,7 @@ class LineCloneModel(nn.Module):
         if plan is not None:
             if dense:
                 raise ValueError("dense=True evaluates every line at every pixel: it takes no plan")
-            if not (torch.is_tensor(wavelength) and wavelength.data_ptr() == plan.wavelength.data_ptr()
-                    and wavelength.shape == plan.wavelength.shape):
-                raise ValueError("this plan was made for another wavelength grid; make one with make_plan(wavelength)")
-            if getattr(plan, "model_id", None) != id(self):
-                raise ValueError("this plan was made by another model; make one with this model's make_plan")
-            rv_plan = getattr(plan, "radial_velocity", None)
-            same = radial_velocity is rv_plan or (not torch.is_tensor(radial_velocity) and not torch.is_tensor(rv_plan)
-                                                  and radial_velocity == rv_plan)
-            if plan.frozen and not same:
-                # a frozen plan's windows were computed for the RV it follows (GraphedEpoch)
-                raise ValueError("this frozen plan follows another radial_velocity; evaluate it with the RV given "
-                                 "to make_plan, or make a plan for this one")
-            lines = (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
-                     self.log_gammas.exp())
-            if isinstance(plan, ClonePlan):
-                plan.check_lines(self.broad_lines)
-                return plan.log_flux(*lines, *self._wing_parameters())
-            return plan.log_flux(*lines)
+            return self._planned_log_flux(wavelength, radial_velocity, plan)
         wavelength = torch.as_tensor(wavelength, dtype=torch.float64, device=self.lam_centers.device)
         if dense:
             args = (wavelength, self.shifted_centers(radial_velocity), self.log_amplitudes.exp(),
@@ -375,7 +253,8 @@ class LineCloneModel(nn.Module):
                 raise ValueError(f"lines must be a boolean mask of the {self.n_lines} lines")
         amps = self.log_amplitudes.exp() if amplitude_scale is None else self.log_amplitudes.exp() * amplitude_scale
         params = (self.shifted_centers(radial_velocity), amps, self.log_sigmas.exp(), self.log_gammas.exp())
-        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign, engine=self.engine)
+        kw = dict(profile=PROFILES[self.profile], mode=self.mode, sign=self.sign, engine=self.engine,
+                  backend=self.backend)
         ff = self._far_field_settings(wavelength)
         if lines is None and not self.broad_lines.numel():
             hw = self.window_half_widths() if ff is None else None
@@ -420,64 +299,6 @@ class LineCloneModel(nn.Module):
         with torch.no_grad():
             return window_half_widths(a * torch.clamp(alpha.exp(), min=1.0), s, g, self.wing_tolerance)
 
-    def make_plan(
-        self, wavelength: Tensor, radial_velocity: Tensor | float | None = None, *, headroom: float = 1.25,
-        kernel: str | None = None,
-    ) -> WindowPlan | ClonePlan:
-        r"""A :class:`~blase_specutils.core.plan.WindowPlan` of this model on ``wavelength`` (a
-        :class:`~blase_specutils.core.plan.ClonePlan` when some lines have the Appendix C.4 wing
-        correction: those take fixed-size windows of a
-        :class:`~blase_specutils.core.plan.BroadLinePlan`).
-
-        Pass it to :meth:`forward` / :meth:`log_flux` (``plan=``): the sums are those of the
-        unplanned engine, computed without reading anything back from the device but one flag,
-        which is what lets :class:`~blase_specutils.core.graphs.GraphedEpoch` record a whole epoch
-        as a CUDA graph. The plan follows the model's parameters (and ``radial_velocity``, which may
-        be a tensor that is being tuned).
-
-        Parameters
-        ----------
-        wavelength : Tensor
-            The pixel grid (Å, float64 tensor on the model's device) that will be evaluated.
-        radial_velocity : Tensor or float, optional
-            The RV (km/s) the model will be evaluated at.
-        headroom : float
-            Spare capacity of the GPU kernel's chunk table (see ``WindowPlan``).
-        kernel : {"auto", "numba", "triton"}, optional
-            The compiled kernel; default the model's ``engine.backend``. The plan takes its other
-            kernel settings from the model's :attr:`engine`.
-        """
-        if not torch.is_tensor(wavelength) or wavelength.dtype != torch.float64 or \
-                wavelength.device != self.lam_centers.device:
-            raise TypeError("wavelength must be a float64 tensor on the model's device (a plan keeps this grid)")
-
-        def source():
-            return (self.shifted_centers(radial_velocity), self.log_amplitudes.exp(), self.log_sigmas.exp(),
-                    self.log_gammas.exp())
-
-        settings = dict(profile=self.profile, mode=self.mode, sign=self.sign, tolerance=self.wing_tolerance)
-        if not self.broad_lines.numel():
-            plan = WindowPlan(wavelength, source, far_field=self._far_field_settings(wavelength), half_widths=None,
-                              kernel=kernel, headroom=headroom, engine=self.engine, **settings)
-        else:
-            plain, broad = self._line_split()
-
-            def broad_source():
-                return (*(t[broad] for t in source()), *self._wing_parameters())
-
-            def plain_source():
-                return tuple(t[plain] for t in source())
-
-            part = None
-            if plain.numel():
-                part = WindowPlan(wavelength, plain_source, far_field=self._far_field_settings(wavelength),
-                                  half_widths=None, kernel=kernel, headroom=headroom, engine=self.engine, **settings)
-            plan = ClonePlan(wavelength, part, BroadLinePlan(wavelength, broad_source, headroom=headroom, **settings),
-                             plain, broad)
-        plan.radial_velocity = radial_velocity  # what a frozen plan must be evaluated at
-        plan.model_id = id(self)
-        return plan
-
     def _far_field_settings(self, wavelength: Tensor) -> FarFieldSettings | None:
         if self.far_field is False:
             return None
@@ -489,6 +310,15 @@ class LineCloneModel(nn.Module):
         if self._ff_cache is None or self._ff_cache[0] != key:
             self._ff_cache = (key, FarFieldSettings.for_grid(wavelength))
         return self._ff_cache[1]
+
+    @property
+    def backend(self) -> Backend:
+        """The backend that sums this model's lines, picked once by :func:`.backends.select_backend`
+        from the model's options, device, dtype and size (again after ``.to(device)``)."""
+        dev = self.lam_centers.device
+        if self._backend is None or self._backend[:2] != (dev, self.engine):
+            self._backend = (dev, self.engine, select_backend(self.engine, dev, self.dtype, self.n_lines))
+        return self._backend[2]
 
     def engine_info(self) -> dict:
         """What computes this model's sums: ``{"backend", "device", "dtype"}`` (JSON-ready), the

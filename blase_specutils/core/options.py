@@ -6,8 +6,8 @@ Every choice of code path or kernel setting of the engine lives in one frozen
 window plans and the kernels, so that two models in one process can hold two settings and a test
 cannot leave a setting behind for the tests after it.
 
-The backend that ``backend="auto"`` picks (:meth:`EngineOptions.backend_for`) follows the timings
-of ``benchmarks/RESULTS.md``: on CPUs the compiled numba loops where numba is installed (the
+The backend that ``backend="auto"`` picks (:func:`.backends.select_backend`, the one rule) follows
+the timings of ``benchmarks/RESULTS.md``: on CPUs the compiled numba loops where numba is installed (the
 paper's HPF problem: 80-93 ms per epoch on 2 cores, against 327 ms with blocked torch
 operations); on CUDA devices the Triton kernel where triton is installed (9-15 ms per epoch on an
 H200 against 65-117 ms with blocked torch operations); blocked torch operations otherwise.
@@ -21,12 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from .cpu_kernel import HAVE_NUMBA
-from .gpu_kernel import HAVE_TRITON
 
 __all__ = ["EngineOptions", "BACKENDS"]
 
 #: The names a backend may be given (``"auto"`` picks one of the others).
-BACKENDS = ("auto", "numba", "triton", "torch")
+BACKENDS = ("auto", "numba", "triton", "torch", "autograd")
 
 
 def _check_bool(value, name: str) -> None:
@@ -45,12 +44,13 @@ class EngineOptions:
 
     Parameters
     ----------
-    backend : {"auto", "numba", "triton", "torch"}
-        Where the fused pseudo-Voigt (and exact Voigt) windows are summed: ``"numba"``, the
+    backend : {"auto", "numba", "triton", "torch", "autograd"}
+        The backend (:mod:`.backends`) that sums the lines over their windows: ``"numba"``, the
         compiled CPU loops of :mod:`.cpu_kernel` (CPU tensors only); ``"triton"``, the GPU kernel
         of :mod:`.gpu_kernel` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
-        ``"torch"``, blocked torch operations (:mod:`.fused`), any device. ``"auto"`` (default):
-        the rule of :meth:`backend_for`.
+        ``"torch"``, blocked torch operations (:mod:`.fused`), any device; ``"autograd"``, bucketed
+        torch operations through plain autograd (the slowest; what the wing-corrected lines always
+        take). ``"auto"`` (default): the rule of :func:`.backends.select_backend`.
     plans_on_cuda : bool
         Whether ``plan="auto"`` (``clone_spectrum``, ``fit_transfer``) trains through window plans
         and CUDA graphs on CUDA devices. Off (default) until that path has been run and timed on a
@@ -74,11 +74,10 @@ class EngineOptions:
         of the paper's problem against 1.38 ms with 512 and 1.63 ms with 1024.
     num_warps : int
         Warps per Triton program of the pseudo-Voigt kernels (a power of two).
-    triton_lines : bool
-        With a plan on a GPU, find each line's window and far-field level in one Triton kernel.
     triton_windows : bool
-        With ``triton_lines``, also find each window's pixels, check the plan and fill the chunk
-        table in Triton kernels (not yet timed on a GPU).
+        With a plan on a GPU, also find each window's pixels, check the plan and fill the chunk
+        table in Triton kernels, after the one kernel that finds every line's window and level
+        (not yet timed on a GPU).
     triton_coefficients : bool
         The far-field coefficients of a frozen plan in one Triton kernel each way (not yet timed on
         a GPU).
@@ -88,8 +87,6 @@ class EngineOptions:
     triton_far : bool
         With a plan on a GPU, the whole far field in a few Triton kernels and batched FFTs (not yet
         timed on a GPU).
-    overlap_streams : bool
-        With a plan on a GPU, run the far field on a second CUDA stream beside the near field.
 
     Examples
     --------
@@ -106,19 +103,17 @@ class EngineOptions:
     gpu_block_elements: int = 1 << 24
     chunk: int = 256
     num_warps: int = 4
-    triton_lines: bool = True
     triton_windows: bool = False
     triton_coefficients: bool = False
     triton_spread: bool = False
     triton_far: bool = False
-    overlap_streams: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"EngineOptions.backend must be one of {', '.join(map(repr, BACKENDS))}, "
                              f"got {self.backend!r}")
-        for name in ("plans_on_cuda", "compiled_cpu", "pad_windows", "triton_lines", "triton_windows",
-                     "triton_coefficients", "triton_spread", "triton_far", "overlap_streams"):
+        for name in ("plans_on_cuda", "compiled_cpu", "pad_windows", "triton_windows", "triton_coefficients",
+                     "triton_spread", "triton_far"):
             _check_bool(getattr(self, name), name)
         if self.mask_levels is not None:
             _check_bool(self.mask_levels, "mask_levels")
@@ -134,13 +129,14 @@ class EngineOptions:
         return dataclasses.replace(self, **changes)
 
     def backend_for(self, device: torch.device | str) -> str:
-        """The backend that runs on ``device``: ``backend`` unless it is ``"auto"``, then numba on
-        CPUs where it is installed, Triton on other devices where it is installed, else torch."""
+        """The backend's name on ``device``: ``backend`` unless it is ``"auto"``, then the rule of
+        :func:`.backends.select_backend` (numba on CPUs where it is installed, Triton on other
+        devices where it is installed, else torch)."""
         if self.backend != "auto":
             return self.backend
-        if torch.device(device).type == "cpu":
-            return "numba" if HAVE_NUMBA else "torch"
-        return "triton" if HAVE_TRITON else "torch"
+        from .backends import auto_backend_name
+
+        return auto_backend_name(device)
 
     def numba_on(self, device: torch.device | str) -> bool:
         """Whether the compiled CPU helpers (far field, convolutions) run on ``device``."""

@@ -27,7 +27,6 @@ Voigt lines. The few lines with the Appendix C.4 wing correction take a :class:`
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Callable
@@ -36,7 +35,10 @@ import torch
 from torch import Tensor
 
 from .cpu_kernel import HAVE_NUMBA, windowed_pseudo_voigt_sum_cpu
-from .engine import _bucket_sizes, line_terms, window_half_widths
+from .backends import auto_backend_name
+from .backends.autograd import bucket_sizes as _bucket_sizes
+from .backends.base import line_terms
+from .engine import window_half_widths
 from .farfield import FarFieldSettings, far_field, plan_far_field, residual_half_widths
 from .profiles import PROFILES, wing_factor
 from .fused import _eta_and_derivatives, eta_and_derivatives, stored_eta
@@ -48,6 +50,65 @@ __all__ = ["WindowPlan", "BroadLinePlan", "ClonePlan"]
 
 #: Source of the per-line parameters: () -> (λc, a, σ, γ), each shape (L,).
 LineSource = Callable[[], "tuple[Tensor, Tensor, Tensor, Tensor]"]
+
+
+def _check_plan_arguments(wavelength: Tensor, profile: str, mode: str, tolerance: float, headroom: float,
+                          profiles) -> None:
+    """Check the grid, profile, mode, tolerance and headroom a plan is made with."""
+    if not torch.is_tensor(wavelength) or wavelength.ndim != 1 or wavelength.dtype != torch.float64:
+        raise TypeError("wavelength must be a 1-D float64 tensor (Å)")
+    if wavelength.numel() < 2:
+        raise ValueError("a window plan needs at least two pixels")
+    if profile not in profiles:
+        raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
+    if mode not in ("linear", "log"):
+        raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
+    if not (tolerance > 0 and headroom >= 1.0):
+        raise ValueError("tolerance must be > 0 and headroom >= 1")
+
+
+def _plan_kernel(kernel: str, device: torch.device) -> str:
+    """The compiled backend a plan runs on: ``kernel`` checked against ``device`` (``"auto"``: the
+    rule of :func:`.backends.select_backend`). Plans need a compiled backend: they keep each line's own
+    window, which the bucketed torch backends do not."""
+    on_cpu = device.type == "cpu"
+    if kernel == "auto":
+        kernel = auto_backend_name(device)
+        if kernel not in ("numba", "triton"):
+            raise ValueError("window plans need a compiled backend: numba on CPUs, triton on CUDA devices")
+    if kernel == "numba" and not (on_cpu and HAVE_NUMBA):
+        raise ValueError("kernel='numba' needs numba and CPU tensors; use kernel='triton' on CUDA devices")
+    if kernel == "triton":
+        if not HAVE_TRITON:
+            raise ImportError("window plans on GPUs need triton (it ships with the CUDA builds of torch)")
+        if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("kernel='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
+    elif kernel != "numba":
+        raise ValueError(f"kernel must be 'auto', 'numba' or 'triton', got {kernel!r}")
+    return kernel
+
+
+def _fill_chunk_table(chunks: tuple, start: Tensor, count: Tensor, chunk: int, capacity: int) -> Tensor:
+    """Fill the chunk table ``chunks`` (line, first pixel, end pixel of every chunk of at most
+    ``chunk`` pixels; unused slots are empty chunks); True if the lines need more than ``capacity``."""
+    per_line = (count + chunk - 1) // chunk
+    ends = torch.cumsum(per_line, 0)
+    k = torch.arange(capacity, device=start.device)
+    line = torch.searchsorted(ends, k, right=True).clamp(max=start.numel() - 1)
+    p0 = start[line] + (k - (ends[line] - per_line[line])) * chunk
+    p1 = torch.where(k < ends[-1], start[line] + count[line], p0)
+    chunks[0].copy_(line)
+    chunks[1].copy_(p0)
+    chunks[2].copy_(p1)
+    return ends[-1] > capacity
+
+
+def _profile_eta(profile: str, s: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """η, ∂η/∂σ, ∂η/∂γ of the pseudo-Voigt (η = 1 and zeros for the exact Voigt)."""
+    if profile == "voigt":
+        zero = torch.zeros_like(g)
+        return torch.ones_like(g), zero, zero
+    return _eta_and_derivatives(s, g)
 
 
 class WindowPlan:
@@ -81,8 +142,8 @@ class WindowPlan:
         (>= 1); more headroom means fewer rebuilds while the widths grow during training. It grows
         by half (up to 4) at every rebuild that the lines forced.
     engine : EngineOptions, optional
-        Kernel settings (default ``EngineOptions()``): ``chunk``, ``num_warps``, ``triton_lines``,
-        ``triton_windows``, ``triton_coefficients``, ``overlap_streams`` and the far field's.
+        Kernel settings (default ``EngineOptions()``): ``chunk``, ``num_warps``, ``triton_windows``,
+        ``triton_coefficients`` and the far field's.
     """
 
     def __init__(
@@ -101,34 +162,11 @@ class WindowPlan:
         headroom: float = 1.25,
         engine: EngineOptions | None = None,
     ) -> None:
-        self.rebuilds = 0
-        if not torch.is_tensor(wavelength) or wavelength.ndim != 1 or wavelength.dtype != torch.float64:
-            raise TypeError("wavelength must be a 1-D float64 tensor (Å)")
-        if wavelength.numel() < 2:
-            raise ValueError("a window plan needs at least two pixels")
-        if profile not in ("pseudo-voigt", "voigt"):
-            raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
-        if mode not in ("linear", "log"):
-            raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
-        if not (tolerance > 0 and headroom >= 1.0):
-            raise ValueError("tolerance must be > 0 and headroom >= 1")
+        _check_plan_arguments(wavelength, profile, mode, tolerance, headroom, ("pseudo-voigt", "voigt"))
         if far_field is not None and not isinstance(far_field, FarFieldSettings):
             raise TypeError("far_field must be a FarFieldSettings or None")
         engine = EngineOptions() if engine is None else engine
-        if kernel is None:
-            kernel = engine.backend
-        on_cpu = wavelength.device.type == "cpu"
-        if kernel == "auto":
-            kernel = "numba" if on_cpu else "triton"
-        if kernel == "numba" and not (on_cpu and HAVE_NUMBA):
-            raise ValueError("kernel='numba' needs numba and CPU tensors; use kernel='triton' on CUDA devices")
-        if kernel == "triton":
-            if not HAVE_TRITON:
-                raise ImportError("window plans on GPUs need triton (it ships with the CUDA builds of torch)")
-            if on_cpu and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("kernel='triton' runs on CUDA tensors (or on the CPU under TRITON_INTERPRET=1)")
-        elif kernel != "numba":
-            raise ValueError(f"kernel must be 'auto', 'numba' or 'triton', got {kernel!r}")
+        kernel = _plan_kernel(engine.backend if kernel is None else kernel, wavelength.device)
         self.wavelength = wavelength
         self._grid = wavelength.contiguous()  # what the kernels index (the plan checks the caller's grid by identity)
         self.source = source
@@ -164,7 +202,7 @@ class WindowPlan:
             raise ValueError("a window plan needs at least one line, with λc, a, σ, γ of one shape (L,)")
         levels = b_line = None
         self._whole = False
-        eta = self._eta(s, g)
+        eta = _profile_eta(self.profile, s, g)
         if self.far_field is not None:
             levels, b_line = self._levels(a, g)
             self.ff_plan = plan_far_field(self.wavelength, c, levels, self.far_field, a.dtype)
@@ -204,29 +242,37 @@ class WindowPlan:
         c, a, s, g = (t.detach() for t in (self.source() if lines is None else lines))
         if c.numel() != self.n_lines:
             raise ValueError(f"the plan is for {self.n_lines} lines, the source now gives {c.numel()}")
-        triton_lines = self.engine.triton_lines and self.kernel == "triton"
-        if triton_lines and self.engine.triton_windows:
-            # everything in three kernels, straight into the buffers
-            ff = self.ff_plan if self.far_field is not None else None
-            plan_windows_triton(
-                c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
-                self.b_line, wavelength=self._grid, start=self.start, count=self.count, per_line=self._per,
-                ends=self._ends, chunks=self.chunks, flag=self._stale, chunk=self.chunk, profile=self.profile,
-                far=ff is not None, linear=self.mode == "linear", cap=self.half_widths is not None,
-                max_level=self._top, half_widths=self.half_widths, spreadable=None if ff is None else ff.spreadable,
-                direct_level=None if ff is None else ff.direct_level, whole=self._whole)
-            return
-        if triton_lines:
-            # η, levels and b_j straight into the buffers, and the window ends, in one kernel
-            lo, hi = plan_lines_triton(
-                c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
-                self.b_line, profile=self.profile, far=self.far_field is not None, linear=self.mode == "linear",
-                cap=self.half_widths is not None, max_level=self._top, half_widths=self.half_widths)
-            start, count = self._pixels(lo, hi)
-            self._write(c, None, None if self.far_field is None else self.levels, None, start, count)
-            return
+        if self.kernel != "triton":
+            self._update_in_torch(c, a, s, g)
+        elif self.engine.triton_windows:
+            self._update_with_window_kernels(c, a, s, g)
+        else:
+            self._update_with_line_kernel(c, a, s, g)
+
+    def _update_with_window_kernels(self, c: Tensor, a: Tensor, s: Tensor, g: Tensor) -> None:
+        """Update everything in three Triton kernels, straight into the buffers."""
+        ff = self.ff_plan if self.far_field is not None else None
+        plan_windows_triton(
+            c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
+            self.b_line, wavelength=self._grid, start=self.start, count=self.count, per_line=self._per,
+            ends=self._ends, chunks=self.chunks, flag=self._stale, chunk=self.chunk, profile=self.profile,
+            far=ff is not None, linear=self.mode == "linear", cap=self.half_widths is not None,
+            max_level=self._top, half_widths=self.half_widths, spreadable=None if ff is None else ff.spreadable,
+            direct_level=None if ff is None else ff.direct_level, whole=self._whole)
+
+    def _update_with_line_kernel(self, c: Tensor, a: Tensor, s: Tensor, g: Tensor) -> None:
+        """Update η, levels, b_j and the window ends in one Triton kernel, the rest in torch operations."""
+        lo, hi = plan_lines_triton(
+            c.contiguous(), a.contiguous(), s.contiguous(), g.contiguous(), self._params, self.eta, self.levels,
+            self.b_line, profile=self.profile, far=self.far_field is not None, linear=self.mode == "linear",
+            cap=self.half_widths is not None, max_level=self._top, half_widths=self.half_widths)
+        start, count = self._pixels(lo, hi)
+        self._write(c, None, None if self.far_field is None else self.levels, None, start, count)
+
+    def _update_in_torch(self, c: Tensor, a: Tensor, s: Tensor, g: Tensor) -> None:
+        """Update every buffer with torch operations (the numba plans' way)."""
         levels = b_line = None
-        eta = self._eta(s, g)
+        eta = _profile_eta(self.profile, s, g)
         if self.far_field is not None:
             levels, b_line = self._levels(a, g)
         start, count = self._windows(c, a, s, g, eta[0], levels, b_line)
@@ -237,13 +283,6 @@ class WindowPlan:
         """True when the lines outgrew the plan at an update since it was (re)built (one
         synchronisation): evaluations since then may have missed pixels; rebuild it."""
         return bool(self._stale)
-
-    def _eta(self, s: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """η, ∂η/∂σ, ∂η/∂γ of the pseudo-Voigt (η = 1 and zeros for the exact Voigt)."""
-        if self.profile == "voigt":
-            zero = torch.zeros_like(g)
-            return torch.ones_like(g), zero, zero
-        return _eta_and_derivatives(s, g)
 
     def _levels(self, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         ff = self.far_field
@@ -289,23 +328,8 @@ class WindowPlan:
             if not self._whole:
                 stale = stale | (levels < 0).any()
         if self.kernel == "triton":
-            stale = stale | self._chunk_table(start, count)
+            stale = stale | _fill_chunk_table(self.chunks, start, count, self.chunk, self.capacity)
         self._stale.copy_(stale)
-
-    def _chunk_table(self, start: Tensor, count: Tensor) -> Tensor:
-        """Fill the chunk table (line, first pixel, end pixel of every chunk of at most
-        :attr:`chunk` pixels; unused slots are empty chunks); True if the lines need more than the
-        capacity."""
-        per_line = (count + self.chunk - 1) // self.chunk
-        ends = torch.cumsum(per_line, 0)
-        k = torch.arange(self.capacity, device=start.device)
-        line = torch.searchsorted(ends, k, right=True).clamp(max=self.n_lines - 1)
-        p0 = start[line] + (k - (ends[line] - per_line[line])) * self.chunk
-        p1 = torch.where(k < ends[-1], start[line] + count[line], p0)
-        self.chunks[0].copy_(line)
-        self.chunks[1].copy_(p0)
-        self.chunks[2].copy_(p1)
-        return ends[-1] > self.capacity
 
     # ------------------------------------------------------------------ evaluation
     def log_flux(self, centers: Tensor, amplitude: Tensor, sigma: Tensor, gamma: Tensor) -> Tensor:
@@ -319,23 +343,46 @@ class WindowPlan:
         if any(t.shape != (self.n_lines,) for t in lines):
             raise ValueError(f"the plan is for {self.n_lines} lines: λc, a, σ and γ must each have shape "
                              f"({self.n_lines},), got {[tuple(t.shape) for t in lines]}")
-        start, count, chunks, b_line, levels = self.start, self.count, self.chunks, self.b_line, self.levels
-        if not self.frozen:
-            self.update(lines)
-            if self.stale:
-                self.rebuild(lines)
-            # this evaluation's backward pass keeps its own windows and levels: the next update
-            # overwrites the buffers, and a second evaluation before backward() would otherwise change them
-            start, count, b_line = self.start.clone(), self.count.clone(), self.b_line.clone()
-            levels = self.levels.clone()
-            chunks = tuple(t.clone() for t in self.chunks)
+        start, count, chunks, b_line, levels = self._evaluation_buffers(lines)
+        kc, ke, eta_parts = self._line_coefficients(amplitude, sigma, gamma, b_line, levels)
+        b = 0.0 if kc is None else b_line[:, None]
+        args = (self.wavelength, start, count, centers[:, None], amplitude[:, None], sigma[:, None], gamma[:, None])
+        kw = dict(mode=self.mode, sign=self.sign, kc=None if kc is None else kc[:, None],
+                  ke=None if ke is None else ke[:, None], b=b, profile=self.profile, eta=eta_parts)
+        if self.kernel == "triton":
+            out = windowed_pseudo_voigt_sum_triton(*args, chunks=(*chunks, self.chunk),
+                                                   num_warps=self.engine.num_warps, **kw)
+        else:
+            out = windowed_pseudo_voigt_sum_cpu(*args, **kw)
+        if self.far_field is None:
+            return out
+        far = far_field(self.wavelength, centers, kc, ke, self.far_field, levels, plan=self.ff_plan,
+                        engine=self.engine)
+        return out + far.to(out.dtype)
+
+    def _evaluation_buffers(self, lines: tuple) -> tuple:
+        """Update the plan for ``lines`` unless it is frozen, and return the windows, chunk table,
+        kernel widths and levels this evaluation (and its backward pass) uses."""
+        if self.frozen:
+            return self.start, self.count, self.chunks, self.b_line, self.levels
+        self.update(lines)
+        if self.stale:
+            self.rebuild(lines)
+        # this evaluation's backward pass keeps its own windows and levels: the next update
+        # overwrites the buffers, and a second evaluation before backward() would otherwise change them
+        return (self.start.clone(), self.count.clone(), tuple(t.clone() for t in self.chunks),
+                self.b_line.clone(), self.levels.clone())
+
+    def _line_coefficients(self, amplitude: Tensor, sigma: Tensor, gamma: Tensor, b_line: Tensor,
+                           levels: Tensor) -> tuple:
+        """Compute the far-field coefficients c_j, e_j (None without a far field) and the
+        pseudo-Voigt's η with its derivatives (None for the exact Voigt), each line's own."""
         voigt = self.profile == "voigt"
-        kc = ke = None
-        b = 0.0
-        eta_parts = None
         # c_j and e_j in one Triton kernel each way (which also takes η's derivatives from the buffers)
         coefficients = (self.far_field is not None and self.engine.triton_coefficients and self.frozen
                         and self.kernel == "triton" and not self._whole)
+        eta_parts = None
+        eta = 1.0
         if not voigt:
             if self.frozen:
                 # the plan was updated for exactly these lines (GraphedEpoch): η is in the buffers
@@ -345,44 +392,17 @@ class WindowPlan:
                 eta, *rest = eta_and_derivatives(sigma, gamma)
             eta_parts = (eta.detach()[:, None], *(x[:, None] for x in rest))
         if coefficients:
-            b = b_line
             kc, ke = line_coefficients_triton(amplitude, sigma, gamma, self.eta, b_line, self._params, voigt=voigt)
-        elif self.far_field is not None:
-            b = b_line
-            kc = self.sign * amplitude * (1.0 if voigt else eta) * gamma / math.pi
-            ke = kc * (b * b - gamma * gamma + (3.0 * sigma * sigma if voigt else 0.0))
-            if self._whole:
-                whole = levels < 0
-                kc = torch.where(whole, torch.zeros_like(kc), kc)
-                ke = torch.where(whole, torch.zeros_like(ke), ke)
-        args = (self.wavelength, start, count, centers[:, None], amplitude[:, None], sigma[:, None], gamma[:, None])
-        kw = dict(mode=self.mode, sign=self.sign, kc=None if kc is None else kc[:, None],
-                  ke=None if ke is None else ke[:, None], b=b if isinstance(b, float) else b[:, None],
-                  profile=self.profile, eta=eta_parts)
-        if self.kernel == "triton":
-            near = functools.partial(windowed_pseudo_voigt_sum_triton, *args, chunks=(*chunks, self.chunk),
-                                     num_warps=self.engine.num_warps, **kw)
-        else:
-            near = functools.partial(windowed_pseudo_voigt_sum_cpu, *args, **kw)
+            return kc, ke, eta_parts
         if self.far_field is None:
-            return near()
-        far = functools.partial(far_field, self.wavelength, centers, kc, ke, self.far_field, levels,
-                                plan=self.ff_plan, engine=self.engine)
-        if self.engine.overlap_streams and self.wavelength.is_cuda:
-            # the near field's kernels on a second stream, alongside the far field's many small ones;
-            # autograd runs each backward pass on its forward's stream, so they overlap there too
-            main = torch.cuda.current_stream(self.wavelength.device)
-            if getattr(self, "_side", None) is None:
-                self._side = torch.cuda.Stream(self.wavelength.device)
-            self._side.wait_stream(main)
-            with torch.cuda.stream(self._side):
-                out = near()
-            ff = far()
-            main.wait_stream(self._side)
-            out.record_stream(main)
-            return out + ff.to(out.dtype)
-        out = near()
-        return out + far().to(out.dtype)
+            return None, None, eta_parts
+        kc = self.sign * amplitude * eta * gamma / math.pi
+        ke = kc * (b_line * b_line - gamma * gamma + (3.0 * sigma * sigma if voigt else 0.0))
+        if self._whole:
+            whole = levels < 0
+            kc = torch.where(whole, torch.zeros_like(kc), kc)
+            ke = torch.where(whole, torch.zeros_like(ke), ke)
+        return kc, ke, eta_parts
 
 
 class BroadLinePlan:
@@ -416,16 +436,7 @@ class BroadLinePlan:
 
     def __init__(self, wavelength: Tensor, source: Callable, *, profile: str = "pseudo-voigt", mode: str = "linear",
                  sign: float = 1.0, tolerance: float = 1e-6, headroom: float = 1.25) -> None:
-        if not torch.is_tensor(wavelength) or wavelength.ndim != 1 or wavelength.dtype != torch.float64:
-            raise TypeError("wavelength must be a 1-D float64 tensor (Å)")
-        if wavelength.numel() < 2:
-            raise ValueError("a window plan needs at least two pixels")
-        if profile not in PROFILES:
-            raise ValueError(f"profile must be 'pseudo-voigt' or 'voigt', got {profile!r}")
-        if mode not in ("linear", "log"):
-            raise ValueError(f"mode must be 'linear' or 'log', got {mode!r}")
-        if not (tolerance > 0 and headroom >= 1.0):
-            raise ValueError("tolerance must be > 0 and headroom >= 1")
+        _check_plan_arguments(wavelength, profile, mode, tolerance, headroom, PROFILES)
         self.wavelength = wavelength
         self._grid = wavelength.contiguous()
         self.source = source

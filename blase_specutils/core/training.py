@@ -228,24 +228,84 @@ def train(
                 p.frozen = False  # evaluations after training update the plans again
 
 
+class _BestParameters:
+    """The parameters of the lowest loss so far: a copy of the state dict, or, with a graphed epoch,
+    buffers holding the parameters before its step (``previous``, by ``id`` of the parameter),
+    copied on the device in one operation (the state dict is assembled at the end)."""
+
+    def __init__(self, model: nn.Module, state: dict, previous: dict | None) -> None:
+        self.model, self.state, self.previous = model, state, previous
+        self.kept: dict = {}
+
+    def keep(self, before_step: bool) -> None:
+        """Keep the current parameters, or (``before_step``) those before the step the epoch took."""
+        if not before_step:
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return
+        if not self.kept:
+            self.kept.update({k: v.clone() for k, v in self.previous.items()})
+        else:
+            torch._foreach_copy_(list(self.kept.values()), [self.previous[k] for k in self.kept])
+        self.state = None
+
+    def restore(self) -> None:
+        """Load the kept parameters into the model."""
+        state = self.state
+        if state is None:  # the best parameters are in the kept buffers
+            state = {k: self.kept.get(id(v), v).detach().clone()
+                     for k, v in self.model.state_dict(keep_vars=True).items()}
+        self.model.load_state_dict(state)
+
+
+def _run_epoch(loss_fn, opt, params, epoch_fn) -> tuple[float, str]:
+    """Run one epoch up to the optimizer's step: its loss and ``"ok"``, ``"bad loss"`` (a non-finite
+    loss: no backward pass) or ``"bad gradient"`` (a non-finite gradient)."""
+    if epoch_fn is not None:
+        # forward, backward, step and the plans' update, then the loss and whether the gradients
+        # were finite, read back together; a step with non-finite gradients is undone, as the best
+        # parameters (kept before each step) are restored
+        loss = epoch_fn()
+        value, finite = torch.stack([loss.detach().double(), epoch_fn.gradients_finite.double()]).tolist()
+        if not math.isfinite(value):
+            return value, "bad loss"
+        return value, "ok" if finite else "bad gradient"
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        return value, "bad loss"
+    loss.backward()
+    if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+        return value, "bad gradient"
+    return value, "ok"
+
+
+def _close_bar(bar, hist: TrainingHistory, epochs: int) -> None:
+    """Close the progress bar; after an early stop it ends full at the epochs run, not part-way."""
+    if hist.epochs_run < epochs:
+        bar.n = hist.epochs_run
+        bar.total = hist.epochs_run
+        bar.refresh()
+    bar.close()
+
+
+def _check_final_step(loss_fn, hist: TrainingHistory, best: _BestParameters) -> None:
+    """Evaluate the parameters of the final step once more, so that the best parameters really are the best seen."""
+    if hist.stop_reason == "non-finite":
+        return
+    with torch.no_grad():
+        final = float(loss_fn())
+    if math.isfinite(final) and final < hist.best_loss:
+        hist.best_loss = final
+        hist.best_epoch = hist.epochs_run
+        best.keep(False)
+
+
 def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, min_rel_improvement, progress, desc,
           callback, epoch_fn, previous) -> TrainingHistory:
     """The epochs of :func:`train`: plain, or through a :class:`.graphs.GraphedEpoch` (``epoch_fn``)
     that keeps the parameters before each step in ``previous`` (by ``id`` of the parameter)."""
-
-    kept = {}  # with epoch_fn: id(parameter) -> a buffer holding its value at the best loss so far
-
-    def snapshot(before_step: bool) -> dict | None:
-        if before_step:
-            # the epoch already took its step: the loss belongs to the parameters before it, which are
-            # copied on the device in one operation (the state dict is assembled at the end)
-            if not kept:
-                kept.update({k: v.clone() for k, v in previous.items()})
-            else:
-                torch._foreach_copy_(list(kept.values()), [previous[k] for k in kept])
-            return None
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
+    best = _BestParameters(model, best_state, previous)
     last_improvement = 0
     plateau_ref = math.inf
     t0 = time.perf_counter()
@@ -254,36 +314,17 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
     # updated by hand (not iterated): iterating closes the bar as the loop breaks, before it can end full
     bar = tqdm(total=int(epochs), desc=desc, disable=not progress, leave=True, dynamic_ncols=True)
     for epoch in range(int(epochs)):
-        if epoch_fn is not None:
-            # forward, backward, step and the plans' update, then the loss and whether the gradients
-            # were finite, read back together; a step with non-finite gradients is undone below, as
-            # the best parameters (kept before each step) are restored
-            loss = epoch_fn()
-            value, finite = torch.stack([loss.detach().double(), epoch_fn.gradients_finite.double()]).tolist()
-            if not math.isfinite(value):
-                hist.stop_reason = "non-finite"
-                break
-            if not finite:
-                hist.stop_reason = "non-finite"
+        value, outcome = _run_epoch(loss_fn, opt, params, epoch_fn)
+        if outcome != "ok":
+            hist.stop_reason = "non-finite"
+            if outcome == "bad gradient":
                 hist.loss.append(value)
-                break
-        else:
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                hist.stop_reason = "non-finite"
-                break
-            loss.backward()
-            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
-                hist.stop_reason = "non-finite"
-                hist.loss.append(value)
-                break
+            break
         hist.loss.append(value)
         if value < hist.best_loss:
             hist.best_loss = value
             hist.best_epoch = epoch
-            best_state = snapshot(epoch_fn is not None)
+            best.keep(epoch_fn is not None)
         if value < plateau_ref - min_rel_improvement * abs(plateau_ref) or not math.isfinite(plateau_ref):
             plateau_ref = value
             last_improvement = epoch
@@ -298,22 +339,9 @@ def _loop(model, loss_fn, opt, params, hist, best_state, *, epochs, patience, mi
         if patience is not None and epoch - last_improvement >= patience:
             hist.stop_reason = "plateau"
             break
-    if hist.epochs_run < epochs:  # an early stop: the bar ends full at the epochs run, not part-way
-        bar.n = hist.epochs_run
-        bar.total = hist.epochs_run
-        bar.refresh()
-    bar.close()
-    # a last evaluation of the final step, so the best parameters really are the best seen
-    if hist.stop_reason != "non-finite":
-        with torch.no_grad():
-            final = float(loss_fn())
-        if math.isfinite(final) and final < hist.best_loss:
-            hist.best_loss = final
-            hist.best_epoch = hist.epochs_run
-            best_state = snapshot(False)
-    if best_state is None:  # the best parameters are in the kept buffers
-        best_state = {k: kept.get(id(v), v).detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
-    model.load_state_dict(best_state)
+    _close_bar(bar, hist, epochs)
+    _check_final_step(loss_fn, hist, best)
+    best.restore()
     hist.seconds = time.perf_counter() - t0
     if hist.stop_reason == "non-finite":
         warnings.warn(

@@ -461,8 +461,11 @@ LINES_KERNEL = textwrap.dedent("""
     import json, sys
     import numpy as np
     import torch
-    from blase_specutils.core import EngineOptions, LineCloneModel
+    from blase_specutils.core import LineCloneModel
     from blase_specutils.core.plan import WindowPlan
+    # the torch operations (what numba plans run), the one-kernel update (what Triton plans run), the
+    # three-kernel one (EngineOptions.triton_windows)
+    UPDATES = ("_update_in_torch", "_update_with_line_kernel", "_update_with_window_kernels")
     data = np.load(sys.argv[1])
     wl = torch.as_tensor(data["wl"])
     args = [torch.as_tensor(data[k]) for k in ("c", "a", "s", "g")]
@@ -477,9 +480,8 @@ LINES_KERNEL = textwrap.dedent("""
         else:
             plan = model.make_plan(wl, 40.0, kernel="triton")
         res = []
-        for lines, windows in ((False, False), (True, False), (True, True)):
-            plan.engine = EngineOptions(triton_lines=lines, triton_windows=windows)
-            plan.update()
+        for way in UPDATES:
+            getattr(plan, way)(*(t.detach() for t in plan.source()))
             res.append([t.clone().double() for t in (plan.eta, plan.levels, plan.b_line, plan.start, plan.count)]
                        + [t.clone() for t in plan.chunks[:3]])
         for other in res[1:]:
@@ -491,9 +493,8 @@ LINES_KERNEL = textwrap.dedent("""
     model = LineCloneModel(*args, wing_tolerance=1e-7)
     plan = model.make_plan(strided, 40.0, kernel="triton")
     res = []
-    for lines, windows in ((False, False), (True, True)):
-        plan.engine = EngineOptions(triton_lines=lines, triton_windows=windows)
-        plan.update()
+    for way in (UPDATES[0], UPDATES[2]):
+        getattr(plan, way)(*(t.detach() for t in plan.source()))
         res.append([t.clone() for t in (plan.start, plan.count, *plan.chunks)])
     cases.append(dict(case="strided", diff=[0.0, 0, 0.0] + [float((x - y).abs().max()) for x, y in zip(*res)],
                       stale=plan.stale))
@@ -501,10 +502,9 @@ LINES_KERNEL = textwrap.dedent("""
     # (moved past the red end) or have a NaN width: every way of updating raises the flag
     for change in ("wider", "moved", "nan"):
         flags = []
-        for lines, windows in ((False, False), (True, False), (True, True)):
+        for way in UPDATES:
             # (wider lines without far field: nothing but the chunk table's capacity is outgrown)
-            model = LineCloneModel(*args, wing_tolerance=1e-7, far_field=change != "wider",
-                                   engine=EngineOptions(triton_lines=lines, triton_windows=windows))
+            model = LineCloneModel(*args, wing_tolerance=1e-7, far_field=change != "wider")
             plan = model.make_plan(wl, 0.0, kernel="triton", headroom=1.0)
             with torch.no_grad():
                 if change == "wider":
@@ -514,7 +514,7 @@ LINES_KERNEL = textwrap.dedent("""
                     model.lam_centers[-1] = wl[-1] + 80.0
                 else:  # a diverged fit
                     model.log_gammas[3] = float("nan")
-            plan.update()
+            getattr(plan, way)(*(t.detach() for t in plan.source()))
             flags.append(plan.stale)
         cases.append(dict(case=change, flags=flags))
     print(json.dumps(cases))
@@ -750,21 +750,16 @@ def _cuda_lines(hpf_slice):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("headroom, lr", [(1.25, 0.01), (1.0, 0.1)])
-@pytest.mark.parametrize("lines, streams, spread, windows, far, coefficients", [
-    (False, False, False, False, False, False), (True, False, False, False, False, False),
-    (False, True, False, False, False, False), (True, True, False, False, False, False),
-    (True, False, True, False, False, False), (True, False, False, True, False, False),
-    (True, False, False, False, True, False), (True, False, False, False, False, True),
-    (True, False, False, True, True, True)])
-def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, lines, streams, spread, windows, far,
-                                                     coefficients):
+@pytest.mark.parametrize("spread, windows, far, coefficients", [
+    (False, False, False, False), (True, False, False, False), (False, True, False, False),
+    (False, False, True, False), (False, False, False, True), (False, True, True, True)])
+def test_cuda_graph_epochs_train_like_the_plain_loop(hpf_slice, headroom, lr, spread, windows, far, coefficients):
     """Eight epochs replayed as a CUDA graph against eight plain epochs (unplanned engine); with no
     headroom and a large learning rate the lines outgrow the plan at nearly every epoch, and the
-    epochs that follow a rebuild run eagerly until the plan holds. With and without the one-kernel
-    update, the second stream for the near field, the Triton spreading, the three-kernel update, the
-    far field in Triton kernels and the coefficients' kernel."""
-    engine = EngineOptions(triton_lines=lines, overlap_streams=streams, triton_spread=spread, triton_windows=windows,
-                           triton_far=far, triton_coefficients=coefficients)
+    epochs that follow a rebuild run eagerly until the plan holds. With and without the Triton
+    spreading, the three-kernel update, the far field in Triton kernels and the coefficients' kernel."""
+    engine = EngineOptions(triton_spread=spread, triton_windows=windows, triton_far=far,
+                           triton_coefficients=coefficients)
     wl, args = _cuda_lines(hpf_slice)
     res = {}
     for how in ("plain", "graph"):

@@ -12,9 +12,9 @@ F64 = torch.float64
 GRID = torch.arange(5000.0, 5010.0, 0.01, dtype=F64)
 
 
-def _model():
+def _model(**kw):
     return LineCloneModel([5003.0, 5006.0], torch.log(torch.tensor([0.02, 0.01])), torch.log(torch.tensor([0.04, 0.04])),
-                          torch.log(torch.tensor([0.03, 0.03])))
+                          torch.log(torch.tensor([0.03, 0.03])), **kw)
 
 
 def _target():
@@ -130,11 +130,9 @@ def test_core_imports_without_astropy_specutils_pyro_gpytorch():
 def test_cuda_matches_cpu(kernel):
     if kernel == "triton":
         pytest.importorskip("triton", reason="the Triton kernel needs triton (pip install '.[gpu]')")
-    m = _model()
     with torch.no_grad():
-        cpu = m(GRID)
-        m.engine = EngineOptions(backend=kernel)  # the CPU sum above ran on the default (numba) backend
-        gpu = m.to("cuda")(GRID.cuda()).cpu()
+        cpu = _model()(GRID)  # the default (numba) backend
+        gpu = _model(engine=EngineOptions(backend=kernel)).to("cuda")(GRID.cuda()).cpu()
     assert torch.allclose(cpu, gpu, atol=1e-12)
 
 
