@@ -279,3 +279,18 @@ def test_result_with_components_and_calibration_round_trips(psg_molecule_clones,
                                fit.wavelength_correction["coefficients"].value, rtol=0, atol=1e-9)
     with torch.no_grad():
         np.testing.assert_allclose(back.model().numpy(), fit.model_flux, rtol=0, atol=1e-10)
+
+
+def test_line_stage_holds_power_and_resolution_when_telluric_widths_are_tuned(psg_molecule_clones):
+    """Telluric widths, R and the Beer's-law powers are nearly degenerate: with the widths tuned
+    the line stage keeps X and R at their template-matching values (as v sin i with the stellar
+    widths); with the amplitudes alone X stays free."""
+    data = _psg_mixture((16000.0, 16050.0), {"H2O": 0.6, "CO2": 1.4})
+    kw = dict(telluric=psg_molecule_clones, resolving_power=45000, tune_resolving_power=True, template_epochs=100,
+              line_epochs=60, progress=False)
+    widths = fit_spectrum(data, tune_telluric=("amplitude", "sigma", "gamma"), **kw)
+    assert widths.fit.stages["lines"].epochs_run > 0
+    assert widths.telluric_power == widths.template["telluric_power"]
+    assert widths.resolving_power == pytest.approx(widths.template["resolving_power"], rel=1e-12)
+    amplitudes = fit_spectrum(data, tune_telluric=("amplitude",), **kw)
+    assert amplitudes.telluric_power != amplitudes.template["telluric_power"]

@@ -197,7 +197,8 @@ def fit_transfer(
     tune_vsini_with_lines : bool or None
         Keep v sin i free during the line stage. Default (None): free unless stellar line widths
         are tuned, because widths and v sin i are nearly degenerate; then v sin i keeps its
-        template-matching value.
+        template-matching value. By the same rule R keeps its template-matching value when any
+        line widths are tuned, and the telluric power(s) X when the telluric widths are tuned.
     progress : bool
         Progress bars.
     likelihood : callable, optional
@@ -326,6 +327,28 @@ def _free_for_template_matching(model: TransferModel, *, tune_telluric_power: bo
     return calibrate
 
 
+def _hold_degenerate_globals(model: TransferModel, tune_lines: Sequence[str], tune_telluric: Sequence[str],
+                             tune_vsini_with_lines: bool | None) -> list[tuple[Tensor, bool]]:
+    """Freeze, for the line stage, the global parameters that the tuned line parameters make
+    (nearly) degenerate, so that they keep their template-matching values: v sin i when the
+    stellar widths are tuned (unless ``tune_vsini_with_lines`` says otherwise), R when any widths are
+    tuned (the instrumental kernel and every line's width), and the Beer's-law power(s) X when the
+    telluric widths are tuned (X·a·profile: wider or deeper lines against a larger X). Without this,
+    X and R drift along the degenerate direction as the line stage runs (a longer stage gives
+    other values). Returns (parameter, its ``requires_grad`` before) pairs to restore."""
+    widths = {"sigma", "gamma"}
+    stellar_widths, telluric_widths = bool(widths & set(tune_lines)), bool(widths & set(tune_telluric))
+    if tune_vsini_with_lines is None:
+        tune_vsini_with_lines = not stellar_widths
+    held = [(model.rot.log_vsini, bool(tune_vsini_with_lines)),
+            (model.inst.log_resolving_power, not (stellar_widths or telluric_widths)),
+            (model.log_telluric_power, not telluric_widths)]
+    before = [(param, param.requires_grad) for param, _ in held]
+    for param, keep_free in held:
+        param.requires_grad_(param.requires_grad and keep_free)
+    return before
+
+
 def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, likelihood, overrides, extra, plans,
                 progress, tune_lines, tune_telluric, tune_vsini_with_lines, patience, prior, wprior, tprior, twprior,
                 regularization, width_regularization, telluric_regularization, calibrate=False) -> None:
@@ -356,10 +379,8 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
             st.set_tuned(tune_lines)
         if tel is not None:
             tel.set_tuned(tune_telluric)
-        vsini_free = model.rot.log_vsini.requires_grad
-        if tune_vsini_with_lines is None:
-            tune_vsini_with_lines = not ({"sigma", "gamma"} & set(tune_lines))
-        model.rot.log_vsini.requires_grad_(bool(tune_vsini_with_lines) and vsini_free)
+        held = _hold_degenerate_globals(model, tune_lines if st is not None else (), tune_telluric if tel is not None
+                                        else (), tune_vsini_with_lines)
         fit.stages["lines"] = train(
             model,
             lambda: transfer_loss(model, data, weight, log_amp_prior=prior, regularization=regularization,
@@ -371,4 +392,5 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
         )
         polish()
         fit.chi2["lines"] = _chi2(model, data, weight)
-        model.rot.log_vsini.requires_grad_(vsini_free)
+        for param, free in held:
+            param.requires_grad_(free)
