@@ -3,6 +3,7 @@
 Fixed internal units: wavelength in Å (vacuum), velocity in km/s, dimensionless flux.
 """
 
+from .backends import Backend, select_backend
 from .clone import SPEED_OF_LIGHT_KMS, TUNABLE, LineCloneModel
 from .continuum import continuum_polynomial
 from .detection import LineGuess, find_lines, initial_widths
@@ -45,7 +46,7 @@ __all__ = [
     "windowed_log_flux", "dense_log_flux", "window_half_widths", "line_terms",
     "PROFILES", "pseudo_voigt", "pseudo_voigt_eta", "pseudo_voigt_fwhm", "voigt", "faddeeva", "gaussian", "lorentzian",
     "train", "TrainingHistory", "NonFiniteLossWarning", "seed_everything", "resolve_device",
-    "FarFieldSettings", "far_field", "WindowPlan", "GraphedEpoch", "EngineOptions",
+    "FarFieldSettings", "far_field", "WindowPlan", "GraphedEpoch", "EngineOptions", "Backend", "select_backend",
     "log_lambda_grid", "rotational_kernel", "rotational_kernel_variance", "rotationally_broaden",
     "resolving_power_to_sigma", "gaussian_lsf_kernel", "instrumental_broaden", "pixel_edges",
     "resample_to_pixels", "RotationalBroadening", "InstrumentalBroadening", "PixelResampler",

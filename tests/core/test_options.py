@@ -55,6 +55,11 @@ def test_defaults_and_validation():
     with pytest.raises(ValueError, match="chunk"):
         opts.replace(chunk=3)  # a copy is validated again
     assert opts.replace(backend="torch") == EngineOptions(backend="torch") != opts
+    # removed by measurement (benchmarks/RESULTS.md): the second stream, and the torch update of Triton plans
+    fields = {f.name for f in dataclasses.fields(EngineOptions)}
+    assert not fields & {"overlap_streams", "triton_lines"}
+    with pytest.raises(TypeError):
+        EngineOptions(overlap_streams=True)
     with pytest.raises(TypeError, match="EngineOptions"):
         _model(engine="torch")
 
