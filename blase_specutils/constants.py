@@ -44,6 +44,11 @@ TEMPLATE_CLONE_MARGIN_AA = 40.0
 #: to 1.7 and 2.3: the old PLP wavelength solution is off by about 1 km/s there.
 AUTO_CALIBRATION_DEGREE = 1
 
+#: Depth ε below which a line is not seen by a pixel: a line whose profile stays shallower than this
+#: at every fitted pixel is held at its clone values in the line stage (``core.stages``): about the
+#: noise of one pixel at S/N 1000, so that any line the data can see stays free.
+UNSEEN_LINE_DEPTH = 1e-3
+
 #: Lowest resolving power R a fit accepts: the cost of the LSF convolution grows as 1/R² and the
 #: method needs resolved lines; R = 1000 is already a low-resolution spectrograph.
 MIN_RESOLVING_POWER = 1000.0

@@ -284,7 +284,8 @@ def test_result_with_components_and_calibration_round_trips(psg_molecule_clones,
 def test_line_stage_holds_power_and_resolution_when_telluric_widths_are_tuned(psg_molecule_clones):
     """Telluric widths, R and the Beer's-law powers are nearly degenerate: with the widths tuned
     the line stage keeps X and R at their template-matching values (as v sin i with the stellar
-    widths); with the amplitudes alone X stays free."""
+    widths). With the amplitudes of log-mode clones alone X·a is exactly degenerate, so X holds too,
+    while R, which no tuned width competes with, stays free."""
     data = _psg_mixture((16000.0, 16050.0), {"H2O": 0.6, "CO2": 1.4})
     kw = dict(telluric=psg_molecule_clones, resolving_power=45000, tune_resolving_power=True, template_epochs=100,
               line_epochs=60, progress=False)
@@ -293,4 +294,29 @@ def test_line_stage_holds_power_and_resolution_when_telluric_widths_are_tuned(ps
     assert widths.telluric_power == widths.template["telluric_power"]
     assert widths.resolving_power == pytest.approx(widths.template["resolving_power"], rel=1e-12)
     amplitudes = fit_spectrum(data, tune_telluric=("amplitude",), **kw)
-    assert amplitudes.telluric_power != amplitudes.template["telluric_power"]
+    assert amplitudes.telluric_power == amplitudes.template["telluric_power"]
+    assert amplitudes.resolving_power != pytest.approx(amplitudes.template["resolving_power"], rel=1e-9)
+
+
+def test_lines_no_pixel_sees_keep_their_clone_values(psg_molecule_clones):
+    """Lines whose profiles stay below a depth of 1e-3 at every fitted pixel (here: inside a masked
+    stretch of the order) are held at their clone values in the line stage, so that their unseen
+    wings cannot trade against the continuum; the lines the pixels see are tuned."""
+    from astropy.nddata import StdDevUncertainty
+    from specutils import Spectrum
+
+    data = _psg_mixture((16000.0, 16050.0), {"H2O": 0.6, "CO2": 1.4})
+    w = data.spectral_axis.to_value(u.AA)
+    masked = w > 16028.0
+    data = Spectrum(spectral_axis=data.spectral_axis, flux=data.flux, uncertainty=StdDevUncertainty(data.uncertainty.array),
+                    mask=masked)
+    fit = fit_spectrum(data, telluric=psg_molecule_clones, resolving_power=45000, tune_telluric=("amplitude",),
+                       template_epochs=60, line_epochs=80, progress=False)
+    lines = fit.telluric_lines
+    center = lines["center"].to_value(u.AA)
+    unchanged = lines["amplitude_fit"] == lines["amplitude_clone"]
+    deep_inside_mask = center > 16034.0
+    seen = center < 16026.0
+    assert deep_inside_mask.sum() > 3 and seen.sum() > 3
+    assert np.all(unchanged[deep_inside_mask])
+    assert np.mean(~unchanged[seen]) > 0.5

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -15,9 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..constants import (CALIBRATION_LR_DIVISOR, CENTERS_LR_DIVISOR, CONTINUUM_LR_DIVISOR, RV_LR_FACTOR,
+from ..constants import (UNSEEN_LINE_DEPTH, CALIBRATION_LR_DIVISOR, CENTERS_LR_DIVISOR, CONTINUUM_LR_DIVISOR, RV_LR_FACTOR,
                          TEMPLATE_PATIENCE)
-from .clone import LineCloneModel
+from .clone import SPEED_OF_LIGHT_KMS, LineCloneModel
+from .profiles import pseudo_voigt_eta
 from .training import TrainingHistory, train, use_plans
 
 if TYPE_CHECKING:
@@ -327,26 +329,82 @@ def _free_for_template_matching(model: TransferModel, *, tune_telluric_power: bo
     return calibrate
 
 
+def _joined(first: TrainingHistory, second: TrainingHistory) -> TrainingHistory:
+    """One history of two consecutive training runs (the second's stop reason)."""
+    best_second = second.best_loss < first.best_loss
+    return TrainingHistory(loss=list(first.loss) + list(second.loss),
+                           best_loss=second.best_loss if best_second else first.best_loss,
+                           best_epoch=first.epochs_run + second.best_epoch if best_second else first.best_epoch,
+                           epochs_run=first.epochs_run + second.epochs_run, stop_reason=second.stop_reason,
+                           seconds=first.seconds + second.seconds)
+
+
+def _log_mode(clone: LineCloneModel | None) -> bool:
+    return clone is not None and clone.mode == "log"
+
+
 def _hold_degenerate_globals(model: TransferModel, tune_lines: Sequence[str], tune_telluric: Sequence[str],
                              tune_vsini_with_lines: bool | None) -> list[tuple[Tensor, bool]]:
     """Freeze, for the line stage, the global parameters that the tuned line parameters make
     (nearly) degenerate, so that they keep their template-matching values: v sin i when the
     stellar widths are tuned (unless ``tune_vsini_with_lines`` says otherwise), R when any widths are
     tuned (the instrumental kernel and every line's width), and the Beer's-law power(s) X when the
-    telluric widths are tuned (X·a·profile: wider or deeper lines against a larger X). Without this,
-    X and R drift along the degenerate direction as the line stage runs (a longer stage gives
-    other values). Returns (parameter, its ``requires_grad`` before) pairs to restore."""
+    telluric widths are tuned, or the amplitudes of a log-mode telluric clone (a line adds X·a·V to
+    ln T: X and the amplitudes are exactly degenerate but for the L1 pull; in linear mode,
+    (1 - Σ a V)^X, X also shapes the saturated lines and stays free). Without this, X and R drift
+    along the degenerate direction as the line stage runs (on the IGRINS A0V order X(CH4) went
+    0.64, 0.70, 0.80, 0.96 after 0, 300, 1000, 4000 line epochs). Returns (parameter, its
+    ``requires_grad`` before) pairs to restore."""
     widths = {"sigma", "gamma"}
     stellar_widths, telluric_widths = bool(widths & set(tune_lines)), bool(widths & set(tune_telluric))
     if tune_vsini_with_lines is None:
         tune_vsini_with_lines = not stellar_widths
     held = [(model.rot.log_vsini, bool(tune_vsini_with_lines)),
             (model.inst.log_resolving_power, not (stellar_widths or telluric_widths)),
-            (model.log_telluric_power, not telluric_widths)]
+            (model.log_telluric_power, not (telluric_widths or (tune_telluric and _log_mode(model.telluric))))]
     before = [(param, param.requires_grad) for param, _ in held]
     for param, keep_free in held:
         param.requires_grad_(param.requires_grad and keep_free)
     return before
+
+
+def _hold_unseen_lines(model: TransferModel, weight: Tensor) -> list:
+    """Hold, for the line stage, the lines that no fitted pixel sees: those whose profile, broadened
+    by the instrument and the rotation, stays below a depth of ``UNSEEN_LINE_DEPTH`` at every pixel
+    of weight > 0. The reach of a line is its Lorentzian wing's, x = (X a η γ / (π ε))^{1/2}, or three
+    Gaussian σ, whichever is larger, plus 2λ(1/R + v sin i/c) for the instrument and the rotation
+    (the stellar centres shifted by the RV). Such lines are kept for the model's completeness (the
+    lines within ``buffer`` of the data), but tuning them would let their far wings trade against the
+    continuum polynomial where nothing constrains them: on the IGRINS A0V order a line 37 Å beyond a
+    masked edge grew until the fitted transmission sat 15 % below 1 across the order. Gradient hooks
+    zero their updates; returns the hook handles to remove after the stage."""
+    lam = model.lam_d[weight > 0]
+    if lam.numel() < 2:
+        return []
+    lam = torch.sort(lam).values
+    c = float(SPEED_OF_LIGHT_KMS)
+    r = float(model.resolving_power.detach())
+    x_tel = float(model.telluric_power.detach().max()) if model.telluric is not None else 1.0
+    handles = []
+    for clone, shift, vsini, power in ((model.stellar, float(model.rv.detach()), float(model.vsini.detach()), 1.0),
+                                       (model.telluric, 0.0, 0.0, x_tel)):
+        if clone is None:
+            continue
+        with torch.no_grad():
+            centers = clone.lam_centers * (1.0 + shift / c)
+            sigma, gamma = clone.log_sigmas.exp(), clone.log_gammas.exp()
+            wing = (power * clone.log_amplitudes.exp() * pseudo_voigt_eta(sigma, gamma) * gamma
+                    / (math.pi * UNSEEN_LINE_DEPTH)).sqrt()
+            reach = torch.maximum(wing, 3.0 * sigma) + 2.0 * centers * (1.0 / r + vsini / c)
+            k = torch.searchsorted(lam, centers).clamp(1, lam.numel() - 1)
+            nearest = torch.minimum((lam[k] - centers).abs(), (lam[k - 1] - centers).abs())
+            seen = (nearest <= reach).to(centers.dtype)
+        if bool(seen.all()):
+            continue
+        for param in (clone.lam_centers, clone.log_amplitudes, clone.log_sigmas, clone.log_gammas):
+            if param.requires_grad:
+                handles.append(param.register_hook(lambda g, m=seen: g * m))
+    return handles
 
 
 def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, likelihood, overrides, extra, plans,
@@ -366,11 +424,18 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
         model.project_()
 
     if template_epochs:
-        fit.stages["template"] = train(
-            model, lambda: transfer_loss(model, data, weight, likelihood=likelihood), epochs=template_epochs, lr=lr,
-            patience=TEMPLATE_PATIENCE, progress=progress, desc="template matching", lr_overrides=overrides, extra=extra,
-            plans=plans, graph=graph, callback=bounds,
-        )
+        # with a wavelength correction, solved once half-way too: the powers and R found after it are
+        # not biased by a miscalibrated wavelength scale (Adam's steps cannot resolve m/s)
+        halves = [template_epochs // 2, template_epochs - template_epochs // 2] if calibrate else [template_epochs]
+        for k, epochs in enumerate(h for h in halves if h):
+            if k:
+                polish()
+            history = train(
+                model, lambda: transfer_loss(model, data, weight, likelihood=likelihood), epochs=epochs, lr=lr,
+                patience=TEMPLATE_PATIENCE, progress=progress, desc="template matching", lr_overrides=overrides,
+                extra=extra, plans=plans, graph=graph, callback=bounds,
+            )
+            fit.stages["template"] = history if k == 0 else _joined(fit.stages["template"], history)
     polish()
     fit.chi2["template"] = _chi2(model, data, weight)
     # stage 2: lines, with everything else still free
@@ -379,6 +444,7 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
             st.set_tuned(tune_lines)
         if tel is not None:
             tel.set_tuned(tune_telluric)
+        hooks = _hold_unseen_lines(model, weight)
         held = _hold_degenerate_globals(model, tune_lines if st is not None else (), tune_telluric if tel is not None
                                         else (), tune_vsini_with_lines)
         fit.stages["lines"] = train(
@@ -394,3 +460,5 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
         fit.chi2["lines"] = _chi2(model, data, weight)
         for param, free in held:
             param.requires_grad_(free)
+        for hook in hooks:
+            hook.remove()
