@@ -423,6 +423,9 @@ def main() -> None:
     ap.add_argument("--no-subset-variants", action="store_true",
                     help="on the subset, only the tuned and the fixed telluric fits (not the widths and free-R ones)")
     ap.add_argument("--tune-resolving-power", action="store_true", help="tune R in the joint fit of all orders")
+    ap.add_argument("--telluric-widths", action="store_true",
+                    help="tune the telluric widths (sigma, gamma) as well as their amplitudes in the joint fit (X and R "
+                         "then keep their template-matching values in the line stage)")
     ap.add_argument("--telluric-mode", choices=("linear", "log"), default="linear",
                     help="linear: the cached TelFit clone of batch_hr4829.py (Eq. 2, 300 epochs); log: a TelFit clone "
                          "in log mode (Eq. A2) with centres tuned, 1000 epochs (cloned once, about 2 min, and cached)")
@@ -450,7 +453,8 @@ def main() -> None:
     free_r = dict(tune_resolving_power=True)
     if args.tune_resolving_power:
         common |= free_r
-    tuned = dict(tune_telluric=("amplitude",), tune_telluric_power=True, telluric_regularization=5.0)
+    tuned = dict(tune_telluric=("amplitude", "sigma", "gamma") if args.telluric_widths else ("amplitude",),
+                 tune_telluric_power=True, telluric_regularization=5.0)
     fixed = dict(tune_telluric=(), tune_telluric_power=False)
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} vCPUs, torch {torch.__version__}, "
@@ -465,7 +469,7 @@ def main() -> None:
                          telluric_power_scan=args.power_grid or "fit_spectrum default (70 values, 0.01-10)",
                          continuum_degree=args.continuum_degree, edge_trim_px=args.edge_trim,
                          resolving_power=55000.0, stellar_regularization=5.0, telluric_regularization=5.0,
-                         tune_lines="amplitude", tune_telluric="amplitude", tune_telluric_power=True,
+                         tune_lines="amplitude", tune_telluric=",".join(tuned["tune_telluric"]), tune_telluric_power=True,
                          tune_resolving_power=bool(args.tune_resolving_power),
                          telluric_clone=str(telluric_path.relative_to(HERE.parent)),
                          telluric_lines_kept="within 30 Å of a fitted order",

@@ -309,6 +309,9 @@ def main() -> None:
     ap.add_argument("--mask-brackett", type=float, default=5.0,
                     help="mask the pixels within this many Å of each Brackett line in the fit (the A0V star's own "
                          "hydrogen lines, which a telluric-only model cannot fit; default: %(default)s; 0: none)")
+    ap.add_argument("--tune-telluric", nargs="+", default=None, choices=("amplitude", "sigma", "gamma", "center"),
+                    help="telluric line parameters tuned in the line stage of every order (default: fit_spectrum's "
+                         "default for a telluric-only fit)")
     ap.add_argument("--json", type=Path, default=HERE / "igrins_a0v.json")
     args = ap.parse_args()
     if args.total:
@@ -319,6 +322,7 @@ def main() -> None:
     warnings.simplefilter("ignore")
     import astropy.units as u
 
+    from blase_specutils.fit_settings import FitSettings
     from blase_specutils.io import read_igrins_plp
 
     t_start = time.perf_counter()
@@ -332,6 +336,7 @@ def main() -> None:
     lo, hi = BAND_UM[0] * 1e4, BAND_UM[1] * 1e4
     br = brackett_lines()
     rows, skipped = [], {}
+    tune = tuple(args.tune_telluric) if args.tune_telluric else FitSettings().tune_telluric_for(has_stellar=False)
     picked = range(len(orders)) if args.orders is None else args.orders
     for k in picked:
         s = orders[k]
@@ -343,7 +348,7 @@ def main() -> None:
         if nfin < 1000:
             skipped[k] = f"only {nfin} finite pixels"
             continue
-        rows.append(fit_order(k, s, clone, alpha, beta, br, args.epochs, ("amplitude",), args.mask_brackett))
+        rows.append(fit_order(k, s, clone, alpha, beta, br, args.epochs, tune, args.mask_brackett))
     widths = []
     for k in args.width_orders or []:
         if k in picked and k not in skipped:
@@ -358,7 +363,8 @@ def main() -> None:
                   "molecules": list(clone) if args.molecules else None, "powers": args.powers,
                   "clone_seconds": round(clone_seconds, 1) or None},
         "noise_model": {"alpha": alpha, "beta": beta, "note": "var = alpha*F + beta fitted to TGT_SPEC and its variance"},
-        "settings": {"mask_brackett_aa": args.mask_brackett, "resolving_power_start": 45000.0, "tune_resolving_power": True, "tune_telluric": ["amplitude"],
+        "settings": {"mask_brackett_aa": args.mask_brackett, "resolving_power_start": 45000.0, "tune_resolving_power": True, "tune_telluric": list(tune),
+                     "calibration_degree": FitSettings().calibration_degree_for(False, True),
                      "telluric_regularization": 5.0, "continuum_degree": 2, "epochs_per_stage": args.epochs},
         "orders": rows,
         "width_variant": widths,
