@@ -423,9 +423,10 @@ def main() -> None:
     ap.add_argument("--no-subset-variants", action="store_true",
                     help="on the subset, only the tuned and the fixed telluric fits (not the widths and free-R ones)")
     ap.add_argument("--tune-resolving-power", action="store_true", help="tune R in the joint fit of all orders")
-    ap.add_argument("--telluric-widths", action="store_true",
-                    help="tune the telluric widths (sigma, gamma) as well as their amplitudes in the joint fit (X and R "
-                         "then keep their template-matching values in the line stage)")
+    ap.add_argument("--telluric-amplitudes-only", action="store_true",
+                    help="tune the telluric amplitudes only in the joint fit (the recipe before 2026-12-07, second "
+                         "session); default: amplitudes and widths, as the command line's --tune-telluric, X and R "
+                         "keeping their template-matching values in the line stage")
     ap.add_argument("--telluric-mode", choices=("linear", "log"), default="linear",
                     help="linear: the cached TelFit clone of batch_hr4829.py (Eq. 2, 300 epochs); log: a TelFit clone "
                          "in log mode (Eq. A2) with centres tuned, 1000 epochs (cloned once, about 2 min, and cached)")
@@ -453,7 +454,9 @@ def main() -> None:
     free_r = dict(tune_resolving_power=True)
     if args.tune_resolving_power:
         common |= free_r
-    tuned = dict(tune_telluric=("amplitude", "sigma", "gamma") if args.telluric_widths else ("amplitude",),
+    from blase_specutils.constants import TELLURIC_ONLY_TUNED
+
+    tuned = dict(tune_telluric=("amplitude",) if args.telluric_amplitudes_only else TELLURIC_ONLY_TUNED,
                  tune_telluric_power=True, telluric_regularization=5.0)
     fixed = dict(tune_telluric=(), tune_telluric_power=False)
     report = {

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from .constants import TELLURIC_ONLY_TUNED
+
 __all__ = ["main", "EXIT_OK", "EXIT_JOBS_FAILED", "EXIT_USAGE", "EXIT_DATA", "EXIT_FAILED", "CommandError"]
 
 #: Exit status: success; a fit whose result carries flags (they are printed and in the JSON) exits 0 too.
@@ -261,7 +263,8 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--telluric", help="telluric clone: a clone file or an embedded template's name, e.g. telfit-hpf "
                                       "(cloned once and cached; optional)")
     p.add_argument("--tune-telluric", action="store_true",
-                   help="tune the telluric line amplitudes in the line stage (always on for a telluric-only fit)")
+                   help="tune the telluric line amplitudes and widths in the line stage, X and R holding their "
+                        "template-matching values (always on for a telluric-only fit)")
     p.add_argument("--fixed-telluric-power", action="store_true",
                    help="hold the Beer's-law power X of the telluric transmission at 1 (default: fitted)")
     p.add_argument("--telluric-regularization", type=float, default=5.0,
@@ -404,7 +407,7 @@ def _fit_kwargs(args) -> dict:
     """Keyword arguments of fit_spectrum shared by ``fit`` and ``fit-many``."""
     return dict(resolving_power=args.resolving_power, rv_range=args.rv_range, vsini=args.vsini,
                 line_epochs=0 if args.template_only else args.epochs, regularization=args.regularization,
-                tune_telluric=("amplitude",) if args.tune_telluric else None,
+                tune_telluric=TELLURIC_ONLY_TUNED if args.tune_telluric else None,
                 tune_telluric_power=not args.fixed_telluric_power,
                 telluric_regularization=args.telluric_regularization, continuum_degree=args.continuum_degree,
                 plan=_plan(args), calibration_degree=args.calibration_degree,

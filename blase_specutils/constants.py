@@ -44,6 +44,16 @@ TEMPLATE_CLONE_MARGIN_AA = 40.0
 #: to 1.7 and 2.3: the old PLP wavelength solution is off by about 1 km/s there.
 AUTO_CALIBRATION_DEGREE = 1
 
+#: A fitted wavelength correction that reaches more than this many times its Gaussian pull (1 km/s)
+#: is flagged ``wavelength_correction_large``: IGRINS orders need up to 1.7 km/s and stay silent; data
+#: in the wrong frame (22 km/s off) are flagged.
+WAVELENGTH_CORRECTION_FLAG_PULLS = 2.0
+
+#: Telluric line parameters tuned by default in a telluric-only fit, and by ``--tune-telluric``: the
+#: amplitudes and the widths (IGRINS A0V median χ²_red 1.9 -> 1.1, HR 4829 water order 12 14.2 -> 4.7;
+#: benchmarks/RESULTS.md). The Beer's-law powers and R keep their template-matching values meanwhile.
+TELLURIC_ONLY_TUNED = ("amplitude", "sigma", "gamma")
+
 #: Depth ε below which a line is not seen by a pixel: a line whose profile stays shallower than this
 #: at every fitted pixel is held at its clone values in the line stage (``core.stages``): about the
 #: noise of one pixel at S/N 1000, so that any line the data can see stays free.

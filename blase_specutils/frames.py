@@ -474,7 +474,8 @@ def telluric_frame_flags(model, wavelength: np.ndarray, flux: np.ndarray, sigma:
     the reverse for the reverse mistake); each multiplies the fit's stellar-and-continuum part
     (the model divided by its fitted transmission, over pixels where that exceeds 0.05). When the
     best shifted χ² is below 70 % of the best unshifted one and lower by more than 25, the flag
-    names the frame the tellurics point to. Without a telluric clone, a correction, or with
+    names the frame the tellurics point to. A fitted wavelength correction is left out of the
+    transmission compared (it would move the lines towards either frame). Without a telluric clone, a correction, or with
     |v_corr| < 1 km/s: no check (an empty list).
     """
     from .core.transfer import FitFlag
@@ -488,11 +489,17 @@ def telluric_frame_flags(model, wavelength: np.ndarray, flux: np.ndarray, sigma:
     with torch.no_grad():
         fitted = at_pixels()
         power = model.log_telluric_power.detach().clone()
+        calibration = getattr(model, "calibration_coeffs", None)
+        saved = None if calibration is None else calibration.detach().clone()
         model.log_telluric_power.zero_()
+        if calibration is not None:  # the lines at rest in the frame checked, not moved by a fitted correction
+            calibration.zero_()
         try:
             one = at_pixels()
         finally:
             model.log_telluric_power.copy_(power)
+            if calibration is not None:
+                calibration.copy_(saved)
     if fitted is None or one is None:
         return []
     t_fit, t1 = fitted.detach().cpu().numpy(), np.clip(one.detach().cpu().numpy(), 1e-6, None)

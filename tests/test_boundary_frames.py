@@ -174,6 +174,10 @@ def test_barycentric_data_are_fitted_with_tellurics_in_the_observatory_frame(hr4
     # the fit checks the stated frame against the telluric lines, and says so
     assert "telluric_frame" in [f.code for f in wrong.flags]
     assert "look barycentric" in next(f.message for f in wrong.flags if f.code == "telluric_frame")
+    # the wavelength correction of a telluric-only fit (on by default) tried to absorb the 22 km/s, and says so
+    assert wrong.model.calibration_degree is not None
+    assert "wavelength_correction_large" in [f.code for f in wrong.flags]
+    assert "wavelength_correction_large" not in [f.code for f in as_recorded.flags + back.flags]
     assert "telluric_frame" not in [f.code for f in as_recorded.flags + back.flags]
     # the output is on the user's (barycentric) axis
     np.testing.assert_array_equal(back.model_spectrum.spectral_axis.value, shifted.spectral_axis.value)

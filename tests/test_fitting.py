@@ -235,9 +235,10 @@ def test_telluric_only_fit_of_hr4829(hr4829_telluric_fit, hr4829_water_window, t
     s = r.summary()
     assert s["components"] == "telluric" and s["rv_kms"] is None and s["vsini_kms"] is None
     assert s["template_matching"]["rv"] is None and np.isnan(r.rv.value) and np.isnan(r.vsini.value)
-    # tuning the telluric amplitudes (the default of a telluric-only fit) beats template matching (by
-    # less than it did while the TelFit clone was broadened twice: template matching is closer now)
-    assert r.settings["tune_telluric"] == "amplitude"
+    # tuning the telluric amplitudes and widths (the default of a telluric-only fit) beats template
+    # matching (by less than it did while the TelFit clone was broadened twice: template matching is
+    # closer now)
+    assert r.settings["tune_telluric"] == "amplitude,sigma,gamma"
     assert r.chi2 < 0.8 * r.template["chi2"]
     assert s["n_lines_changed"] > 0 and s["n_telluric_lines"] == s["n_lines"] == r.model.telluric.n_lines
     assert np.array_equal(r.lines["amplitude_fit"], r.telluric_lines["amplitude_fit"])
@@ -364,7 +365,7 @@ def test_fit_settings_normalise_units_and_check_again_on_replace():
                     tune_lines="amplitude")
     assert (s.rv, s.rv_range, s.vsini) == (-9.5, 60.0, 3.0)
     assert s.buffer_angstrom == pytest.approx(10.0) and s.tune_lines == ("amplitude",)
-    assert s.bounds == FitBounds() and s.tune_telluric_for(True) == () and s.tune_telluric_for(False) == ("amplitude",)
+    assert s.bounds == FitBounds() and s.tune_telluric_for(True) == () and s.tune_telluric_for(False) == ("amplitude", "sigma", "gamma")
     assert FitSettings(**{k: getattr(s, k) for k in FitSettings.field_names()}) == s  # normalised values are valid
     with pytest.raises(ValueError, match="widen rv_range"):
         s.replace(rv_range=5.0)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..constants import (BOUND_TOLERANCE, CURVATURE_STEPS, MAX_VSINI_KMS, MIN_CLONE_COVERAGE,
+from ..constants import (WAVELENGTH_CORRECTION_FLAG_PULLS, BOUND_TOLERANCE, CURVATURE_STEPS, MAX_VSINI_KMS, MIN_CLONE_COVERAGE,
                          RESOLVING_POWER_RUNAWAY, RV_EDGE_TOLERANCE_KMS, RV_SCALE_FLOOR_KMS, RV_SCAN_STEP_KMS,
                          TELLURIC_POWER_RUNAWAY, TELLURIC_POWER_SCAN_LOGSPACE, UNCONSTRAINED_FRACTION,
                          VSINI_SCAN_GEOMSPACE_KMS)
@@ -325,7 +325,30 @@ def check_fit(model: TransferModel, fit: TransferFit, *, bounds: FitBounds | Non
         flags += _resolving_power_flags(model, b, start or {})
     if model.telluric is not None and "telluric_power" in tuned:
         flags += _power_flags(model, fit, b, sigmas)
+    flags += _calibration_flags(model)
     return flags
+
+
+def _calibration_flags(model: TransferModel) -> list[FitFlag]:
+    """``wavelength_correction_large``: a per-order wavelength correction that reaches more than
+    ``WAVELENGTH_CORRECTION_FLAG_PULLS`` times its Gaussian pull somewhere in the order. Its pull
+    shrinks it, and it is applied to first order (M + δv dM/dv), which fails as δv approaches the
+    lines' widths: such a correction says the wavelength scale, or the frame, is off."""
+    dv = model.velocity_correction()
+    if dv is None:
+        return []
+    limit = WAVELENGTH_CORRECTION_FLAG_PULLS * model.calibration_prior
+    worst = torch.zeros(model.n_orders, dtype=dv.dtype, device=dv.device).index_reduce_(
+        0, model.order_of_pixel, dv.detach().abs(), "amax", include_self=True).cpu().numpy()
+    bad = [(k, float(v)) for k, v in enumerate(worst) if v > limit]
+    if not bad:
+        return []
+    text = ", ".join(f"order {k}: {1000 * v:.0f} m/s" for k, v in bad)
+    return [FitFlag("wavelength_correction_large", f"the wavelength correction reaches {text}, more than "
+                    f"{WAVELENGTH_CORRECTION_FLAG_PULLS:g} times its {1000 * model.calibration_prior:.0f} m/s pull: "
+                    "the wavelength solution or the stated frame of the data is off by about that much (the "
+                    "correction is shrunk by its pull and applied to first order, so it does not fully repair it)",
+                    "wavelength_correction")]
 
 
 def _bound_and_scan_flags(model: TransferModel, fit: TransferFit, b: FitBounds, tuned: set) -> list[FitFlag]:
