@@ -33,6 +33,7 @@ _LAZY = {
     "EXAMPLES": "examples",
     "read_spectrum": "io",
     "fit_spectrum": "fitting",
+    "FitSettings": "fit_settings",
     "TransferResult": "fitting",
     "FitFlagWarning": "fitting",
     "FitFlag": "fitting",
