@@ -570,15 +570,13 @@ def _clone_arg(clone, client):
 
 def _check_fit_kwargs(fit_kwargs: dict) -> None:
     """The keywords of :func:`fit_many` meant for fit_spectrum: names and values, checked before any job."""
-    import inspect
-
-    from .fitting import _fit_settings, fit_spectrum
+    from .fit_settings import FitSettings
+    from .fitting import fit_spectrum
 
     _check_keywords(fit_kwargs, fit_spectrum, caller="fit_many",
                     reserved=("data", "stellar", "telluric", "device", "progress"))
-    defaults = {k: p.default for k, p in inspect.signature(fit_spectrum).parameters.items()
-                if p.default is not p.empty}
-    _fit_settings(**dict(defaults, **fit_kwargs))  # bad values fail here, not in every job
+    # bad values fail here, not in every job (the dataclass holds the defaults)
+    FitSettings(**{k: v for k, v in fit_kwargs.items() if k in FitSettings.field_names()})
 
 
 def fit_many(
