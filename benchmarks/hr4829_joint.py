@@ -481,7 +481,7 @@ def main() -> None:
         "clones": {"stellar_lines": stellar.model.n_lines, "telluric_lines": telluric.model.n_lines},
     }
     res, main_rep, comps, _ = run_fit(data, stellar, telluric, order_numbers=orders,
-                                      label="joint fit, all orders, telluric amplitudes and X tuned", **common, **tuned)
+                                      label=f"joint fit, all orders, telluric {'/'.join(tuned['tune_telluric'])} tuned (X and R held in the line stage when widths are)", **common, **tuned)
     report["joint"] = main_rep
     batch = HERE / "batch_hr4829.json"
     if batch.exists():
@@ -499,7 +499,7 @@ def main() -> None:
         sub_data = load_orders(sub, args.edge_trim)
         comp = {"orders": sub}
         variants = {
-            "tuned_telluric": ("subset, telluric amplitudes and X tuned", tuned),
+            "tuned_telluric": (f"subset, telluric {'/'.join(tuned['tune_telluric'])} tuned", tuned),
             "fixed_telluric": ("subset, telluric clone fixed (X = 1)", fixed),
         }
         if not args.no_subset_variants:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..constants import (UNSEEN_LINE_DEPTH, CALIBRATION_LR_DIVISOR, CENTERS_LR_DIVISOR, CONTINUUM_LR_DIVISOR, RV_LR_FACTOR,
                          TEMPLATE_PATIENCE)
 from .clone import SPEED_OF_LIGHT_KMS, LineCloneModel
-from .profiles import pseudo_voigt_eta
+from .profiles import FWHM_GAUSSIAN_PER_SIGMA, pseudo_voigt_eta
 from .training import TrainingHistory, train, use_plans
 
 if TYPE_CHECKING:
@@ -370,10 +370,11 @@ def _hold_degenerate_globals(model: TransferModel, tune_lines: Sequence[str], tu
 
 def _hold_unseen_lines(model: TransferModel, weight: Tensor) -> list:
     """Hold, for the line stage, the lines that no fitted pixel sees: those whose profile, broadened
-    by the instrument and the rotation, stays below a depth of ``UNSEEN_LINE_DEPTH`` at every pixel
-    of weight > 0. The reach of a line is its Lorentzian wing's, x = (X a η γ / (π ε))^{1/2}, or three
-    Gaussian σ, whichever is larger, plus 2λ(1/R + v sin i/c) for the instrument and the rotation
-    (the stellar centres shifted by the RV). Such lines are kept for the model's completeness (the
+    by the instrument and the rotation, stays below a depth of ``UNSEEN_LINE_DEPTH`` ε at every pixel
+    of weight > 0. The reach of a line is that of its Gaussian core through the instrument,
+    σ' (2 ln(d/ε))^{1/2} with σ'² = σ² + (λ/(2.3548 R))² and d its peak depth, or that of its
+    Lorentzian wing, (X a η γ / (π ε))^{1/2} + 3σ', whichever is larger, plus λ v sin i/c for the
+    rotation (the stellar centres shifted by the RV). Such lines are kept for the model's completeness (the
     lines within ``buffer`` of the data), but tuning them would let their far wings trade against the
     continuum polynomial where nothing constrains them: on the IGRINS A0V order a line 37 Å beyond a
     masked edge grew until the fitted transmission sat 15 % below 1 across the order. Gradient hooks
@@ -393,9 +394,13 @@ def _hold_unseen_lines(model: TransferModel, weight: Tensor) -> list:
         with torch.no_grad():
             centers = clone.lam_centers * (1.0 + shift / c)
             sigma, gamma = clone.log_sigmas.exp(), clone.log_gammas.exp()
-            wing = (power * clone.log_amplitudes.exp() * pseudo_voigt_eta(sigma, gamma) * gamma
-                    / (math.pi * UNSEEN_LINE_DEPTH)).sqrt()
-            reach = torch.maximum(wing, 3.0 * sigma) + 2.0 * centers * (1.0 / r + vsini / c)
+            area = power * clone.log_amplitudes.exp()
+            eta = pseudo_voigt_eta(sigma, gamma)
+            sigma_obs = (sigma.square() + (centers / (r * FWHM_GAUSSIAN_PER_SIGMA)).square()).sqrt()
+            peak = area * (1.0 - eta) / (math.sqrt(2.0 * math.pi) * sigma_obs)
+            core = sigma_obs * (2.0 * (peak / UNSEEN_LINE_DEPTH).clamp(min=1.0).log()).sqrt()
+            wing = (area * eta * gamma / (math.pi * UNSEEN_LINE_DEPTH)).sqrt() + 3.0 * sigma_obs
+            reach = torch.maximum(core, wing) + centers * vsini / c
             k = torch.searchsorted(lam, centers).clamp(1, lam.numel() - 1)
             nearest = torch.minimum((lam[k] - centers).abs(), (lam[k - 1] - centers).abs())
             seen = (nearest <= reach).to(centers.dtype)
