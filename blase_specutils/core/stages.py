@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -18,8 +17,9 @@ from torch import Tensor, nn
 
 from ..constants import (UNSEEN_LINE_DEPTH, CALIBRATION_LR_DIVISOR, CENTERS_LR_DIVISOR, CONTINUUM_LR_DIVISOR, RV_LR_FACTOR,
                          TEMPLATE_PATIENCE)
-from .clone import SPEED_OF_LIGHT_KMS, LineCloneModel
-from .profiles import FWHM_GAUSSIAN_PER_SIGMA, pseudo_voigt_eta
+from .clone import LineCloneModel
+from .engine import window_half_widths
+from .profiles import FWHM_GAUSSIAN_PER_SIGMA
 from .training import TrainingHistory, train, use_plans
 
 if TYPE_CHECKING:
@@ -369,47 +369,38 @@ def _hold_degenerate_globals(model: TransferModel, tune_lines: Sequence[str], tu
 
 
 def _hold_unseen_lines(model: TransferModel, weight: Tensor) -> list:
-    """Hold, for the line stage, the lines that no fitted pixel sees: those whose profile, broadened
-    by the instrument and the rotation, stays below a depth of ``UNSEEN_LINE_DEPTH`` ε at every pixel
-    of weight > 0. The reach of a line is that of its Gaussian core through the instrument,
-    σ' (2 ln(d/ε))^{1/2} with σ'² = σ² + (λ/(2.3548 R))² and d its peak depth, or that of its
-    Lorentzian wing, (X a η γ / (π ε))^{1/2} + 3σ', whichever is larger, plus λ v sin i/c for the
-    rotation (the stellar centres shifted by the RV). Such lines are kept for the model's completeness (the
+    """Hold, for the line stage, the telluric lines that no fitted pixel sees: those whose profile,
+    broadened by the instrument, stays below a depth of ``UNSEEN_LINE_DEPTH`` ε at every pixel of
+    weight > 0. The reach of a line is the engine's window half-width
+    (:func:`~blase_specutils.core.engine.window_half_widths`: its Gaussian core or its Lorentzian
+    wing down to ε, at least 6σ' + 6γ) for its area X a and the Gaussian width through the
+    instrument, σ'² = σ² + (λ/(2.3548 R))². Such lines are kept for the model's completeness (the
     lines within ``buffer`` of the data), but tuning them would let their far wings trade against the
     continuum polynomial where nothing constrains them: on the IGRINS A0V order a line 37 Å beyond a
-    masked edge grew until the fitted transmission sat 15 % below 1 across the order. Gradient hooks
-    zero their updates; returns the hook handles to remove after the stage."""
+    masked edge grew until the fitted transmission sat 15 % below 1 across the order. The stellar
+    lines stay free: on WASP 69 holding those beyond the order's ends moved χ²_red from 3.06 to
+    between 2.7 and 3.5 depending on a single line at the edge, a change the data do not decide.
+    Gradient hooks zero their updates; returns the hook handles to remove after the stage."""
+    clone = model.telluric
     lam = model.lam_d[weight > 0]
-    if lam.numel() < 2:
+    if clone is None or lam.numel() < 2:
         return []
     lam = torch.sort(lam).values
-    c = float(SPEED_OF_LIGHT_KMS)
-    r = float(model.resolving_power.detach())
-    x_tel = float(model.telluric_power.detach().max()) if model.telluric is not None else 1.0
-    handles = []
-    for clone, shift, vsini, power in ((model.stellar, float(model.rv.detach()), float(model.vsini.detach()), 1.0),
-                                       (model.telluric, 0.0, 0.0, x_tel)):
-        if clone is None:
-            continue
-        with torch.no_grad():
-            centers = clone.lam_centers * (1.0 + shift / c)
-            sigma, gamma = clone.log_sigmas.exp(), clone.log_gammas.exp()
-            area = power * clone.log_amplitudes.exp()
-            eta = pseudo_voigt_eta(sigma, gamma)
-            sigma_obs = (sigma.square() + (centers / (r * FWHM_GAUSSIAN_PER_SIGMA)).square()).sqrt()
-            peak = area * (1.0 - eta) / (math.sqrt(2.0 * math.pi) * sigma_obs)
-            core = sigma_obs * (2.0 * (peak / UNSEEN_LINE_DEPTH).clamp(min=1.0).log()).sqrt()
-            wing = (area * eta * gamma / (math.pi * UNSEEN_LINE_DEPTH)).sqrt() + 3.0 * sigma_obs
-            reach = torch.maximum(core, wing) + centers * vsini / c
-            k = torch.searchsorted(lam, centers).clamp(1, lam.numel() - 1)
-            nearest = torch.minimum((lam[k] - centers).abs(), (lam[k - 1] - centers).abs())
-            seen = (nearest <= reach).to(centers.dtype)
-        if bool(seen.all()):
-            continue
-        for param in (clone.lam_centers, clone.log_amplitudes, clone.log_sigmas, clone.log_gammas):
-            if param.requires_grad:
-                handles.append(param.register_hook(lambda g, m=seen: g * m))
-    return handles
+    with torch.no_grad():
+        centers = clone.lam_centers
+        sigma, gamma = clone.log_sigmas.exp(), clone.log_gammas.exp()
+        r = float(model.resolving_power.detach())
+        sigma_obs = (sigma.square() + (centers / (r * FWHM_GAUSSIAN_PER_SIGMA)).square()).sqrt()
+        area = float(model.telluric_power.detach().max()) * clone.log_amplitudes.exp()
+        reach = window_half_widths(area, sigma_obs, gamma, UNSEEN_LINE_DEPTH)
+        k = torch.searchsorted(lam, centers).clamp(1, lam.numel() - 1)
+        nearest = torch.minimum((lam[k] - centers).abs(), (lam[k - 1] - centers).abs())
+        seen = (nearest <= reach).to(centers.dtype)
+    if bool(seen.all()):
+        return []
+    return [param.register_hook(lambda g, m=seen: g * m)
+            for param in (clone.lam_centers, clone.log_amplitudes, clone.log_sigmas, clone.log_gammas)
+            if param.requires_grad]
 
 
 def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, likelihood, overrides, extra, plans,
