@@ -20,7 +20,7 @@ import torch
 
 from .core.clone import TUNABLE
 from .core.profiles import PROFILES
-from .core.training import check_integer, check_real
+from .core.training import check_integer, check_plan, check_real
 from .preprocessing import DEFAULT_BUFFER, _as_band, _buffer_angstrom, _teff_kelvin
 
 __all__ = ["CloneSettings"]
@@ -190,8 +190,7 @@ class CloneSettings:
 
     def _checked_switches(self) -> dict:
         """The on/off settings, the seed, the patience and the plan choice."""
-        if not (self.plan == "auto" or isinstance(self.plan, bool)):
-            raise ValueError(f"plan must be True, False or 'auto', got {self.plan!r}")
+        check_plan(self.plan)
         if self.air is not None and not isinstance(self.air, bool):
             raise TypeError(f"air must be True (air wavelengths), False (vacuum) or None (as the spectrum says), "
                             f"got {self.air!r}")

@@ -20,7 +20,7 @@ from .constants import AUTO_CALIBRATION_DEGREE, TELLURIC_ONLY_TUNED
 from .core.clone import TUNABLE
 from .core.diagnostics import FitBounds
 from .core.limits import check_resolving_power, check_rv, check_rv_range, check_vsini
-from .core.training import check_integer, check_real
+from .core.training import check_integer, check_plan, check_real
 from .frames import check_frame_settings
 from .preprocessing import _buffer_angstrom, _velocity_kms
 
@@ -128,7 +128,7 @@ class FitSettings:
             calibration_degree=self._checked_calibration_degree(),
             tune_resolving_power=_check_flag(self.tune_resolving_power, "tune_resolving_power"),
             tune_telluric_power=_check_flag(self.tune_telluric_power, "tune_telluric_power"),
-            plan=self._checked_plan(),
+            plan=check_plan(self.plan),
         )
 
     def _checked_calibration_degree(self) -> int | str | None:
@@ -150,14 +150,6 @@ class FitSettings:
         if self.calibration_degree != "auto":
             return self.calibration_degree
         return AUTO_CALIBRATION_DEGREE if (has_telluric and not has_stellar) else None
-
-    def _checked_plan(self) -> bool | str:
-        """``plan``: True, False or ``"auto"``."""
-        if isinstance(self.plan, str) and self.plan == "auto":
-            return "auto"
-        if not isinstance(self.plan, bool):
-            raise ValueError(f"plan must be True, False or 'auto', got {self.plan!r}")
-        return self.plan
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -101,10 +101,15 @@ def use_plans(plan: bool | str, device: torch.device, engine: EngineOptions | No
     ``plans_on_cuda`` is off by default until this path has been run and timed on a GPU: the
     graphed epoch itself was (benchmarks/RESULTS.md), its use inside ``train`` and with
     wing-corrected lines not yet."""
-    if plan == "auto":
+    if check_plan(plan) == "auto":
         engine = EngineOptions() if engine is None else engine
         return engine.plans_on_cuda and torch.device(device).type == "cuda"
-    if not isinstance(plan, bool):
+    return plan
+
+
+def check_plan(plan) -> bool | str:
+    """``plan`` itself when it is True, False or ``"auto"``; ValueError otherwise."""
+    if not (isinstance(plan, bool) or (isinstance(plan, str) and plan == "auto")):
         raise ValueError(f"plan must be True, False or 'auto', got {plan!r}")
     return plan
 
