@@ -710,20 +710,27 @@ def _demo_fit(args, summary: dict) -> dict:
     """``demo --fit``: fit the shipped HR 4829 HPF order with the demo's clone (library defaults)."""
     import matplotlib
 
+    import warnings
+
     from .cloning import SpectralClone
     from .examples import load_example
-    from .fitting import fit_spectrum
+    from .fitting import FitFlagWarning, fit_spectrum
 
     matplotlib.use("Agg")
     data = load_example(DEMO["example"])
     clone = SpectralClone.load(summary["clone_file"])
     t0 = time.perf_counter()
-    result = fit_spectrum(data, clone, resolving_power=data.meta["resolving_power"], device=args.device,
-                          progress=not args.quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FitFlagWarning)  # reported below, one line per flag, as by ``fit``
+        result = fit_spectrum(data, clone, resolving_power=data.meta["resolving_power"], device=args.device,
+                              progress=not args.quiet)
+    for flag in result.flags:
+        print(f"warning: [{flag.code}] {flag.message}", file=sys.stderr)
     out = Path(args.output)
     stem = DEMO["example"]
     fit = {"data": f"load_example({DEMO['example']!r})", "rv_kms": _finite(result.rv.value),
            "rv_sigma_kms": _finite(result.summary().get("rv_sigma_kms")),
+           "rv_continuum_spread_kms": _finite(result.summary().get("rv_continuum_spread_kms")),
            "vsini_kms": _finite(result.vsini.value), "vsini_sigma_kms": _finite(result.summary().get("vsini_sigma_kms")),
            "chi2_reduced": float(result.chi2_reduced), "flag_codes": [f.code for f in result.flags],
            "seconds": round(time.perf_counter() - t0, 2)}

@@ -115,6 +115,15 @@ UNCONSTRAINED_FRACTION = 0.3
 RV_SCALE_FLOOR_KMS = 10.0
 MIN_CLONE_COVERAGE = 0.9
 
+#: The continuum test of a stellar RV (``core.systematics.rv_by_continuum_degree``): after template
+#: matching, the RV is found again with continuum polynomials of ``CONTINUUM_TEST_EXTRA_DEGREES``
+#: more than the fit's own, on ``CONTINUUM_TEST_GRID`` RVs across ±w (the broadened line width). The
+#: RV of a slow K dwarf (WASP 69) moves by 0.014 km/s; HR 4829's single HPF orders (broad, shallow
+#: lines of an A star at 130-160 km/s) by 5-15 km/s, 13-21 times their σ from the curvature of χ²
+#: (benchmarks/RESULTS.md, HR 4829 section of 2026-12-07, third session).
+CONTINUUM_TEST_EXTRA_DEGREES = (2, 4)
+CONTINUUM_TEST_GRID = 81
+
 #: Finite-difference steps of ``chi2_curvature``: RV in units of the broadened line width
 #: :math:`w = \sqrt{(c/R)^2 + (v\sin i)^2}`, ln v sin i and ln X in natural-log units.
 CURVATURE_STEPS = {"rv": 0.05, "vsini": 0.05, "telluric_power": 0.05}

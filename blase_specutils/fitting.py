@@ -24,6 +24,7 @@ from .cloning import SpectralClone
 from .constants import KERNEL_GROWTH_ROUNDS, MAX_RV_RANGE_KMS, MIN_RESOLVING_POWER, TELLURIC_ONLY_VSINI_KMS  # noqa: F401
 from .core.clone import SPEED_OF_LIGHT_KMS, LineCloneModel
 from .core.diagnostics import TELLURIC_POWER_SCAN, FitBounds, FitFlag, check_fit, chi2_curvature
+from .core.systematics import continuum_spread, rv_by_continuum_degree
 from .core.limits import check_resolving_power, kernel_room, starting_vsini
 from .core.options import EngineOptions
 from .core.stages import TransferFit, fit_transfer
@@ -573,6 +574,9 @@ class _FitRun:
             model.set_max_vsini(_kernel_room(float(model.vsini.detach()), s.bounds.max_vsini))
             self._template_stage(fit)
         _grow_rotation_kernel(model, s.bounds, lambda: self._template_stage(fit))
+        if model.stellar is not None and model.rv.requires_grad:  # the RV's continuum test, lines as cloned
+            fit.rv_continuum = rv_by_continuum_degree(model, self.data_t, self.w_t,
+                                                      extra_degrees=s.bounds.continuum_test_degrees)
         return fit
 
     def _template_stage(self, fit: TransferFit) -> None:
@@ -623,6 +627,9 @@ def _make_result(run: _FitRun, fit: TransferFit, d: _FitData, template: dict, st
                     template_epochs=s.template_epochs, tune_telluric=",".join(tune_telluric) if tel is not None else "",
                     tune_telluric_power=tune_power, telluric_regularization=s.telluric_regularization)
     sigmas = chi2_curvature(model, run.data_t, run.w_t)
+    spread = continuum_spread(fit.rv_continuum)
+    if spread is not None:
+        sigmas["rv_continuum"] = spread
     tuned = (("rv", "vsini") if st is not None else ()) + (("resolving_power",) if s.tune_resolving_power else ()) + \
         (("telluric_power",) if tune_power else ())
     moved = dict(template, rv=d.tag + template["rv"]) if "lines" in fit.chi2 and st is not None else None

@@ -72,7 +72,11 @@ class TransferResult(ResultProducts, ResultReport, ResultFile):
     uncertainties : dict of float
         1σ of ``"rv"`` (km/s), ``"vsini"`` (km/s) and ``"telluric_power"`` from the curvature of χ²
         at the fit (:func:`~blase_specutils.core.transfer.chi2_curvature`: continuum profiled out,
-        lines fixed, scaled by √χ²_red when that exceeds 1); ``inf`` where χ² has no minimum.
+        lines fixed, scaled by √χ²_red when that exceeds 1); ``inf`` where χ² has no minimum. With a
+        stellar clone also ``"rv_continuum"`` (km/s): how far the RV of least χ² moves, after template
+        matching, when the continuum polynomial's degree is raised by 2 and 4
+        (:func:`~blase_specutils.core.systematics.rv_by_continuum_degree`), a systematic the
+        curvature does not include.
     frames : blase_specutils.frames.FitFrames
         The frames of the data (``"observatory"``, ``"barycentric"`` or ``"unstated"``), how
         their wavelengths became vacuum ones, the tagged velocity and the barycentric correction

@@ -119,6 +119,7 @@ def test_wasp69_is_measured_and_not_flagged_at_a_bound(wasp69_cut, clone4700):
     assert r.fit.vsini_scan is not None and r.fit.rv_vsini_scan[2].shape == (31, 14)
     assert 0.5 < r.vsini.to_value(u.km / u.s) < 8.0
     assert {f.code for f in r.flags} <= {"vsini_unconstrained"}
+    assert 0 <= r.uncertainties["rv_continuum"] < 0.1  # narrow lines: the continuum does not move the RV
     s = r.summary()
     assert 0 < s["rv_sigma_kms"] < 0.5 and 0 < s["vsini_sigma_kms"] < 5.0
     assert s["flag_codes"] == ",".join(f.code for f in r.flags)
@@ -203,3 +204,50 @@ def test_fit_json_carries_flags_and_exits_0(tmp_path, capsys, wasp69_cut, blase0
     assert "warning: [rv_at_bound]" in captured.err
     assert (tmp_path / "out" / s["result_file"].split("/")[-1]).exists()
     assert s["rv_sigma_kms"] is None or s["rv_sigma_kms"] > 0
+
+
+def test_stellar_lines_stay_resolved_on_the_model_grid(phoenix_order17_clone, hr4829_order17):
+    """A longer clone of this band holds lines whose Lorentzian γ is a few hundredths of the model
+    grid's step (0.0006 Å against 0.017 Å): sampled at one point, such a line's area moved by 16 %
+    as the RV put it on or between grid points, and χ² rippled with the RV at the grid's period.
+    TransferModel raises σ and γ of the stellar lines to one grid step, so the sampled areas no
+    longer depend on the RV's phase; the user's clone is left as it was."""
+    import copy
+
+    lam = hr4829_order17.spectral_axis.to_value(u.AA)
+    raw = copy.deepcopy(phoenix_order17_clone.model)
+    k = int(torch.argmax(raw.log_amplitudes))
+    with torch.no_grad():
+        raw.log_gammas[k] = math.log(6e-4)  # the 200-epoch clone's line at 10462.2 Å: γ = 0.00057 Å
+    phases = torch.tensor([0.0, 0.1, 0.25, 0.4], dtype=torch.float64)
+    before = raw.log_gammas.detach().clone()
+    model = TransferModel(copy.deepcopy(raw), lam, rv=0.0, vsini=130.0)
+
+    one = torch.zeros(raw.n_lines, dtype=torch.bool)
+    one[k] = True
+
+    def areas(clone):  # the sampled area of that line at each phase
+        with torch.no_grad():
+            return np.array([float((-clone.log_flux(model.lam_z, v, lines=one)).sum()) for v in phases])
+
+    a_raw, a_model = areas(raw), areas(model.stellar)
+    assert np.ptp(a_raw) > 1e-2 * a_raw.max()  # the spike: sampled or missed (1.5 % of this line's area)
+    assert np.ptp(a_model) < 5e-3 * a_model.max()  # a Lorentzian γ of one step aliases by 2 exp(−2π) ≈ 0.4 %
+    floor = torch.log(model.stellar.lam_centers.detach() * (model.rot.dv / 299792.458))
+    assert bool((model.stellar.log_sigmas >= floor - 1e-12).all() and (model.stellar.log_gammas >= floor - 1e-12).all())
+    assert torch.equal(raw.log_gammas.detach(), before)  # what the model was given a copy of is unchanged
+
+
+def test_fast_rotator_rv_that_rests_on_the_continuum_is_flagged(hr4829_fit):
+    """HR 4829 order 17: the A star's lines are a few per cent deep and ~260 km/s wide, so the RV and
+    the continuum polynomial share their pixels: the RV of least χ² moves by many times its σ from
+    the curvature of χ² when the continuum's degree is raised, and the fit says so."""
+    r = hr4829_fit
+    spread = r.uncertainties["rv_continuum"]
+    assert set(r.fit.rv_continuum) == {2, 4, 6}
+    assert spread > 3.0 * r.uncertainties["rv"] and spread > 3.0
+    assert "rv_depends_on_continuum" in {f.code for f in r.flags}
+    s = r.summary()
+    assert s["rv_continuum_spread_kms"] == pytest.approx(spread)
+    with pytest.raises(ValueError, match="continuum_test_degrees"):
+        FitBounds(continuum_test_degrees=(0,))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..constants import (WAVELENGTH_CORRECTION_FLAG_PULLS, BOUND_TOLERANCE, CURVATURE_STEPS, MAX_VSINI_KMS, MIN_CLONE_COVERAGE,
-                         RESOLVING_POWER_RUNAWAY, RV_EDGE_TOLERANCE_KMS, RV_SCALE_FLOOR_KMS, RV_SCAN_STEP_KMS,
+                         RESOLVING_POWER_RUNAWAY, RV_EDGE_TOLERANCE_KMS, CONTINUUM_TEST_EXTRA_DEGREES, RV_SCALE_FLOOR_KMS, RV_SCAN_STEP_KMS,
                          TELLURIC_POWER_RUNAWAY, TELLURIC_POWER_SCAN_LOGSPACE, UNCONSTRAINED_FRACTION,
                          VSINI_SCAN_GEOMSPACE_KMS)
 from .clone import SPEED_OF_LIGHT_KMS
@@ -87,6 +87,13 @@ class FitBounds:
       10 km/s)): the tuned lines (centres, widths) and the parameter are degenerate in this
       order, so its value is set by the lines, not measured (the σ below are conditional on the
       lines and do not show it).
+    * ``rv_depends_on_continuum``: after template matching, the RV of least χ² moves by more than
+      the same 30 % of max(|RV|, 10 km/s) when the continuum polynomial's degree d is raised to
+      d + 2 and d + 4 (``continuum_test_degrees``;
+      :func:`~blase_specutils.core.systematics.rv_by_continuum_degree`): broad, shallow stellar
+      lines (a fast rotator) share their pixels with the continuum, and the RV rests on the
+      continuum model as much as on the lines (its σ from the curvature of χ² does not show it;
+      the spread is ``uncertainties["rv_continuum"]``).
     * ``rv_unconstrained``, ``vsini_unconstrained``, ``telluric_power_unconstrained``: the σ from
       the curvature of χ² (:func:`chi2_curvature`) exceeds ``unconstrained_fraction`` (30 %) of
       the value, or χ² has no minimum there (curvature ≤ 0). RV has no natural zero (it depends on
@@ -116,6 +123,9 @@ class FitBounds:
         km/s; the RV's σ is compared with ``unconstrained_fraction`` × max(|RV|, this) (default 10).
     min_coverage : float
         Smallest fraction (0-1] of the good data pixels a clone's band must cover (default 0.9).
+    continuum_test_degrees : tuple of int
+        Degrees added to the continuum polynomial's in the RV's continuum test (default (2, 4);
+        ``()``: no test).
     """
 
     max_vsini: float = MAX_VSINI_KMS
@@ -128,6 +138,7 @@ class FitBounds:
     unconstrained_fraction: float = UNCONSTRAINED_FRACTION
     rv_scale_floor: float = RV_SCALE_FLOOR_KMS
     min_coverage: float = MIN_CLONE_COVERAGE
+    continuum_test_degrees: tuple = field(default=CONTINUUM_TEST_EXTRA_DEGREES)
 
     def __post_init__(self) -> None:
         for name in ("max_vsini", "rv_step", "rv_edge_tolerance", "bound_tolerance", "resolving_power_runaway",
@@ -143,6 +154,12 @@ class FitBounds:
             raise ValueError(f"FitBounds.vsini_scan must hold values in (0, max_vsini = {self.max_vsini}] km/s, "
                              f"got {self.vsini_scan!r}")
         object.__setattr__(self, "vsini_scan", tuple(sorted(scan)))
+        degrees = self.continuum_test_degrees
+        degrees = tuple(degrees) if isinstance(degrees, (tuple, list)) else (None,)
+        if any(isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 for k in degrees):
+            raise ValueError("FitBounds.continuum_test_degrees must hold whole numbers ≥ 1 (degrees added to the "
+                             f"continuum polynomial's), got {self.continuum_test_degrees!r}")
+        object.__setattr__(self, "continuum_test_degrees", tuple(int(k) for k in degrees))
 
 
 @dataclass(frozen=True)
@@ -392,6 +409,14 @@ def _measurement_flags(model: TransferModel, b: FitBounds, sigmas: dict[str, flo
         flags.append(FitFlag("vsini_moved_by_lines", f"the line stage moved v sin i from {vs_t:.2f} (template "
                              f"matching) to {vs:.2f} km/s: the tuned lines (their widths) and v sin i are "
                              "degenerate in these data, so v sin i is set by the lines, not measured", "vsini"))
+    spread = sigmas.get("rv_continuum")
+    if "rv" in tuned and spread is not None and spread > frac * max(abs(rv), b.rv_scale_floor):
+        flags.append(FitFlag("rv_depends_on_continuum", f"RV = {rv:.2f} km/s rests on the continuum model: with "
+                             f"the lines as cloned, its best value moves by {spread:.3g} km/s when the continuum "
+                             "polynomial's degree is raised, more than "
+                             f"{100 * frac:.0f} % of max(|RV|, {b.rv_scale_floor:.3g} km/s); its σ from the curvature "
+                             f"of χ² ({_fmt_sigma(sigmas.get('rv', math.inf), ' km/s')}) does not include this. Broad, "
+                             "shallow stellar lines do this (a fast rotator): fit several orders jointly", "rv"))
     s_rv = sigmas.get("rv")
     if "rv" in tuned and s_rv is not None and not s_rv <= frac * max(abs(rv), b.rv_scale_floor):
         flags.append(FitFlag("rv_unconstrained", f"RV = {rv:.2f} km/s is not constrained by the data: its σ from "

@@ -119,6 +119,9 @@ class TransferFit:
         RVs, v sin i values and the χ² grid (RVs × v sin i) of a joint scan.
     telluric_power_scan : (ndarray, ndarray) or None
         Powers X and χ² of the initial telluric-power scan.
+    rv_continuum : dict of int to float, or None
+        The RV of least χ² after template matching with the continuum polynomial of each degree
+        (:func:`~blase_specutils.core.systematics.rv_by_continuum_degree`), when it was run.
     """
 
     def __init__(self) -> None:
@@ -128,6 +131,7 @@ class TransferFit:
         self.vsini_scan: tuple[np.ndarray, np.ndarray] | None = None
         self.rv_vsini_scan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.telluric_power_scan: tuple[np.ndarray, np.ndarray] | None = None
+        self.rv_continuum: dict[int, float] | None = None
 
 
 def _chi2(model: TransferModel, data: Tensor, weight: Tensor) -> float:

@@ -21,14 +21,24 @@ class LinearParts:
         """P_data at the data pixels."""
         return (self._powers * self.continuum_coeffs[self.order_of_pixel]).sum(1)
 
+    def continuum_powers(self, degree: int) -> Tensor:
+        """The continuum basis of another polynomial degree: x⁰ … x^degree at each data pixel, x the
+        wavelength scaled to [−1, 1] within the pixel's order (the model's own basis at its degree)."""
+        x = self._order_x
+        return torch.stack([x**d for d in range(int(degree) + 1)], dim=1)
+
     @torch.no_grad()
-    def _continuum_for(self, base: Tensor, data: Tensor, weight: Tensor) -> Tensor:
+    def _continuum_for(self, base: Tensor, data: Tensor, weight: Tensor, powers: Tensor | None = None) -> Tensor:
         """Per-order coefficients of P_data by weighted linear least squares for the model ``base``
-        (:meth:`unscaled`); orders with too few good pixels keep their current coefficients."""
+        (:meth:`unscaled`); orders with too few good pixels keep their current coefficients. With
+        ``powers`` (:meth:`continuum_powers`), for that basis instead (such orders then get 0)."""
+        own = powers is None
         current = self.continuum_coeffs.detach()
+        if not own:
+            current = current.new_zeros(current.shape[0], powers.shape[1])
         n_o, n_p = current.shape
         oi = self.order_of_pixel
-        a = self._powers * base[:, None]  # pixels × powers
+        a = (self._powers if own else powers) * base[:, None]  # pixels × powers
         wa = a * weight[:, None]
         zeros = dict(dtype=a.dtype, device=a.device)
         ata = torch.zeros(n_o, n_p, n_p, **zeros).index_add_(0, oi, wa[:, :, None] * a[:, None, :])
@@ -46,10 +56,11 @@ class LinearParts:
         self.continuum_coeffs.copy_(self._continuum_for(self.unscaled(), data, weight))
 
     @torch.no_grad()
-    def _profiled_chi2(self, base: Tensor, data: Tensor, weight: Tensor) -> float:
-        """χ² of ``base`` (:meth:`unscaled`) with the continuum solved for it (the model is not changed)."""
-        coeffs = self._continuum_for(base, data, weight)
-        r = data - base * (self._powers * coeffs[self.order_of_pixel]).sum(1)
+    def _profiled_chi2(self, base: Tensor, data: Tensor, weight: Tensor, powers: Tensor | None = None) -> float:
+        """χ² of ``base`` (:meth:`unscaled`) with the continuum solved for it (the model is not changed);
+        ``powers``: in that continuum basis instead of the model's own (:meth:`continuum_powers`)."""
+        coeffs = self._continuum_for(base, data, weight, powers)
+        r = data - base * ((self._powers if powers is None else powers) * coeffs[self.order_of_pixel]).sum(1)
         return float((weight * r * r).sum())
 
     def velocity_correction(self) -> Tensor | None:
