@@ -45,8 +45,8 @@ TEMPLATE_CLONE_MARGIN_AA = 40.0
 AUTO_CALIBRATION_DEGREE = 1
 
 #: A fitted wavelength correction that reaches more than this many times its Gaussian pull (1 km/s)
-#: is flagged ``wavelength_correction_large``: IGRINS orders need up to 1.7 km/s and stay silent; data
-#: in the wrong frame (22 km/s off) are flagged.
+#: at a fitted pixel is flagged ``wavelength_correction_large``: 20 of the 24 IGRINS A0V orders stay
+#: under it (orders 2, 10, 15 and 25 pass it); data in the wrong frame (22 km/s off) are flagged.
 WAVELENGTH_CORRECTION_FLAG_PULLS = 2.0
 
 #: Telluric line parameters tuned by default in a telluric-only fit, and by ``--tune-telluric``: the
@@ -122,7 +122,17 @@ MIN_CLONE_COVERAGE = 0.9
 #: lines of an A star at 130-160 km/s) by 5-15 km/s, 13-21 times their σ from the curvature of χ²
 #: (benchmarks/RESULTS.md, HR 4829 section of 2026-12-07, third session).
 CONTINUUM_TEST_EXTRA_DEGREES = (2, 4)
-CONTINUUM_TEST_GRID = 81
+CONTINUUM_TEST_GRID = 41
+
+#: The saturated-template rule (``core.systematics.telluric_saturation_flags``): a pixel where the
+#: telluric clone at its own column (X = 1) transmits less than ``SATURATED_TEMPLATE_TRANSMISSION``
+#: (0.1 %) but the fitted T^X more than ``SEEN_TRANSMISSION`` (5 %) rests on depths the template
+#: does not record; an order with more than ``SATURATED_PIXEL_FRACTION`` of its fitted pixels so is
+#: flagged ``telluric_template_saturated``. Measured on the IGRINS A0V standard with PSG (R = 100,000)
+#: at X(H2O) ≈ 0.03 (benchmarks/RESULTS.md, IGRINS section of 2026-12-07, third session).
+SATURATED_TEMPLATE_TRANSMISSION = 1e-3
+SEEN_TRANSMISSION = 0.05
+SATURATED_PIXEL_FRACTION = 0.05
 
 #: Finite-difference steps of ``chi2_curvature``: RV in units of the broadened line width
 #: :math:`w = \sqrt{(c/R)^2 + (v\sin i)^2}`, ln v sin i and ln X in natural-log units.

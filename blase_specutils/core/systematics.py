@@ -1,4 +1,5 @@
-"""Systematic checks of a fitted RV that the curvature of χ² cannot see.
+"""Systematic checks that the curvature of χ² cannot see: an RV that rests on the continuum, and
+telluric transmission extrapolated from a saturated template.
 
 :func:`rv_by_continuum_degree` finds the RV again with continuum polynomials of higher degree. A
 star whose lines are narrow sets its RV with the line cores, and any smooth continuum leaves it
@@ -8,6 +9,11 @@ and a slightly different continuum moves its minimum by many times the σ from i
 spread of those minima is the RV's continuum systematic (``TransferResult.uncertainties
 ["rv_continuum"]``); :func:`~blase_specutils.core.diagnostics.check_fit` flags an RV whose spread
 exceeds the ``unconstrained_fraction`` rule (``rv_depends_on_continuum``).
+
+:func:`telluric_saturation_flags` finds pixels where a telluric template transmits almost nothing
+at its own column, but the fitted power X makes them transmit: Beer's law scales optical depths,
+and a template convolved to a finite resolution (PSG's at R = 100,000) or stored with finite
+precision keeps no depth inside its saturated bands, so T^X there is an extrapolation.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..constants import CONTINUUM_TEST_EXTRA_DEGREES, CONTINUUM_TEST_GRID
+from ..constants import (CONTINUUM_TEST_EXTRA_DEGREES, CONTINUUM_TEST_GRID, SATURATED_PIXEL_FRACTION,
+                         SATURATED_TEMPLATE_TRANSMISSION, SEEN_TRANSMISSION)
 from .clone import SPEED_OF_LIGHT_KMS
+from .diagnostics import FitFlag
 from .transfer import TransferModel
 
-__all__ = ["rv_by_continuum_degree", "continuum_spread"]
+__all__ = ["rv_by_continuum_degree", "continuum_spread", "telluric_saturation_flags"]
 
 
 def _parabola_min(x: np.ndarray, y: np.ndarray) -> float:
@@ -61,7 +69,7 @@ def rv_by_continuum_degree(model: TransferModel, data: Tensor, weight: Tensor, *
     extra_degrees : sequence of int
         Degrees added to the model's own (default (2, 4)).
     n_grid : int
-        RVs on the grid (default 81).
+        RVs on the grid (default 41).
 
     Returns
     -------
@@ -95,3 +103,65 @@ def continuum_spread(rvs: dict[int, float] | None) -> float | None:
         return None
     values = list(rvs.values())
     return float(max(values) - min(values))
+
+
+@torch.no_grad()
+def telluric_saturation_flags(model: TransferModel, weight: Tensor, *,
+                              template_floor: float = SATURATED_TEMPLATE_TRANSMISSION,
+                              seen: float = SEEN_TRANSMISSION,
+                              max_fraction: float = SATURATED_PIXEL_FRACTION) -> list[FitFlag]:
+    r"""``telluric_template_saturated`` for the orders whose fitted transmission is extrapolated
+    from a saturated template.
+
+    On the model grid, with :math:`\tau_k = -\ln T_k` of each telluric component as cloned (its
+    own column, X = 1) and the fitted powers :math:`X_k`, a data pixel (weight > 0, nearest grid
+    point) is *extrapolated* where :math:`T_1 = e^{-\sum_k \tau_k}` < ``template_floor`` but
+    :math:`e^{-\sum_k X_k \tau_k}` > ``seen``. An order with more than ``max_fraction`` of its
+    fitted pixels extrapolated is flagged: a drier atmosphere than the template's, seen through
+    bands that the template saturates, needs a template for that column or one at native
+    resolution there. Nothing is flagged near X = 1, whatever the saturation.
+
+    Parameters
+    ----------
+    model : TransferModel
+        The fitted model (no telluric clone: ``[]``).
+    weight : Tensor
+        1/σ² of the data pixels (0 where masked).
+    template_floor, seen, max_fraction : float
+        The rule's numbers (defaults 1e-3, 0.05 and 0.05).
+
+    Returns
+    -------
+    list of FitFlag
+        At most one flag, naming the orders (the model's order indices) and their fractions.
+    """
+    tel = model.telluric
+    if tel is None:
+        return []
+    lam_z = model.lam_z
+    x = model.telluric_power.detach()
+    if model.telluric_masks is None:
+        tau = -tel.log_flux(lam_z)
+        tau_fit = x * tau
+    else:
+        taus = [-tel.log_flux(lam_z, lines=m) for m in model.telluric_masks]
+        tau = sum(taus)
+        tau_fit = sum(x[k] * t for k, t in enumerate(taus))
+    idx = torch.searchsorted(lam_z, model.lam_d).clamp(0, lam_z.numel() - 1)
+    good = weight > 0
+    extrapolated = good & (tau[idx] > -math.log(template_floor)) & (tau_fit[idx] < -math.log(seen))
+    oi = model.order_of_pixel
+    n_orders = int(oi.max()) + 1 if oi.numel() else 0
+    n_good = torch.bincount(oi[good], minlength=n_orders).double()
+    n_bad = torch.bincount(oi[extrapolated], minlength=n_orders).double()
+    frac = torch.where(n_good > 0, n_bad / n_good.clamp(min=1), torch.zeros_like(n_good))
+    hit = [(k, float(frac[k])) for k in range(n_orders) if float(frac[k]) > max_fraction]
+    if not hit:
+        return []
+    where = ", ".join(f"order {k}: {100 * f:.0f} %" for k, f in hit)
+    return [FitFlag("telluric_template_saturated", f"the fitted telluric transmission is extrapolated from a "
+                    f"saturated template ({where} of the fitted pixels): there the template transmits less than "
+                    f"{100 * template_floor:.2g} % at its own column but the fit, at its power X, more than "
+                    f"{100 * seen:.2g} %, and Beer's law cannot recover depths the template does not record "
+                    "(saturated, and convolved to its resolution). Use a template computed for a column near "
+                    "this night's, or mask these pixels", "telluric")]
