@@ -24,7 +24,7 @@ from .cloning import SpectralClone
 from .constants import KERNEL_GROWTH_ROUNDS, MAX_RV_RANGE_KMS, MIN_RESOLVING_POWER, TELLURIC_ONLY_VSINI_KMS  # noqa: F401
 from .core.clone import SPEED_OF_LIGHT_KMS, LineCloneModel
 from .core.diagnostics import TELLURIC_POWER_SCAN, FitBounds, FitFlag, check_fit, chi2_curvature
-from .core.systematics import continuum_spread, rv_by_continuum_degree
+from .core.systematics import continuum_spread, rv_by_continuum_degree, telluric_saturation_flags
 from .core.limits import check_resolving_power, kernel_room, starting_vsini
 from .core.options import EngineOptions
 from .core.stages import TransferFit, fit_transfer
@@ -634,8 +634,9 @@ def _make_result(run: _FitRun, fit: TransferFit, d: _FitData, template: dict, st
         (("telluric_power",) if tune_power else ())
     moved = dict(template, rv=d.tag + template["rv"]) if "lines" in fit.chi2 and st is not None else None
     flags = check_fit(model, fit, bounds=s.bounds, sigmas=sigmas, tuned=tuned,
-                      start={"resolving_power": s.resolving_power}, template=moved)
+                      start={"resolving_power": s.resolving_power}, template=moved, weight=run.w_t)
     flags += _clone_flags(stellar, telluric, d.wl, d.good, float(model.rv.detach()) if st is not None else 0.0, s.bounds)
+    flags += telluric_saturation_flags(model, run.w_t)  # T^X extrapolated from a saturated template
     flags += telluric_frame_flags(model, d.wl, d.flux, d.sigma, d.good, model_flux, d.frames)  # tellurics vs the frame
     return TransferResult(
         model=model, orders=d.user_orders, order_ids=d.order_ids, arrays=d.arrs, wavelength=d.wl, flux=d.flux,

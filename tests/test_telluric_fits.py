@@ -320,3 +320,49 @@ def test_lines_no_pixel_sees_keep_their_clone_values(psg_molecule_clones):
     assert deep_inside_mask.sum() > 3 and seen.sum() > 3
     assert np.all(unchanged[deep_inside_mask])
     assert np.mean(~unchanged[seen]) > 0.5
+
+
+@pytest.fixture(scope="module")
+def psg_saturated_clone():
+    """A log-mode clone of the PSG H2O column over 14630-14660 Å, inside the 1.4 µm band that PSG's
+    own column saturates (trained for the powers a dry night needs)."""
+    from blase_specutils import clone_spectrum, load_template
+
+    return clone_spectrum(load_template("psg-igrins", molecule="H2O"), band=(14630, 14660) * u.AA, buffer=5 * u.AA,
+                          flatten=False, mode="log", powers=(0.02, 0.05, 0.15, 0.4, 1.0), epochs=150, progress=False)
+
+
+def test_transmission_extrapolated_from_a_saturated_template_is_flagged(psg_saturated_clone):
+    """A night 30 times drier than PSG's column, seen through a band that the template saturates:
+    the fitted T^X there rests on depths the template does not record, and the fit says so. The
+    template's own column fitted through the same band is not flagged (nothing is extrapolated)."""
+    band = (14630.0, 14660.0)
+    dry = fit_spectrum(_psg_mixture(band, {"H2O": 0.03}), telluric={"H2O": psg_saturated_clone},
+                       resolving_power=45000, tune_telluric=(), line_epochs=0, progress=False)
+    assert "telluric_template_saturated" in {f.code for f in dry.flags}
+    wet = fit_spectrum(_psg_mixture(band, {"H2O": 1.0}), telluric={"H2O": psg_saturated_clone},
+                       resolving_power=45000, tune_telluric=(), line_epochs=0, progress=False)
+    assert "telluric_template_saturated" not in {f.code for f in wet.flags}
+    assert 0.7 < wet.telluric_power < 1.4 and dry.telluric_power < 0.1  # one component: one power
+
+
+def test_wavelength_correction_is_judged_at_the_fitted_pixels(water_fit):
+    """A linear correction under 2 km/s at the fitted pixels reaches more beyond them, where an
+    order's masked ends lie (IGRINS order 9: 1.8 km/s fitted, 2.2 km/s at the masked end): only the
+    fitted pixels count for ``wavelength_correction_large``."""
+    import copy
+
+    from blase_specutils.core.diagnostics import _calibration_flags
+
+    model = copy.deepcopy(water_fit.model)
+    weight = torch.as_tensor(water_fit.good).double()
+    n = weight.numel()
+    weight[-n // 5:] = 0.0  # a masked stretch at the red end
+    with torch.no_grad():
+        model.calibration_coeffs.zero_()
+        model.calibration_coeffs[:, 0] = -1.2  # δv = -1.2 (1 + x) km/s: 0 at the blue end, 2.4 at the red
+        model.calibration_coeffs[:, 1] = -1.2
+    dv = model.velocity_correction().abs()
+    assert float(dv.max()) > 2.3 and float(dv[weight > 0].max()) < 2.0
+    assert [f.code for f in _calibration_flags(model)] == ["wavelength_correction_large"]
+    assert _calibration_flags(model, weight) == []

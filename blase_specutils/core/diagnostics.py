@@ -304,7 +304,8 @@ def chi2_curvature(model: TransferModel, data: Tensor, weight: Tensor, *,
 
 def check_fit(model: TransferModel, fit: TransferFit, *, bounds: FitBounds | None = None,
               sigmas: dict[str, float] | None = None, tuned: Sequence[str] = (),
-              start: dict[str, float] | None = None, template: dict[str, float] | None = None) -> list[FitFlag]:
+              start: dict[str, float] | None = None, template: dict[str, float] | None = None,
+              weight: Tensor | None = None) -> list[FitFlag]:
     """The flags of a fitted model: parameters at a bound, scans that peak at an edge, a runaway
     telluric power, parameters the data do not constrain (the rules of :class:`FitBounds`).
 
@@ -326,6 +327,9 @@ def check_fit(model: TransferModel, fit: TransferFit, *, bounds: FitBounds | Non
     template : dict, optional
         ``"rv"`` and ``"vsini"`` after template matching, when a line stage followed (for the
         ``*_moved_by_lines`` rules).
+    weight : Tensor, optional
+        1/σ² of the data pixels (0 where masked): the wavelength correction is judged at the
+        fitted pixels only (None: at every pixel).
 
     Returns
     -------
@@ -342,18 +346,21 @@ def check_fit(model: TransferModel, fit: TransferFit, *, bounds: FitBounds | Non
         flags += _resolving_power_flags(model, b, start or {})
     if model.telluric is not None and "telluric_power" in tuned:
         flags += _power_flags(model, fit, b, sigmas)
-    flags += _calibration_flags(model)
+    flags += _calibration_flags(model, weight)
     return flags
 
 
-def _calibration_flags(model: TransferModel) -> list[FitFlag]:
+def _calibration_flags(model: TransferModel, weight: Tensor | None = None) -> list[FitFlag]:
     """``wavelength_correction_large``: a per-order wavelength correction that reaches more than
-    ``WAVELENGTH_CORRECTION_FLAG_PULLS`` times its Gaussian pull somewhere in the order. Its pull
-    shrinks it, and it is applied to first order (M + δv dM/dv), which fails as δv approaches the
-    lines' widths: such a correction says the wavelength scale, or the frame, is off."""
+    ``WAVELENGTH_CORRECTION_FLAG_PULLS`` times its Gaussian pull at a fitted pixel of the order (a
+    masked stretch at an order's end, where the polynomial only extrapolates, does not count). Its
+    pull shrinks it, and it is applied to first order (M + δv dM/dv), which fails as δv approaches
+    the lines' widths: such a correction says the wavelength scale, or the frame, is off."""
     dv = model.velocity_correction()
     if dv is None:
         return []
+    if weight is not None:
+        dv = torch.where(weight > 0, dv, torch.zeros_like(dv))
     limit = WAVELENGTH_CORRECTION_FLAG_PULLS * model.calibration_prior
     worst = torch.zeros(model.n_orders, dtype=dv.dtype, device=dv.device).index_reduce_(
         0, model.order_of_pixel, dv.detach().abs(), "amax", include_self=True).cpu().numpy()
