@@ -277,6 +277,7 @@ def fit_order(k, s, clone, alpha, beta, br, epochs, tune_telluric, brackett_mask
         "chi2_reduced": r.chi2_reduced, "telluric_power": r.telluric_power, "resolving_power": r.resolving_power,
         "resolving_power_at_kernel_limit": bool(r.resolving_power <= r_min * 1.0001),
         "rms_residual": r.rms_residual, "n_lines_changed": int(np.sum(r.lines["changed"])),
+        "flag_codes": [f.code for f in r.flags],
         "brackett": {f"Br{n}": round(lam / 1e4, 5) for n, lam in inside.items()},
         "chi2_reduced_far_from_brackett": float(np.sum(res[far] ** 2) / max(far.sum() - 3, 1)) if far.any() else None,
         "n_pixels_far_from_brackett": int(far.sum()),
