@@ -269,9 +269,9 @@ class TransferModel(LinearParts, ChiSquareScans, nn.Module):
         self.rot = RotationalBroadening(vsini, dv, limb_darkening=limb_darkening, max_vsini=max_vsini,
                                         tune=stellar is not None, dtype=dtype, device=device, engine=self.engine)
         floor = None
-        if stellar is not None:  # ln σ of one grid step at each line: the narrowest line λ_Z resolves
+        if stellar is not None:  # ln of one grid step (Å) at each line: the narrowest σ and γ λ_Z resolves
             floor = torch.log(stellar.lam_centers.detach() * (float(dv) / float(SPEED_OF_LIGHT_KMS)))
-        self.register_buffer("_stellar_log_sigma_floor", floor, persistent=False)
+        self.register_buffer("_stellar_log_width_floor", floor, persistent=False)
         self.inst = InstrumentalBroadening(check_resolving_power(resolving_power), dv, half_width=lsf_half_width,
                                            dtype=dtype, device=device, engine=self.engine)
         self.register_buffer("lam_d", lam, persistent=False)
@@ -324,7 +324,7 @@ class TransferModel(LinearParts, ChiSquareScans, nn.Module):
     def project_(self) -> None:
         """Put the parameters back within their bounds, in place: RV into [−max_rv, max_rv], ln v sin i
         to at most ln ``max_vsini`` and ln R to at least ln ``min_resolving_power`` (what the model
-        evaluates anyway), and the stellar lines' ln σ to at least one grid step (see ``dv``).
+        evaluates anyway), and the stellar lines' ln σ and ln γ to at least one grid step (see ``dv``).
         :func:`fit_transfer` calls it after every Adam step."""
         self.rv.clamp_(-self.max_rv, self.max_rv)
         self.rot.log_vsini.clamp_(max=math.log(self.rot.max_vsini))
@@ -334,7 +334,7 @@ class TransferModel(LinearParts, ChiSquareScans, nn.Module):
     @torch.no_grad()
     def _floor_stellar_widths(self) -> None:
         """Raise the stellar lines' ln σ and ln γ to one grid step of λ_Z where they are below it (see ``dv``)."""
-        floor = self._stellar_log_sigma_floor
+        floor = self._stellar_log_width_floor
         if floor is not None:
             self.stellar.log_sigmas.copy_(torch.maximum(self.stellar.log_sigmas, floor))
             self.stellar.log_gammas.copy_(torch.maximum(self.stellar.log_gammas, floor))
