@@ -313,6 +313,7 @@ def run_fit(orders_data, stellar, telluric, *, order_numbers, label, rv_step=Non
                    resolving_power=s["resolving_power"], chi2_reduced=s["chi2_reduced"],
                    rms_residual=s["rms_residual"], rv_sigma_kms=s["rv_sigma_kms"],
                    rv_continuum_spread_kms=s["rv_continuum_spread_kms"], vsini_sigma_kms=s["vsini_sigma_kms"],
+                   vsini_halves_spread_kms=s["vsini_halves_spread_kms"],
                    flag_codes=s["flag_codes"]),
         n_stellar_lines=s["n_lines"], n_stellar_lines_changed=s["n_lines_changed"],
         n_telluric_lines=s.get("n_telluric_lines"), n_telluric_lines_changed=s.get("n_telluric_lines_changed"),

@@ -731,6 +731,7 @@ def _demo_fit(args, summary: dict) -> dict:
     fit = {"data": f"load_example({DEMO['example']!r})", "rv_kms": _finite(result.rv.value),
            "rv_sigma_kms": _finite(result.summary().get("rv_sigma_kms")),
            "rv_continuum_spread_kms": _finite(result.summary().get("rv_continuum_spread_kms")),
+           "vsini_halves_spread_kms": _finite(result.summary().get("vsini_halves_spread_kms")),
            "vsini_kms": _finite(result.vsini.value), "vsini_sigma_kms": _finite(result.summary().get("vsini_sigma_kms")),
            "chi2_reduced": float(result.chi2_reduced), "flag_codes": [f.code for f in result.flags],
            "seconds": round(time.perf_counter() - t0, 2)}

@@ -124,6 +124,19 @@ MIN_CLONE_COVERAGE = 0.9
 CONTINUUM_TEST_EXTRA_DEGREES = (2, 4)
 CONTINUUM_TEST_GRID = 41
 
+#: The halves test of a stellar v sin i (``core.systematics.vsini_by_order_half``): after template
+#: matching, v sin i is found again on the blue and the red half of every order, each with scans of
+#: ``HALVES_TEST_GRID`` points across v/``HALVES_TEST_VSINI_RANGE``-v·``HALVES_TEST_VSINI_RANGE``.
+HALVES_TEST_GRID = 21
+HALVES_TEST_VSINI_RANGE = 3.0
+
+#: ``vsini_from_few_lines`` (``core.systematics.vsini_information_flags``): v sin i whose Fisher
+#: information sits in fewer than this many independent broadened line widths of data: one or two
+#: lines. One HPF order of HR 4829 (an A star at 130-170 km/s): 1.7-2.6 widths; one HPF order of
+#: WASP 69 (K5 V, 2 km/s): 10.6, half of it 4.9-5.3 (benchmarks/RESULTS.md, HR 4829 section of
+#: 2026-12-07, fourth session).
+VSINI_MIN_INFORMATION_WIDTHS = 3.0
+
 #: The saturated-template rule (``core.systematics.telluric_saturation_flags``): a pixel where the
 #: telluric clone at its own column (X = 1) transmits less than ``SATURATED_TEMPLATE_TRANSMISSION``
 #: (0.1 %) but the fitted T^X more than ``SEEN_TRANSMISSION`` (5 %) rests on depths the template

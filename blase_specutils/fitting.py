@@ -24,7 +24,8 @@ from .cloning import SpectralClone
 from .constants import KERNEL_GROWTH_ROUNDS, MAX_RV_RANGE_KMS, MIN_RESOLVING_POWER, TELLURIC_ONLY_VSINI_KMS  # noqa: F401
 from .core.clone import SPEED_OF_LIGHT_KMS, LineCloneModel
 from .core.diagnostics import TELLURIC_POWER_SCAN, FitBounds, FitFlag, check_fit, chi2_curvature
-from .core.systematics import continuum_spread, rv_by_continuum_degree, telluric_saturation_flags
+from .core.systematics import (rv_by_continuum_degree, telluric_saturation_flags, value_spread, vsini_by_order_half,
+                               vsini_information_flags)
 from .core.limits import check_resolving_power, kernel_room, starting_vsini
 from .core.options import EngineOptions
 from .core.stages import TransferFit, fit_transfer
@@ -577,6 +578,8 @@ class _FitRun:
         if model.stellar is not None and model.rv.requires_grad:  # the RV's continuum test, lines as cloned
             fit.rv_continuum = rv_by_continuum_degree(model, self.data_t, self.w_t,
                                                       extra_degrees=s.bounds.continuum_test_degrees)
+        if model.stellar is not None and model.rot.log_vsini.requires_grad:  # the halves test of v sin i
+            fit.vsini_halves = vsini_by_order_half(model, self.data_t, self.w_t)
         return fit
 
     def _template_stage(self, fit: TransferFit) -> None:
@@ -627,15 +630,18 @@ def _make_result(run: _FitRun, fit: TransferFit, d: _FitData, template: dict, st
                     template_epochs=s.template_epochs, tune_telluric=",".join(tune_telluric) if tel is not None else "",
                     tune_telluric_power=tune_power, telluric_regularization=s.telluric_regularization)
     sigmas = chi2_curvature(model, run.data_t, run.w_t)
-    spread = continuum_spread(fit.rv_continuum)
-    if spread is not None:
-        sigmas["rv_continuum"] = spread
+    for key, values in (("rv_continuum", fit.rv_continuum), ("vsini_halves", fit.vsini_halves)):
+        spread = value_spread(values)
+        if spread is not None:
+            sigmas[key] = spread
     tuned = (("rv", "vsini") if st is not None else ()) + (("resolving_power",) if s.tune_resolving_power else ()) + \
         (("telluric_power",) if tune_power else ())
     moved = dict(template, rv=d.tag + template["rv"]) if "lines" in fit.chi2 and st is not None else None
     flags = check_fit(model, fit, bounds=s.bounds, sigmas=sigmas, tuned=tuned,
                       start={"resolving_power": s.resolving_power}, template=moved, weight=run.w_t)
     flags += _clone_flags(stellar, telluric, d.wl, d.good, float(model.rv.detach()) if st is not None else 0.0, s.bounds)
+    if "vsini" in tuned:
+        flags += vsini_information_flags(model, run.w_t)  # v sin i held by one or two lines
     flags += telluric_saturation_flags(model, run.w_t)  # T^X extrapolated from a saturated template
     flags += telluric_frame_flags(model, d.wl, d.flux, d.sigma, d.good, model_flux, d.frames)  # tellurics vs the frame
     return TransferResult(

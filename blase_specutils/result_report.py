@@ -30,6 +30,8 @@ class ResultReport:
         (and ``telluric_power_sigma``; None where χ² has no minimum or the parameter is absent),
         ``rv_continuum_spread_kms`` (how far the RV moves with the continuum's degree, the
         ``rv_depends_on_continuum`` test; None without a stellar clone),
+        ``vsini_halves_spread_kms`` (how far v sin i differs between the blue and the red halves of
+        the orders, the ``vsini_differs_between_halves`` test; None where v sin i was not fitted),
         ``flags`` (a list of ``{"code", "message", "parameter"}``) and ``flag_codes`` (the codes,
         comma-separated, "" when none). The frames: ``rv_kms`` is the fitted RV, ``rv_tagged_kms``
         the velocity tagged on the input's axis (0 without one) and ``rv_total_kms`` their sum, the
@@ -49,6 +51,7 @@ class ResultReport:
             "rv_sigma_kms": _finite_or_none(self.uncertainties.get("rv")),
             "vsini_sigma_kms": _finite_or_none(self.uncertainties.get("vsini")),
             "rv_continuum_spread_kms": _finite_or_none(self.uncertainties.get("rv_continuum")),
+            "vsini_halves_spread_kms": _finite_or_none(self.uncertainties.get("vsini_halves")),
             "resolving_power": self.resolving_power,
             "chi2": self.chi2,
             "chi2_reduced": self.chi2_reduced,

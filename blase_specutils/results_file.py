@@ -35,7 +35,7 @@ RESULT_FORMAT_VERSION = 3
 OLDEST_READABLE = 2
 
 #: Keys of :attr:`TransferResult.uncertainties` kept in the file.
-SIGMA_KEYS = ("rv", "vsini", "telluric_power", "rv_continuum")
+SIGMA_KEYS = ("rv", "vsini", "telluric_power", "rv_continuum", "vsini_halves")
 #: Keys of :attr:`TransferResult.template`.
 TEMPLATE_KEYS = ("chi2", "chi2_reduced", "rv", "vsini", "resolving_power", "telluric_power")
 #: Columns of ``TRANSFER`` that must be finite numbers.

@@ -76,7 +76,9 @@ class TransferResult(ResultProducts, ResultReport, ResultFile):
         stellar clone also ``"rv_continuum"`` (km/s): how far the RV of least χ² moves, after template
         matching, when the continuum polynomial's degree is raised by 2 and 4
         (:func:`~blase_specutils.core.systematics.rv_by_continuum_degree`), a systematic the
-        curvature does not include.
+        curvature does not include; where v sin i was fitted also ``"vsini_halves"`` (km/s): how far
+        the v sin i of least χ² differs between the blue and the red halves of the orders
+        (:func:`~blase_specutils.core.systematics.vsini_by_order_half`).
     frames : blase_specutils.frames.FitFrames
         The frames of the data (``"observatory"``, ``"barycentric"`` or ``"unstated"``), how
         their wavelengths became vacuum ones, the tagged velocity and the barycentric correction

@@ -164,8 +164,9 @@ def test_full_demo_converges_without_warnings(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_fit(tmp_path, capsys):
     """``demo --fit``: the shipped HR 4829 order fitted with the fresh clone, figure written; no
-    parameter at a bound or scan edge, and the RV of this fast rotator's single order flagged as
-    resting on the continuum (on stderr, one line per flag as ``fit`` does, not as a Python warning)."""
+    parameter at a bound or scan edge, and the RV and v sin i of this fast rotator's single order
+    flagged as resting on the continuum and on one or two lines (on stderr, one line per flag as
+    ``fit`` does, not as a Python warning)."""
     import warnings
 
     with warnings.catch_warnings():
@@ -175,7 +176,9 @@ def test_demo_fit(tmp_path, capsys):
     out = capsys.readouterr()
     fit = json.loads(out.out)["fit"]
     assert "rv_depends_on_continuum" in fit["flag_codes"] and fit["rv_continuum_spread_kms"] > 3.0
-    assert set(fit["flag_codes"]) <= {"rv_depends_on_continuum", "rv_moved_by_lines"}
+    assert "vsini_from_few_lines" in fit["flag_codes"] and "warning: [vsini_from_few_lines]" in out.err
+    assert set(fit["flag_codes"]) <= {"rv_depends_on_continuum", "rv_moved_by_lines", "vsini_differs_between_halves",
+                                      "vsini_from_few_lines"}
     assert "warning: [rv_depends_on_continuum]" in out.err
     assert 100 < fit["vsini_kms"] < 170 and fit["chi2_reduced"] < 2
     assert (tmp_path / "hr4829-hpf_fit.png").exists()

@@ -94,6 +94,12 @@ class FitBounds:
       lines (a fast rotator) share their pixels with the continuum, and the RV rests on the
       continuum model as much as on the lines (its σ from the curvature of χ² does not show it;
       the spread is ``uncertainties["rv_continuum"]``).
+    * ``vsini_differs_between_halves``: after template matching, the v sin i of least χ² found on
+      the blue half of every order and the one found on the red half
+      (:func:`~blase_specutils.core.systematics.vsini_by_order_half`) differ by more than the same
+      30 % of max(v sin i, c/R): v sin i rests on a few lines whose shapes the template does not
+      match, not on the rotation that all lines share (the spread is
+      ``uncertainties["vsini_halves"]``).
     * ``rv_unconstrained``, ``vsini_unconstrained``, ``telluric_power_unconstrained``: the σ from
       the curvature of χ² (:func:`chi2_curvature`) exceeds ``unconstrained_fraction`` (30 %) of
       the value, or χ² has no minimum there (curvature ≤ 0). RV has no natural zero (it depends on
@@ -424,6 +430,16 @@ def _measurement_flags(model: TransferModel, b: FitBounds, sigmas: dict[str, flo
                              f"{100 * frac:.0f} % of max(|RV|, {b.rv_scale_floor:.3g} km/s); its σ from the curvature "
                              f"of χ² ({_fmt_sigma(sigmas.get('rv', math.inf), ' km/s')}) does not include this. Broad, "
                              "shallow stellar lines do this (a fast rotator): fit several orders jointly", "rv"))
+    halves = sigmas.get("vsini_halves")
+    scale = max(vs, float(SPEED_OF_LIGHT_KMS) / float(model.resolving_power.detach()))
+    if "vsini" in tuned and halves is not None and halves > frac * scale:
+        flags.append(FitFlag("vsini_differs_between_halves", f"v sin i = {vs:.1f} km/s is not the same in the "
+                             f"two halves of the orders: with the lines as cloned, the blue and the red halves "
+                             f"give values {halves:.3g} km/s apart, more than {100 * frac:.0f} % of max(v sin i, "
+                             f"c/R); its σ from the curvature of χ² ({_fmt_sigma(sigmas.get('vsini', math.inf), ' km/s')}) "
+                             "does not include this. v sin i rests on a few lines whose shapes the template does not "
+                             "match (hydrogen lines, blends): fit several orders jointly, or use a template closer "
+                             "to the star", "vsini"))
     s_rv = sigmas.get("rv")
     if "rv" in tuned and s_rv is not None and not s_rv <= frac * max(abs(rv), b.rv_scale_floor):
         flags.append(FitFlag("rv_unconstrained", f"RV = {rv:.2f} km/s is not constrained by the data: its σ from "

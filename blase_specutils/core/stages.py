@@ -122,6 +122,9 @@ class TransferFit:
     rv_continuum : dict of int to float, or None
         The RV of least χ² after template matching with the continuum polynomial of each degree
         (:func:`~blase_specutils.core.systematics.rv_by_continuum_degree`), when it was run.
+    vsini_halves : dict of str to float, or None
+        v sin i of least χ² after template matching on the blue and the red half of the orders
+        (:func:`~blase_specutils.core.systematics.vsini_by_order_half`), when it was run.
     """
 
     def __init__(self) -> None:
@@ -132,6 +135,7 @@ class TransferFit:
         self.rv_vsini_scan: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self.telluric_power_scan: tuple[np.ndarray, np.ndarray] | None = None
         self.rv_continuum: dict[int, float] | None = None
+        self.vsini_halves: dict[str, float] | None = None
 
 
 def _chi2(model: TransferModel, data: Tensor, weight: Tensor) -> float:
