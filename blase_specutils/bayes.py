@@ -6,10 +6,11 @@ The fitted forward model of Eq. 10 is wrapped, unchanged, in a probabilistic mod
     p(\theta \mid D) \propto
     \prod_i \mathcal{N}\!\left(D_i \mid M(\lambda_{D,i}; \theta), \epsilon_i^2\right)\;
     \prod_j \mathrm{Laplace}\!\left(\ln a_j \mid \ln\hat a_j, 2\Lambda\right)\;
-    p(RV)\, p(\ln v\sin i)\, p(\ln R)\, p(P_\mathrm{data}),
+    p(RV)\, p(\ln v\sin i)\, p(\ln R)\, p(\ln X)\, p(P_\mathrm{data}),
 
-with :math:`\epsilon_i` the data uncertainties (masked pixels left out) and :math:`\hat a_j` the
-cloned amplitudes.
+with :math:`\epsilon_i` the data uncertainties (masked pixels left out), :math:`\hat a_j` the
+cloned amplitudes and X the Beer's-law power of the telluric transmission :math:`T^X` (one per
+molecule when the fit was given several named telluric clones).
 
 **Why the Laplace scale is 2Λ.** The Gaussian likelihood is :math:`\ln p(D\mid\theta) = -\chi^2/2 +
 \mathrm{const}` and the Laplace log-density is :math:`-|x-\mu|/b - \ln 2b`. So
@@ -29,7 +30,14 @@ their gradient vanishes there and they do not move the MAP away from the Adam fi
 prior on these): a normal prior on RV (default width 10 km/s), log-normal priors on
 :math:`v\sin i` (width 1 in ln) and R (0.1 in ln), and a normal prior on each continuum
 coefficient (width 10 % of the order's continuum level). They are tens to thousands of times
-wider than the posteriors they produce on real data.
+wider than the posteriors they produce on real data. The telluric power, when the fit tuned it,
+has a normal prior on ln X (default width 1, a factor e either way), sample key
+``ln_telluric_power``: a scalar per draw, or one column per molecule component.
+
+A telluric-only fit (no stellar clone) has no RV, v sin i or stellar lines: its latents are the
+telluric power(s), the continuum and, when asked, ln R. Telluric line parameters are always held
+at the fit (the power's posterior is conditional on them, like the σ of
+:attr:`TransferResult.uncertainties <blase_specutils.fitting.TransferResult.uncertainties>`).
 
 Each latent block :math:`x` (ln a, RV, ...) is sampled in standardised form
 :math:`u = (x - \hat x)/s` around the fitted value :math:`\hat x`, with :math:`s` the approximate
@@ -148,6 +156,7 @@ _SAMPLE_KEYS = {
     "rv": "rv",
     "vsini": "ln_vsini",
     "resolving_power": "ln_resolving_power",
+    "telluric_power": "ln_telluric_power",
     "continuum": "continuum",
 }
 
@@ -250,10 +259,15 @@ class TransferPosteriorModel:
         Latent line parameters among ``"amplitude"``, ``"sigma"``, ``"gamma"``.
     tune_vsini, tune_resolving_power : bool
         Whether ln v sin i and ln R are latent (else held at the fit).
+    tune_telluric_power : bool, optional
+        Whether ln X, the telluric Beer's-law power(s), is latent (needs a telluric clone). None
+        (default): when the fit tuned it (``model.log_telluric_power`` requires grad).
     rv_scale : float
         Width (km/s) of the normal prior on RV.
     vsini_scale, resolving_power_scale : float
         Widths (in ln) of the log-normal priors on v sin i and R.
+    telluric_power_scale : float
+        Width (in ln X) of the normal prior on each telluric power, centred on the fit.
     continuum_scale : float
         Width of the normal prior on each continuum coefficient, as a fraction of the order's
         continuum level.
@@ -267,6 +281,19 @@ class TransferPosteriorModel:
         Random probes of the Gauss-Newton diagonal used for the standardisation.
     seed : int
         Seed of the probes.
+
+    Notes
+    -----
+    Without a stellar clone (a telluric-only model) there is no RV, v sin i or stellar line to
+    sample: ``tune_lines`` and ``tune_vsini`` are ignored, and the latents are ln X (when tuned),
+    the continuum and, when asked, ln R.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a TransferModel.
+    ValueError
+        Data of the wrong length; ``tune_telluric_power=True`` without a telluric clone.
     """
 
     def __init__(
@@ -282,9 +309,11 @@ class TransferPosteriorModel:
         tune_lines: Iterable[str] = ("amplitude",),
         tune_vsini: bool = True,
         tune_resolving_power: bool = False,
+        tune_telluric_power: bool | None = None,
         rv_scale: float = 10.0,
         vsini_scale: float = 1.0,
         resolving_power_scale: float = 0.1,
+        telluric_power_scale: float = 1.0,
         continuum_scale: float = 0.1,
         noise_scale: float = 1.0,
         amplitude_warp: bool = True,
@@ -294,9 +323,10 @@ class TransferPosteriorModel:
         if not isinstance(model, TransferModel):
             raise TypeError(f"model must be a TransferModel, got {type(model).__name__}")
         self.model = model
-        st = model.stellar
-        self.device = st.lam_centers.device
-        self.dtype = st.dtype
+        self.has_stellar = model.stellar is not None
+        # the continuum and the data grid exist in every TransferModel (a telluric-only one included)
+        self.device = model.lam_d.device
+        self.dtype = model.continuum_coeffs.dtype
         as_t = lambda x: torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
         good = np.asarray(good, dtype=bool)
         if good.shape != (model.lam_d.numel(),):
@@ -307,9 +337,15 @@ class TransferPosteriorModel:
         self.sigma_good = as_t(np.asarray(sigma, dtype=float)[good] * self.noise_scale)
         self.regularization = float(regularization)
         self.width_regularization = None if width_regularization is None else float(width_regularization)
-        self.tune_lines = tuple(tune_lines)
-        self.tune_vsini = bool(tune_vsini)
+        self.tune_lines = tuple(tune_lines) if self.has_stellar else ()
+        self.tune_vsini = bool(tune_vsini) and self.has_stellar
         self.tune_resolving_power = bool(tune_resolving_power)
+        if tune_telluric_power is None:
+            tune_telluric_power = model.telluric is not None and bool(model.log_telluric_power.requires_grad)
+        if tune_telluric_power and model.telluric is None:
+            raise ValueError("tune_telluric_power=True needs a fit with a telluric clone (there is no power X to "
+                             "sample)")
+        self.tune_telluric_power = bool(tune_telluric_power)
         self._log_max_vsini = math.log(model.rot.max_vsini) - 1e-9
         # every parameter of the TransferModel, detached: the sampled ones are replaced per call
         self._fixed = {n: p.detach() for n, p in model.named_parameters()}
@@ -330,12 +366,16 @@ class TransferPosteriorModel:
                 assert self.width_regularization is not None
                 add(key, _LINE_PARAMS[key], "laplace", prior["log_sigmas" if key == "sigma" else "log_gammas"],
                     2.0 * self.width_regularization)
-        add("rv", "rv", "normal", self._fixed["rv"], float(rv_scale))
+        if self.has_stellar:
+            add("rv", "rv", "normal", self._fixed["rv"], float(rv_scale))
         if self.tune_vsini:
             add("vsini", "rot.log_vsini", "normal", self._fixed["rot.log_vsini"], float(vsini_scale))
         if self.tune_resolving_power:
             add("resolving_power", "inst.log_resolving_power", "normal", self._fixed["inst.log_resolving_power"],
                 float(resolving_power_scale))
+        if self.tune_telluric_power:
+            add("telluric_power", "log_telluric_power", "normal", self._fixed["log_telluric_power"],
+                float(telluric_power_scale))
         cc = self._fixed["continuum_coeffs"]
         level = cc[:, :1].abs().clamp(min=1e-12).expand_as(cc)
         add("continuum", "continuum_coeffs", "normal", cc, float(continuum_scale) * level)
@@ -500,7 +540,7 @@ class PosteriorSettings:
 
     The fields are the keywords of :func:`sample_posterior` (see there for their meaning), except
     ``guide``, which holds the guide kind (``"delta"``, ``"normal"`` or ``"lowrank"``) that the name
-    given selects, and ``num_predictive``, clipped to ``num_samples``. Four fields may be left to the
+    given selects, and ``num_predictive``, clipped to ``num_samples``. Five fields may be left to the
     fit (None, or ``"chi2"`` for ``noise_scale``): :meth:`for_result` fills them in.
 
     Raises
@@ -529,6 +569,8 @@ class PosteriorSettings:
     init_scale: float = 0.5
     progress: bool = True
     seed: int | None = 0
+    tune_telluric_power: bool | None = None
+    telluric_power_scale: float = 1.0
 
     def __post_init__(self) -> None:
         def put(name, value):
@@ -541,7 +583,8 @@ class PosteriorSettings:
             put(name, _positive(name, getattr(self, name), integer=True))
         put("num_predictive", min(_positive("num_predictive", self.num_predictive, integer=True, allow_zero=True),
                                   self.num_samples))
-        for name in ("lr", "init_scale", "rv_scale", "vsini_scale", "resolving_power_scale", "continuum_scale"):
+        for name in ("lr", "init_scale", "rv_scale", "vsini_scale", "resolving_power_scale", "telluric_power_scale",
+                     "continuum_scale"):
             put(name, _positive(name, getattr(self, name)))
         put("tune_lines", tuple(self.tune_lines))
         bad = [t for t in self.tune_lines if t not in _LINE_PARAMS]
@@ -562,18 +605,27 @@ class PosteriorSettings:
         put("progress", bool(self.progress))
         if self.tune_resolving_power is not None:
             put("tune_resolving_power", bool(self.tune_resolving_power))
+        if self.tune_telluric_power is not None:
+            put("tune_telluric_power", bool(self.tune_telluric_power))
 
     def for_result(self, result: TransferResult) -> PosteriorSettings:
         """These settings with what was left to the fit filled in from ``result``: Λ and Λ_w (the
-        fit's), ``noise_scale="chi2"`` (√χ²_red of the fit) and ``tune_resolving_power`` (whether the
-        fit tuned R).
+        fit's), ``noise_scale="chi2"`` (√χ²_red of the fit), ``tune_resolving_power`` (whether the
+        fit tuned R) and ``tune_telluric_power`` (whether the fit tuned X).
+
+        A telluric-only fit (no stellar clone) has no stellar lines, RV or v sin i: ``tune_lines``
+        comes back empty and ``tune_vsini`` False.
 
         Raises
         ------
         ValueError
-            Latent amplitudes (or widths) without a Λ (or Λ_w): an improper prior; a fit without a
-            stellar clone.
+            Latent amplitudes (or widths) without a Λ (or Λ_w): an improper prior;
+            ``tune_telluric_power=True`` for a fit without a telluric clone.
         """
+        model = result.model
+        has_stellar = getattr(model, "stellar", None) is not None
+        if not has_stellar:  # nothing stellar to sample
+            self = replace(self, tune_lines=(), tune_vsini=False)
         reg = self.regularization if self.regularization is not None else result.settings.get("regularization")
         if "amplitude" in self.tune_lines and reg is None:
             raise ValueError(
@@ -585,27 +637,33 @@ class PosteriorSettings:
             raise ValueError("latent widths need a proper prior: pass width_regularization=Λ_w "
                              "(Laplace prior of scale 2Λ_w on ln σ and ln γ)")
         noise = math.sqrt(max(result.chi2_reduced, 1e-12)) if self.noise_scale == "chi2" else self.noise_scale
-        if getattr(result.model, "stellar", None) is None:
-            raise ValueError(
-                "sample_posterior needs a fit with a stellar clone (its lines, RV and v sin i are the latent "
-                "variables); telluric-only fits are not supported yet")
         tune_r = self.tune_resolving_power
         if tune_r is None:
-            tune_r = bool(result.model.inst.log_resolving_power.requires_grad)
+            tune_r = bool(model.inst.log_resolving_power.requires_grad)
+        has_telluric = getattr(model, "telluric", None) is not None
+        tune_x = self.tune_telluric_power
+        if tune_x is None:
+            tune_x = has_telluric and bool(model.log_telluric_power.requires_grad)
+        if tune_x and not has_telluric:
+            raise ValueError("tune_telluric_power=True needs a fit with a telluric clone (there is no power X to "
+                             "sample)")
         return replace(self, regularization=reg, width_regularization=wreg, noise_scale=noise,
-                       tune_resolving_power=tune_r)
+                       tune_resolving_power=tune_r, tune_telluric_power=bool(tune_x))
 
-    def record(self, *, rank: int | None, seconds: float, skipped_steps: int, device) -> dict:
+    def record(self, *, rank: int | None, seconds: float, skipped_steps: int, device,
+               has_stellar: bool = True) -> dict:
         """The settings of a finished run as :attr:`PosteriorFit.settings` holds and the file keeps them."""
-        tuned = [*self.tune_lines, "rv", *(["vsini"] if self.tune_vsini else []),
-                 *(["resolving_power"] if self.tune_resolving_power else []), "continuum"]
+        tuned = [*self.tune_lines, *(["rv"] if has_stellar else []), *(["vsini"] if self.tune_vsini else []),
+                 *(["resolving_power"] if self.tune_resolving_power else []),
+                 *(["telluric_power"] if self.tune_telluric_power else []), "continuum"]
         return {
             "guide": self.guide, "rank": rank, "num_steps": self.num_steps, "num_samples": self.num_samples,
             "lr": self.lr, "seed": self.seed, "regularization": self.regularization,
             "width_regularization": self.width_regularization, "noise_scale": self.noise_scale,
             "tuned": ",".join(tuned), "rv_scale": self.rv_scale, "vsini_scale": self.vsini_scale,
             "resolving_power_scale": self.resolving_power_scale, "continuum_scale": self.continuum_scale,
-            "seconds": round(seconds, 2), "skipped_steps": skipped_steps, "device": str(device),
+            "telluric_power_scale": self.telluric_power_scale, "seconds": round(seconds, 2),
+            "skipped_steps": skipped_steps, "device": str(device),
         }
 
 
@@ -634,11 +692,20 @@ def sample_posterior(
     init_scale: float = 0.5,
     progress: bool = True,
     seed: int | None = 0,
+    tune_telluric_power: bool | None = None,
+    telluric_power_scale: float = 1.0,
 ) -> PosteriorFit:
     r"""Posterior of a transfer-learning fit by stochastic variational inference (SVI) with Pyro.
 
     Starts every guide at the fit (the Adam optimum of Eq. 11, which is the MAP of this model; see
     the module docstring), runs SVI with Adam on the ELBO, then draws samples from the guide.
+
+    A fit with a telluric clone whose Beer's-law power X was tuned gets ln X as a latent (one per
+    molecule for several named telluric clones), reported by
+    :meth:`PosteriorFit.measurement("telluric_power") <blase_specutils.posterior.PosteriorFit.measurement>`
+    (``"telluric_power:H2O"`` for a component) and :attr:`PosteriorFit.telluric_power`. A
+    telluric-only fit (no stellar clone) is sampled in its telluric power(s) and continuum alone
+    (``tune_lines`` and ``tune_vsini`` are then ignored).
 
     Parameters
     ----------
@@ -663,6 +730,9 @@ def sample_posterior(
         Make ln v sin i latent.
     tune_resolving_power : bool, optional
         Make ln R latent (default: if the fit tuned R).
+    tune_telluric_power : bool, optional
+        Make ln X, the telluric Beer's-law power(s), latent (default: if the fit tuned X; needs a
+        telluric clone).
     regularization : float, optional
         Λ of Eq. 11 (prior Laplace(ln â, 2Λ) on ln a); default the fit's.
     width_regularization : float, optional
@@ -671,6 +741,9 @@ def sample_posterior(
         Width (km/s) of the normal prior on RV, centred on the fit.
     vsini_scale, resolving_power_scale : float
         Widths (in ln) of the log-normal priors on v sin i and R, centred on the fit.
+    telluric_power_scale : float
+        Width (in ln X) of the log-normal prior on each telluric power X, centred on the fit
+        (default 1: a factor e either way, far wider than the data allow).
     continuum_scale : float
         Width of the normal prior on each continuum coefficient, as a fraction of the continuum
         level of its order.
@@ -698,7 +771,8 @@ def sample_posterior(
     ------
     ValueError
         Unknown guide name (the message lists the valid ones), bad step/sample counts, no
-        regularisation (an improper prior), unknown ``tune_lines``.
+        regularisation (an improper prior), unknown ``tune_lines``, ``tune_telluric_power=True``
+        without a telluric clone.
     TypeError
         ``result`` is not a TransferResult.
     """
@@ -709,7 +783,8 @@ def sample_posterior(
         tune_vsini=tune_vsini, tune_resolving_power=tune_resolving_power, regularization=regularization,
         width_regularization=width_regularization, rv_scale=rv_scale, vsini_scale=vsini_scale,
         resolving_power_scale=resolving_power_scale, continuum_scale=continuum_scale, noise_scale=noise_scale,
-        num_predictive=num_predictive, init_scale=init_scale, progress=progress, seed=seed)
+        num_predictive=num_predictive, init_scale=init_scale, progress=progress, seed=seed,
+        tune_telluric_power=tune_telluric_power, telluric_power_scale=telluric_power_scale)
     return run_posterior(result, settings)
 
 
@@ -742,10 +817,10 @@ def run_posterior(result: TransferResult, settings: PosteriorSettings) -> Poster
     samples, pred = _draw(pmodel, g, s.num_samples, s.num_predictive)
     seconds = time.perf_counter() - t0
     record = s.record(rank=getattr(g, "rank", None) if s.guide == "lowrank" else None, seconds=seconds,
-                      skipped_steps=skipped, device=pmodel.device)
+                      skipped_steps=skipped, device=pmodel.device, has_stellar=pmodel.has_stellar)
     return PosteriorFit(samples=samples, **_line_values(result), data=_data_of(result), predictive=pred,
                         elbo_history=elbo_hist, settings=record, result=result, posterior_model=pmodel,
-                        guide_module=g)
+                        guide_module=g, telluric_names=_component_names(result.model))
 
 
 def _posterior_model(result: TransferResult, s: PosteriorSettings) -> TransferPosteriorModel:
@@ -754,16 +829,28 @@ def _posterior_model(result: TransferResult, s: PosteriorSettings) -> TransferPo
         result.model, result.flux, result.sigma, result.good, prior=result.prior,
         regularization=float(s.regularization if s.regularization is not None else 1.0),
         width_regularization=s.width_regularization, tune_lines=s.tune_lines, tune_vsini=s.tune_vsini,
-        tune_resolving_power=s.tune_resolving_power, rv_scale=s.rv_scale, vsini_scale=s.vsini_scale,
-        resolving_power_scale=s.resolving_power_scale, continuum_scale=s.continuum_scale, noise_scale=s.noise_scale,
+        tune_resolving_power=s.tune_resolving_power, tune_telluric_power=s.tune_telluric_power, rv_scale=s.rv_scale,
+        vsini_scale=s.vsini_scale, resolving_power_scale=s.resolving_power_scale,
+        telluric_power_scale=s.telluric_power_scale, continuum_scale=s.continuum_scale, noise_scale=s.noise_scale,
         amplitude_warp=s.guide != "delta", seed=0 if s.seed is None else s.seed,
     )
 
 
+def _component_names(model: TransferModel) -> tuple[str, ...]:
+    """The names of the telluric components, one per entry of a vector ``log_telluric_power``
+    (empty for one power or no telluric clone)."""
+    if model.telluric is None or model.log_telluric_power.ndim == 0:
+        return ()
+    return tuple(str(n) for n in model.telluric_names)
+
+
 @torch.no_grad()
 def _line_values(result: TransferResult) -> dict:
-    """The fitted and cloned ln a, ln σ, ln γ of the stellar lines, and their centres, mode, sign and profile."""
+    """The fitted and cloned ln a, ln σ, ln γ of the stellar lines, and their centres, mode, sign and
+    profile (empty values and no line information for a telluric-only fit)."""
     st = result.model.stellar
+    if st is None:
+        return {"fit_values": {}, "clone_values": {}, "line_info": None}
     fit_values = {k: getattr(st, p.split(".")[1]).detach().cpu().numpy().copy()
                   for k, p in (("ln_amplitude", "stellar.log_amplitudes"), ("ln_sigma", "stellar.log_sigmas"),
                                ("ln_gamma", "stellar.log_gammas"))}
@@ -844,8 +931,12 @@ def _draw(pmodel: TransferPosteriorModel, guide, num_samples: int, num_predictiv
             return np.stack(phys[param])
         return np.broadcast_to(fixed[param].detach().cpu().numpy(), (n, *fixed[param].shape)).copy()
 
-    samples = {"rv": get("rv"), "vsini": np.exp(get("rot.log_vsini")),
-               "resolving_power": np.exp(get("inst.log_resolving_power")), "continuum": get("continuum_coeffs")}
+    samples = {}
+    if pmodel.has_stellar:  # a telluric-only model has no RV or v sin i to report
+        samples.update(rv=get("rv"), vsini=np.exp(get("rot.log_vsini")))
+    samples.update(resolving_power=np.exp(get("inst.log_resolving_power")), continuum=get("continuum_coeffs"))
+    if pmodel.model.telluric is not None:  # held at the fit unless latent, as R
+        samples["ln_telluric_power"] = get("log_telluric_power")
     for key, param in _LINE_PARAMS.items():
         if param in keys:
             samples[_SAMPLE_KEYS[key]] = get(param)

@@ -98,7 +98,9 @@ class PosteriorFit(PosteriorPlots):
     samples : dict of numpy arrays
         Posterior draws in physical units, first axis the draw: ``rv`` (km/s), ``vsini`` (km/s),
         ``resolving_power``, ``ln_amplitude`` (ln a, Å) and ``ln_sigma``/``ln_gamma`` (Å) when latent,
-        ``continuum`` (draw, order, coefficient). Parameters held fixed repeat their value.
+        ``continuum`` (draw, order, coefficient), ``ln_telluric_power`` (ln X; draw, or draw and
+        component, in the order of :attr:`telluric_names`) with a telluric clone. Parameters held
+        fixed repeat their value. A telluric-only fit has no ``rv``, ``vsini`` or line draws.
     predictive : ndarray
         M(λ_D) for the first draws (draw, pixel): the posterior of the noiseless model.
     elbo_history : ndarray
@@ -113,12 +115,25 @@ class PosteriorFit(PosteriorPlots):
         The Pyro model (None after :meth:`load`).
     guide_module : pyro.infer.autoguide.AutoGuide or None
         The trained guide (None after :meth:`load`).
+    telluric_names : tuple of str
+        Names of the telluric components (molecules), one per power, when the fit was given several
+        named telluric clones; empty for one power or none.
+
+    Notes
+    -----
+    Telluric powers are read with :meth:`measurement`: ``"telluric_power"`` for the one power of
+    a telluric clone, ``"telluric_power:H2O"`` (the component's name after a colon) for each power
+    of several named clones; :attr:`telluric_power` gives the same as one Measurement or a dict by
+    name. A posterior of a telluric-only fit (:attr:`has_stellar` False) has no RV, v sin i or
+    line table: :attr:`rv`, :attr:`vsini`, their errors and :attr:`lines` are None, and
+    ``measurement("rv")`` raises a ValueError that says so.
     """
 
     def __init__(self, *, samples: dict, fit_values: dict, clone_values: dict, line_info: dict, data: dict,
                  predictive: np.ndarray, elbo_history: np.ndarray, settings: dict,
                  result: TransferResult | None = None, lines: QTable | None = None,
-                 posterior_model: TransferPosteriorModel | None = None, guide_module=None) -> None:
+                 posterior_model: TransferPosteriorModel | None = None, guide_module=None,
+                 telluric_names: Sequence[str] = ()) -> None:
         self.samples = samples
         self.fit_values = fit_values
         self.clone_values = clone_values
@@ -131,43 +146,128 @@ class PosteriorFit(PosteriorPlots):
         self.result = result
         self.posterior_model = posterior_model
         self.guide_module = guide_module
-        self._lines = lines if lines is not None else _line_table(self)
+        self.telluric_names = tuple(str(n) for n in telluric_names)
+        power = samples.get("ln_telluric_power")
+        n_power = 0 if power is None or np.ndim(power) < 2 else np.shape(power)[1]
+        if n_power != len(self.telluric_names):
+            raise ValueError(f"telluric_names must name each of the {n_power} telluric powers, got "
+                             f"{list(self.telluric_names)}")
+        if lines is None and line_info is not None:
+            lines = _line_table(self)
+        self._lines = lines
 
     # ------------------------------------------------------------------ scalars
+    @property
+    def has_stellar(self) -> bool:
+        """Whether the fit had a stellar clone (False: a telluric-only fit, no RV, v sin i or lines)."""
+        return self._line_info is not None
+
+    @property
+    def has_telluric(self) -> bool:
+        """Whether the fit had a telluric clone (the draws then hold its power(s), ``ln_telluric_power``)."""
+        return "ln_telluric_power" in self.samples
+
+    def _scalar_names(self) -> list[str]:
+        """The names :meth:`measurement` accepts, in the order :attr:`measurements` lists them."""
+        names = ["rv", "vsini"] if self.has_stellar else []
+        names.append("resolving_power")
+        if self.has_telluric:
+            names += [f"telluric_power:{n}" for n in self.telluric_names] if self.telluric_names else ["telluric_power"]
+        return names
+
     def measurement(self, name: str) -> Measurement:
-        """Median and 16th/84th percentiles of ``"rv"``, ``"vsini"`` or ``"resolving_power"``."""
-        units = {"rv": u.km / u.s, "vsini": u.km / u.s, "resolving_power": u.dimensionless_unscaled}
-        if name not in units:
-            raise ValueError(f"unknown parameter {name!r}; choose from {sorted(units)}")
-        lo, med, hi = _percentiles(self.samples[name])
-        return Measurement(med * units[name], lo * units[name], hi * units[name])
+        """Median and 16th/84th percentiles of one parameter.
+
+        Parameters
+        ----------
+        name : str
+            ``"rv"``, ``"vsini"`` (km/s; fits with a stellar clone), ``"resolving_power"``,
+            ``"telluric_power"`` (the Beer's-law power X of one telluric clone, dimensionless) or
+            ``"telluric_power:H2O"`` (the power of the component named after the colon, when the
+            fit was given several named telluric clones).
+
+        Returns
+        -------
+        Measurement
+
+        Raises
+        ------
+        ValueError
+            An unknown name (the message lists those this posterior has); RV or v sin i of a
+            telluric-only fit; a telluric power the fit has not (no telluric clone, or a plain
+            ``"telluric_power"`` where there is one per component).
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, got {type(name).__name__}")
+        valid = self._scalar_names()
+        if name not in valid:
+            if name in ("rv", "vsini"):
+                raise ValueError(f"this posterior is of a telluric-only fit (no stellar clone): it has no {name}; "
+                                 f"choose from {valid}")
+            if name.startswith("telluric_power"):
+                if not self.has_telluric:
+                    problem = "the fit had no telluric clone"
+                elif self.telluric_names:
+                    problem = f"the fit has one power per telluric component {list(self.telluric_names)}"
+                else:
+                    problem = "the fit has one telluric power, 'telluric_power'"
+                raise ValueError(f"no telluric power {name!r}: {problem}; choose from {valid}")
+            raise ValueError(f"unknown parameter {name!r}; choose from {valid}")
+        if name.startswith("telluric_power"):
+            ln_x = self.samples["ln_telluric_power"]
+            if self.telluric_names:
+                ln_x = ln_x[:, self.telluric_names.index(name.split(":", 1)[1])]
+            lo, med, hi = np.exp(_percentiles(ln_x))  # draws themselves: exp commutes with them
+            unit = u.dimensionless_unscaled
+        else:
+            unit = {"rv": u.km / u.s, "vsini": u.km / u.s, "resolving_power": u.dimensionless_unscaled}[name]
+            lo, med, hi = _percentiles(self.samples[name])
+        return Measurement(med * unit, lo * unit, hi * unit)
 
     @property
     def measurements(self) -> dict[str, Measurement]:
-        """RV, v sin i and R as :class:`Measurement` objects."""
-        return {k: self.measurement(k) for k in ("rv", "vsini", "resolving_power")}
+        """Every scalar parameter as a :class:`Measurement`, by the name :meth:`measurement` takes:
+        RV and v sin i (with a stellar clone), R, and the telluric power(s) (with a telluric
+        clone: ``"telluric_power"`` or ``"telluric_power:<name>"`` per component)."""
+        return {k: self.measurement(k) for k in self._scalar_names()}
 
     @property
-    def rv(self) -> u.Quantity:
+    def telluric_power(self) -> Measurement | dict[str, Measurement] | None:
+        """Posterior of the telluric Beer's-law power X: one :class:`Measurement`, a dict of them by
+        component name when the fit was given several named telluric clones, or None without a
+        telluric clone."""
+        if not self.has_telluric:
+            return None
+        if not self.telluric_names:
+            return self.measurement("telluric_power")
+        return {n: self.measurement(f"telluric_power:{n}") for n in self.telluric_names}
+
+    @property
+    def rv(self) -> u.Quantity | None:
         """Posterior median of the radial velocity: the forward model's, the measured RV on the
         data's axis (a velocity tagged on that axis included, as
-        :attr:`TransferResult.rv_total`, not :attr:`TransferResult.rv`)."""
-        return self.measurement("rv").value
+        :attr:`TransferResult.rv_total`, not :attr:`TransferResult.rv`). None for a telluric-only
+        fit."""
+        return self.measurement("rv").value if self.has_stellar else None
 
     @property
-    def rv_err(self) -> tuple[u.Quantity, u.Quantity]:
-        """(median − 16th, 84th − median) percentiles of RV."""
+    def rv_err(self) -> tuple[u.Quantity, u.Quantity] | None:
+        """(median − 16th, 84th − median) percentiles of RV (None for a telluric-only fit)."""
+        if not self.has_stellar:
+            return None
         m = self.measurement("rv")
         return m.minus, m.plus
 
     @property
-    def vsini(self) -> u.Quantity:
-        """Posterior median of v sin i."""
-        return self.measurement("vsini").value
+    def vsini(self) -> u.Quantity | None:
+        """Posterior median of v sin i (None for a telluric-only fit)."""
+        return self.measurement("vsini").value if self.has_stellar else None
 
     @property
-    def vsini_err(self) -> tuple[u.Quantity, u.Quantity]:
-        """(median − 16th, 84th − median) percentiles of v sin i."""
+    def vsini_err(self) -> tuple[u.Quantity, u.Quantity] | None:
+        """(median − 16th, 84th − median) percentiles of v sin i (None for a telluric-only fit)."""
+        if not self.has_stellar:
+            return None
         m = self.measurement("vsini")
         return m.minus, m.plus
 
@@ -184,17 +284,19 @@ class PosteriorFit(PosteriorPlots):
 
     @property
     def n_samples(self) -> int:
-        return int(self.samples["rv"].shape[0])
+        """Number of posterior draws."""
+        return int(self.samples["resolving_power"].shape[0])
 
 
     # ------------------------------------------------------------------ lines
     @property
-    def lines(self) -> QTable:
-        """Per line: clone and fitted a, σ, γ, equivalent width; for each latent parameter its
+    def lines(self) -> QTable | None:
+        """Per stellar line: clone and fitted a, σ, γ, equivalent width; for each latent parameter its
         posterior median and 16th/84th percentiles (``amplitude_median``, ``amplitude_p16``,
         ``amplitude_p84``, ..., ``equivalent_width_median``, ...); ``delta_ln_amplitude`` (median
         ln a − clone ln a); ``data_constrained`` (the data narrow ln a's 68 % interval to under half
-        the prior's; normal guides only)."""
+        the prior's; normal guides only). None for a telluric-only fit (its lines are held at the
+        fit: see :attr:`TransferResult.telluric_lines <blase_specutils.fitting.TransferResult.telluric_lines>`)."""
         return self._lines
 
     # ------------------------------------------------------------------ spectra
@@ -247,31 +349,48 @@ class PosteriorFit(PosteriorPlots):
     # ------------------------------------------------------------------ summary and I/O
     # ------------------------------------------------------------------ summary and I/O
     def summary(self) -> dict:
-        """Numbers for reports: RV, v sin i, R with percentiles, the guide and the run settings."""
-        out = {}
+        """Numbers for reports: RV, v sin i, R and the telluric power(s) with percentiles (keys as
+        :attr:`measurements`; RV and v sin i None for a telluric-only fit), the guide and the run
+        settings."""
+        out = {} if self.has_stellar else {"rv": None, "vsini": None}
         for k, m in self.measurements.items():
             out[k] = {"median": float(m.value.value), "p16": float(m.lower.value), "p84": float(m.upper.value)}
         out["guide"] = self.guide
         out["n_samples"] = self.n_samples
-        out["n_lines"] = len(self._lines)
-        if "data_constrained" in self._lines.colnames:
+        out["n_lines"] = 0 if self._lines is None else len(self._lines)
+        if self._lines is not None and "data_constrained" in self._lines.colnames:
             out["n_lines_data_constrained"] = int(np.sum(self._lines["data_constrained"]))
         last = self.elbo_history[-POSTERIOR_FINAL_ELBO_STEPS:]
         out["final_elbo"] = float(np.mean(last)) if last.size else None
         out["settings"] = dict(self.settings)
         return out
 
+    def _scalar_text(self) -> str:
+        """"RV=... vsini=..." and the telluric power(s) "X=..." or "X(H2O)=... X(CO2)=..."."""
+        parts = []
+        for k, m in self.measurements.items():
+            if k in ("rv", "vsini"):
+                parts.append(f"{'RV' if k == 'rv' else 'vsini'}={m}")
+            elif k == "telluric_power":
+                parts.append(f"X={m}")
+            elif k.startswith("telluric_power:"):
+                parts.append(f"X({k.split(':', 1)[1]})={m}")
+        return " ".join(parts)
+
     def __repr__(self) -> str:
-        m = self.measurements
-        return (f"<PosteriorFit guide={self.guide!r} n_samples={self.n_samples} n_lines={len(self._lines)} "
-                f"RV={m['rv']} vsini={m['vsini']}>")
+        n_lines = 0 if self._lines is None else len(self._lines)
+        kind = "" if self.has_stellar else " telluric-only"
+        return (f"<PosteriorFit{kind} guide={self.guide!r} n_samples={self.n_samples} n_lines={n_lines} "
+                f"{self._scalar_text()}>")
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write samples, the line table, the data, the model draws and the ELBO history to FITS.
 
-        HDUs: primary (header: guide, settings, RV/v sin i/R percentiles), ``LINES`` (the line table
-        with units), ``SAMPLES`` (one row per draw), ``VALUES`` (the fit's and the clone's line
-        parameters), ``DATA`` (λ_D, flux, ε, mask, order), ``PREDICT`` (model draws), ``ELBO``.
+        HDUs: primary (header: guide, settings, RV/v sin i/R/telluric power percentiles, the
+        telluric component names), ``LINES`` (the line table with units), ``SAMPLES`` (one row per
+        draw), ``VALUES`` (the fit's and the clone's line parameters), ``DATA`` (λ_D, flux, ε,
+        mask, order), ``PREDICT`` (model draws), ``ELBO``. A telluric-only posterior has no
+        ``LINES`` or ``VALUES``.
         Saved atomically (:func:`blase_specutils.io.atomic_write`): if the write fails, a previous
         file at ``path`` stays as it was.
 

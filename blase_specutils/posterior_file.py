@@ -2,11 +2,16 @@
 (atomic) and :meth:`PosteriorFit.load <blase_specutils.posterior.PosteriorFit.load>` (every field
 checked, named in the error).
 
-Layout (``FORMAT`` = ``BLASE-SPECUTILS-POSTERIOR``, ``FMTVER`` 1): a primary header with the guide,
-the run settings (:data:`HEADER_KEYS`), the RV, v sin i and R percentiles and the line mode,
-profile, sign and flux unit; then the tables ``LINES`` (the line table with units), ``SAMPLES``
-(one row per draw), ``VALUES`` (the fit's and the clone's line parameters), ``DATA`` (λ_D, flux,
-ε, mask, order), the image ``PREDICT`` (model draws) and the table ``ELBO``.
+Layout (``FORMAT`` = ``BLASE-SPECUTILS-POSTERIOR``, ``FMTVER`` 2): a primary header with the guide,
+the run settings (:data:`HEADER_KEYS`), the RV, v sin i, R and telluric power percentiles and the
+line mode, profile, sign and flux unit; then the tables ``LINES`` (the line table with units),
+``SAMPLES`` (one row per draw), ``VALUES`` (the fit's and the clone's line parameters), ``DATA``
+(λ_D, flux, ε, mask, order), the image ``PREDICT`` (model draws) and the table ``ELBO``.
+
+Version 2 adds the telluric power: the ``SAMPLES`` column ``ln_telluric_power`` (one value per
+draw, or one per component), the header's ``TELNAMES`` (the components' names, comma-separated)
+and ``XSCALE``; and the telluric-only posterior (``STELLAR = F``: no ``LINES``, ``VALUES``, RV or
+v sin i, nor the line mode, profile and sign). Version 1 files read as before.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from .io import SavedFileError, _checked_array, _header_choice, _header_number, 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "HEADER_KEYS", "save_posterior", "load_posterior"]
 
 FORMAT_NAME = "BLASE-SPECUTILS-POSTERIOR"
-#: Layout version of the posterior file (``FMTVER``).
-FORMAT_VERSION = 1
+#: Layout version of the posterior file (``FMTVER``; 2: telluric powers, telluric-only posteriors).
+FORMAT_VERSION = 2
 
 #: settings key → FITS header keyword
 HEADER_KEYS = {
@@ -44,6 +49,7 @@ HEADER_KEYS = {
     "vsini_scale": "VSCALE",
     "resolving_power_scale": "RSCALE",
     "continuum_scale": "CSCALE",
+    "telluric_power_scale": "XSCALE",
     "seconds": "SECONDS",
     "skipped_steps": "SKIPPED",
     "device": "DEVICE",
@@ -54,14 +60,15 @@ GUIDE_KINDS = ("delta", "lowrank", "normal")
 
 #: settings that are numbers (the others are strings); integers among them.
 _NUMERIC_SETTINGS = {"rank", "num_steps", "num_samples", "lr", "seed", "regularization", "width_regularization",
-                     "noise_scale", "rv_scale", "vsini_scale", "resolving_power_scale", "continuum_scale", "seconds",
-                     "skipped_steps"}
+                     "noise_scale", "rv_scale", "vsini_scale", "resolving_power_scale", "continuum_scale",
+                     "telluric_power_scale", "seconds", "skipped_steps"}
 _INTEGER_SETTINGS = {"rank", "num_steps", "num_samples", "seed", "skipped_steps"}
 
 _DAMAGED = "the file is damaged or was not written by blase_specutils; write it again from the original"
 
-_SHORT = {"rv": "RV", "vsini": "VS", "resolving_power": "R"}
+_SHORT = {"rv": "RV", "vsini": "VS", "resolving_power": "R", "telluric_power": "X"}
 _LINE_KEYS = ("ln_amplitude", "ln_sigma", "ln_gamma")
+_POWER_KEY = "ln_telluric_power"
 
 
 # ------------------------------------------------------------------------------ saving
@@ -69,18 +76,24 @@ def save_posterior(fit, path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``fit`` (a :class:`~blase_specutils.posterior.PosteriorFit`) to ``path`` atomically;
     see :meth:`PosteriorFit.save <blase_specutils.posterior.PosteriorFit.save>`."""
     path = Path(path)
-    lines = fits.table_to_hdu(fit._lines)
-    lines.name = "LINES"
-    hdul = fits.HDUList([fits.PrimaryHDU(header=_primary_header(fit)), lines, _samples_hdu(fit.samples),
-                         _values_hdu(fit), _data_hdu(fit._data),
-                         fits.ImageHDU(np.asarray(fit.predictive, dtype=np.float32), name="PREDICT"),
-                         fits.BinTableHDU.from_columns([fits.Column("elbo", "D", array=fit.elbo_history)],
-                                                       name="ELBO")])
+    hdus = [fits.PrimaryHDU(header=_primary_header(fit))]
+    if fit.has_stellar:
+        lines = fits.table_to_hdu(fit._lines)
+        lines.name = "LINES"
+        hdus.append(lines)
+    hdus.append(_samples_hdu(fit.samples))
+    if fit.has_stellar:
+        hdus.append(_values_hdu(fit))
+    hdus += [_data_hdu(fit._data), fits.ImageHDU(np.asarray(fit.predictive, dtype=np.float32), name="PREDICT"),
+             fits.BinTableHDU.from_columns([fits.Column("elbo", "D", array=fit.elbo_history)], name="ELBO")]
+    hdul = fits.HDUList(hdus)
     return atomic_write(path, lambda tmp: hdul.writeto(tmp), overwrite=overwrite)
 
 
 def _primary_header(fit) -> fits.Header:
-    """The format, the run settings, the RV, v sin i and R percentiles and the line kind."""
+    """The format, the run settings, the RV, v sin i, R and telluric power percentiles (``X_MED``, or
+    ``X1_MED``, ``X2_MED``, ... per component, the name in the comment), the telluric component
+    names and the line kind."""
     hdr = fits.Header()
     hdr["FORMAT"] = (FORMAT_NAME, "blase_specutils posterior file")
     hdr["FMTVER"] = (FORMAT_VERSION, "layout version")
@@ -89,14 +102,22 @@ def _primary_header(fit) -> fits.Header:
         key = HEADER_KEYS.get(k)
         if key is not None and v is not None:
             hdr[key] = (v, k)
+    hdr["STELLAR"] = (bool(fit.has_stellar), "fit had a stellar clone (F: telluric-only)")
+    if fit.telluric_names:
+        hdr["TELNAMES"] = (",".join(fit.telluric_names), "telluric components, one power each")
     for k, m in fit.measurements.items():
-        hdr[f"{_SHORT[k]}_MED"] = float(m.value.value)
-        hdr[f"{_SHORT[k]}_P16"] = float(m.lower.value)
-        hdr[f"{_SHORT[k]}_P84"] = float(m.upper.value)
+        short, comment = _SHORT.get(k), k
+        if short is None:  # "telluric_power:<name>": numbered in the order of TELNAMES
+            name = k.split(":", 1)[1]
+            short, comment = f"X{fit.telluric_names.index(name) + 1}", f"telluric power of {name}"
+        hdr[f"{short}_MED"] = (float(m.value.value), comment)
+        hdr[f"{short}_P16"] = float(m.lower.value)
+        hdr[f"{short}_P84"] = float(m.upper.value)
     info = fit._line_info
-    hdr["LINEMODE"] = info["mode"]
-    hdr["PROFILE"] = info["profile"]
-    hdr["LSIGN"] = float(info["sign"])
+    if info is not None:
+        hdr["LINEMODE"] = info["mode"]
+        hdr["PROFILE"] = info["profile"]
+        hdr["LSIGN"] = float(info["sign"])
     hdr["BUNIT"] = str(fit._data["flux_unit"])
     return hdr
 
@@ -144,7 +165,8 @@ def load_posterior(cls, path: str | Path):
         with fits.open(path, memmap=False) as hdul:
             hdul.verify("exception")
             out = _read_posterior(hdul, path)
-        lines = _read_line_table(path, out["line_info"]["center"].size)
+        info = out["line_info"]
+        lines = None if info is None else _read_line_table(path, info["center"].size)
         return cls(**out, result=None, lines=lines)
     except SavedFileError:
         raise
@@ -201,15 +223,23 @@ def _read_posterior(hdul, path: Path) -> dict:
     posterior file, every field checked."""
     r = _Reader(hdul, path)
     settings = _read_settings(r)
-    line_info = _read_line_kind(r)
-    center = r.array("VALUES", "center", positive=True)
-    fitv, clov = _read_values(r, center.size)
-    samples = _read_samples(r, center.size)
-    data = _read_data(r, line_info.pop("flux_unit"))
+    stellar = _read_stellar(r)
+    names = _read_telluric_names(r)
+    flux_unit = _read_flux_unit(r)
+    if stellar:
+        line_info = _read_line_kind(r)
+        center = r.array("VALUES", "center", positive=True)
+        fitv, clov = _read_values(r, center.size)
+        line_info = {"center": center, **line_info}
+    else:  # a telluric-only posterior: no stellar lines
+        line_info, fitv, clov = None, {}, {}
+    samples = _read_samples(r, 0 if line_info is None else line_info["center"].size, stellar=stellar,
+                            n_powers=len(names))
+    data = _read_data(r, flux_unit)
     predictive = _read_predictive(r, len(r.table("DATA")))
     elbo = r.array("ELBO", "elbo", finite=False)
-    return dict(samples=samples, fit_values=fitv, clone_values=clov, line_info={"center": center, **line_info},
-                data=data, predictive=predictive, elbo_history=elbo, settings=settings)
+    return dict(samples=samples, fit_values=fitv, clone_values=clov, line_info=line_info,
+                data=data, predictive=predictive, elbo_history=elbo, settings=settings, telluric_names=names)
 
 
 def _read_settings(r: _Reader) -> dict:
@@ -239,8 +269,38 @@ def _read_settings(r: _Reader) -> dict:
     return settings
 
 
+def _read_stellar(r: _Reader) -> bool:
+    """Whether the fit had a stellar clone (``STELLAR``; files of version 1 always had one)."""
+    value = r.hdul[0].header.get("STELLAR", True)
+    if not isinstance(value, bool):
+        raise r.fail("STELLAR", f"must be a logical (T/F), got {value!r}")
+    return value
+
+
+def _read_telluric_names(r: _Reader) -> tuple[str, ...]:
+    """The names of the telluric components (``TELNAMES``; empty for one power or none)."""
+    value = r.hdul[0].header.get("TELNAMES")
+    if value is None:
+        return ()
+    if not isinstance(value, str) or not value.strip():
+        raise r.fail("TELNAMES", f"must be comma-separated component names, got {value!r}")
+    names = tuple(value.split(","))
+    if len(set(names)) != len(names):
+        raise r.fail("TELNAMES", f"must name distinct components, got {value!r}")
+    return names
+
+
+def _read_flux_unit(r: _Reader):
+    """The flux unit (``BUNIT``)."""
+    bunit = r.hdul[0].header.get("BUNIT", "")
+    try:
+        return u.Unit(bunit if isinstance(bunit, str) else "?")
+    except ValueError:
+        raise r.fail("BUNIT", f"is not a unit: {bunit!r}") from None
+
+
 def _read_line_kind(r: _Reader) -> dict:
-    """The lines' mode, profile and sign, and the flux unit, from the header."""
+    """The lines' mode, profile and sign from the header."""
     from .core.profiles import PROFILES
 
     hdr, path = r.hdul[0].header, r.path
@@ -249,12 +309,7 @@ def _read_line_kind(r: _Reader) -> dict:
     sign = _header_number(hdr, "LSIGN", path)
     if sign not in (-1.0, 1.0):
         raise r.fail("LSIGN", f"must be +1 (absorption) or -1 (emission), got {sign!r}")
-    bunit = hdr.get("BUNIT", "")
-    try:
-        flux_unit = u.Unit(bunit if isinstance(bunit, str) else "?")
-    except ValueError:
-        raise r.fail("BUNIT", f"is not a unit: {bunit!r}") from None
-    return {"mode": mode, "profile": profile, "sign": sign, "flux_unit": flux_unit}
+    return {"mode": mode, "profile": profile, "sign": sign}
 
 
 def _read_values(r: _Reader, n_lines: int) -> tuple[dict, dict]:
@@ -267,9 +322,10 @@ def _read_values(r: _Reader, n_lines: int) -> tuple[dict, dict]:
     return fitv, clov
 
 
-def _read_samples(r: _Reader, n_lines: int) -> dict:
-    """The draws (``SAMPLES``): finite numbers, one per line per draw for ln a, ln σ, ln γ, and one
-    per draw for RV, v sin i and R."""
+def _read_samples(r: _Reader, n_lines: int, *, stellar: bool = True, n_powers: int = 0) -> dict:
+    """The draws (``SAMPLES``): finite numbers, one per line per draw for ln a, ln σ, ln γ, one per
+    draw for RV and v sin i (with a stellar clone) and R, and for ln X one per draw (``n_powers``
+    0) or one per component."""
     st = r.table("SAMPLES")
     if len(st) < 1:
         raise r.fail("SAMPLES", "holds no draws")
@@ -281,14 +337,19 @@ def _read_samples(r: _Reader, n_lines: int) -> dict:
         v = raw.astype(np.float64)
         if not np.all(np.isfinite(v)):
             raise r.fail(f"SAMPLES.{name}", "has non-finite draws (NaN or inf)")
-        if name.startswith("ln_") and v.ndim == 1 and n_lines == 1:
+        if name in _LINE_KEYS and v.ndim == 1 and n_lines == 1:
             v = v[:, None]  # a one-line vector column reads back without its length-1 axis
-        if name.startswith("ln_") and (v.ndim != 2 or v.shape[1] != n_lines):
+        if name in _LINE_KEYS and (not stellar or v.ndim != 2 or v.shape[1] != n_lines):
             raise r.fail(f"SAMPLES.{name}", f"must hold one value per line ({n_lines}) per draw, got shape {v.shape}")
+        if name == _POWER_KEY and v.shape[1:] != ((n_powers,) if n_powers else ()):
+            raise r.fail(f"SAMPLES.{name}", f"must hold {n_powers or 'one'} telluric power(s) per draw (TELNAMES), "
+                         f"got shape {v.shape}")
         # draws of ln a for lines the data do not constrain can reach far below any fitted value:
         # only finiteness is required of them (checked above)
         samples[name] = v
-    for name in ("rv", "vsini", "resolving_power"):
+    if n_powers and _POWER_KEY not in samples:
+        raise r.fail(f"SAMPLES.{_POWER_KEY}", f"is missing (TELNAMES names {n_powers} components)")
+    for name in ("rv", "vsini", "resolving_power") if stellar else ("resolving_power",):
         if name not in samples:
             raise r.fail(f"SAMPLES.{name}", "is missing")
         if samples[name].ndim != 1:

@@ -14,7 +14,8 @@ __all__ = ["PosteriorPlots"]
 
 class PosteriorPlots:
     """The plotting methods of :class:`~blase_specutils.posterior.PosteriorFit` (they read its
-    ``_data``, ``samples``, ``settings``, ``guide``, ``measurements`` and ``_band_arrays``)."""
+    ``_data``, ``samples``, ``settings``, ``guide``, ``telluric_names``, ``_scalar_text`` and
+    ``_band_arrays``)."""
 
     def plot(self, *, band=None, q: Sequence[float] = (16, 84), title: str | None = None):
         """Data with the posterior median model and its band (top), residual with the band (bottom).
@@ -53,8 +54,7 @@ class PosteriorPlots:
         ax[1].set_ylabel("residual")
         ax[1].set_xlabel("wavelength (Å)")
         ax[1].legend(loc="lower left", fontsize=7, ncol=3)
-        m = self.measurements
-        ax[1].text(0.01, 0.95, f"RV {m['rv']}, v sin i {m['vsini']} ({self.guide} guide)",
+        ax[1].text(0.01, 0.95, f"{self._scalar_text()} ({self.guide} guide)",
                    transform=ax[1].transAxes, fontsize=8, va="top")
         if title:
             ax[0].set_title(title)
@@ -62,12 +62,14 @@ class PosteriorPlots:
         return fig
 
     def corner(self, params: Sequence[str] | None = None, *, lines: Sequence[int] = (), **kwargs):
-        """Corner plot (the ``corner`` package) of RV, v sin i, R and, optionally, ln a of some lines.
+        """Corner plot (the ``corner`` package) of RV, v sin i, R, the telluric power(s) and,
+        optionally, ln a of some lines.
 
         Parameters
         ----------
         params : sequence of str, optional
-            Among ``"rv"``, ``"vsini"``, ``"resolving_power"``; default: those that were latent.
+            Among ``"rv"``, ``"vsini"``, ``"resolving_power"`` and ``"telluric_power"`` (all the
+            telluric powers, one panel per component); default: those that were latent.
         lines : sequence of int
             Line indices (rows of :attr:`lines`) whose ln a to add.
         **kwargs
@@ -79,7 +81,7 @@ class PosteriorPlots:
             raise ImportError('corner plots need the corner package, part of the [pyro] extra: '
                               'pip install "blase_specutils[pyro]" (or pip install corner)') from err
         tuned = self.settings["tuned"].split(",")
-        avail = {"rv": "rv", "vsini": "vsini", "resolving_power": "resolving_power"}
+        avail = ("rv", "vsini", "resolving_power", "telluric_power")
         if params is None:
             params = [p for p in avail if p in tuned]
         cols, labels = [], []
@@ -89,6 +91,15 @@ class PosteriorPlots:
                 raise ValueError(f"unknown parameter {p!r}; choose from {sorted(avail)}")
             if p not in tuned:
                 raise ValueError(f"{p} was held fixed in this posterior: nothing to plot")
+            if p == "telluric_power":
+                x = np.exp(self.samples["ln_telluric_power"])
+                if x.ndim == 1:
+                    cols.append(x)
+                    labels.append("X")
+                else:
+                    cols += list(x.T)
+                    labels += [f"X({n})" for n in self.telluric_names]
+                continue
             cols.append(self.samples[p])
             labels.append(names[p])
         for j in lines:

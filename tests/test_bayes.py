@@ -405,8 +405,133 @@ def test_posterior_on_gpu(sim):
     assert np.isfinite(p.samples["ln_amplitude"]).all()
 
 
-def test_telluric_only_fit_is_rejected_clearly(telfit_window_clone, hr4829_water_window):
+# ---------------------------------------------------------------------- telluric powers
+
+
+@pytest.fixture(scope="module")
+def water_posterior(telfit_window_clone, hr4829_water_window):
+    """A telluric-only fit of real HR 4829 water lines (X tuned) and its posterior, the data
+    uncertainties inflated by √χ²_red as the σ from the curvature of χ² are."""
+    if bayes is None:
+        pytest.skip("needs the [pyro] extra")
     fit = fit_spectrum(hr4829_water_window, telluric=telfit_window_clone, template_epochs=20, line_epochs=0,
                        progress=False)
-    with pytest.raises(ValueError, match="stellar clone"):
-        sample_posterior(fit, num_steps=5, progress=False)
+    post = sample_posterior(fit, "normal", num_steps=200, num_samples=400, num_predictive=20, noise_scale="chi2",
+                            progress=False, seed=1)
+    return fit, post
+
+
+@needs_pyro
+def test_telluric_only_fit_gives_the_power_posterior(water_posterior, tmp_path):
+    """The latents of a telluric-only fit are ln X and the continuum; X's posterior sits at the fit
+    with a width like the σ from the curvature of χ²; RV, v sin i and lines answer None."""
+    fit, p = water_posterior
+    assert fit.model.stellar is None and fit.model.log_telluric_power.requires_grad
+    assert not p.has_stellar and p.has_telluric and p.telluric_names == ()
+    assert p.settings["tuned"] == "telluric_power,continuum" and p.settings["telluric_power_scale"] == 1.0
+    assert "rv" not in p.samples and p.samples["ln_telluric_power"].shape == (400,)
+    m = p.measurement("telluric_power")
+    assert m.unit == u.dimensionless_unscaled and p.telluric_power == m
+    x_fit, sigma_curv = fit.telluric_power, fit.uncertainties["telluric_power"]
+    width = m.error.value
+    print(f"X posterior {m} (σ {width:.2g}) vs fit {x_fit:.4f} ± {sigma_curv:.2g} (curvature of χ²)")
+    assert np.isfinite(width) and width > 0
+    assert abs(m.value.value - x_fit) < 3 * width
+    assert sigma_curv / 3 < width < 3 * sigma_curv
+    assert p.rv is None and p.vsini is None and p.rv_err is None and p.vsini_err is None and p.lines is None
+    with pytest.raises(ValueError, match="telluric-only fit.*no rv"):
+        p.measurement("rv")
+    with pytest.raises(ValueError, match="one telluric power"):
+        p.measurement("telluric_power:H2O")
+    assert set(p.measurements) == {"resolving_power", "telluric_power"}
+    s = p.summary()
+    assert s["rv"] is None and s["n_lines"] == 0
+    assert s["telluric_power"]["p16"] < s["telluric_power"]["median"] < s["telluric_power"]["p84"]
+    assert "telluric-only" in repr(p) and "X=" in repr(p)
+    assert p.model_band().median.flux.size == fit.wavelength.size
+    back = PosteriorFit.load(p.save(tmp_path / "water.fits"))
+    assert not back.has_stellar and back.lines is None and back.rv is None
+    np.testing.assert_array_equal(back.samples["ln_telluric_power"], p.samples["ln_telluric_power"])
+    assert back.measurement("telluric_power") == m
+    assert back.settings["tuned"] == p.settings["tuned"] and back.settings["telluric_power_scale"] == 1.0
+    with pytest.raises(ValueError, match="telluric_power_scale must be > 0"):
+        PosteriorSettings(telluric_power_scale=0.0)
+
+
+def _psg_pair(band, powers, snr=200.0, seed=2):
+    """Cheap log-mode clones (30 epochs) of the PSG H2O and CO2 columns over ``band``, and data made
+    from the PSG columns themselves: Π_k T_k^{X_k} convolved with a Gaussian LSF of R = 45,000 on a
+    0.5 km/s log grid (numpy), sampled at λ/Δλ = 90,000 with Gaussian noise."""
+    from blase_specutils import clone_spectrum, load_template
+
+    c, dv = 299792.458, 0.5
+    templates = {mol: load_template("psg-igrins", molecule=mol) for mol in powers}
+    clones = {mol: clone_spectrum(t, band=band * u.AA, buffer=5 * u.AA, flatten=False, mode="log", epochs=30,
+                                  progress=False) for mol, t in templates.items()}
+    lo, hi = band[0] + 2.0, band[1] - 2.0
+    grid = np.exp(np.arange(np.log(lo - 3.0), np.log(hi + 3.0), dv / c))
+    log_t = sum(x * np.log(np.clip(np.interp(grid, templates[mol].spectral_axis.to_value(u.AA),
+                                             templates[mol].flux.value), 1e-300, None))
+                for mol, x in powers.items())
+    width = c / 45000.0 / (2.0 * np.sqrt(2.0 * np.log(2.0))) / dv
+    kernel = np.exp(-0.5 * (np.arange(-40, 41) / width) ** 2)
+    observed = np.convolve(np.exp(log_t), kernel / kernel.sum(), mode="same")
+    pix = np.exp(np.arange(np.log(lo), np.log(hi), 1.0 / 90000.0))
+    flux = np.interp(pix, grid, observed) + np.random.default_rng(seed).normal(0.0, 1.0 / snr, pix.size)
+    data = Spectrum(spectral_axis=pix * u.AA, flux=flux * u.one,
+                    uncertainty=StdDevUncertainty(np.full(pix.size, 1.0 / snr)))
+    return clones, data
+
+
+@needs_pyro
+@pytest.mark.filterwarnings("ignore::blase_specutils.cloning.EdgeWingWarning")  # the band starts in a wing
+def test_one_power_per_molecule(tmp_path):
+    """Two named telluric clones: one posterior power per molecule, by name, each near its fitted
+    value; the file keeps them and their names."""
+    clones, data = _psg_pair((16000.0, 16030.0), {"H2O": 0.6, "CO2": 1.4})
+    fit = fit_spectrum(data, telluric=clones, resolving_power=45000, tune_telluric=(), line_epochs=0,
+                       template_epochs=100, progress=False)
+    p = sample_posterior(fit, "normal", num_steps=150, num_samples=300, num_predictive=10, noise_scale="chi2",
+                         progress=False, seed=2)
+    assert p.telluric_names == ("H2O", "CO2") and p.samples["ln_telluric_power"].shape == (300, 2)
+    powers = p.telluric_power
+    assert set(powers) == {"H2O", "CO2"}
+    for mol in ("H2O", "CO2"):
+        m = p.measurement(f"telluric_power:{mol}")
+        assert powers[mol] == m and m.unit == u.dimensionless_unscaled
+        x_fit, sigma_curv = fit.telluric_power[mol], fit.uncertainties[f"telluric_power_{mol}"]
+        print(f"X({mol}) posterior {m} (σ {m.error.value:.2g}) vs fit {x_fit:.4f} ± {sigma_curv:.2g}")
+        assert 0 < m.error.value and abs(m.value.value - x_fit) < 3 * m.error.value
+        assert sigma_curv / 3 < m.error.value < 3 * sigma_curv
+    with pytest.raises(ValueError, match=r"one power per telluric component \['H2O', 'CO2'\]"):
+        p.measurement("telluric_power")
+    assert set(p.measurements) == {"resolving_power", "telluric_power:H2O", "telluric_power:CO2"}
+    assert "X(H2O)=" in repr(p) and "X(CO2)=" in repr(p) and "telluric_power:CO2" in p.summary()
+    back = PosteriorFit.load(p.save(tmp_path / "molecules.fits"))
+    assert back.telluric_names == ("H2O", "CO2")
+    np.testing.assert_array_equal(back.samples["ln_telluric_power"], p.samples["ln_telluric_power"])
+    assert back.telluric_power == powers
+
+
+@needs_pyro
+def test_posterior_files_of_version_1_still_load(sim, posterior, tmp_path):
+    """A file of the first layout (no telluric keys, FMTVER 1) reads back; a stellar-only posterior
+    has no telluric power, and cannot be asked for one."""
+    from astropy.io import fits
+
+    assert posterior.telluric_power is None and not posterior.has_telluric and posterior.has_stellar
+    with pytest.raises(ValueError, match="no telluric clone"):
+        posterior.measurement("telluric_power")
+    with pytest.raises(ValueError, match="needs a fit with a telluric clone"):
+        PosteriorSettings(tune_telluric_power=True).for_result(sim["result"])
+    path = posterior.save(tmp_path / "new.fits")
+    with fits.open(path) as hdul:
+        hdr = hdul[0].header
+        hdr["FMTVER"] = 1
+        for key in ("STELLAR", "XSCALE"):
+            del hdr[key]
+        hdul.writeto(tmp_path / "v1.fits")
+    back = PosteriorFit.load(tmp_path / "v1.fits")
+    assert back.has_stellar and back.telluric_power is None and "telluric_power_scale" not in back.settings
+    assert back.measurement("rv") == posterior.measurement("rv")
+    np.testing.assert_allclose(back.lines["amplitude_p84"].value, posterior.lines["amplitude_p84"].value)
