@@ -75,10 +75,14 @@ def _calibration_degree(text: str) -> int | str | None:
 def _read_input(name: str, order: int | None = None):
     from .templates import TEMPLATES, load_template
 
-    if name in TEMPLATES:
+    template = _template_arg(name)
+    if template is not None:
         if order is not None:
             raise CommandError(EXIT_USAGE, f"--order is for files with échelle orders, not the template {name!r}")
-        return load_template(name), TEMPLATES[name]
+        try:
+            return load_template(template[0], molecule=template[1]), TEMPLATES[template[0]]
+        except ValueError as err:
+            raise CommandError(EXIT_DATA, str(err)) from err
     path = Path(name)
     if not path.exists():
         raise CommandError(EXIT_DATA,
@@ -260,8 +264,11 @@ def _add_fit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stellar", help="stellar clone: a blase_specutils clone file, a blasé 0.3 .pt file, or the "
                                      "name of an embedded template (see 'templates'), cloned over the data's range "
                                      "once and cached (optional with --telluric: a telluric-only fit)")
-    p.add_argument("--telluric", help="telluric clone: a clone file or an embedded template's name, e.g. telfit-hpf "
-                                      "(cloned once and cached; optional)")
+    p.add_argument("--telluric", action="append", metavar="[NAME=]CLONE",
+                   help="telluric clone: a clone file or an embedded template's name, e.g. telfit-hpf, or one "
+                        "molecule of psg-igrins as psg-igrins:H2O (cloned once and cached; optional). Repeat it for "
+                        "one Beer's-law power per component, e.g. --telluric psg-igrins:H2O --telluric "
+                        "psg-igrins:CO2, or name files: --telluric H2O=h2o.fits")
     p.add_argument("--tune-telluric", action="store_true",
                    help="tune the telluric line amplitudes and widths in the line stage, X and R holding their "
                         "template-matching values (always on for a telluric-only fit)")
@@ -323,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     pc = sub.add_parser("clone", help="clone a spectrum file or an embedded template")
-    pc.add_argument("input", help="a file specutils can read, or a template: phoenix-10kK-hpf, telfit-hpf, psg-igrins")
+    pc.add_argument("input", help="a file specutils can read, or a template: phoenix-10kK-hpf, telfit-hpf, psg-igrins (psg-igrins:H2O: one molecule's column)")
     pc.add_argument("--order", type=int, help="the échelle order to clone, for files that hold several (an HPF "
                                                "Goldilocks file: 0-27), as in fit --order")
     _add_clone_options(pc, {})
@@ -369,12 +376,52 @@ def _read_clone(path: str):
         raise CommandError(EXIT_DATA, str(err)) from err
 
 
-def _clone_arg(arg: str, data, progress: bool):
-    """A clone file, or an embedded template's name: its clone over the data's range, from the cache
-    (:mod:`blase_specutils.template_cache`) or made now."""
+def _template_arg(arg: str) -> tuple[str, str | None] | None:
+    """``(template, molecule)`` when ``arg`` names an embedded template (``psg-igrins`` or
+    ``psg-igrins:H2O``) rather than a file; None otherwise."""
     from .templates import TEMPLATES
 
-    if arg in TEMPLATES and not Path(arg).exists():
+    if Path(arg).exists():
+        return None
+    name, _, molecule = arg.partition(":")
+    return (name, molecule or None) if name in TEMPLATES else None
+
+
+def _telluric_parts(value: str) -> tuple[str | None, str]:
+    """``NAME=CLONE`` → (NAME, CLONE); a bare CLONE (or a file whose name holds "=") → (None, CLONE)."""
+    if "=" in value and not Path(value).exists():
+        name, _, source = value.partition("=")
+        if not name or not source:
+            raise CommandError(EXIT_USAGE, f"--telluric {value!r}: give NAME=CLONE, e.g. H2O=h2o.fits")
+        return name, source
+    return None, value
+
+
+def _telluric_arg(values: list[str], data, progress: bool):
+    """The telluric clone(s) of ``--telluric``: one SpectralClone for a single unnamed value, else a
+    dict name → clone (names from ``NAME=``, a template's molecule, or the clone's ``meta["molecule"]``)."""
+    parts = [_telluric_parts(v) for v in values]
+    clones = [_clone_arg(source, data, progress) for _, source in parts]
+    if len(parts) == 1 and parts[0][0] is None:
+        return clones[0]
+    named = {}
+    for (name, source), clone in zip(parts, clones):
+        template = _template_arg(source)
+        name = name or (template[1] if template else None) or (clone.meta or {}).get("molecule")
+        if not name:
+            raise CommandError(EXIT_USAGE, f"--telluric {source!r}: name each of several telluric clones "
+                                           f"(--telluric H2O={source}), or give a psg-igrins molecule (psg-igrins:H2O)")
+        if name in named:
+            raise CommandError(EXIT_USAGE, f"--telluric: the component name {name!r} is given twice")
+        named[str(name)] = clone
+    return named
+
+
+def _clone_arg(arg: str, data, progress: bool):
+    """A clone file, or an embedded template's name (``psg-igrins:H2O``: one molecule's column): its
+    clone over the data's range, from the cache (:mod:`blase_specutils.template_cache`) or made now."""
+    template = _template_arg(arg)
+    if template is not None:
         from .spectra import wavelength_to_angstrom
         from .template_cache import cache_folder, template_clone
 
@@ -384,7 +431,7 @@ def _clone_arg(arg: str, data, progress: bool):
         if progress:
             print(f"clone of the template {arg!r} over {lo:.0f}-{hi:.0f} Å (cached in {cache_folder()})", file=sys.stderr)
         try:
-            return template_clone(arg, (lo, hi), progress=progress)
+            return template_clone(template[0], (lo, hi), progress=progress, molecule=template[1])
         except ValueError as err:
             raise CommandError(EXIT_DATA, str(err)) from err
     return _read_clone(arg)
@@ -430,10 +477,12 @@ def _run_fit(args) -> int:
     if usage:
         print(f"error: {usage}", file=sys.stderr)
         return EXIT_USAGE
-    _check_clone_files(args.stellar, args.telluric)  # a missing clone file is named before any data are read
+    tellurics = args.telluric or []
+    # a missing clone file is named before any data are read
+    _check_clone_files(args.stellar, *(_telluric_parts(v)[1] for v in tellurics))
     data = _read_data(args.data, args.order)
     stellar = _clone_arg(args.stellar, data, not args.quiet) if args.stellar else None
-    telluric = _clone_arg(args.telluric, data, not args.quiet) if args.telluric else None
+    telluric = _telluric_arg(tellurics, data, not args.quiet) if tellurics else None
     t0 = time.perf_counter()
     try:
         out = _output_folder(args.output)
@@ -471,7 +520,7 @@ def _check_clone_files(*args: str | None) -> None:
     from .templates import TEMPLATES
 
     for arg in args:
-        if arg and arg not in TEMPLATES and not Path(arg).exists():
+        if arg and _template_arg(arg) is None and not Path(arg).exists():
             raise CommandError(EXIT_DATA, f"no clone file at {Path(arg)} (nor an embedded template of that name: "
                                           f"{', '.join(sorted(TEMPLATES))})")
 
@@ -506,13 +555,20 @@ def _write_fit_products(result, out: Path, args) -> dict:
     return paths
 
 
+def _fmt_power(x) -> str:
+    """One Beer's-law power, or several by component ("H2O 0.020, CO2 0.561")."""
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {float(v):.3f}" for k, v in x.items())
+    return f"{float(x):.3f}"
+
+
 def _print_fit(summary: dict) -> None:
     """The fit's summary for people: both stages, the RV in both frames, the flags and the files."""
     tm = summary["template_matching"]
-    power = "" if tm["telluric_power"] is None else f", telluric power {tm['telluric_power']:.3f}"
+    power = "" if tm["telluric_power"] is None else f", telluric power {_fmt_power(tm['telluric_power'])}"
     print(f"template matching: chi2_red {tm['chi2_reduced']:.2f}, RV {_fmt(tm['rv'], '.3f', ' km/s')}, "
           f"v sin i {_fmt(tm['vsini'], '.2f', ' km/s')}, R {tm['resolving_power']:.0f}{power}")
-    power = "" if summary.get("telluric_power") is None else f", telluric power {summary['telluric_power']:.3f}"
+    power = "" if summary.get("telluric_power") is None else f", telluric power {_fmt_power(summary['telluric_power'])}"
     print(f"transfer learning: chi2_red {summary['chi2_reduced']:.2f}, RV {_fmt(summary['rv_kms'], '.3f', ' km/s')}, "
           f"v sin i {_fmt(summary['vsini_kms'], '.2f', ' km/s')}{power}, "
           f"{summary['n_lines_changed']} of {summary['n_lines']} lines changed")
@@ -569,7 +625,11 @@ def _run_fit_many(args) -> int:
     if not args.stellar and not args.telluric:
         raise CommandError(EXIT_USAGE, "give --stellar CLONE, --telluric CLONE, or both (--telluric alone: "
                                        "telluric-only fits)")
-    for f in (args.stellar, args.telluric):
+    if args.telluric and len(args.telluric) > 1:
+        raise CommandError(EXIT_USAGE, "fit-many takes one telluric clone file (--telluric CLONE); fit one target "
+                                       "with several components with 'fit'")
+    telluric = args.telluric[0] if args.telluric else None
+    for f in (args.stellar, telluric):
         if f and not Path(f).exists():
             raise CommandError(EXIT_DATA, f"no clone file at {f}")
     try:
@@ -581,7 +641,7 @@ def _run_fit_many(args) -> int:
     out = Path(args.output)
     client, cluster = _client(args)
     try:
-        res = fit_many(items, args.stellar, telluric=args.telluric, client=client, output_dir=out, labels=labels,
+        res = fit_many(items, args.stellar, telluric=telluric, client=client, output_dir=out, labels=labels,
                        threads_per_task=args.threads_per_task, device=args.device,
                        progress=not args.quiet, **_fit_kwargs(args))
     except (ValueError, TypeError) as err:

@@ -390,6 +390,9 @@ def _clone_meta(settings: CloneSettings, spectrum: Spectrum, hist: TrainingHisto
         "nadded": int(np.count_nonzero(line_pass)),
         "source": str(spectrum.meta.get("template", "")) if hasattr(spectrum, "meta") and spectrum.meta else "",
         "lsf": _lsf_kind(spectrum),
+        # one molecule's column (load_template("psg-igrins", molecule=...)): names the telluric component
+        **({"molecule": str(spectrum.meta["molecule"])} if getattr(spectrum, "meta", None) and
+           spectrum.meta.get("molecule") else {}),
         **({"powers": ",".join(f"{x:g}" for x in settings.powers)} if settings.powers is not None else {}),
     }
 

@@ -125,8 +125,9 @@ CONTINUUM_TEST_EXTRA_DEGREES = (2, 4)
 CONTINUUM_TEST_GRID = 41
 
 #: The halves test of a stellar v sin i (``core.systematics.vsini_by_order_half``): after template
-#: matching, v sin i is found again on the blue and the red half of every order, each with scans of
-#: ``HALVES_TEST_GRID`` points across v/``HALVES_TEST_VSINI_RANGE``-v·``HALVES_TEST_VSINI_RANGE``.
+#: matching, v sin i is found again on the blue and the red half of every order, each on
+#: ``HALVES_TEST_GRID`` values across v/``HALVES_TEST_VSINI_RANGE``-v·``HALVES_TEST_VSINI_RANGE`` at
+#: the matched RV.
 HALVES_TEST_GRID = 21
 HALVES_TEST_VSINI_RANGE = 3.0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .constants import TELLURIC_CLONE_POWERS, TEMPLATE_CLONE_MARGIN_AA
-from .templates import TEMPLATES, template_info
+from .templates import PSG_MOLECULES, TEMPLATES, template_info
 
 __all__ = ["cache_folder", "template_clone", "TEMPLATE_CLONE_MARGIN_AA"]
 
@@ -64,7 +64,7 @@ def _key(name: str, band: tuple[float, float], settings: dict) -> str:
 
 
 def template_clone(name: str, wavelength_range: tuple[float, float], *, progress: bool = True,
-                   folder: str | Path | None = None):
+                   folder: str | Path | None = None, molecule: str | None = None):
     """The clone of an embedded template over a wavelength range, from the cache or made now.
 
     Parameters
@@ -79,6 +79,10 @@ def template_clone(name: str, wavelength_range: tuple[float, float], *, progress
         Progress bars while cloning.
     folder : str or Path, optional
         The cache folder (default :func:`cache_folder`).
+    molecule : str, optional
+        ``psg-igrins`` only: clone the column of one molecule (H2O, CO2, O3, N2O, CO, CH4, O2; see
+        :func:`~blase_specutils.load_template`) instead of the total; ``meta["molecule"]`` of the
+        clone names it, and its cache file is its own.
 
     Returns
     -------
@@ -87,7 +91,8 @@ def template_clone(name: str, wavelength_range: tuple[float, float], *, progress
     Raises
     ------
     ValueError
-        An unknown template, or a range outside the template's band.
+        An unknown template, a range outside the template's band, or a molecule the template does
+        not have.
     """
     from .cloning import CloneFileError, SpectralClone, clone_spectrum
     from .templates import load_template
@@ -101,8 +106,11 @@ def template_clone(name: str, wavelength_range: tuple[float, float], *, progress
         raise ValueError(f"the data ({wavelength_range[0]:.1f}-{wavelength_range[1]:.1f} Å) lie outside the band of "
                          f"the template {name!r} ({lo_t:.0f}-{hi_t:.0f} Å)")
     settings = _settings(name)
+    if molecule is not None and (name != "psg-igrins" or molecule not in PSG_MOLECULES):
+        raise ValueError(f"molecule {molecule!r}: only 'psg-igrins' has per-molecule columns, one of {PSG_MOLECULES}")
+    stem = name if molecule is None else f"{name}-{molecule}"
     folder = cache_folder() if folder is None else Path(folder)
-    path = folder / f"{name}_{lo:.0f}-{hi:.0f}_{_key(name, (lo, hi), settings)}.fits"
+    path = folder / f"{stem}_{lo:.0f}-{hi:.0f}_{_key(stem, (lo, hi), settings)}.fits"
     if path.exists():
         try:
             return SpectralClone.load(path)
@@ -110,7 +118,7 @@ def template_clone(name: str, wavelength_range: tuple[float, float], *, progress
             pass  # a damaged cache file is made again
     import astropy.units as u
 
-    spec = load_template(name)
+    spec = load_template(name, molecule=molecule)
     kw = dict(settings)
     if "teff" in kw:
         kw["teff"] = kw["teff"] * u.K

@@ -4,6 +4,7 @@ data, and the telluric-corrected spectrum keeps the input's class, meta and unit
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -109,8 +110,6 @@ def test_telluric_corrected_needs_a_telluric_fit(water_fit):
 def test_cli_writes_the_corrected_spectrum(telfit_window_clone, tmp_path, capsys):
     """``fit --telluric CLONE --corrected`` writes data / transmission with the mask; without a telluric
     clone ``--corrected`` is a usage error before any work."""
-    import json
-
     from astropy.table import Table
 
     from blase_specutils.cli import main
@@ -202,6 +201,37 @@ def test_per_molecule_components_checked(psg_molecule_clones, telfit_window_clon
         load_template("psg-igrins", molecule="N2")
 
 
+def test_command_line_fits_one_power_per_named_telluric_clone(psg_molecule_clones, tmp_path, capsys):
+    """``fit --telluric H2O=h2o.fits --telluric CO2=co2.fits``: one power per component, named, as
+    the Python API gives them; unnamed components take the clone's molecule; bad names are usage
+    errors, an unknown molecule of a template a data error, both before any fit."""
+    from blase_specutils.cli import main
+
+    truth = {"H2O": 0.6, "CO2": 1.4}
+    data = tmp_path / "mixture.fits"
+    _psg_mixture((16000.0, 16050.0), truth).write(data, format="tabular-fits")
+    files = {}
+    for mol, clone in psg_molecule_clones.items():
+        files[mol] = clone.save(tmp_path / f"{mol.lower()}.fits")
+    common = [str(data), "--resolving-power", "45000", "--template-only", "--json", "-q", "-o", str(tmp_path / "out")]
+    assert main(["fit", *common, "--telluric", f"H2O={files['H2O']}", "--telluric", f"CO2={files['CO2']}"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["telluric_power"]) == {"H2O", "CO2"}
+    for mol, x in truth.items():
+        assert abs(summary["telluric_power"][mol] - x) < 0.05 * x
+    # unnamed: the clones' own molecule names them
+    assert all(c.meta.get("molecule") == mol for mol, c in psg_molecule_clones.items())
+    assert main(["fit", *common, "--telluric", str(files["H2O"]), "--telluric", str(files["CO2"])]) == 0
+    assert set(json.loads(capsys.readouterr().out)["telluric_power"]) == {"H2O", "CO2"}
+    with pytest.raises(SystemExit, match="'W' is given twice"):
+        main(["fit", *common, "--telluric", f"W={files['H2O']}", "--telluric", f"W={files['CO2']}"])
+    with pytest.raises(SystemExit, match="molecule 'XYZ'.*H2O"):
+        main(["fit", *common, "--telluric", "psg-igrins:XYZ"])
+    with pytest.raises(SystemExit, match="fit-many takes one telluric"):
+        main(["fit-many", str(data), "--telluric", str(files["H2O"]), "--telluric", str(files["CO2"]),
+              "-o", str(tmp_path / "many")])
+
+
 def test_template_names_are_cloned_once_and_cached(tmp_path, monkeypatch):
     """A template's name gives its clone over the data's range, from the cache the second time; a
     new package version uses a new key (the old clone is not reused)."""
@@ -223,6 +253,8 @@ def test_template_names_are_cloned_once_and_cached(tmp_path, monkeypatch):
     assert tc._key("telfit-hpf", (9040.0, 9130.0), tc._settings("telfit-hpf")) not in files[0].name
     with pytest.raises(ValueError, match="outside the band"):
         tc.template_clone("telfit-hpf", (20000.0, 20100.0), progress=False)
+    with pytest.raises(ValueError, match="only 'psg-igrins' has per-molecule columns"):
+        tc.template_clone("telfit-hpf", (9080.0, 9085.0), molecule="H2O", progress=False)
 
 
 def test_component_without_lines_near_the_data_gets_no_power(psg_molecule_clones):

@@ -137,14 +137,13 @@ def vsini_by_order_half(model: TransferModel, data: Tensor, weight: Tensor, *,
                         n_grid: int = HALVES_TEST_GRID, span: float = HALVES_TEST_VSINI_RANGE) -> dict[str, float]:
     r"""v sin i (km/s) of least χ² on the blue and on the red half of every order, each on its own.
 
-    Each order's fitted pixels are split at their median wavelength. On each half (the other
-    half's weight set to 0), with the per-order continuum :math:`P_\mathrm{data}` solved by
-    weighted least squares on that half alone and everything else as it stands (call it after
-    template matching: the lines as cloned, R and X as matched), three scans of ``n_grid`` points
-    each find v sin i and RV in turn: ln v sin i across ``[ln(v/span), ln(v·span)]`` (within the
-    rotation kernel's room), the RV across :math:`RV \pm w` with
-    :math:`w = \sqrt{(c/R)^2 + (v\sin i)^2}`, then ln v sin i again; each minimum is refined
-    by a parabola. The model is left as it was.
+    Each order's fitted pixels are split at their median wavelength. The model is evaluated on
+    ``n_grid`` values of ln v sin i across ``[ln(v/span), ln(v·span)]`` (within the rotation
+    kernel's room), everything else as it stands (call it after template matching: the lines as
+    cloned, RV, R and X as matched). At each value the per-order continuum
+    :math:`P_\mathrm{data}` is solved by weighted least squares on each half alone (the other
+    half's weight set to 0), so one evaluation of the model gives both halves' χ²; each minimum is
+    refined by a parabola. The model is left as it was.
 
     Parameters
     ----------
@@ -153,9 +152,9 @@ def vsini_by_order_half(model: TransferModel, data: Tensor, weight: Tensor, *,
     data, weight : Tensor
         Data flux and 1/σ² (0 where masked).
     n_grid : int
-        Points of each scan (default 21).
+        Values of v sin i on the grid (default 21).
     span : float
-        The v sin i scans reach from v/span to v·span (default 3).
+        The grid reaches from v/span to v·span (default 3).
 
     Returns
     -------
@@ -165,34 +164,22 @@ def vsini_by_order_half(model: TransferModel, data: Tensor, weight: Tensor, *,
     if model.stellar is None:
         return {}
     powers = model._powers
-    rv0 = float(model.rv.detach())
     lv0 = model.rot.log_vsini.detach().clone()
     vs0 = float(model.vsini.detach())
     lo = math.log(max(vs0 / span, 0.1))
     hi = math.log(min(vs0 * span, model.rot.max_vsini))
     ln_vs = np.linspace(lo, hi, max(int(n_grid), 3))
-    out = {}
+    halves = _half_weights(model, weight)
+    chi2 = {name: np.empty(ln_vs.size) for name in halves}
     try:
-        for name, w_half in _half_weights(model, weight).items():
-            def chi2_at(param: Tensor, values: np.ndarray) -> np.ndarray:
-                c = np.empty(values.size)
-                for i, v in enumerate(values):
-                    param.fill_(float(v))
-                    c[i] = model._profiled_chi2(model.unscaled(), data, w_half, powers)
-                return c
-
-            model.rv.fill_(rv0)
-            model.rot.log_vsini.copy_(lv0)
-            model.rot.log_vsini.fill_(_parabola_min(ln_vs, chi2_at(model.rot.log_vsini, ln_vs)))
-            w = math.hypot(float(SPEED_OF_LIGHT_KMS) / float(model.resolving_power.detach()),
-                           float(model.vsini.detach()))
-            rvs = np.linspace(max(rv0 - w, -model.max_rv), min(rv0 + w, model.max_rv), max(int(n_grid), 3))
-            model.rv.fill_(_parabola_min(rvs, chi2_at(model.rv, rvs)))
-            out[name] = math.exp(_parabola_min(ln_vs, chi2_at(model.rot.log_vsini, ln_vs)))
+        for i, v in enumerate(ln_vs):
+            model.rot.log_vsini.fill_(float(v))
+            base = model.unscaled()
+            for name, w_half in halves.items():
+                chi2[name][i] = model._profiled_chi2(base, data, w_half, powers)
     finally:
-        model.rv.fill_(rv0)
         model.rot.log_vsini.copy_(lv0)
-    return out
+    return {name: math.exp(_parabola_min(ln_vs, c)) for name, c in chi2.items()}
 
 
 @torch.no_grad()
