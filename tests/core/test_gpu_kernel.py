@@ -159,6 +159,7 @@ def _spread_case(env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the Triton spreading is opt-in (``EngineOptions.triton_spread``, off by default); interpreted
 def test_triton_spreading_matches_the_compiled_cpu_spreading():
     """The far field's Triton spreading (interpreted on the CPU), values and gradients, against numba's,
     for 2- to 8-point stencils, with clamped positions and positions on grid points."""

@@ -434,6 +434,7 @@ SYNC_FREE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # plans on CUDA are opt-in (``EngineOptions.plans_on_cuda``, off by default); interpreted, about 30 s
 def test_planned_gpu_code_path_never_synchronises(hpf_slice, tmp_path):
     """The Triton kernel (interpreted) and the far field's GPU operations, with a plan, on the CPU:
     no operation of a planned evaluation, its backward pass or the plan's update reads a number
@@ -680,6 +681,7 @@ def _check_planned_far_field(res: dict) -> None:
         assert max(case["diff"][1:]) < (1e-6 if f32 else 1e-11), case
 
 
+@pytest.mark.slow  # the Triton far field and coefficients are opt-in (``EngineOptions.triton_far``, ``triton_coefficients``, off by default); interpreted, about 30 s
 def test_triton_far_field_of_a_plan_matches_its_torch_operations(hpf_slice, tmp_path):
     """The planned far field in Triton kernels (interpreted): spreading of all levels in one
     kernel, batched FFTs, interpolations in one kernel each way, and with it the coefficients c_j,
