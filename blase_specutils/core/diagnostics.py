@@ -100,6 +100,10 @@ class FitBounds:
       30 % of max(v sin i, c/R): v sin i rests on a few lines whose shapes the template does not
       match, not on the rotation that all lines share (the spread is
       ``uncertainties["vsini_halves"]``).
+    * ``vsini_from_few_lines`` (set by ``fit_spectrum``): the information on v sin i fills fewer
+      than 3 independent broadened line widths of data
+      (:func:`~blase_specutils.core.systematics.vsini_information_flags`), so the template's shapes
+      of one or two lines set it.
     * ``rv_unconstrained``, ``vsini_unconstrained``, ``telluric_power_unconstrained``: the σ from
       the curvature of χ² (:func:`chi2_curvature`) exceeds ``unconstrained_fraction`` (30 %) of
       the value, or χ² has no minimum there (curvature ≤ 0). RV has no natural zero (it depends on

@@ -163,7 +163,6 @@ def vsini_by_order_half(model: TransferModel, data: Tensor, weight: Tensor, *,
     """
     if model.stellar is None:
         return {}
-    powers = model._powers
     lv0 = model.rot.log_vsini.detach().clone()
     vs0 = float(model.vsini.detach())
     lo = math.log(max(vs0 / span, 0.1))
@@ -176,7 +175,7 @@ def vsini_by_order_half(model: TransferModel, data: Tensor, weight: Tensor, *,
             model.rot.log_vsini.fill_(float(v))
             base = model.unscaled()
             for name, w_half in halves.items():
-                chi2[name][i] = model._profiled_chi2(base, data, w_half, powers)
+                chi2[name][i] = model._profiled_chi2(base, data, w_half)
     finally:
         model.rot.log_vsini.copy_(lv0)
     return {name: math.exp(_parabola_min(ln_vs, c)) for name, c in chi2.items()}
