@@ -138,6 +138,13 @@ HALVES_TEST_VSINI_RANGE = 3.0
 #: 2026-12-07, fourth session).
 VSINI_MIN_INFORMATION_WIDTHS = 3.0
 
+#: ``rv_from_few_lines`` (``core.systematics.rv_information_flags``): an RV whose Fisher information
+#: sits in fewer than this many independent broadened line widths of data: one or two lines. One HPF
+#: order of HR 4829 (an A star at 100-170 km/s), template matching: 0.6-6.6 widths, and every order
+#: below 3 whose RV lands more than 10 km/s from the 22-order value; WASP 69's order: 24.6
+#: (benchmarks/RESULTS.md, HR 4829 section of 2026-12-08).
+RV_MIN_INFORMATION_WIDTHS = 3.0
+
 #: The saturated-template rule (``core.systematics.telluric_saturation_flags``): a pixel where the
 #: telluric clone at its own column (X = 1) transmits less than ``SATURATED_TEMPLATE_TRANSMISSION``
 #: (0.1 %) but the fitted T^X more than ``SEEN_TRANSMISSION`` (5 %) rests on depths the template

@@ -24,8 +24,9 @@ from .cloning import SpectralClone
 from .constants import KERNEL_GROWTH_ROUNDS, MAX_RV_RANGE_KMS, MIN_RESOLVING_POWER, TELLURIC_ONLY_VSINI_KMS  # noqa: F401
 from .core.clone import SPEED_OF_LIGHT_KMS, LineCloneModel
 from .core.diagnostics import TELLURIC_POWER_SCAN, FitBounds, FitFlag, check_fit, chi2_curvature
-from .core.systematics import (rv_by_continuum_degree, telluric_saturation_flags, value_spread, vsini_by_order_half,
-                               vsini_information_flags)
+from .core.systematics import (rv_by_continuum_degree, rv_information_flags, rv_information_widths,
+                               telluric_saturation_flags, value_spread, vsini_by_order_half, vsini_information_flags,
+                               vsini_information_widths)
 from .core.limits import check_resolving_power, kernel_room, starting_vsini
 from .core.options import EngineOptions
 from .core.stages import TransferFit, fit_transfer
@@ -580,6 +581,9 @@ class _FitRun:
                                                       extra_degrees=s.bounds.continuum_test_degrees)
         if model.stellar is not None and model.rot.log_vsini.requires_grad:  # the halves test of v sin i
             fit.vsini_halves = vsini_by_order_half(model, self.data_t, self.w_t)
+        if model.stellar is not None:  # how many lines hold RV and v sin i, the lines as cloned
+            fit.information_widths = {"rv": rv_information_widths(model, self.w_t),
+                                      "vsini": vsini_information_widths(model, self.w_t)}
         return fit
 
     def _template_stage(self, fit: TransferFit) -> None:
@@ -640,8 +644,13 @@ def _make_result(run: _FitRun, fit: TransferFit, d: _FitData, template: dict, st
     flags = check_fit(model, fit, bounds=s.bounds, sigmas=sigmas, tuned=tuned,
                       start={"resolving_power": s.resolving_power}, template=moved, weight=run.w_t)
     flags += _clone_flags(stellar, telluric, d.wl, d.good, float(model.rv.detach()) if st is not None else 0.0, s.bounds)
-    if "vsini" in tuned:
-        flags += vsini_information_flags(model, run.w_t)  # v sin i held by one or two lines
+    # RV and v sin i held by one or two lines, counted after template matching (the lines as cloned)
+    widths = fit.information_widths if fit.information_widths is not None else {
+        "rv": rv_information_widths(model, run.w_t), "vsini": vsini_information_widths(model, run.w_t)}
+    if "rv" in tuned and widths["rv"] is not None:
+        flags += rv_information_flags(model, run.w_t, widths=widths["rv"])
+    if "vsini" in tuned and widths["vsini"] is not None:
+        flags += vsini_information_flags(model, run.w_t, widths=widths["vsini"])
     flags += telluric_saturation_flags(model, run.w_t)  # T^X extrapolated from a saturated template
     flags += telluric_frame_flags(model, d.wl, d.flux, d.sigma, d.good, model_flux, d.frames)  # tellurics vs the frame
     return TransferResult(

@@ -13,7 +13,7 @@ import torch
 
 from blase_specutils import FitBounds, FitFlagWarning, TransferResult, load_blase03, read_spectrum
 from blase_specutils.cli import main
-from blase_specutils.core.systematics import vsini_information_widths
+from blase_specutils.core.systematics import rv_information_widths, vsini_information_widths
 from blase_specutils.core.transfer import MAX_VSINI_KMS, TransferModel, fit_transfer
 from blase_specutils.fitting import fit_spectrum
 from conftest import SHARED_DATA, _need
@@ -112,7 +112,8 @@ def test_wasp69_is_measured_and_not_flagged_at_a_bound(wasp69_cut, clone4700):
     or RV flag. (After template matching alone χ²_red is ~300, so the σ, scaled by √χ²_red, leave
     a v sin i below the resolution unconstrained: that flag is allowed here, and with it the halves
     test's, which says the same: quarters of an order give 0.6 and 3.4 km/s. On the whole order
-    the halves agree within 0.1 km/s and the information sits in 10.6 line widths.)"""
+    the halves agree within 0.1 km/s and the information sits in 10.6 line widths; the RV's, in
+    many more.)"""
     import warnings
 
     with warnings.catch_warnings():
@@ -126,7 +127,9 @@ def test_wasp69_is_measured_and_not_flagged_at_a_bound(wasp69_cut, clone4700):
     assert "vsini_differs_between_halves" not in codes or "vsini_unconstrained" in codes
     assert 0 <= r.uncertainties["rv_continuum"] < 0.1  # narrow lines: the continuum does not move the RV
     assert set(r.fit.vsini_halves) == {"blue", "red"} and 0 <= r.uncertainties["vsini_halves"] < 8.0
-    assert vsini_information_widths(r.model, torch.as_tensor(np.where(r.good, r.sigma**-2.0, 0.0))) > 3.0  # many lines
+    weight = torch.as_tensor(np.where(r.good, r.sigma**-2.0, 0.0))
+    assert vsini_information_widths(r.model, weight) > 3.0  # many lines
+    assert rv_information_widths(r.model, weight) > 6.0
     s = r.summary()
     assert 0 < s["rv_sigma_kms"] < 0.5 and 0 < s["vsini_sigma_kms"] < 5.0
     assert s["flag_codes"] == ",".join(f.code for f in r.flags)
@@ -261,17 +264,19 @@ def test_fast_rotator_rv_that_rests_on_the_continuum_is_flagged(hr4829_fit):
 
 
 def test_fast_rotator_vsini_from_one_or_two_lines_is_flagged(hr4829_fit):
-    """HR 4829 order 17: the information on v sin i sits in one or two of the A star's lines, and
-    the blue and the red half of the order give v sin i tens of km/s apart. Its σ from the
-    curvature of χ² is a few km/s; the fit says that the value rests on those lines' shapes."""
+    """HR 4829 order 17: the information on v sin i and on the RV sits in one or two of the A
+    star's lines, and the blue and the red half of the order give v sin i tens of km/s apart. Their
+    σ from the curvature of χ² are a few km/s; the fit says that the values rest on those lines'
+    shapes and places."""
     r = hr4829_fit
     vs = r.vsini.to_value(u.km / u.s)
     halves = r.fit.vsini_halves
     assert set(halves) == {"blue", "red"} and all(10.0 < v < 500.0 for v in halves.values())
     assert r.uncertainties["vsini_halves"] == pytest.approx(abs(halves["blue"] - halves["red"]))
     assert r.uncertainties["vsini_halves"] > 0.3 * vs > 3.0 * r.uncertainties["vsini"]
-    n = vsini_information_widths(r.model, torch.as_tensor(np.where(r.good, r.sigma**-2.0, 0.0)))
-    assert 0.5 < n < 3.0
+    weight = torch.as_tensor(np.where(r.good, r.sigma**-2.0, 0.0))
+    assert 0.5 < vsini_information_widths(r.model, weight) < 3.0
+    assert 0.5 < rv_information_widths(r.model, weight) < 3.0
     codes = {f.code for f in r.flags}
-    assert {"vsini_differs_between_halves", "vsini_from_few_lines"} <= codes
+    assert {"vsini_differs_between_halves", "vsini_from_few_lines", "rv_from_few_lines"} <= codes
     assert r.summary()["vsini_halves_spread_kms"] == pytest.approx(r.uncertainties["vsini_halves"])

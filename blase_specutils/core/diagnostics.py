@@ -104,6 +104,9 @@ class FitBounds:
       than 3 independent broadened line widths of data
       (:func:`~blase_specutils.core.systematics.vsini_information_flags`), so the template's shapes
       of one or two lines set it.
+    * ``rv_from_few_lines`` (set by ``fit_spectrum``): the same for the RV
+      (:func:`~blase_specutils.core.systematics.rv_information_flags`): where the template puts one
+      or two broad lines sets it.
     * ``rv_unconstrained``, ``vsini_unconstrained``, ``telluric_power_unconstrained``: the σ from
       the curvature of χ² (:func:`chi2_curvature`) exceeds ``unconstrained_fraction`` (30 %) of
       the value, or χ² has no minimum there (curvature ≤ 0). RV has no natural zero (it depends on

@@ -125,6 +125,11 @@ class TransferFit:
     vsini_halves : dict of str to float, or None
         v sin i of least χ² after template matching on the blue and the red half of the orders
         (:func:`~blase_specutils.core.systematics.vsini_by_order_half`), when it was run.
+    information_widths : dict of str to float, or None
+        ``"rv"`` and ``"vsini"``: how many independent broadened line widths of data carry the
+        information on each after template matching
+        (:func:`~blase_specutils.core.systematics.rv_information_widths`,
+        :func:`~blase_specutils.core.systematics.vsini_information_widths`), when they were counted.
     """
 
     def __init__(self) -> None:
@@ -136,6 +141,7 @@ class TransferFit:
         self.telluric_power_scan: tuple[np.ndarray, np.ndarray] | None = None
         self.rv_continuum: dict[int, float] | None = None
         self.vsini_halves: dict[str, float] | None = None
+        self.information_widths: dict[str, float | None] | None = None
 
 
 def _chi2(model: TransferModel, data: Tensor, weight: Tensor) -> float:
