@@ -205,6 +205,20 @@ def _information_widths(model: TransferModel, weight: Tensor, derivative: Tensor
     return total ** 2 / float((n_pix * info ** 2).sum())
 
 
+def _derivative(model: TransferModel, param: Tensor, step: float) -> Tensor:
+    """∂M/∂θ at the data pixels by central differences of ±``step`` in the scalar parameter
+    ``param`` of ``model`` (restored afterwards)."""
+    value = param.detach().clone()
+    try:
+        param.fill_(float(value) + step)
+        plus = model()
+        param.fill_(float(value) - step)
+        minus = model()
+    finally:
+        param.copy_(value)
+    return (plus - minus) / (2.0 * step)
+
+
 def _broadened_width(model: TransferModel) -> float:
     """:math:`w = \sqrt{(c/R)^2 + (v\sin i)^2}` in km/s."""
     return math.hypot(float(SPEED_OF_LIGHT_KMS) / float(model.resolving_power.detach()), float(model.vsini.detach()))
@@ -238,15 +252,7 @@ def vsini_information_widths(model: TransferModel, weight: Tensor, *, step: floa
     """
     if model.stellar is None:
         return None
-    lv0 = model.rot.log_vsini.detach().clone()
-    try:
-        model.rot.log_vsini.fill_(float(lv0) + step)
-        plus = model()
-        model.rot.log_vsini.fill_(float(lv0) - step)
-        minus = model()
-    finally:
-        model.rot.log_vsini.copy_(lv0)
-    return _information_widths(model, weight, (plus - minus) / (2.0 * step))
+    return _information_widths(model, weight, _derivative(model, model.rot.log_vsini, step))
 
 
 @torch.no_grad()
@@ -258,7 +264,8 @@ def rv_information_widths(model: TransferModel, weight: Tensor, *, step: float =
     lines move with the RV (the telluric lines stay in the observatory frame), so this is where
     the stellar RV comes from. WASP 69's HPF order (a K5 dwarf) spreads it over 24.6 widths; one
     HPF order of HR 4829 (an A star at 100-170 km/s) holds it in 0.6-6.6, and the orders below 3
-    widths give RVs from -15 to +37 km/s against the 22-order value of +22.
+    widths give RVs from -15 to +52 km/s (four more at the edge of the RV scan) against the
+    22-order value of +22.
 
     Parameters
     ----------
@@ -276,16 +283,7 @@ def rv_information_widths(model: TransferModel, weight: Tensor, *, step: float =
     """
     if model.stellar is None:
         return None
-    rv0 = model.rv.detach().clone()
-    dv = step * _broadened_width(model)
-    try:
-        model.rv.fill_(float(rv0) + dv)
-        plus = model()
-        model.rv.fill_(float(rv0) - dv)
-        minus = model()
-    finally:
-        model.rv.copy_(rv0)
-    return _information_widths(model, weight, (plus - minus) / (2.0 * dv))
+    return _information_widths(model, weight, _derivative(model, model.rv, step * _broadened_width(model)))
 
 
 def vsini_information_flags(model: TransferModel, weight: Tensor, *, widths: float | None = None,
@@ -298,13 +296,8 @@ def vsini_information_flags(model: TransferModel, weight: Tensor, *, widths: flo
     if model.stellar is None:
         return []
     n = vsini_information_widths(model, weight) if widths is None else widths
-    if n is None or n >= min_widths:
-        return []
-    vs = float(model.vsini.detach())
-    return [FitFlag("vsini_from_few_lines", f"v sin i = {vs:.1f} km/s rests on {n:.1f} broadened line widths of data "
-                    f"(fewer than {min_widths:g}): the information on it sits in one or two lines, so the template's "
-                    "shapes of those lines set it as much as the rotation does, and its σ does not show this. Fit "
-                    "several orders jointly", "vsini")]
+    return _few_lines_flag("vsini_from_few_lines", f"v sin i = {float(model.vsini.detach()):.1f} km/s", n, min_widths,
+                           "the template's shapes of those lines set it as much as the rotation does", "vsini")
 
 
 def rv_information_flags(model: TransferModel, weight: Tensor, *, widths: float | None = None,
@@ -317,13 +310,18 @@ def rv_information_flags(model: TransferModel, weight: Tensor, *, widths: float 
     if model.stellar is None:
         return []
     n = rv_information_widths(model, weight) if widths is None else widths
+    return _few_lines_flag("rv_from_few_lines", f"RV = {float(model.rv.detach()):.2f} km/s", n, min_widths,
+                           "where the template puts those lines sets it as much as the Doppler shift does", "rv")
+
+
+def _few_lines_flag(code: str, value: str, n: float | None, min_widths: float, sets: str,
+                    parameter: str) -> list[FitFlag]:
+    """The ``*_from_few_lines`` flag where ``n`` < ``min_widths`` (none where ``n`` is None)."""
     if n is None or n >= min_widths:
         return []
-    rv = float(model.rv.detach())
-    return [FitFlag("rv_from_few_lines", f"RV = {rv:.2f} km/s rests on {n:.1f} broadened line widths of data "
-                    f"(fewer than {min_widths:g}): the information on it sits in one or two lines, so where the "
-                    "template puts those lines sets it as much as the Doppler shift does, and its σ does not show "
-                    "this. Fit several orders jointly", "rv")]
+    return [FitFlag(code, f"{value} rests on {n:.1f} broadened line widths of data (fewer than {min_widths:g}): the "
+                    f"information on it sits in one or two lines, so {sets}, and its σ does not show this. Fit "
+                    "several orders jointly", parameter)]
 
 
 @torch.no_grad()
