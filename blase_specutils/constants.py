@@ -170,6 +170,15 @@ CENTERS_LR_DIVISOR = 30.0
 #: Early stopping of the template-matching stage: epochs without improvement.
 TEMPLATE_PATIENCE = 50
 
+#: Adam's (β1, β2) in the line stage of ``fit_transfer``. The stage starts where template matching
+#: left χ² (on WASP 69, 368 per pixel), and with Adam's usual β2 = 0.999 the running mean of the
+#: squared gradient remembers those first gradients for about a thousand epochs, shrinking every
+#: later step. β2 = 0.99 forgets them within about a hundred: at the default 4,000 epochs WASP 69
+#: reaches χ²_red 2.59 against 2.82 (stopping on its plateau at 3,342 epochs), the README's A0V
+#: order 1.124 against 1.129, HR 4829 order 17 1.454 against 1.454 (benchmarks/RESULTS.md, section
+#: of 2026-12-08).
+LINE_STAGE_ADAM_BETAS = (0.9, 0.99)
+
 
 # --- spectra, frames and files ---------------------------------------------------------------
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..constants import (UNSEEN_LINE_DEPTH, CALIBRATION_LR_DIVISOR, CENTERS_LR_DIVISOR, CONTINUUM_LR_DIVISOR, RV_LR_FACTOR,
-                         TEMPLATE_PATIENCE)
+from ..constants import (UNSEEN_LINE_DEPTH, CALIBRATION_LR_DIVISOR, CENTERS_LR_DIVISOR, CONTINUUM_LR_DIVISOR,
+                         LINE_STAGE_ADAM_BETAS, RV_LR_FACTOR, TEMPLATE_PATIENCE)
 from .clone import LineCloneModel
 from .engine import window_half_widths
 from .profiles import FWHM_GAUSSIAN_PER_SIGMA
@@ -464,7 +464,7 @@ def _fit_stages(model, data, weight, fit, *, template_epochs, line_epochs, lr, l
                                   likelihood=likelihood, telluric_log_amp_prior=tprior,
                                   telluric_regularization=telluric_regularization, telluric_width_prior=twprior),
             epochs=line_epochs, lr=lr, patience=patience, progress=progress, desc="transfer learning",
-            lr_overrides=overrides, extra=extra, plans=plans, graph=graph, callback=bounds,
+            lr_overrides=overrides, extra=extra, plans=plans, graph=graph, callback=bounds, betas=LINE_STAGE_ADAM_BETAS,
         )
         polish()
         fit.chi2["lines"] = _chi2(model, data, weight)

@@ -142,6 +142,7 @@ def train(
     extra: nn.Module | None = None,
     plans=None,
     graph: bool | None = None,
+    betas: tuple[float, float] = (0.9, 0.999),
 ) -> TrainingHistory:
     """Minimise ``loss_fn()`` over the model's trainable parameters with full-batch Adam.
 
@@ -179,6 +180,8 @@ def train(
     graph : bool, optional
         With ``plans``: record the epoch as a CUDA graph (default: when the parameters are on a
         CUDA device). ``loss_fn`` must then read nothing back from the device.
+    betas : (float, float)
+        Adam's decay rates of the running means of the gradient and of its square.
 
     Returns
     -------
@@ -216,13 +219,13 @@ def train(
 
         on_cuda = params[0].device.type == "cuda"
         use_graph = on_cuda if graph is None else bool(graph)
-        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, capturable=use_graph)
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=betas, capturable=use_graph)
         epoch_fn = GraphedEpoch(loss_fn, opt, plans, graph=use_graph, keep_previous=True, check_gradients=True)
         previous = {id(p): buf for p, buf in zip(epoch_fn.params, epoch_fn.previous)}
     else:
         if graph:
             raise ValueError("graph=True needs plans: the line sums of a CUDA graph go through window plans")
-        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
+        opt = torch.optim.Adam([g for g in groups if g["params"]], lr=lr, betas=betas)
     try:
         return _loop(model, loss_fn, opt, params, hist, best_state, epochs=int(epochs), patience=patience,
                      min_rel_improvement=min_rel_improvement, progress=progress, desc=desc, callback=callback,
