@@ -175,7 +175,7 @@ TEMPLATE_PATIENCE = 50
 #: squared gradient remembers those first gradients for about a thousand epochs, shrinking every
 #: later step. β2 = 0.99 forgets them within about a hundred: at the default 4,000 epochs WASP 69
 #: reaches χ²_red 2.59 against 2.82 (stopping on its plateau at 3,342 epochs), the README's A0V
-#: order 1.124 against 1.129, HR 4829 order 17 1.454 against 1.454 (benchmarks/RESULTS.md, section
+#: order 1.124 against 1.129, HR 4829 order 17 1.445 against 1.454 (benchmarks/RESULTS.md, section
 #: of 2026-12-08).
 LINE_STAGE_ADAM_BETAS = (0.9, 0.99)
 
