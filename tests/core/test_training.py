@@ -179,3 +179,26 @@ def test_training_never_changes_the_callers_arrays():
     np.testing.assert_array_equal(ln_a, kept[1])
     np.testing.assert_array_equal(ln_s, kept[2])
     assert torch.equal(ln_g, kept[3])
+
+
+def test_betas_reach_adam_and_a_shorter_memory_recovers_from_large_first_gradients():
+    """The line stage starts where χ² is large: gradients 100 times larger in the first epochs than
+    later. Adam's usual β2 = 0.999 remembers them and keeps later steps small; β2 = 0.99 (the line
+    stage's) forgets them, so the parameter gets closer to its minimum in the same epochs."""
+
+    class One(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros((), dtype=F64))
+
+    distances = {}
+    for beta2 in (0.999, 0.99):
+        m, calls = One(), [0]
+
+        def loss_fn(m=m, calls=calls):
+            calls[0] += 1
+            return (100.0 if calls[0] <= 20 else 1.0) * (m.p - 5.0) ** 2
+
+        train(m, loss_fn, epochs=1000, lr=0.05, progress=False, patience=None, betas=(0.9, beta2))
+        distances[beta2] = abs(float(m.p.detach()) - 5.0)
+    assert distances[0.99] < 0.5 * distances[0.999]
