@@ -232,7 +232,8 @@ def fit_spectrum(
         ``"gamma"``, ``"center"``, ``"wing"`` (empty: template matching only, unless
         telluric lines are tuned). When widths are tuned, v sin i is held at its template-matching
         value during the line stage (widths and v sin i are nearly degenerate); otherwise it stays
-        free.
+        free. When centres are tuned, the RV is held likewise (a common shift of the centres is
+        the RV).
     tune_resolving_power : bool
         Also tune R.
     regularization, width_regularization : float or None
