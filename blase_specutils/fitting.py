@@ -645,12 +645,11 @@ def _make_result(run: _FitRun, fit: TransferFit, d: _FitData, template: dict, st
     flags = check_fit(model, fit, bounds=s.bounds, sigmas=sigmas, tuned=tuned,
                       start={"resolving_power": s.resolving_power}, template=moved, weight=run.w_t)
     flags += _clone_flags(stellar, telluric, d.wl, d.good, float(model.rv.detach()) if st is not None else 0.0, s.bounds)
-    # RV and v sin i held by one or two lines, counted after template matching (the lines as cloned)
-    widths = fit.information_widths if fit.information_widths is not None else {
-        "rv": rv_information_widths(model, run.w_t), "vsini": vsini_information_widths(model, run.w_t)}
-    if "rv" in tuned and widths["rv"] is not None:
+    # RV and v sin i held by one or two lines, counted by match_template (the lines as cloned)
+    widths = fit.information_widths or {}
+    if "rv" in tuned and widths.get("rv") is not None:
         flags += rv_information_flags(model, run.w_t, widths=widths["rv"])
-    if "vsini" in tuned and widths["vsini"] is not None:
+    if "vsini" in tuned and widths.get("vsini") is not None:
         flags += vsini_information_flags(model, run.w_t, widths=widths["vsini"])
     flags += telluric_saturation_flags(model, run.w_t)  # T^X extrapolated from a saturated template
     flags += telluric_frame_flags(model, d.wl, d.flux, d.sigma, d.good, model_flux, d.frames)  # tellurics vs the frame
